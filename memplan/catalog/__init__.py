@@ -1,0 +1,89 @@
+"""Built-in model catalog (Hugging Face configs shipped as data) and config.json loading.
+
+Each ``data/<name>.json`` holds the model's published ``config.json`` fields, its Hugging Face
+id, and ``num_params``: ``sum(p.numel())`` of the transformers model built from that config.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from memplan.catalog.hf_config import spec_from_hf_config
+from memplan.errors import MemplanError
+from memplan.specs.model import ModelSpec
+
+__all__ = ["catalog_names", "catalog_record", "load_model", "spec_from_hf_config"]
+
+
+def _data_dir() -> Any:
+    return resources.files("memplan.catalog").joinpath("data")
+
+
+@cache
+def catalog_names() -> tuple[str, ...]:
+    """Names of every built-in model, sorted."""
+    return tuple(
+        sorted(p.name.removesuffix(".json") for p in _data_dir().iterdir() if p.name.endswith(".json"))
+    )
+
+
+@cache
+def catalog_record(name: str) -> dict[str, Any]:
+    """The raw catalog record (config, hf_id, num_params) of a built-in model."""
+    if name not in catalog_names():
+        raise MemplanError(_unknown_model_message(name))
+    data: dict[str, Any] = json.loads(_data_dir().joinpath(f"{name}.json").read_text())
+    return data
+
+
+def _unknown_model_message(name: str) -> str:
+    close = difflib.get_close_matches(name.lower(), catalog_names(), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `memplan models`"
+    return f"unknown model {name!r}{hint} (or pass a path to a config.json)"
+
+
+@cache
+def _load_catalog_model(name: str) -> ModelSpec:
+    record = catalog_record(name)
+    return spec_from_hf_config(
+        record["config"],
+        name=name,
+        source=f"catalog entry {name}",
+        hf_id=record.get("hf_id"),
+        num_params=record.get("num_params"),
+    )
+
+
+def load_config_file(path: Path) -> ModelSpec:
+    """A ModelSpec from a Hugging Face config.json on disk (a file or a model folder)."""
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise MemplanError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MemplanError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(config, dict):
+        raise MemplanError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    name = path.parent.name if path.name == "config.json" and path.parent.name else path.stem
+    return spec_from_hf_config(config, name=name, source=str(path))
+
+
+def load_model(name_or_path: str | Path) -> ModelSpec:
+    """A catalog model by name, or a local config.json (or a folder holding one) by path."""
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or text.endswith(".json") or "/" in text or Path(text).is_dir():
+        path = Path(text).expanduser()
+        if path.exists():
+            return load_config_file(path)
+        if text.endswith(".json"):
+            raise MemplanError(f"no such config file: {text}")
+    return _load_catalog_model(text)

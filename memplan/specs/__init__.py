@@ -1,0 +1,30 @@
+"""Validated inputs of a plan: the model, the training setup and the parallel layout."""
+
+from memplan.specs.model import Family, ModelSpec
+from memplan.specs.parallel import Offload, ParallelSetup, Sharding
+from memplan.specs.training import (
+    ALL_LINEAR,
+    Attention,
+    LinearRole,
+    Method,
+    Optimizer,
+    OptimizerImpl,
+    Precision,
+    TrainingSetup,
+)
+
+__all__ = [
+    "ALL_LINEAR",
+    "Attention",
+    "Family",
+    "LinearRole",
+    "Method",
+    "ModelSpec",
+    "Offload",
+    "Optimizer",
+    "OptimizerImpl",
+    "ParallelSetup",
+    "Precision",
+    "Sharding",
+    "TrainingSetup",
+]

@@ -1,0 +1,70 @@
+"""ParallelSetup: how one training step is spread over GPUs."""
+
+from __future__ import annotations
+
+from memplan._compat import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+
+class Sharding(StrEnum):
+    """Who shards model state across data-parallel ranks."""
+
+    DEEPSPEED = "deepspeed"  # DeepSpeed ZeRO stages 1-3
+    FSDP = "fsdp"  # PyTorch FSDP: SHARD_GRAD_OP (~ZeRO-2) or FULL_SHARD (~ZeRO-3)
+
+
+class Offload(StrEnum):
+    NONE = "none"
+    OPTIMIZER = "optimizer"  # ZeRO-Offload: optimizer state (and fp32 master) in CPU RAM
+    OPTIMIZER_AND_PARAMS = "optimizer+params"  # ZeRO-Infinity style: parameters too (stage 3)
+
+
+class ParallelSetup(BaseModel):
+    """Data-parallel sharding, offload and tensor parallelism of one run."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_gpus: PositiveInt = Field(default=1, description="GPUs taking part in the run.")
+    zero_stage: int = Field(
+        default=0,
+        ge=0,
+        le=3,
+        description="ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.",
+    )
+    sharding: Sharding = Field(
+        default=Sharding.DEEPSPEED, description="DeepSpeed ZeRO or PyTorch FSDP does the sharding."
+    )
+    offload: Offload = Field(default=Offload.NONE, description="CPU offload of model state.")
+    tensor_parallel_degree: PositiveInt = Field(
+        default=1, description="GPUs each layer's matrices are split across (Megatron-style)."
+    )
+
+    @model_validator(mode="after")
+    def _check_layout(self) -> ParallelSetup:
+        if self.num_gpus % self.tensor_parallel_degree:
+            raise ValueError(
+                f"tensor_parallel_degree={self.tensor_parallel_degree} does not divide "
+                f"num_gpus={self.num_gpus}"
+            )
+        if self.sharding is Sharding.FSDP and self.zero_stage == 1:
+            raise ValueError(
+                "FSDP has no ZeRO-1 equivalent: use zero_stage=2 (SHARD_GRAD_OP) or 3 (FULL_SHARD)"
+            )
+        if self.offload is Offload.OPTIMIZER_AND_PARAMS and self.zero_stage != 3:
+            raise ValueError(
+                f"offload=optimizer+params needs zero_stage=3 (parameters are sharded only at "
+                f"stage 3), got zero_stage={self.zero_stage}"
+            )
+        if self.offload is Offload.OPTIMIZER and self.zero_stage == 0:
+            raise ValueError("offload=optimizer needs a ZeRO stage of 1 or more")
+        return self
+
+    @property
+    def data_parallel_degree(self) -> int:
+        """Replicas that shard model state among themselves."""
+        return self.num_gpus // self.tensor_parallel_degree
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.sharding is Sharding.DEEPSPEED and self.zero_stage > 0

@@ -1,0 +1,240 @@
+"""The memory trace: allocation and free events over training steps, shared by every source.
+
+The analytical model, the fake-tensor simulator and the measured runs all produce a
+:class:`Trace`. Each event adds or frees bytes of one :class:`Category` during one
+:class:`Phase` of one step. Identical layers are written once inside a :class:`Repeat`, so a
+126-layer model costs the analytical model a handful of events and the peak is still exact.
+
+Byte counts are what the CUDA caching allocator counts as allocated: every block is rounded
+up to 512 bytes (``memory_allocated``), see :func:`allocation_bytes`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from memplan._compat import StrEnum
+from typing import Final
+
+
+class Phase(StrEnum):
+    LOAD = "load"  # model, adapters and quantization state put on the device
+    FORWARD = "forward"
+    LOSS = "loss"  # LM head, logits upcast, cross-entropy
+    BACKWARD = "backward"
+    OPTIMIZER = "optimizer"  # optimizer.step(); states created lazily on the first step
+    ZERO_GRAD = "zero_grad"  # gradients set to None
+
+
+class Category(StrEnum):
+    """What a block of device memory holds."""
+
+    FROZEN_WEIGHTS = "frozen_weights"  # parameters without gradients (base model under PEFT)
+    QUANT_STATE = "quant_state"  # absmax scales and code books of quantized weights
+    TRAINABLE_WEIGHTS = "trainable_weights"  # parameters the optimizer updates
+    MASTER_WEIGHTS = "master_weights"  # fp32 copies of 16-bit trainable weights
+    GRADIENTS = "gradients"  # .grad of trainable parameters (and reduce buckets)
+    OPTIMIZER_STATE = "optimizer_state"  # Adam moments, momentum, factored statistics
+    ACTIVATIONS = "activations"  # tensors saved for backward
+    LOGITS = "logits"  # LM-head logits, their fp32 upcast, loss buffers and their gradients
+    TEMPORARIES = "temporaries"  # transient workspaces: dequantized weights, gathers, op outputs
+    # Outside the allocator's allocated bytes, reported beside the trace:
+    CUDA_CONTEXT = "cuda_context"  # driver context, kernels, cuBLAS workspace (NVML only)
+    ALLOCATOR_OVERHEAD = "allocator_overhead"  # reserved minus allocated (fragmentation)
+
+
+ALLOCATED_CATEGORIES: Final[tuple[Category, ...]] = tuple(
+    c for c in Category if c not in (Category.CUDA_CONTEXT, Category.ALLOCATOR_OVERHEAD)
+)
+
+# The CUDA caching allocator hands out blocks in multiples of 512 bytes
+# (c10/cuda/CUDACachingAllocator.cpp, kMinBlockSize), and memory_allocated sums block sizes.
+ALLOCATION_GRANULARITY_BYTES: Final = 512
+
+
+def allocation_bytes(num_bytes: int) -> int:
+    """Bytes one tensor of ``num_bytes`` occupies in the caching allocator (512-byte blocks).
+
+    >>> allocation_bytes(1), allocation_bytes(512), allocation_bytes(513)
+    (512, 512, 1024)
+    """
+    if num_bytes <= 0:
+        return 0
+    return -(-num_bytes // ALLOCATION_GRANULARITY_BYTES) * ALLOCATION_GRANULARITY_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """``delta_bytes`` allocated (positive) or freed (negative) in ``category``."""
+
+    delta_bytes: int
+    category: Category
+    phase: Phase
+    step: int = 0
+    label: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Repeat:
+    """``items`` happening ``times`` times in a row (identical layers)."""
+
+    items: tuple[Event | Repeat, ...]
+    times: int
+    label: str = ""
+
+
+TraceItem = Event | Repeat
+
+
+@dataclass(frozen=True, slots=True)
+class Peak:
+    """The largest allocated total of a trace, when it happens and what it holds."""
+
+    peak_bytes: int
+    breakdown_bytes: dict[Category, int]
+    phase: Phase
+    step: int
+    label: str
+
+
+@dataclass(slots=True)
+class _Summary:
+    """Net change and highest point (relative to the start) of a run of items."""
+
+    net: dict[Category, int]
+    net_total: int
+    peak_total: int
+    peak_state: dict[Category, int]
+    peak_event: Event | None
+
+
+def _add(a: dict[Category, int], b: dict[Category, int], times: int = 1) -> dict[Category, int]:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = out.get(key, 0) + times * value
+    return out
+
+
+def _summarize(items: Iterable[TraceItem]) -> _Summary:
+    state: dict[Category, int] = {}
+    total = 0
+    best = _Summary(net={}, net_total=0, peak_total=0, peak_state={}, peak_event=None)
+    for item in items:
+        if isinstance(item, Event):
+            state[item.category] = state.get(item.category, 0) + item.delta_bytes
+            total += item.delta_bytes
+            if best.peak_event is None or total > best.peak_total:
+                best.peak_total, best.peak_state, best.peak_event = total, dict(state), item
+            continue
+        body = _summarize(item.items)
+        if item.times <= 0 or body.peak_event is None:
+            continue
+        # The highest iteration is the last one when each iteration leaves memory behind
+        # (saved activations), otherwise the first.
+        before_peak = item.times - 1 if body.net_total > 0 else 0
+        candidate = total + before_peak * body.net_total + body.peak_total
+        if best.peak_event is None or candidate > best.peak_total:
+            peak_state = _add(_add(state, body.net, before_peak), body.peak_state)
+            best.peak_total, best.peak_state, best.peak_event = (
+                candidate,
+                peak_state,
+                body.peak_event,
+            )
+        state = _add(state, body.net, item.times)
+        total += item.times * body.net_total
+    best.net, best.net_total = state, total
+    return best
+
+
+def _expand(items: Iterable[TraceItem]) -> Iterator[Event]:
+    for item in items:
+        if isinstance(item, Event):
+            yield item
+        else:
+            for _ in range(item.times):
+                yield from _expand(item.items)
+
+
+@dataclass
+class Trace:
+    """Memory events of one or more training steps from one source."""
+
+    source: str
+    items: list[TraceItem] = field(default_factory=list)
+
+    def add(self, item: TraceItem) -> None:
+        self.items.append(item)
+
+    def extend(self, items: Iterable[TraceItem]) -> None:
+        self.items.extend(items)
+
+    def events(self) -> Iterator[Event]:
+        """Every event in order, repeats unrolled (for timelines and tests)."""
+        return _expand(self.items)
+
+    def peak(self) -> Peak:
+        """The highest allocated total, its phase and its breakdown by category."""
+        summary = _summarize(self.items)
+        if summary.peak_event is None:
+            raise ValueError("an empty trace has no peak")
+        breakdown = {c: summary.peak_state.get(c, 0) for c in ALLOCATED_CATEGORIES}
+        event = summary.peak_event
+        return Peak(summary.peak_total, breakdown, event.phase, event.step, event.label)
+
+    def final_bytes(self) -> dict[Category, int]:
+        """What is still allocated after the last event, by category."""
+        return _summarize(self.items).net
+
+    def timeline(self) -> list[tuple[Event, int]]:
+        """(event, allocated total after it) for every event."""
+        out: list[tuple[Event, int]] = []
+        total = 0
+        for event in self.events():
+            total += event.delta_bytes
+            out.append((event, total))
+        return out
+
+    def phase_peaks(self) -> dict[tuple[int, Phase], int]:
+        """Highest allocated total reached in each (step, phase)."""
+        peaks: dict[tuple[int, Phase], int] = {}
+        for event, total in self.timeline():
+            key = (event.step, event.phase)
+            peaks[key] = max(peaks.get(key, total), total)
+        return peaks
+
+    def to_json(self) -> dict[str, object]:
+        return {"source": self.source, "items": [_item_to_json(i) for i in self.items]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, object]) -> Trace:
+        items = data.get("items", [])
+        assert isinstance(items, list)
+        return cls(source=str(data["source"]), items=[_item_from_json(i) for i in items])
+
+
+def _item_to_json(item: TraceItem) -> dict[str, object]:
+    if isinstance(item, Event):
+        return {
+            "delta_bytes": item.delta_bytes,
+            "category": item.category.value,
+            "phase": item.phase.value,
+            "step": item.step,
+            "label": item.label,
+        }
+    return {"repeat": item.times, "label": item.label, "items": [_item_to_json(i) for i in item.items]}
+
+
+def _item_from_json(data: dict[str, object]) -> TraceItem:
+    if "repeat" in data:
+        items = data["items"]
+        assert isinstance(items, Sequence)
+        return Repeat(
+            tuple(_item_from_json(i) for i in items), int(str(data["repeat"])), str(data["label"])
+        )
+    return Event(
+        int(str(data["delta_bytes"])),
+        Category(str(data["category"])),
+        Phase(str(data["phase"])),
+        int(str(data.get("step", 0))),
+        str(data.get("label", "")),
+    )
