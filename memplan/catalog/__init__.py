@@ -1,13 +1,16 @@
 """Built-in model catalog (Hugging Face configs shipped as data) and config.json loading.
 
 Each ``data/<name>.json`` holds the model's published ``config.json`` fields, its Hugging Face
-id, and ``num_params``: ``sum(p.numel())`` of the transformers model built from that config.
+id, a one-line description, and ``num_params``: ``sum(p.numel())`` of the transformers model
+built from that config on the meta device (``scripts/catalog_counts.py`` checks and rewrites it;
+see :mod:`memplan.catalog.hf_model`).
 """
 
 from __future__ import annotations
 
 import difflib
 import json
+from collections.abc import Iterator
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -24,20 +27,38 @@ def _data_dir() -> Any:
     return resources.files("memplan.catalog").joinpath("data")
 
 
+def _walk(folder: Any) -> Iterator[Any]:
+    for entry in folder.iterdir():
+        if entry.is_dir():
+            yield from _walk(entry)
+        elif entry.name.endswith(".json"):
+            yield entry
+
+
+@cache
+def _record_files() -> dict[str, Any]:
+    """Catalog name (file stem) -> data file, searching data/ recursively."""
+    files: dict[str, Any] = {}
+    for entry in _walk(_data_dir()):
+        name = entry.name.removesuffix(".json")
+        if name in files:
+            raise MemplanError(f"catalog has two records named {name!r}")
+        files[name] = entry
+    return files
+
+
 @cache
 def catalog_names() -> tuple[str, ...]:
     """Names of every built-in model, sorted."""
-    return tuple(
-        sorted(p.name.removesuffix(".json") for p in _data_dir().iterdir() if p.name.endswith(".json"))
-    )
+    return tuple(sorted(_record_files()))
 
 
 @cache
 def catalog_record(name: str) -> dict[str, Any]:
-    """The raw catalog record (config, hf_id, num_params) of a built-in model."""
+    """The raw catalog record (name, hf_id, description, num_params, config) of a built-in model."""
     if name not in catalog_names():
         raise MemplanError(_unknown_model_message(name))
-    data: dict[str, Any] = json.loads(_data_dir().joinpath(f"{name}.json").read_text())
+    data: dict[str, Any] = json.loads(_record_files()[name].read_text())
     return data
 
 
@@ -80,7 +101,12 @@ def load_config_file(path: Path) -> ModelSpec:
 def load_model(name_or_path: str | Path) -> ModelSpec:
     """A catalog model by name, or a local config.json (or a folder holding one) by path."""
     text = str(name_or_path)
-    if isinstance(name_or_path, Path) or text.endswith(".json") or "/" in text or Path(text).is_dir():
+    if (
+        isinstance(name_or_path, Path)
+        or text.endswith(".json")
+        or "/" in text
+        or Path(text).is_dir()
+    ):
         path = Path(text).expanduser()
         if path.exists():
             return load_config_file(path)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 
@@ -21,7 +21,37 @@ Family = Literal[
     "t5",
     "bert",
 ]
-"""Model families memplan can lay out; each maps 1:1 to a Hugging Face ``model_type``."""
+"""Model families memplan can lay out; each maps 1:1 to a Hugging Face ``model_type``
+(``mt5`` is read as family ``t5``: same modules, other defaults)."""
+
+LAYOUT_KEYS: Final[dict[str, str]] = {
+    # Parameter layout (read by memplan.architecture).
+    "architecture": "Hugging Face class whose parameters are laid out (BERT and T5 heads), "
+    "from config.json 'architectures'; decoder-only families are laid out as *ForCausalLM.",
+    "num_labels": "Outputs of a BERT classification head (config num_labels or id2label).",
+    "type_vocab_size": "Rows of BERT's token-type (segment) embedding.",
+    "cross_attention": "GPT-2 / BERT layers attend to an encoder too (add_cross_attention).",
+    "relative_attention_num_buckets": "Rows of T5's relative position bias, one table per stack "
+    "(registered in layer 0, shared by all layers).",
+    "word_embed_proj_dim": "OPT token-embedding width; project_in / project_out map it to "
+    "hidden_size when they differ (opt-350m).",
+    "position_offset": "Extra rows of a learned position table (OPT: 2, for padding).",
+    "final_layer_norm": "OPT has a final LayerNorm (do_layer_norm_before and not "
+    "_remove_final_layer_norm).",
+    "layer_norm_affine": "OPT LayerNorms have weight and bias (layer_norm_elementwise_affine).",
+    "falcon_layer_norms": "Falcon LayerNorms per layer: 'input' (parallel attention, falcon-7b), "
+    "'ln_attn+ln_mlp' (new_decoder_architecture) or 'input+post_attention' (sequential).",
+    # Activation-relevant details (no parameters of their own).
+    "do_layer_norm_before": "OPT pre-LN (true) or post-LN (false, opt-350m).",
+    "scale_decoder_outputs": "T5 scales decoder outputs by d_model**-0.5 before the tied LM head "
+    "(config tie_word_embeddings not false: original T5).",
+    "rotary_dim": "Dimensions per head that get rotary embedding (GPT-NeoX rotary_pct * head_dim).",
+    "sliding_window": "Sliding-window attention span in tokens (Mistral, Gemma2, Phi-3, Qwen2).",
+    "query_pre_attn_scalar": "Gemma2 scales attention scores by query_pre_attn_scalar**-0.5.",
+    "attn_logit_softcapping": "Gemma2 soft-caps attention scores with tanh.",
+    "final_logit_softcapping": "Gemma2 soft-caps the output logits with tanh (a vocab-wide op).",
+}
+"""Keys ``ModelSpec.layout`` may hold, with their meaning; any other key is rejected."""
 
 
 class ModelSpec(BaseModel):
@@ -87,8 +117,8 @@ class ModelSpec(BaseModel):
     )
     layout: dict[str, int | bool | str] = Field(
         default_factory=dict,
-        description="Family-specific layout details read from config.json (e.g. Falcon's "
-        "new_decoder_architecture, OPT's word_embed_proj_dim); see memplan.architecture.",
+        description="Family-specific details read from config.json (e.g. OPT's "
+        "word_embed_proj_dim, BERT's type_vocab_size); keys and meanings in LAYOUT_KEYS.",
     )
     num_params: PositiveInt | None = Field(
         default=None,
@@ -111,6 +141,9 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelSpec:
+        unknown = sorted(set(self.layout) - set(LAYOUT_KEYS))
+        if unknown:
+            raise ValueError(f"unknown layout key {unknown[0]!r} (known: {', '.join(LAYOUT_KEYS)})")
         if self.num_layers == 0:
             raise ValueError("num_encoder_layers + num_decoder_layers must be at least 1")
         if self.num_attention_heads % self.num_key_value_heads:
