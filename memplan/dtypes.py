@@ -8,8 +8,9 @@ parts separately because memplan reports the scales as their own category (quant
 from __future__ import annotations
 
 from dataclasses import dataclass
-from memplan._compat import StrEnum
 from typing import Final
+
+from memplan._compat import StrEnum
 
 
 class DType(StrEnum):
@@ -66,11 +67,14 @@ def dtype_bytes(dtype: DType) -> int:
 
 @dataclass(frozen=True, slots=True)
 class QuantizedBytes:
-    """Bytes of one quantized weight matrix: packed codes and quantization state (scales)."""
+    """Bytes of one quantized weight matrix: packed codes and quantization-state tensors."""
 
     packed_bytes: int
-    state_bytes: int
-    state_tensors: int  # separate allocations the state needs (absmax, codes, nested absmax...)
+    state_tensor_bytes: tuple[int, ...]  # one entry per allocation (absmax, code, ...)
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(self.state_tensor_bytes)
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -88,17 +92,18 @@ def quantized_weight_bytes(
     element plus one fp32 scale per output row (``SCB``).
 
     >>> quantized_weight_bytes(4096 * 4096, Quantization.NF4, double_quant=False, out_features=4096)
-    QuantizedBytes(packed_bytes=8388608, state_bytes=1048640, state_tensors=2)
+    QuantizedBytes(packed_bytes=8388608, state_tensor_bytes=(1048576, 64))
     """
     if quant is Quantization.NONE:
         raise ValueError("quantized_weight_bytes needs a quantization")
     if quant is Quantization.INT8:
-        return QuantizedBytes(packed_bytes=numel, state_bytes=4 * out_features, state_tensors=1)
+        return QuantizedBytes(packed_bytes=numel, state_tensor_bytes=(4 * out_features,))
     num_blocks = _ceil_div(numel, NF4_BLOCK_SIZE)
     packed = _ceil_div(numel, 2)
     if not double_quant:
-        return QuantizedBytes(packed, 4 * num_blocks + NF4_CODE_BYTES, state_tensors=2)
+        return QuantizedBytes(packed, (4 * num_blocks, NF4_CODE_BYTES))
     nested_blocks = _ceil_div(num_blocks, DOUBLE_QUANT_BLOCK_SIZE)
-    # uint8 absmax codes + fp32 nested absmax + 8-bit code book + 4-bit code book + fp32 offset
-    state = num_blocks + 4 * nested_blocks + DOUBLE_QUANT_CODE_BYTES + NF4_CODE_BYTES + 4
-    return QuantizedBytes(packed, state, state_tensors=5)
+    # uint8 absmax codes, fp32 nested absmax, 8-bit code book, 4-bit code book, fp32 offset
+    return QuantizedBytes(
+        packed, (num_blocks, 4 * nested_blocks, DOUBLE_QUANT_CODE_BYTES, NF4_CODE_BYTES, 4)
+    )

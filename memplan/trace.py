@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from memplan._compat import StrEnum
 from typing import Final
+
+from memplan._compat import StrEnum
 
 
 class Phase(StrEnum):
@@ -221,7 +222,11 @@ def _item_to_json(item: TraceItem) -> dict[str, object]:
             "step": item.step,
             "label": item.label,
         }
-    return {"repeat": item.times, "label": item.label, "items": [_item_to_json(i) for i in item.items]}
+    return {
+        "repeat": item.times,
+        "label": item.label,
+        "items": [_item_to_json(i) for i in item.items],
+    }
 
 
 def _item_from_json(data: dict[str, object]) -> TraceItem:

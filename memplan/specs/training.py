@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from memplan._compat import StrEnum
 from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
+from memplan._compat import StrEnum
 from memplan.dtypes import DType, Quantization
 
 
@@ -89,7 +89,17 @@ class Attention(StrEnum):
 LinearRole = Literal["q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down", "router"]
 """Roles of linear layers, independent of each family's module names (see architecture)."""
 
-ALL_LINEAR: Final[tuple[LinearRole, ...]] = ("q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down")
+ALL_LINEAR: Final[tuple[LinearRole, ...]] = (
+    "q",
+    "k",
+    "v",
+    "o",
+    "qkv",
+    "gate",
+    "up",
+    "gate_up",
+    "down",
+)
 
 # Typical setups per method, applied to fields the caller leaves out (reported as assumptions).
 METHOD_DEFAULTS: Final[dict[Method, dict[str, Any]]] = {
@@ -155,6 +165,11 @@ class TrainingSetup(BaseModel):
         default=1, description="Checkpoint every k-th layer (1: every layer)."
     )
     attention: Attention = Field(default=Attention.SDPA, description="Attention implementation.")
+    device: Literal["cuda", "cpu"] = Field(
+        default="cuda",
+        description="Where the step runs: decides kernel workspaces (flash backward's fp32 dQ "
+        "accumulator), SDPA fallbacks and whether optimizer step counters live on the device.",
+    )
     lora_r: PositiveInt = Field(default=8, description="LoRA rank r.")
     lora_alpha: float = Field(default=8.0, gt=0, description="LoRA scaling numerator alpha.")
     lora_dropout: float = Field(

@@ -1,0 +1,100 @@
+"""What the op builders need to know about a step: shapes, dtypes and what is trained."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.architecture import DEFAULT_LORA_ROLES
+from memplan.dtypes import DType, Quantization
+from memplan.errors import MemplanError
+from memplan.specs.model import ModelSpec
+from memplan.specs.training import ALL_LINEAR, Attention, LinearRole, Method, TrainingSetup
+
+
+@dataclass(frozen=True, slots=True)
+class StepContext:
+    """Resolved facts of one micro-batch step, shared by every op builder."""
+
+    batch: int
+    seq_len: int
+    weight_dtype: DType  # storage dtype of unquantized parameters
+    compute_dtype: DType  # matmul dtype (autocast target under AMP)
+    amp: bool  # torch.autocast: fp32 weights cast per op, cached when trainable
+    adapter_dtype: DType
+    quant: Quantization
+    method: Method
+    lora_roles: frozenset[LinearRole]
+    lora_r: int
+    lora_dropout: float
+    attention: Attention
+    device: str = "cuda"  # "cuda" or "cpu": decides kernel workspaces and fallbacks
+    tensor_parallel_degree: int = 1
+    grad_accumulating: bool = False  # a later micro-batch: .grad already exists
+
+    @property
+    def num_tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    @property
+    def activation_dtype(self) -> DType:
+        """Dtype of the residual stream (fp32 under AMP: embeddings and norms run in fp32)."""
+        return self.weight_dtype
+
+    def trains_linear(self) -> bool:
+        return self.method is Method.FULL
+
+    def trains_bias(self) -> bool:
+        return self.method in (Method.FULL, Method.BITFIT)
+
+    def trains_norm(self) -> bool:
+        return self.method is Method.FULL
+
+    def trains_embedding(self) -> bool:
+        return self.method is Method.FULL
+
+    def has_lora(self, role: LinearRole | None) -> bool:
+        return role is not None and role in self.lora_roles
+
+    @classmethod
+    def build(
+        cls,
+        spec: ModelSpec,
+        setup: TrainingSetup,
+        *,
+        seq_len: int | None = None,
+        tensor_parallel_degree: int = 1,
+    ) -> StepContext:
+        return cls(
+            batch=setup.micro_batch_size,
+            seq_len=seq_len or setup.seq_len,
+            weight_dtype=setup.precision.weight_dtype,
+            compute_dtype=setup.precision.compute_dtype,
+            amp=setup.precision.is_amp,
+            adapter_dtype=setup.adapter_dtype,
+            quant=setup.quant,
+            method=setup.method,
+            lora_roles=lora_roles(spec, setup),
+            lora_r=setup.lora_r,
+            lora_dropout=setup.lora_dropout,
+            attention=setup.attention,
+            device=setup.device,
+            tensor_parallel_degree=tensor_parallel_degree,
+        )
+
+
+def lora_roles(spec: ModelSpec, setup: TrainingSetup) -> frozenset[LinearRole]:
+    """Roles that carry LoRA adapters: the setup's targets, else peft's family default."""
+    if not setup.uses_lora:
+        return frozenset()
+    if setup.lora_targets is not None:
+        roles = frozenset(setup.lora_targets)
+    else:
+        roles = frozenset(DEFAULT_LORA_ROLES.get(spec.family, ("q", "v")))
+    # A fused projection carries the adapter when any of its parts is targeted (q,v -> qkv).
+    if roles & {"q", "k", "v"}:
+        roles |= {"qkv"}
+    if roles & {"gate", "up"}:
+        roles |= {"gate_up"}
+    if not roles & set(ALL_LINEAR):
+        raise MemplanError(f"lora_targets {sorted(roles)} name no linear layer")
+    return roles

@@ -1,0 +1,303 @@
+"""A symbolic autograd: replays a segment of a model's ops and emits its memory events.
+
+Each op is recorded with its output size and the tensors autograd saves for it
+(``tools/autograd/derivatives.yaml``: an input is saved only when the gradient of another
+input that requires grad needs it). Replaying the forward allocates outputs and frees every
+tensor after its last use unless it is saved or kept; replaying the backward in reverse
+allocates input gradients, releases saved tensors once their node ran (autograd's
+``release_variables``) and frees each gradient once consumed. Sizes are plain ints, so a
+segment of 30 ops replays in microseconds, and one decoder layer's events are repeated for
+every identical layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from memplan.dtypes import DType, dtype_bytes
+from memplan.trace import Category, Event, Phase, allocation_bytes
+
+
+@dataclass(eq=False)
+class Tensor:
+    """A symbolic tensor: its size, whether it requires grad, and whose storage it uses."""
+
+    numel: int
+    dtype: DType
+    requires_grad: bool
+    label: str
+    base: Tensor | None = None  # views share their base's storage
+    persistent: bool = False  # owned outside the segment (parameters, rotary tables)
+    category: Category = Category.TEMPORARIES
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtype_bytes(self.dtype)
+
+    @property
+    def storage(self) -> Tensor:
+        return self.base.storage if self.base is not None else self
+
+
+@dataclass(frozen=True, slots=True)
+class ParamGrad:
+    """A trainable parameter used by an op: its ``.grad`` appears in the op's backward."""
+
+    label: str
+    grad_bytes: int
+    # Shared with an op that runs earlier in backward (tied LM head): adds into that .grad.
+    accumulates: bool = False
+
+
+@dataclass(eq=False)
+class Op:
+    name: str
+    inputs: tuple[Tensor, ...]
+    output: Tensor
+    saved: tuple[Tensor, ...] = ()
+    param_grads: tuple[ParamGrad, ...] = ()
+    passthrough_grad: bool = False  # input grads are views of the output grad (add, view, split)
+    fwd_workspace_bytes: int = 0  # transient inside the forward kernel
+    bwd_workspace_bytes: int = 0  # transient inside the backward (e.g. re-dequantized weight)
+
+
+@dataclass
+class Segment:
+    """Ops of one part of the model (embedding, one layer, the head), in forward order."""
+
+    label: str
+    saved_category: Category = Category.ACTIVATIONS
+    temp_category: Category = Category.TEMPORARIES
+    ops: list[Op] = field(default_factory=list)
+    # Weight casts held by the autocast cache until the forward's autocast context exits.
+    autocast_cached: list[Tensor] = field(default_factory=list)
+
+    def input(
+        self, numel: int, dtype: DType, label: str, *, requires_grad: bool, persistent: bool = False
+    ) -> Tensor:
+        """A tensor made before this segment; freed here after its last use unless persistent."""
+        return Tensor(numel, dtype, requires_grad, label, persistent=persistent)
+
+    def op(
+        self,
+        name: str,
+        inputs: Iterable[Tensor],
+        numel: int,
+        dtype: DType,
+        *,
+        saves: Iterable[Tensor | None] = (),
+        saves_output: bool = False,
+        param_grads: Iterable[ParamGrad] = (),
+        view_of: Tensor | None = None,
+        requires_grad: bool | None = None,
+        passthrough_grad: bool = False,
+        fwd_workspace_bytes: int = 0,
+        bwd_workspace_bytes: int = 0,
+        category: Category | None = None,
+    ) -> Tensor:
+        """Record an op. ``saves`` is what autograd keeps when the output requires grad."""
+        ins = tuple(inputs)
+        grads = tuple(g for g in param_grads if g.grad_bytes)
+        if requires_grad is None:
+            requires_grad = any(t.requires_grad for t in ins) or bool(grads)
+        out = Tensor(
+            numel,
+            dtype,
+            requires_grad,
+            f"{self.label}.{name}",
+            base=view_of,
+            category=category or self.temp_category,
+        )
+        saved = tuple(s for s in saves if s is not None) if requires_grad else ()
+        if saves_output and requires_grad:
+            saved += (out,)
+        self.ops.append(
+            Op(
+                name,
+                ins,
+                out,
+                saved,
+                grads,
+                passthrough_grad,
+                fwd_workspace_bytes,
+                bwd_workspace_bytes,
+            )
+        )
+        return out
+
+
+@dataclass
+class _Ledger:
+    phase: Phase
+    step: int
+    events: list[Event] = field(default_factory=list)
+
+    def alloc(self, nbytes: int, category: Category, label: str) -> None:
+        if size := allocation_bytes(nbytes):
+            self.events.append(Event(size, category, self.phase, self.step, label))
+
+    def free(self, nbytes: int, category: Category, label: str) -> None:
+        if size := allocation_bytes(nbytes):
+            self.events.append(Event(-size, category, self.phase, self.step, label))
+
+    def transient(self, nbytes: int, category: Category, label: str) -> None:
+        self.alloc(nbytes, category, label)
+        self.free(nbytes, category, label)
+
+
+@dataclass
+class ForwardResult:
+    events: list[Event]
+    saved: list[Tensor]  # storages left allocated for backward
+    deferred: list[Tensor]  # storages kept until the end of the forward (autocast cache)
+
+
+def _category(segment: Segment, storage: Tensor, *, saved: bool) -> Category:
+    """A storage's category: saved temporaries of a segment count as its saved category."""
+    if saved and storage.category is segment.temp_category:
+        return segment.saved_category
+    return storage.category
+
+
+def forward_events(
+    segment: Segment,
+    *,
+    phase: Phase,
+    step: int,
+    keep_saved: bool,
+    keep: Iterable[Tensor] = (),
+    defer: Iterable[Tensor] = (),
+) -> ForwardResult:
+    """Events of running ``segment`` forward.
+
+    ``keep_saved``: autograd records the graph (training without checkpointing): saved
+    tensors stay allocated, tagged with the segment's saved category. ``keep``: storages that
+    outlive the segment (its output). ``defer``: storages freed only when the whole forward
+    ends rather than after their last use (the autocast weight cache).
+    """
+    ledger = _Ledger(phase, step)
+    keep_ids = {id(t.storage) for t in keep}
+    defer_ids = {id(t.storage) for t in defer}
+    last_use: dict[int, int] = {}
+    for index, op in enumerate(segment.ops):
+        for t in op.inputs:
+            last_use[id(t.storage)] = index
+    saved: dict[int, Tensor] = {}
+    if keep_saved:
+        for op in segment.ops:
+            for t in op.saved:
+                saved.setdefault(id(t.storage), t.storage)
+    deferred: dict[int, Tensor] = {}
+    for index, op in enumerate(segment.ops):
+        out = op.output
+        if out.base is None:
+            ledger.alloc(out.nbytes, _category(segment, out, saved=id(out) in saved), out.label)
+        if op.fwd_workspace_bytes:
+            ledger.transient(
+                op.fwd_workspace_bytes, segment.temp_category, f"{out.label} workspace"
+            )
+        for storage in {id(t.storage): t.storage for t in (*op.inputs, out)}.values():
+            sid = id(storage)
+            if last_use.get(sid, index) > index or storage.persistent:
+                continue
+            if sid in keep_ids or sid in saved:
+                continue
+            if sid in defer_ids:
+                deferred[sid] = storage
+                continue
+            ledger.free(storage.nbytes, _category(segment, storage, saved=False), storage.label)
+    return ForwardResult(ledger.events, list(saved.values()), list(deferred.values()))
+
+
+GradBytes = tuple[int, Category]  # bytes of a gradient buffer and the category it was made in
+
+
+def backward_events(
+    segment: Segment,
+    *,
+    phase: Phase,
+    step: int,
+    output_grads: dict[int, GradBytes],
+    accumulate: bool = False,
+) -> tuple[list[Event], dict[int, GradBytes]]:
+    """Events of the segment's backward, given the gradients of its outputs.
+
+    ``output_grads`` maps ``id(output tensor)`` to its incoming gradient (allocated by the
+    segment above; freed here once consumed). Returns the events and the gradients of the
+    segment's external inputs (by ``id``), left allocated for the segment below. With
+    ``accumulate`` (a later micro-batch of gradient accumulation) parameter gradients are
+    computed into a temporary and added into the existing ``.grad``.
+    """
+    ledger = _Ledger(phase, step)
+    category = segment.temp_category
+    buffers: dict[int, list[int | Category]] = {}  # buffer id -> [bytes, refcount, category]
+    grad_of: dict[int, int] = {}  # tensor id -> buffer id
+    counter = [0]
+
+    def new_buffer(nbytes: int, cat: Category, *, allocate: bool) -> int:
+        counter[0] += 1
+        buffers[counter[0]] = [nbytes, 1, cat]
+        if allocate:
+            ledger.alloc(nbytes, cat, "grad")
+        return counter[0]
+
+    def release(buffer: int) -> None:
+        entry = buffers[buffer]
+        entry[1] = int(entry[1]) - 1
+        if entry[1] == 0:
+            ledger.free(int(entry[0]), Category(entry[2]), "grad")
+            del buffers[buffer]
+
+    for tensor_id, (nbytes, cat) in output_grads.items():
+        grad_of[tensor_id] = new_buffer(nbytes, cat, allocate=False)
+
+    save_refs: dict[int, int] = {}
+    storages: dict[int, Tensor] = {}
+    for op in segment.ops:
+        for t in op.saved:
+            save_refs[id(t.storage)] = save_refs.get(id(t.storage), 0) + 1
+            storages[id(t.storage)] = t.storage
+
+    produced = {id(op.output) for op in segment.ops}
+    for op in reversed(segment.ops):
+        out_buffer = grad_of.pop(id(op.output), None)
+        if out_buffer is None:
+            continue
+        new_grads: list[tuple[Tensor, int]] = []
+        for t in op.inputs:
+            if not t.requires_grad:
+                continue
+            # Views, adds and other passthrough ops hand the output gradient on unchanged when
+            # no dtype cast is needed; otherwise autograd casts it (a new tensor).
+            if op.passthrough_grad and t.dtype is op.output.dtype:
+                buffers[out_buffer][1] = int(buffers[out_buffer][1]) + 1
+                new_grads.append((t, out_buffer))
+            else:
+                new_grads.append((t, new_buffer(t.nbytes, category, allocate=True)))
+        for g in op.param_grads:
+            if accumulate or g.accumulates:  # AccumulateGrad adds into the existing .grad
+                ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
+            else:  # the first gradient is stolen into .grad without a copy
+                ledger.alloc(g.grad_bytes, Category.GRADIENTS, f"{g.label}.grad")
+        if op.bwd_workspace_bytes:
+            ledger.transient(op.bwd_workspace_bytes, category, f"{op.output.label} backward")
+        for t in op.saved:
+            sid = id(t.storage)
+            save_refs[sid] -= 1
+            if save_refs[sid] == 0 and not t.storage.persistent:
+                storage = storages[sid]
+                ledger.free(storage.nbytes, _category(segment, storage, saved=True), storage.label)
+        release(out_buffer)
+        for t, buffer in new_grads:
+            if id(t) in grad_of:  # InputBuffer::accumulate: old + new, out of place
+                ledger.transient(t.nbytes, category, "grad accumulation")
+                release(buffer)
+            else:
+                grad_of[id(t)] = buffer
+    remaining: dict[int, GradBytes] = {}
+    for tensor_id, buffer in grad_of.items():
+        if tensor_id not in produced and buffer in buffers:
+            entry = buffers[buffer]
+            remaining[tensor_id] = (int(entry[0]), Category(entry[2]))
+    return ledger.events, remaining

@@ -1,0 +1,209 @@
+"""The ends of a model: embeddings, final norms, the output head and its loss, per family."""
+
+from __future__ import annotations
+
+from memplan.analytic.blocks import (
+    LinearSpec,
+    activation,
+    cast,
+    dropout,
+    layer_norm,
+    linear,
+    residual_add,
+    rms_norm,
+)
+from memplan.analytic.context import StepContext
+from memplan.analytic.graph import ParamGrad, Segment, Tensor
+from memplan.dtypes import DType, dtype_bytes
+from memplan.specs.model import ModelSpec
+from memplan.trace import Category
+
+_LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
+
+
+def _table_grad(
+    ctx: StepContext, label: str, numel: int, *, trainable: bool, tied: bool = False
+) -> ParamGrad:
+    # embedding_dense_backward writes a dense gradient of the whole table.
+    return ParamGrad(label, numel * dtype_bytes(ctx.weight_dtype) if trainable else 0, tied)
+
+
+def embedding(
+    spec: ModelSpec, ctx: StepContext, *, output_requires_grad: bool, label: str = "embeddings"
+) -> tuple[Segment, Tensor]:
+    """Token (+ position / token-type) embeddings, as each family's model forward combines them.
+
+    Lookups return the weight dtype (embeddings are not autocast). A tied LM head computed its
+    gradient first, so the token table's gradient adds into that ``.grad``.
+    """
+    seg = Segment(label)
+    trainable = ctx.trains_embedding()
+    n, h = ctx.num_tokens, spec.hidden_size
+    rg = output_requires_grad or trainable
+    grad = _table_grad(
+        ctx,
+        "embed_tokens.weight",
+        spec.vocab_size * h,
+        trainable=trainable,
+        tied=spec.tie_word_embeddings,
+    )
+    x = seg.op("embed_tokens", [], n * h, ctx.weight_dtype, param_grads=[grad], requires_grad=rg)
+    if spec.family == "gemma2":  # inputs_embeds * sqrt(hidden_size)
+        x = seg.op("embed_scale", [x], x.numel, x.dtype)
+    if spec.position_embedding == "learned" and spec.family != "bert":
+        # GPT-2 looks positions up for (1, seq); OPT derives them per sequence (batch, seq).
+        rows = ctx.seq_len if spec.family == "gpt2" else n
+        pos_grad = _table_grad(
+            ctx, "wpe.weight", spec.max_position_embeddings * h, trainable=trainable
+        )
+        pos = seg.op(
+            "embed_positions",
+            [],
+            rows * h,
+            ctx.weight_dtype,
+            param_grads=[pos_grad],
+            requires_grad=trainable,
+        )
+        x = seg.op("add_positions", [x, pos], n * h, x.dtype, passthrough_grad=True)
+    if spec.family == "bert":
+        type_rows = int(spec.layout.get("type_vocab_size", 2))
+        types = seg.op(
+            "token_type_embeddings",
+            [],
+            n * h,
+            ctx.weight_dtype,
+            param_grads=[_table_grad(ctx, "token_type", type_rows * h, trainable=trainable)],
+            requires_grad=trainable,
+        )
+        x = residual_add(seg, x, types, "add_token_types")
+        pos = seg.op(
+            "position_embeddings",
+            [],
+            ctx.seq_len * h,
+            ctx.weight_dtype,
+            param_grads=[
+                _table_grad(ctx, "position", spec.max_position_embeddings * h, trainable=trainable)
+            ],
+            requires_grad=trainable,
+        )
+        x = residual_add(seg, x, pos, "add_positions")
+        x = layer_norm(seg, ctx, x, "LayerNorm", h)
+    if spec.family == "bloom":
+        x = layer_norm(seg, ctx, x, "word_embeddings_layernorm", h)
+    x = dropout(
+        seg,
+        x,
+        spec.hidden_dropout if spec.family in ("gpt2", "opt", "bert", "t5") else 0.0,
+        "embed_dropout",
+    )
+    return seg, x
+
+
+def final_norm(spec: ModelSpec, ctx: StepContext, x: Tensor, *, seg: Segment) -> Tensor | None:
+    """The norm after the last layer (None for post-norm BERT)."""
+    h = spec.hidden_size
+    if spec.family in _LLAMA_LIKE:
+        return rms_norm(seg, ctx, x, "norm", h, gemma=spec.family == "gemma2")
+    if spec.family == "t5":
+        return dropout(
+            seg, rms_norm(seg, ctx, x, "final_layer_norm", h), spec.hidden_dropout, "final_dropout"
+        )
+    if spec.family == "opt" and not spec.layout.get("final_layer_norm", True):
+        return None
+    if spec.family == "bert":
+        return None
+    return layer_norm(seg, ctx, x, "ln_f", h)
+
+
+def lm_loss(spec: ModelSpec, ctx: StepContext, x: Tensor, *, seg: Segment) -> tuple[Tensor, Tensor]:
+    """Output head and loss; returns the loss and the logits the model output object holds.
+
+    Causal LMs use transformers' ForCausalLMLoss: logits.float(), shifted int64 labels,
+    log_softmax (saved), nll_loss. T5 and BERT's MLM head apply CrossEntropyLoss to the
+    logits in their own dtype.
+    """
+    n, vocab = ctx.num_tokens, spec.vocab_size // ctx.tensor_parallel_degree
+    if spec.family == "bert" and "Classification" in str(spec.layout.get("architecture", "")):
+        return _classification_loss(spec, ctx, x, seg=seg)
+    head_in = x
+    if spec.family == "t5" and spec.layout.get("scale_decoder_outputs"):
+        head_in = seg.op("scale_decoder_outputs", [x], x.numel, x.dtype)  # * d_model**-0.5
+    if spec.family == "bert":  # BertLMPredictionHead: dense, gelu, LayerNorm, decoder
+        t = linear(
+            seg,
+            ctx,
+            head_in,
+            LinearSpec(
+                "cls.predictions.transform.dense",
+                spec.hidden_size,
+                spec.hidden_size,
+                None,
+                bias=True,
+                quantizable=False,
+            ),
+        )
+        t = activation(seg, t, spec.hidden_act, "cls.predictions.transform.act")
+        head_in = layer_norm(seg, ctx, t, "cls.predictions.transform.LayerNorm", spec.hidden_size)
+    head = LinearSpec(
+        "lm_head",
+        spec.hidden_size,
+        vocab,
+        None,
+        bias=spec.family == "bert",
+        quantizable=False,
+        trainable=ctx.trains_embedding(),
+    )
+    logits = linear(seg, ctx, head_in, head)
+    if spec.layout.get("final_logit_softcapping"):  # Gemma2: tanh(logits / cap) * cap
+        scaled = seg.op("logits.softcap_div", [logits], logits.numel, logits.dtype)
+        th = seg.op("logits.softcap_tanh", [scaled], logits.numel, logits.dtype, saves_output=True)
+        logits = seg.op("logits.softcap_mul", [th], logits.numel, logits.dtype)
+    if spec.family in ("t5", "bert"):
+        loss_in = logits
+        labels = seg.op("labels", [], n, DType.INT64, requires_grad=False)
+    else:
+        loss_in = cast(seg, logits, DType.FP32, "logits.float")
+        padded = seg.op(
+            "labels.pad", [], ctx.batch * (ctx.seq_len + 1), DType.INT64, requires_grad=False
+        )
+        labels = seg.op("labels.shift", [padded], n, DType.INT64, requires_grad=False)
+    logp = seg.op("log_softmax", [loss_in], loss_in.numel, loss_in.dtype, saves_output=True)
+    loss = seg.op("nll_loss", [logp, labels], 1, DType.FP32, saves=[labels])
+    return loss, logits
+
+
+def _classification_loss(
+    spec: ModelSpec, ctx: StepContext, x: Tensor, *, seg: Segment
+) -> tuple[Tensor, Tensor]:
+    """BertForSequenceClassification: pooler (dense + tanh on [CLS]), dropout, classifier."""
+    h, b = spec.hidden_size, ctx.batch
+    labels = int(spec.layout.get("num_labels", 2))
+    cls = seg.op("pooler.first_token", [x], b * h, x.dtype, passthrough_grad=False)
+    pooled = linear(
+        seg,
+        ctx,
+        cls,
+        LinearSpec(
+            "pooler.dense",
+            h,
+            h,
+            None,
+            bias=True,
+            quantizable=False,
+            trainable=ctx.trains_embedding(),
+        ),
+    )
+    pooled = seg.op("pooler.tanh", [pooled], pooled.numel, pooled.dtype, saves_output=True)
+    pooled = dropout(seg, pooled, spec.hidden_dropout, "dropout")
+    logits = linear(
+        seg,
+        ctx,
+        pooled,
+        LinearSpec("classifier", h, labels, None, bias=True, quantizable=False, trainable=True),
+    )
+    logp = seg.op("log_softmax", [logits], logits.numel, logits.dtype, saves_output=True)
+    return seg.op("nll_loss", [logp], 1, DType.FP32), logits
+
+
+def loss_segment() -> Segment:
+    return Segment("loss", saved_category=Category.LOGITS, temp_category=Category.LOGITS)

@@ -1,0 +1,375 @@
+"""Compose one micro-batch's forward, loss and backward events from the model's segments.
+
+The order mirrors a Hugging Face Trainer step: the forward runs every stack (embedding,
+layers, final norm) under autocast when AMP is on, the loss follows (LM head, logits,
+cross-entropy; the output object is dropped before backward, and the autocast weight cache is
+cleared when the autocast context exits), then backward runs the segments in reverse.
+Identical layers become one :class:`Repeat`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from memplan.analytic.graph import GradBytes, Segment, Tensor, backward_events, forward_events
+from memplan.analytic.model_graph import LayerPlan, ModelGraph, Stack
+from memplan.trace import Category, Event, Phase, Repeat, TraceItem, allocation_bytes
+
+_ACT: Final = Category.ACTIVATIONS
+_TMP: Final = Category.TEMPORARIES
+
+
+def _saves(seg: Segment, tensor: Tensor) -> bool:
+    """Whether any op of ``seg`` saves ``tensor``'s storage for backward."""
+    return any(t.storage is tensor.storage for op in seg.ops for t in op.saved)
+
+
+@dataclass
+class _LayerForward:
+    events: list[Event]
+    deferred_bytes: int  # autocast-cached weight copies freed when the forward ends
+
+
+class StepComposer:
+    """Trace items of one micro-batch for a ModelGraph."""
+
+    def __init__(self, graph: ModelGraph) -> None:
+        self.graph = graph
+        self.autograd = graph.autograd
+        # Category of each tensor handed from one segment to the next: an activation when the
+        # receiving segment saves it or holds it for recomputation, else a temporary.
+        self.loss_boundary = _ACT if self.autograd and _saves(graph.loss, graph.loss_in) else _TMP
+        self.boundaries = [self._stack_boundaries(i, s) for i, s in enumerate(graph.stacks)]
+
+    def _stack_boundaries(self, index: int, stack: Stack) -> list[Category]:
+        cats = []
+        for plan in stack.layers:
+            held = plan.checkpointed or (
+                self.autograd and _saves(plan.graph.segment, plan.graph.input)
+            )
+            cats.append(_ACT if held else _TMP)
+        if stack.norm_out is stack.norm_in:  # no final norm: the last output goes straight on
+            cats.append(self._stack_output_category(index))
+        else:
+            cats.append(_ACT if self.autograd and _saves(stack.norm, stack.norm_in) else _TMP)
+        return cats
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward_items(self, step: int) -> tuple[list[TraceItem], int]:
+        """Events of every stack's forward, and the bytes deferred to the end of the forward."""
+        items: list[TraceItem] = []
+        deferred = 0
+        for index, stack in enumerate(self.graph.stacks):
+            stack_items, stack_deferred = self._stack_forward(index, stack, step)
+            items += stack_items
+            deferred += stack_deferred
+        return items, deferred
+
+    def _stack_forward(self, index: int, stack: Stack, step: int) -> tuple[list[TraceItem], int]:
+        bounds = self.boundaries[index]
+        stack.embed_out.category = bounds[0]
+        items: list[TraceItem] = list(
+            forward_events(
+                stack.embed,
+                phase=Phase.FORWARD,
+                step=step,
+                keep_saved=self.autograd,
+                keep=[stack.embed_out],
+            ).events
+        )
+        items += self._shared_tables(stack, step, allocate=True)
+        cache: dict[tuple[int, bool, Category, Category], _LayerForward] = {}
+        keys = []
+        deferred = 0
+        for i, plan in enumerate(stack.layers):
+            key = (id(plan.graph), plan.checkpointed, bounds[i], bounds[i + 1])
+            if key not in cache:
+                cache[key] = self._layer_forward(plan, key[2], key[3], step)
+            keys.append(key)
+            deferred += cache[key].deferred_bytes
+        items += _compress([cache[k].events for k in keys], keys)
+        stack.norm_in.category = bounds[-1]
+        out_cat = self._stack_output_category(index)
+        stack.norm_out.category = out_cat
+        if stack.norm_out is not stack.norm_in:
+            items += forward_events(
+                stack.norm,
+                phase=Phase.FORWARD,
+                step=step,
+                keep_saved=self.autograd,
+                keep=[stack.norm_out],
+            ).events
+        return items, deferred
+
+    def _stack_output_category(self, index: int) -> Category:
+        if index == len(self.graph.stacks) - 1:
+            return self.loss_boundary
+        reader = self.graph.stacks[index + 1]
+        held = (
+            self.autograd
+            and reader.cross_input is not None
+            and any(
+                _saves(p.graph.segment, p.graph.shared[0]) for p in reader.layers if p.graph.shared
+            )
+        )
+        return _ACT if held else _TMP
+
+    def _layer_forward(
+        self, plan: LayerPlan, in_cat: Category, out_cat: Category, step: int
+    ) -> _LayerForward:
+        lg = plan.graph
+        lg.input.category, lg.output.category = in_cat, out_cat
+        keep = [lg.output, lg.input] if plan.checkpointed else [lg.output]
+        result = forward_events(
+            lg.segment,
+            phase=Phase.FORWARD,
+            step=step,
+            keep_saved=self.autograd and not plan.checkpointed,
+            keep=keep,
+            defer=lg.segment.autocast_cached,
+        )
+        deferred = sum(allocation_bytes(t.nbytes) for t in result.deferred)
+        return _LayerForward(result.events, deferred)
+
+    def _shared_tables(self, stack: Stack, step: int, *, allocate: bool) -> list[Event]:
+        """Rotary cos/sin computed once per forward and read by every layer of the stack.
+
+        Saved by the rotary multiplications (activations, freed after backward) when the
+        projections need gradients, else freed when the forward ends. The encoder output a
+        decoder reads is accounted by the encoder stack, not here.
+        """
+        if not stack.layers or stack.cross_input is not None:
+            return []
+        graphs = list({id(p.graph): p.graph for p in stack.layers}.values())
+        events = []
+        for i in range(len(graphs[0].shared)):
+            saved = self.autograd and any(_saves(g.segment, g.shared[i]) for g in graphs)
+            phase = (Phase.BACKWARD if saved else Phase.LOSS) if not allocate else Phase.FORWARD
+            size = allocation_bytes(graphs[0].shared[i].nbytes)
+            events.append(
+                Event(
+                    size if allocate else -size,
+                    _ACT if saved else _TMP,
+                    phase,
+                    step,
+                    graphs[0].shared[i].label,
+                )
+            )
+        return events
+
+    # -- loss ------------------------------------------------------------------------------
+    def loss_items(self, step: int, deferred_bytes: int) -> list[TraceItem]:
+        g = self.graph
+        g.loss_in.category = self.loss_boundary
+        result = forward_events(
+            g.loss,
+            phase=Phase.LOSS,
+            step=step,
+            keep_saved=self.autograd,
+            keep=[g.logits, g.loss_out],
+        )
+        items: list[TraceItem] = list(result.events)
+        # The training loop drops the model output (and the logits it holds) before backward;
+        # the autocast weight cache is cleared when the forward's autocast context exits.
+        if g.logits.storage is not g.loss_out.storage and not _saves(g.loss, g.logits):
+            items.append(
+                Event(
+                    -allocation_bytes(g.logits.nbytes),
+                    Category.LOGITS,
+                    Phase.LOSS,
+                    step,
+                    "model output dropped",
+                )
+            )
+        if deferred_bytes:
+            items.append(Event(-deferred_bytes, _TMP, Phase.LOSS, step, "autocast cache cleared"))
+        for stack in g.stacks:
+            items += [
+                e for e in self._shared_tables(stack, step, allocate=False) if e.phase is Phase.LOSS
+            ]
+        for index, stack in enumerate(g.stacks[:-1]):
+            if (
+                self._stack_output_category(index) is _TMP
+            ):  # encoder output dropped with the outputs
+                items.append(
+                    Event(
+                        -allocation_bytes(stack.norm_out.nbytes),
+                        _TMP,
+                        Phase.LOSS,
+                        step,
+                        "encoder output dropped",
+                    )
+                )
+        return items
+
+    # -- backward --------------------------------------------------------------------------
+    def backward_items(self, step: int, *, accumulate: bool) -> list[TraceItem]:
+        g = self.graph
+        items: list[TraceItem] = []
+        events, grads = backward_events(
+            g.loss,
+            phase=Phase.BACKWARD,
+            step=step,
+            output_grads={id(g.loss_out): (4, Category.LOGITS)},
+            accumulate=accumulate,
+        )
+        items += events
+        grad = grads.get(id(g.loss_in))
+        cross_grad: GradBytes | None = None
+        for index in reversed(range(len(g.stacks))):
+            stack = g.stacks[index]
+            if index < len(g.stacks) - 1:
+                grad = cross_grad
+                if self._stack_output_category(index) is _ACT:  # the decoder layers held it
+                    items.append(
+                        Event(
+                            -allocation_bytes(stack.norm_out.nbytes),
+                            _ACT,
+                            Phase.BACKWARD,
+                            step,
+                            "encoder output released",
+                        )
+                    )
+            stack_items, grad, cross_grad = self._stack_backward(
+                index, stack, grad, step, accumulate
+            )
+            items += stack_items
+        return items
+
+    def _stack_backward(
+        self, index: int, stack: Stack, grad: GradBytes | None, step: int, accumulate: bool
+    ) -> tuple[list[TraceItem], GradBytes | None, GradBytes | None]:
+        bounds = self.boundaries[index]
+        items: list[TraceItem] = []
+        if stack.norm_out is not stack.norm_in:
+            events, grads = backward_events(
+                stack.norm,
+                phase=Phase.BACKWARD,
+                step=step,
+                output_grads={id(stack.norm_out): grad} if grad else {},
+                accumulate=accumulate,
+            )
+            items += events
+            grad = grads.get(id(stack.norm_in))
+        cross: GradBytes | None = None
+        cache: dict[tuple[object, ...], list[Event]] = {}
+        keys = []
+        for i in reversed(range(len(stack.layers))):
+            plan = stack.layers[i]
+            key = (
+                id(plan.graph),
+                plan.checkpointed,
+                bounds[i],
+                bounds[i + 1],
+                cross is not None,
+                grad,
+            )
+            if key not in cache:
+                cache[key], grad, layer_cross = self._layer_backward(
+                    plan, key[2], key[3], grad, step, accumulate, cross
+                )
+                cross = cross or layer_cross
+            keys.append(key)
+        items += _compress([cache[k] for k in keys], keys)
+        if grad is not None and stack.embed_out.requires_grad:
+            events, _ = backward_events(
+                stack.embed,
+                phase=Phase.BACKWARD,
+                step=step,
+                output_grads={id(stack.embed_out): grad},
+                accumulate=accumulate,
+            )
+            items += events
+        elif grad is not None:
+            items.append(Event(-allocation_bytes(grad[0]), grad[1], Phase.BACKWARD, step, "grad"))
+        items += [
+            e for e in self._shared_tables(stack, step, allocate=False) if e.phase is Phase.BACKWARD
+        ]
+        return items, None, cross
+
+    def _layer_backward(
+        self,
+        plan: LayerPlan,
+        in_cat: Category,
+        out_cat: Category,
+        grad: GradBytes | None,
+        step: int,
+        accumulate: bool,
+        cross: GradBytes | None,
+    ) -> tuple[list[Event], GradBytes | None, GradBytes | None]:
+        lg = plan.graph
+        lg.input.category, lg.output.category = in_cat, out_cat
+        events: list[Event] = []
+        # A checkpointed layer's input is held by the checkpoint until its backward is done.
+        lg.input.persistent = plan.checkpointed
+        try:
+            if plan.checkpointed:  # non-reentrant checkpoint: recompute the layer, then backward
+                events += forward_events(
+                    lg.segment, phase=Phase.BACKWARD, step=step, keep_saved=True
+                ).events
+            if grad is None:
+                return events, None, None
+            bwd, grads = backward_events(
+                lg.segment,
+                phase=Phase.BACKWARD,
+                step=step,
+                output_grads={id(lg.output): grad},
+                accumulate=accumulate,
+            )
+        finally:
+            lg.input.persistent = False
+        events += bwd
+        if plan.checkpointed:
+            events.append(
+                Event(
+                    -allocation_bytes(lg.input.nbytes),
+                    in_cat,
+                    Phase.BACKWARD,
+                    step,
+                    "checkpointed layer input",
+                )
+            )
+        new_cross = None
+        for shared in lg.shared:
+            got = grads.get(id(shared))
+            if got is None:
+                continue
+            if cross is None:  # the first decoder layer's gradient of the encoder output stays
+                new_cross = got
+            else:  # later layers add theirs into it
+                events.append(
+                    Event(
+                        -allocation_bytes(got[0]),
+                        got[1],
+                        Phase.BACKWARD,
+                        step,
+                        "encoder output grad accumulated",
+                    )
+                )
+        return events, grads.get(id(lg.input)), new_cross
+
+
+def _compress(chunks: list[list[Event]], keys: list[object]) -> list[TraceItem]:
+    """Run-length encode the layer schedule into Repeats of its repeating pattern."""
+    items: list[TraceItem] = []
+    i = 0
+    while i < len(keys):
+        span = _period(keys[i:])
+        block = keys[i : i + span]
+        times = 1
+        while keys[i + times * span : i + (times + 1) * span] == block:
+            times += 1
+        events = tuple(e for chunk in chunks[i : i + span] for e in chunk)
+        items.append(Repeat(events, times, "layers"))
+        i += times * span
+    return items
+
+
+def _period(keys: list[object]) -> int:
+    """Length of the pattern that repeats from the start of ``keys`` (every-k checkpointing)."""
+    for p in range(1, min(len(keys), 16) + 1):
+        reps = len(keys) // p
+        if reps >= 2 and all(keys[j] == keys[j % p] for j in range(reps * p)):
+            return p
+    return 1
