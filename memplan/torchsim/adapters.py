@@ -1,0 +1,78 @@
+"""Bottleneck adapters (Houlsby et al. 2019) after each layer's attention and MLP.
+
+h <- h + up(relu(down(h))), down: hidden -> adapter_size, up: adapter_size -> hidden, with
+the adapter weights in ``setup.adapter_dtype`` and the input cast to it (as peft does for its
+fp32 adapters), the output cast back. Attached with forward hooks, so module names stay those
+of the base model and checkpointing recomputes the adapters with their layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from memplan.dtypes import DType
+from memplan.errors import MemplanError
+from memplan.specs import TrainingSetup
+
+_TORCH_DTYPES = {DType.FP32: torch.float32, DType.BF16: torch.bfloat16, DType.FP16: torch.float16}
+_ATTENTION_NAMES = ("self_attn", "attn", "self_attention", "attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+
+
+class BottleneckAdapter(nn.Module):
+    def __init__(self, hidden_size: int, adapter_size: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        meta = torch.device("meta")
+        self.down = nn.Linear(hidden_size, adapter_size, device=meta, dtype=dtype)
+        self.up = nn.Linear(adapter_size, hidden_size, device=meta, dtype=dtype)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.to(self.down.weight.dtype)
+        out: torch.Tensor = self.up(torch.relu(self.down(x)))
+        return hidden + out.to(hidden.dtype)
+
+
+def _apply_to_output(adapter: BottleneckAdapter, output: Any) -> Any:
+    if isinstance(output, tuple):
+        return (adapter(output[0]), *output[1:])
+    return adapter(output)
+
+
+def _hidden_size(block: nn.Module) -> int:
+    """Input width of the block's first projection (Conv1D stores its weight as (in, out))."""
+    for module in block.modules():
+        if isinstance(module, nn.Linear):
+            return int(module.in_features)
+        weight = getattr(module, "weight", None)
+        if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor):
+            return int(weight.shape[0])
+    raise MemplanError(f"cannot find the hidden size of {type(block).__name__}")
+
+
+def add_bottleneck_adapters(model: nn.Module, setup: TrainingSetup, notes: list[str]) -> None:
+    """Freeze ``model`` and add two trainable adapters to every decoder layer."""
+    from memplan.torchsim.models import decoder_layer_stacks
+
+    stacks = decoder_layer_stacks(model)
+    if len(stacks) != 1:
+        raise MemplanError("bottleneck adapters are supported for decoder-only models")
+    dtype = _TORCH_DTYPES.get(setup.adapter_dtype, torch.float32)
+    for layer in stacks[0]:
+        for names, attr in ((_ATTENTION_NAMES, "attention_adapter"), (_MLP_NAMES, "mlp_adapter")):
+            block = next(
+                (
+                    getattr(layer, n)
+                    for n in names
+                    if isinstance(getattr(layer, n, None), nn.Module)
+                ),
+                None,
+            )
+            if block is None:
+                raise MemplanError(f"no attention/MLP block found in {type(layer).__name__}")
+            adapter = BottleneckAdapter(_hidden_size(block), setup.adapter_size, dtype)
+            layer.add_module(attr, adapter)
+            block.register_forward_hook(lambda m, a, out, ad=adapter: _apply_to_output(ad, out))
+    notes.append(f"adapter: bottleneck {setup.adapter_size} after attention and MLP, {dtype}")

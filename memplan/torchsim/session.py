@@ -1,0 +1,201 @@
+"""One training setup made runnable: the model materialized, classified and ready to step.
+
+``load_session`` is the LOAD phase (materialize, apply checkpointing, build the optimizer);
+``train_step`` is one optimizer step as Hugging Face Trainer runs it: for each micro-batch a
+forward with ``labels`` (the model computes logits and the shifted cross-entropy itself), the
+output object dropped so only the loss survives, ``loss.backward()``; then
+``optimizer.step()`` and ``optimizer.zero_grad(set_to_none=True)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer as TorchOptimizer
+
+from memplan.specs import TrainingSetup
+from memplan.torchsim.materialize import materialize
+from memplan.torchsim.models import COMPUTE_DTYPES, BuiltModel
+from memplan.torchsim.optimizers import build_optimizer, state_placement
+from memplan.torchsim.quant import Linear4bit
+from memplan.torchsim.tracker import MemoryTracker
+from memplan.trace import Category, Phase
+
+
+@dataclass
+class Session:
+    model: nn.Module
+    built: BuiltModel
+    setup: TrainingSetup
+    fake: bool
+    tracker: MemoryTracker | None = None
+    optimizer: TorchOptimizer | None = None
+    trainable: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+
+    @property
+    def trains(self) -> bool:
+        return bool(self.trainable)
+
+    def set_phase(self, phase: Phase, step: int | None = None) -> None:
+        if self.tracker is not None:
+            self.tracker.set_phase(phase, step)
+
+
+# -- LOAD ---------------------------------------------------------------------------------------
+
+
+def load_session(
+    model: nn.Module,
+    built: BuiltModel,
+    setup: TrainingSetup,
+    *,
+    fake: bool,
+    tracker: MemoryTracker | None,
+) -> Session:
+    session = Session(model, built, setup, fake, tracker)
+    session.set_phase(Phase.LOAD, 0)
+    if tracker is None:
+        materialize(model, fill=not fake)
+    else:
+        tracker.push_module("")
+        materialize(model, fill=not fake, entering=tracker.rename_module)
+        tracker.pop_module()
+    model.train()
+    session.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if tracker is not None:
+        mark_weights(tracker, model)
+        for name, param in session.trainable:
+            param.register_hook(_gradient_marker(tracker, f"{name}.grad"))  # type: ignore[no-untyped-call]
+    if setup.grad_ckpt and session.trains:
+        enable_checkpointing(model, built, setup.grad_ckpt_every)
+    if session.trains:
+        session.optimizer = build_optimizer(model, setup, built.notes)
+    return session
+
+
+def _gradient_marker(tracker: MemoryTracker, name: str) -> Any:
+    def mark(grad: torch.Tensor) -> None:
+        tracker.mark_gradient(grad, name)
+
+    return mark
+
+
+def mark_weights(tracker: MemoryTracker, model: nn.Module) -> None:
+    """Parameters: trainable or frozen; quantization state: its own; other buffers: frozen."""
+    quant_ids = {
+        id(getattr(m, name))
+        for m in model.modules()
+        if isinstance(m, Linear4bit)
+        for name in m.quant_state_buffers()
+    }
+    for name, param in model.named_parameters():
+        category = Category.TRAINABLE_WEIGHTS if param.requires_grad else Category.FROZEN_WEIGHTS
+        tracker.mark_weight(param, category, name)
+    for name, buffer in model.named_buffers():
+        category = Category.QUANT_STATE if id(buffer) in quant_ids else Category.FROZEN_WEIGHTS
+        tracker.mark_weight(buffer, category, name)
+
+
+def enable_checkpointing(model: nn.Module, built: BuiltModel, every_n_layers: int) -> None:
+    """Non-reentrant checkpointing of every n-th layer, and input embeddings that require grad."""
+    unwrap: Any = getattr(model, "get_base_model", None)  # peft wraps the transformers model
+    base: Any = unwrap() if callable(unwrap) else model
+    if not built.is_hf:
+        base.gradient_checkpointing_enable(every_n_layers=every_n_layers)
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=kwargs, every_n_layers=every_n_layers
+        )
+    else:  # transformers before activation_checkpointing_enable
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+# -- one step -----------------------------------------------------------------------------------
+
+
+def _batch(session: Session) -> dict[str, torch.Tensor]:
+    """Random token ids; labels are the inputs (the causal-LM collator copies them)."""
+    setup = session.setup
+    vocab = int(
+        getattr(getattr(session.model, "config", None), "vocab_size", 0) or _vocab(session.model)
+    )
+    shape = (setup.micro_batch_size, setup.seq_len)
+    input_ids = torch.randint(0, vocab, shape)
+    if session.built.is_encoder_decoder:
+        labels = torch.randint(0, vocab, (setup.micro_batch_size, setup.decoder_seq_len))
+    else:
+        labels = input_ids.clone()
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def _vocab(model: nn.Module) -> int:
+    spec = getattr(model, "spec", None) or getattr(
+        getattr(model, "get_base_model", lambda: None)(), "spec", None
+    )
+    if spec is None:
+        raise ValueError("cannot find the vocabulary size of the model")
+    return int(spec.vocab_size)
+
+
+def _forward_loss(session: Session, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Trainer.compute_loss: the model's own loss; the output object dies before backward."""
+    precision = session.setup.precision
+    amp: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+    if precision.is_amp:
+        amp = torch.autocast("cpu", dtype=COMPUTE_DTYPES[precision])
+    grad = contextlib.nullcontext() if session.trains else torch.no_grad()
+    extra = {"use_cache": False} if session.built.is_hf else {}
+    with grad, amp:
+        outputs = session.model(**batch, **extra)
+        loss: torch.Tensor = outputs.loss
+        del outputs
+    return loss
+
+
+def _micro_step(session: Session, step: int) -> None:
+    session.set_phase(Phase.FORWARD, step)
+    batch = _batch(session)
+    loss = _forward_loss(session, batch)
+    tracker = session.tracker
+    if session.trains:
+        session.set_phase(Phase.BACKWARD)
+        if tracker is not None:
+            tracker.logits_window = True
+        loss.backward()  # type: ignore[no-untyped-call]
+        if tracker is not None:
+            tracker.logits_window, tracker.backward_context = False, ""
+            for name, param in session.trainable:
+                if param.grad is not None:
+                    tracker.mark_gradient(param.grad, f"{name}.grad")
+    del loss, batch
+
+
+def train_step(session: Session, step: int) -> None:
+    for _ in range(session.setup.grad_accum_steps):
+        _micro_step(session, step)
+    optimizer = session.optimizer
+    if optimizer is None:
+        return
+    session.set_phase(Phase.OPTIMIZER)
+    optimizer.step()
+    if session.tracker is not None:
+        mark_optimizer_state(session.tracker, optimizer, session.model)
+    session.set_phase(Phase.ZERO_GRAD)
+    optimizer.zero_grad(set_to_none=True)
+
+
+def mark_optimizer_state(
+    tracker: MemoryTracker, optimizer: TorchOptimizer, model: nn.Module
+) -> None:
+    names = {id(p): n for n, p in model.named_parameters()}
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                name = f"{names.get(id(param), 'param')}.{key}"
+                tracker.mark_optimizer_state(value, name, state_placement(optimizer, key, value))
