@@ -31,9 +31,7 @@ class LinearSpec:
 
 
 def _param_grad(ctx: StepContext, label: str, numel: int, trainable: bool) -> ParamGrad:
-    if not trainable:
-        return ParamGrad(label, 0)
-    return ParamGrad(label, numel * dtype_bytes(ctx.weight_dtype))
+    return ctx.param_grad(label, numel, trainable=trainable)
 
 
 def cast(seg: Segment, x: Tensor, dtype: DType, name: str) -> Tensor:
@@ -158,7 +156,7 @@ def _lora(seg: Segment, ctx: StepContext, x: Tensor, base: Tensor, spec: LinearS
 
 
 def _adapter_grad(ctx: StepContext, label: str, numel: int) -> ParamGrad:
-    return ParamGrad(label, numel * dtype_bytes(ctx.adapter_dtype))
+    return ctx.param_grad(label, numel, trainable=True, dtype=ctx.adapter_dtype)
 
 
 def rms_norm(

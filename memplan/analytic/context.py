@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memplan.analytic.graph import ParamGrad
 from memplan.architecture import DEFAULT_LORA_ROLES
-from memplan.dtypes import DType, Quantization
+from memplan.dtypes import DType, Quantization, dtype_bytes
 from memplan.errors import MemplanError
 from memplan.specs.model import ModelSpec
 from memplan.specs.training import ALL_LINEAR, Attention, LinearRole, Method, TrainingSetup
@@ -29,7 +30,7 @@ class StepContext:
     attention: Attention
     device: str = "cuda"  # "cuda" or "cpu": decides kernel workspaces and fallbacks
     tensor_parallel_degree: int = 1
-    grad_accumulating: bool = False  # a later micro-batch: .grad already exists
+    grad_divisor: int = 1  # ranks each gradient is sharded across (ZeRO-2/3, FSDP)
 
     @property
     def num_tokens(self) -> int:
@@ -63,6 +64,7 @@ class StepContext:
         *,
         seq_len: int | None = None,
         tensor_parallel_degree: int = 1,
+        grad_divisor: int = 1,
     ) -> StepContext:
         return cls(
             batch=setup.micro_batch_size,
@@ -79,7 +81,25 @@ class StepContext:
             attention=setup.attention,
             device=setup.device,
             tensor_parallel_degree=tensor_parallel_degree,
+            grad_divisor=grad_divisor,
         )
+
+    def param_grad(
+        self,
+        label: str,
+        numel: int,
+        *,
+        trainable: bool,
+        dtype: DType | None = None,
+        accumulates: bool = False,
+    ) -> ParamGrad:
+        """The .grad a trainable parameter gets in backward (this GPU's shard of it)."""
+        if not trainable:
+            return ParamGrad(label, 0)
+        itemsize = dtype_bytes(dtype or self.weight_dtype)
+        share = -(-numel // self.grad_divisor)
+        full = numel * itemsize if self.grad_divisor > 1 else 0
+        return ParamGrad(label, share * itemsize, accumulates, full)
 
 
 def lora_roles(spec: ModelSpec, setup: TrainingSetup) -> frozenset[LinearRole]:

@@ -45,9 +45,11 @@ class ParamGrad:
     """A trainable parameter used by an op: its ``.grad`` appears in the op's backward."""
 
     label: str
-    grad_bytes: int
+    grad_bytes: int  # this GPU's share of .grad
     # Shared with an op that runs earlier in backward (tied LM head): adds into that .grad.
     accumulates: bool = False
+    # Under sharded gradients (ZeRO-2/3, FSDP) the full gradient exists until reduce-scatter.
+    unsharded_bytes: int = 0
 
 
 @dataclass(eq=False)
@@ -276,6 +278,10 @@ def backward_events(
             else:
                 new_grads.append((t, new_buffer(t.nbytes, category, allocate=True)))
         for g in op.param_grads:
+            if g.unsharded_bytes > g.grad_bytes:  # full gradient, reduce-scattered into a shard
+                ledger.transient(
+                    g.unsharded_bytes, Category.TEMPORARIES, f"{g.label} unsharded grad"
+                )
             if accumulate or g.accumulates:  # AccumulateGrad adds into the existing .grad
                 ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
             else:  # the first gradient is stolen into .grad without a copy

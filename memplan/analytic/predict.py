@@ -1,4 +1,4 @@
-"""The analytical prediction: a full memory trace of training steps, torch-free."""
+"""The analytical prediction: a memory trace of training steps on one GPU, torch-free."""
 
 from __future__ import annotations
 
@@ -8,39 +8,88 @@ from memplan.analytic.context import StepContext
 from memplan.analytic.model_graph import build_model_graph
 from memplan.analytic.optimizer import OptimizerBytes, optimizer_bytes
 from memplan.analytic.step import StepComposer
-from memplan.analytic.weights import ModelState, model_state
+from memplan.analytic.weights import ModelState, TensorGroup, model_state
 from memplan.architecture import architecture
-from memplan.dtypes import DType
+from memplan.distributed import ShardPlan, shard_plan
+from memplan.dtypes import DType, dtype_bytes
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import ParallelSetup
-from memplan.specs.training import Method, TrainingSetup
+from memplan.specs.training import TrainingSetup
 from memplan.trace import Category, Event, Phase, Repeat, Trace, TraceItem, allocation_bytes
 
 
 @dataclass
 class Prediction:
-    """The analytical trace and the model-state facts behind it."""
+    """The analytical trace of one GPU and the model-state facts behind it."""
 
     trace: Trace
     state: ModelState
     optimizer: OptimizerBytes
+    shard: ShardPlan
+    cpu_bytes: int  # host memory for offloaded state
+    paged_bytes: int  # bnb paged optimizer state (unified memory, may be evicted to the host)
+    master_bytes: int  # fp32 master weights on the GPU
 
 
-def _net(items: list[TraceItem], category: Category) -> int:
-    return Trace("net", list(items)).final_bytes().get(category, 0)
+def _mirror_frees(
+    items: list[TraceItem], category: Category, phase: Phase, step: int, label: str
+) -> list[TraceItem]:
+    """Frees of every allocation of ``category`` in ``items``, keeping their Repeat structure."""
+    out: list[TraceItem] = []
+    for item in items:
+        if isinstance(item, Event):
+            if item.category is category and item.delta_bytes > 0:
+                out.append(Event(-item.delta_bytes, category, phase, step, label))
+        else:
+            inner = _mirror_frees(list(item.items), category, phase, step, label)
+            if inner:
+                out.append(Repeat(tuple(inner), item.times, label))
+    return out
+
+
+def _optimizer_groups(state: ModelState, shard: ShardPlan) -> list[TensorGroup]:
+    """Trainable tensors as the optimizer sees them: its shard, in fp32 with master weights."""
+    groups = []
+    for g in state.trainable:
+        dtype = DType.FP32 if shard.master_weights else g.dtype
+        groups.append(TensorGroup(g.label, -(-g.numel // shard.optimizer_divisor), dtype, g.count))
+    return groups
 
 
 def predict(
     spec: ModelSpec, setup: TrainingSetup, parallel: ParallelSetup | None = None, *, steps: int = 2
 ) -> Prediction:
-    """Trace ``steps`` optimizer steps of ``setup`` on ``spec`` analytically."""
+    """Trace ``steps`` optimizer steps of ``setup`` on one GPU of ``parallel`` analytically."""
     parallel = parallel or ParallelSetup()
+    shard = shard_plan(spec, setup, parallel)
     arch = architecture(spec)
-    ctx = StepContext.build(spec, setup, tensor_parallel_degree=parallel.tensor_parallel_degree)
-    state = model_state(arch, setup, ctx)
+    ctx = StepContext.build(
+        spec,
+        setup,
+        tensor_parallel_degree=parallel.tensor_parallel_degree,
+        grad_divisor=shard.grad_divisor,
+    )
+    state = model_state(arch, setup, ctx, weight_divisor=shard.weight_divisor)
     trace = Trace("analytical")
-    for category, nbytes in state.bytes_by_category.items():
-        trace.add(Event(nbytes, category, Phase.LOAD, 0, f"model {category.value}"))
+    cpu_bytes = 0
+    if shard.offload_params:  # parameters live in host memory and are gathered per layer
+        cpu_bytes += sum(g.allocated_bytes for g in state.groups)
+    else:
+        trace.extend(state.load_items())
+
+    opt_groups = _optimizer_groups(state, shard)
+    master_bytes = sum(g.allocated_bytes for g in opt_groups) if shard.master_weights else 0
+    opt = optimizer_bytes(opt_groups, setup.optimizer, setup.optimizer_impl, device=setup.device)
+    if shard.offload_optimizer:  # ZeRO-Offload: fp32 master, states and gradients on the host
+        cpu_bytes += master_bytes + opt.state_bytes + opt.paged_bytes
+        cpu_bytes += sum(allocation_bytes(g.numel * 4) * g.count for g in opt_groups)
+    elif master_bytes:
+        trace.add(
+            Event(master_bytes, Category.MASTER_WEIGHTS, Phase.LOAD, 0, "fp32 master weights")
+        )
+    if shard.reduce_bucket_elements:
+        bucket = allocation_bytes(shard.reduce_bucket_elements * dtype_bytes(ctx.weight_dtype))
+        trace.add(Event(bucket, Category.TEMPORARIES, Phase.LOAD, 0, "gradient reduce bucket"))
 
     autograd = setup.trains_weights
     graph = build_model_graph(
@@ -49,17 +98,21 @@ def predict(
         grad_ckpt=setup.grad_ckpt,
         ckpt_every=setup.grad_ckpt_every,
         autograd=autograd,
-        # enable_input_require_grads: HF turns it on with checkpointing (and PEFT k-bit prep).
+        # enable_input_require_grads: transformers turns it on with activation checkpointing.
         input_grads_hook=setup.grad_ckpt and autograd,
+        decoder_ctx=StepContext.build(
+            spec,
+            setup,
+            seq_len=setup.decoder_seq_len,
+            tensor_parallel_degree=parallel.tensor_parallel_degree,
+            grad_divisor=shard.grad_divisor,
+        )
+        if spec.is_encoder_decoder
+        else None,
     )
-    composer = StepComposer(graph)
-    opt = optimizer_bytes(
-        state.trainable,
-        setup.optimizer,
-        setup.optimizer_impl,
-        master_dtype=None,
-        device=setup.device,
-    )
+    gather = shard.gather_layers * state.layer_params * dtype_bytes(ctx.compute_dtype)
+    gather //= parallel.tensor_parallel_degree
+    composer = StepComposer(graph, gather_bytes=gather)
     batch_bytes = 2 * allocation_bytes(ctx.num_tokens * 8)  # int64 input_ids and labels
     for step in range(steps):
         micro: list[list[TraceItem]] = []
@@ -77,24 +130,24 @@ def predict(
                 )
             else:
                 items.append(Event(-batch_bytes, Category.TEMPORARIES, Phase.LOSS, step, "batch"))
-                items += _forward_only_cleanup(items, step)
             micro.append(items)
         trace.extend(micro[0])
         if setup.grad_accum_steps > 1:
             trace.add(Repeat(tuple(micro[1]), setup.grad_accum_steps - 1, "micro-batches"))
         if not autograd:
             continue
-        if step == 0 and (opt.state_bytes):
+        on_gpu_state = 0 if shard.offload_optimizer else opt.state_bytes
+        if step == 0 and on_gpu_state:
             trace.add(
                 Event(
-                    opt.state_bytes,
+                    on_gpu_state,
                     Category.OPTIMIZER_STATE,
                     Phase.OPTIMIZER,
                     step,
-                    "optimizer state (lazy init)",
+                    "optimizer state (created on first step)",
                 )
             )
-        if opt.step_temp_bytes:
+        if opt.step_temp_bytes and not shard.offload_optimizer:
             trace.add(
                 Event(
                     opt.step_temp_bytes,
@@ -113,24 +166,12 @@ def predict(
                     "optimizer step workspace",
                 )
             )
-        grads = _net(micro[0], Category.GRADIENTS)
-        if grads:
-            trace.add(
-                Event(
-                    -grads, Category.GRADIENTS, Phase.ZERO_GRAD, step, "zero_grad(set_to_none=True)"
-                )
+        trace.extend(
+            _mirror_frees(
+                micro[0], Category.GRADIENTS, Phase.ZERO_GRAD, step, "zero_grad(set_to_none=True)"
             )
-    return Prediction(trace, state, opt)
-
-
-def _forward_only_cleanup(items: list[TraceItem], step: int) -> list[TraceItem]:
-    """Under no_grad nothing is saved; whatever the forward left allocated is freed at its end."""
-    left = Trace("net", list(items)).final_bytes()
-    return [
-        Event(-nbytes, category, Phase.LOSS, step, "forward outputs released")
-        for category, nbytes in left.items()
-        if nbytes and category in (Category.ACTIVATIONS, Category.TEMPORARIES, Category.LOGITS)
-    ]
-
-
-_ = (DType, Method)
+        )
+    paged = 0 if shard.offload_optimizer else opt.paged_bytes
+    return Prediction(
+        trace, state, opt, shard, cpu_bytes, paged, 0 if shard.offload_optimizer else master_bytes
+    )

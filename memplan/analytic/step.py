@@ -34,9 +34,12 @@ class _LayerForward:
 class StepComposer:
     """Trace items of one micro-batch for a ModelGraph."""
 
-    def __init__(self, graph: ModelGraph) -> None:
+    def __init__(self, graph: ModelGraph, *, gather_bytes: int = 0) -> None:
         self.graph = graph
         self.autograd = graph.autograd
+        # ZeRO-3 / FULL_SHARD: each layer's parameters are all-gathered (with the next layer
+        # prefetched) before it runs and released after, in forward and again in backward.
+        self.gather_bytes = gather_bytes
         # Category of each tensor handed from one segment to the next: an activation when the
         # receiving segment saves it or holds it for recomputation, else a temporary.
         self.loss_boundary = _ACT if self.autograd and _saves(graph.loss, graph.loss_in) else _TMP
@@ -130,7 +133,17 @@ class StepComposer:
             defer=lg.segment.autocast_cached,
         )
         deferred = sum(allocation_bytes(t.nbytes) for t in result.deferred)
-        return _LayerForward(result.events, deferred)
+        return _LayerForward(self._gathered(result.events, Phase.FORWARD, step), deferred)
+
+    def _gathered(self, events: list[Event], phase: Phase, step: int) -> list[Event]:
+        if not self.gather_bytes:
+            return events
+        size = allocation_bytes(self.gather_bytes)
+        return [
+            Event(size, _TMP, phase, step, "gathered parameters"),
+            *events,
+            Event(-size, _TMP, phase, step, "gathered parameters"),
+        ]
 
     def _shared_tables(self, stack: Stack, step: int, *, allocate: bool) -> list[Event]:
         """Rotary cos/sin computed once per forward and read by every layer of the stack.

@@ -1,8 +1,9 @@
 """Model state put on the device before the first step: weights, quantization state, adapters.
 
-Every parameter is one allocation (rounded by the caching allocator); a quantized linear is a
-packed weight plus its QuantState tensors. The trainable tensors are returned too, because
-their gradients and optimizer states follow from them.
+Every parameter is its own allocation (rounded by the caching allocator); a quantized linear
+is a packed weight plus its QuantState tensors. Tensor parallelism splits linear layers and
+embeddings across ranks; ZeRO-3 / FULL_SHARD partitions every parameter across data-parallel
+ranks. The trainable tensors are returned too: gradients and optimizer state follow from them.
 """
 
 from __future__ import annotations
@@ -12,18 +13,24 @@ from dataclasses import dataclass, field
 from memplan.analytic.context import StepContext
 from memplan.architecture import Architecture, Block, ParamKind, ParamTensor
 from memplan.dtypes import DType, Quantization, dtype_bytes, quantized_weight_bytes
+from memplan.errors import MemplanError
 from memplan.specs.training import Method, TrainingSetup
-from memplan.trace import Category, allocation_bytes
+from memplan.trace import Category, Event, Phase, Repeat, TraceItem, allocation_bytes
+
+# Kinds that tensor parallelism splits across ranks (Megatron column/row-parallel linears and
+# vocab-parallel embeddings); norms, biases of row-parallel layers and routers are replicated.
+_TP_SPLIT = (ParamKind.LINEAR, ParamKind.EMBEDDING)
 
 
 @dataclass(frozen=True, slots=True)
 class TensorGroup:
-    """``count`` identical tensors of ``numel`` elements each, stored as ``dtype``."""
+    """``count`` identical tensors of ``numel`` elements each (this GPU's share), as ``dtype``."""
 
     label: str
     numel: int
     dtype: DType
     count: int
+    category: Category = Category.TRAINABLE_WEIGHTS
 
     @property
     def nbytes(self) -> int:
@@ -36,19 +43,32 @@ class TensorGroup:
 
 @dataclass
 class ModelState:
-    """Device bytes of the model by category, and the tensors the optimizer will update."""
+    """This GPU's parameter tensors by category, and the ones the optimizer updates."""
 
-    bytes_by_category: dict[Category, int] = field(default_factory=dict)
-    trainable: list[TensorGroup] = field(default_factory=list)
-    num_params: int = 0  # base model parameters
-    num_adapter_params: int = 0  # parameters added by the method (LoRA, adapters, prefixes)
-
-    def add(self, category: Category, nbytes: int) -> None:
-        self.bytes_by_category[category] = self.bytes_by_category.get(category, 0) + nbytes
+    groups: list[TensorGroup] = field(default_factory=list)
+    num_params: int = 0  # base model parameters (whole model)
+    num_trainable_params: int = 0  # whole model, adapters included
+    layer_params: int = 0  # parameters of the largest block (gathered whole under ZeRO-3)
 
     @property
-    def num_trainable_params(self) -> int:
-        return sum(g.numel * g.count for g in self.trainable)
+    def trainable(self) -> list[TensorGroup]:
+        return [g for g in self.groups if g.category is Category.TRAINABLE_WEIGHTS]
+
+    def bytes_by_category(self) -> dict[Category, int]:
+        out: dict[Category, int] = {}
+        for g in self.groups:
+            out[g.category] = out.get(g.category, 0) + g.allocated_bytes
+        return out
+
+    def load_items(self) -> list[TraceItem]:
+        """One allocation per tensor, grouped as Repeats."""
+        items: list[TraceItem] = []
+        for g in self.groups:
+            size = allocation_bytes(g.nbytes)
+            if size:
+                event = Event(size, g.category, Phase.LOAD, 0, g.label)
+                items.append(event if g.count == 1 else Repeat((event,), g.count, g.label))
+        return items
 
 
 def _trainable_base(tensor: ParamTensor, method: Method) -> bool:
@@ -64,57 +84,89 @@ def _quantized(tensor: ParamTensor, setup: TrainingSetup) -> bool:
     return setup.quant is not Quantization.NONE and tensor.kind is ParamKind.LINEAR
 
 
-def model_state(arch: Architecture, setup: TrainingSetup, ctx: StepContext) -> ModelState:
-    """Bytes of every parameter, quantization state and adapter, by category."""
+def _share(numel: int, tensor_kind: ParamKind, *, tp: int, shards: int) -> int:
+    if tensor_kind in _TP_SPLIT:
+        numel = -(-numel // tp)
+    return -(-numel // shards)
+
+
+def model_state(
+    arch: Architecture, setup: TrainingSetup, ctx: StepContext, *, weight_divisor: int = 1
+) -> ModelState:
+    """Every parameter, quantization state and adapter this GPU holds."""
+    if setup.method is Method.BITFIT and not any(
+        t.kind is ParamKind.BIAS for _, t in arch.tensors()
+    ):
+        raise MemplanError(f"method=bitfit trains biases, and {arch.spec.name} has none")
     state = ModelState(num_params=arch.num_params)
+    state.layer_params = max((sum(t.numel for t in b.params) for b in arch.blocks), default=0)
     for block in arch.blocks:
         for tensor in block.params:
-            _add_base_tensor(state, block, tensor, setup, ctx)
+            _add_base_tensor(state, block, tensor, setup, ctx, weight_divisor)
             if ctx.has_lora(tensor.role) and tensor.kind is ParamKind.LINEAR and tensor.copies == 1:
-                _add_lora(state, block, tensor, ctx)
-    _add_method_params(state, arch, setup, ctx)
+                _add_lora(state, block, tensor, ctx, weight_divisor)
+    _add_method_params(state, arch, setup, ctx, weight_divisor)
     return state
 
 
 def _add_base_tensor(
-    state: ModelState, block: Block, tensor: ParamTensor, setup: TrainingSetup, ctx: StepContext
+    state: ModelState,
+    block: Block,
+    tensor: ParamTensor,
+    setup: TrainingSetup,
+    ctx: StepContext,
+    shards: int,
 ) -> None:
     count = block.repeat * tensor.copies
     numel = tensor.numel // tensor.copies
+    label = f"{block.name}.{tensor.name}"
+    tp = ctx.tensor_parallel_degree
     if _quantized(tensor, setup):
         q = quantized_weight_bytes(
-            numel, setup.quant, double_quant=setup.double_quant, out_features=tensor.out_features
+            _share(numel, tensor.kind, tp=tp, shards=shards),
+            setup.quant,
+            double_quant=setup.double_quant,
+            out_features=tensor.out_features,
         )
-        state.add(Category.FROZEN_WEIGHTS, allocation_bytes(q.packed_bytes) * count)
-        state_bytes = sum(allocation_bytes(b) for b in q.state_tensor_bytes)
-        state.add(Category.QUANT_STATE, state_bytes * count)
+        state.groups.append(
+            TensorGroup(label, q.packed_bytes, DType.UINT8, count, Category.FROZEN_WEIGHTS)
+        )
+        for i, nbytes in enumerate(q.state_tensor_bytes):
+            state.groups.append(
+                TensorGroup(
+                    f"{label}.quant_state.{i}", nbytes, DType.UINT8, count, Category.QUANT_STATE
+                )
+            )
         return
-    group = TensorGroup(f"{block.name}.{tensor.name}", numel, ctx.weight_dtype, count)
-    if _trainable_base(tensor, setup.method):
-        state.add(Category.TRAINABLE_WEIGHTS, group.allocated_bytes)
-        state.trainable.append(group)
-    else:
-        state.add(Category.FROZEN_WEIGHTS, group.allocated_bytes)
+    trainable = _trainable_base(tensor, setup.method)
+    category = Category.TRAINABLE_WEIGHTS if trainable else Category.FROZEN_WEIGHTS
+    share = _share(numel, tensor.kind, tp=tp, shards=shards)
+    state.groups.append(TensorGroup(label, share, ctx.weight_dtype, count, category))
+    if trainable:
+        state.num_trainable_params += numel * count
 
 
-def _add_lora(state: ModelState, block: Block, tensor: ParamTensor, ctx: StepContext) -> None:
+def _add_lora(
+    state: ModelState, block: Block, tensor: ParamTensor, ctx: StepContext, shards: int
+) -> None:
     """peft LoRA: lora_A (r x in) and lora_B (out x r) per targeted linear."""
     r = ctx.lora_r
     for part, numel in (("lora_A", r * tensor.in_features), ("lora_B", r * tensor.out_features)):
-        group = TensorGroup(
-            f"{block.name}.{tensor.name}.{part}", numel, ctx.adapter_dtype, block.repeat
+        share = _share(numel, ParamKind.LINEAR, tp=ctx.tensor_parallel_degree, shards=shards)
+        state.groups.append(
+            TensorGroup(
+                f"{block.name}.{tensor.name}.{part}", share, ctx.adapter_dtype, block.repeat
+            )
         )
-        state.add(Category.TRAINABLE_WEIGHTS, group.allocated_bytes)
-        state.trainable.append(group)
-        state.num_adapter_params += numel * block.repeat
+        state.num_trainable_params += numel * block.repeat
 
 
 def _add_method_params(
-    state: ModelState, arch: Architecture, setup: TrainingSetup, ctx: StepContext
+    state: ModelState, arch: Architecture, setup: TrainingSetup, ctx: StepContext, shards: int
 ) -> None:
     spec = arch.spec
     layers = spec.num_layers
-    groups: list[TensorGroup] = []
+    groups: list[tuple[str, int, int]] = []
     if setup.method is Method.ADAPTER:
         # Houlsby adapters after attention and after the MLP: down (h x m + m), up (m x h + h).
         h, m = spec.hidden_size, setup.adapter_size
@@ -124,13 +176,11 @@ def _add_method_params(
             ("up.weight", m * h),
             ("up.bias", h),
         ):
-            groups.append(TensorGroup(f"adapter.{name}", numel, ctx.adapter_dtype, 2 * layers))
+            groups.append((f"adapter.{name}", numel, 2 * layers))
     elif setup.method is Method.PREFIX:
         # peft PrefixTuning (no projection): an embedding of prefix_len x (layers * 2 * kv width).
         kv_width = spec.num_key_value_heads * spec.head_dim
-        numel = setup.prefix_len * layers * 2 * kv_width
-        groups.append(TensorGroup("prefix_encoder.embedding", numel, ctx.adapter_dtype, 1))
-    for group in groups:
-        state.add(Category.TRAINABLE_WEIGHTS, group.allocated_bytes)
-        state.trainable.append(group)
-        state.num_adapter_params += group.numel * group.count
+        groups.append(("prefix_encoder.embedding", setup.prefix_len * layers * 2 * kv_width, 1))
+    for label, numel, count in groups:
+        state.groups.append(TensorGroup(label, -(-numel // shards), ctx.adapter_dtype, count))
+        state.num_trainable_params += numel * count

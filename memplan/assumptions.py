@@ -1,0 +1,160 @@
+"""The assumptions behind a prediction, in words, for the report and ``--json``."""
+
+from __future__ import annotations
+
+from memplan.analytic.context import lora_roles
+from memplan.analytic.predict import Prediction
+from memplan.dtypes import Quantization
+from memplan.overheads import CUDA_CONTEXT_BYTES
+from memplan.specs.model import ModelSpec
+from memplan.specs.parallel import Offload, ParallelSetup
+from memplan.specs.training import Method, Optimizer, OptimizerImpl, Precision, TrainingSetup
+from memplan.units import format_bytes
+
+_PRECISION = {
+    Precision.FP32: "fp32 weights, fp32 compute",
+    Precision.FP16_AMP: "fp32 weights under torch.autocast(fp16): per-op fp16 weight copies "
+    "(cached for trainable weights until the forward ends), fp32 gradients",
+    Precision.BF16_AMP: "fp32 weights under torch.autocast(bf16): per-op bf16 weight copies "
+    "(cached for trainable weights until the forward ends), fp32 gradients",
+    Precision.FP16: "fp16 weights and compute; gradients and torch optimizer states in fp16",
+    Precision.BF16: "bf16 weights and compute; gradients and torch optimizer states in bf16",
+}
+
+_OPTIMIZER = {
+    Optimizer.ADAMW: "torch AdamW: exp_avg and exp_avg_sq per trainable parameter, in its dtype",
+    Optimizer.ADAMW_8BIT: "bitsandbytes AdamW8bit: two uint8 states + an fp32 absmax per 256 "
+    "elements (32-bit states below 4096 elements)",
+    Optimizer.PAGED_ADAMW: "bitsandbytes PagedAdamW32bit: fp32 states of tensors with >= 1e5 "
+    "elements live in CUDA unified memory, outside torch's counters, and may be paged to host "
+    "memory under pressure",
+    Optimizer.PAGED_ADAMW_8BIT: "bitsandbytes PagedAdamW8bit: uint8 states of tensors with >= 1e5 "
+    "elements in unified memory (may be paged to host memory)",
+    Optimizer.SGD: "torch SGD with momentum: one momentum buffer per trainable parameter",
+    Optimizer.ADAFACTOR: "torch Adafactor: factored second moment (rows + columns), no first moment",
+    Optimizer.LION: "Lion (bitsandbytes Lion32bit): one fp32 momentum per trainable parameter",
+}
+
+
+def assumptions(
+    spec: ModelSpec, setup: TrainingSetup, parallel: ParallelSetup, prediction: Prediction
+) -> list[str]:
+    """Every assumption the prediction rests on, one sentence each."""
+    out = [
+        f"model: {spec.name} ({spec.family}), {prediction.state.num_params:,} parameters",
+        f"step: micro-batch {setup.micro_batch_size} x {setup.seq_len} tokens, "
+        f"{setup.grad_accum_steps} micro-batch(es) per optimizer step; Hugging Face "
+        "Trainer-style loop (output dropped before backward, zero_grad(set_to_none=True), "
+        "no KV cache)",
+        f"precision: {_PRECISION[setup.precision]}",
+        f"attention: {setup.attention.value} on {setup.device}",
+    ]
+    if setup.defaults_from_method:
+        fields = ", ".join(f"{f}={_value(getattr(setup, f))}" for f in setup.defaults_from_method)
+        out.append(f"typical {setup.method.value} defaults applied: {fields}")
+    out += _method_lines(spec, setup)
+    if setup.trains_weights:
+        line = f"optimizer: {_OPTIMIZER[setup.optimizer]}"
+        if setup.optimizer is Optimizer.ADAMW:
+            impl = {
+                OptimizerImpl.FUSED: "fused kernel (no step temporaries)",
+                OptimizerImpl.FOREACH: "foreach: one state-sized temporary list during step()",
+                OptimizerImpl.FOR_LOOP: "for-loop: temporaries of one parameter at a time",
+            }[setup.optimizer_impl]
+            line += f"; {impl}"
+        out.append(line + "; states are created on the first step()")
+    if setup.grad_ckpt:
+        every = (
+            "every layer"
+            if setup.grad_ckpt_every == 1
+            else f"every {setup.grad_ckpt_every}th layer"
+        )
+        out.append(
+            f"activation checkpointing ({every}, non-reentrant): layer inputs kept, one layer "
+            "recomputed in backward"
+        )
+    out += _parallel_lines(parallel, prediction)
+    out.append(
+        f"CUDA context: {format_bytes(CUDA_CONTEXT_BYTES)} outside the allocator (named term "
+        "CUDA_CONTEXT_BYTES); reserved memory from a replay of the trace through the caching-"
+        "allocator model"
+    )
+    return out
+
+
+def _value(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(str(v) for v in value)
+    return str(getattr(value, "value", value))
+
+
+def _method_lines(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
+    lines = []
+    if setup.uses_lora:
+        roles = sorted(
+            r
+            for r in lora_roles(spec, setup)
+            if r not in ("qkv", "gate_up")
+            or spec.family in ("phi3", "gpt2", "gpt_neox", "falcon", "bloom")
+        )
+        lines.append(
+            f"LoRA r={setup.lora_r} on {', '.join(roles)}; adapter weights in "
+            f"{setup.adapter_dtype.value} (peft autocast_adapter_dtype)"
+            + (
+                f"; dropout {setup.lora_dropout} saves a bool mask per targeted input"
+                if setup.lora_dropout
+                else ""
+            )
+        )
+    if setup.quant is not Quantization.NONE:
+        dq = (
+            " with double quantization"
+            if setup.double_quant and setup.quant is not Quantization.INT8
+            else ""
+        )
+        lines.append(
+            f"quantization: {setup.quant.value}{dq} (bitsandbytes) on linear layers; embeddings, "
+            f"norms and the LM head stay {setup.precision.weight_dtype.value}; each linear is "
+            "dequantized to a temporary in forward and again in backward"
+        )
+    if setup.method is Method.BITFIT:
+        lines.append("BitFit: only bias terms are trained")
+    if setup.method is Method.ADAPTER:
+        lines.append(
+            f"adapters: bottleneck {setup.adapter_size} after attention and MLP (weights only; their activations are not modelled)"
+        )
+    if setup.method is Method.PREFIX:
+        lines.append(
+            f"prefix tuning: {setup.prefix_len} virtual tokens per layer (weights only; the longer key/value length is not modelled)"
+        )
+    if setup.method is Method.FROZEN:
+        lines.append("forward only under torch.no_grad(): nothing saved for backward, no optimizer")
+    return lines
+
+
+def _parallel_lines(parallel: ParallelSetup, prediction: Prediction) -> list[str]:
+    shard = prediction.shard
+    lines = []
+    if parallel.num_gpus > 1 or parallel.zero_stage:
+        who = "PyTorch FSDP" if parallel.sharding.value == "fsdp" else "DeepSpeed ZeRO"
+        lines.append(
+            f"{parallel.num_gpus} GPUs, data-parallel degree {shard.data_parallel_degree}, "
+            f"{who} stage {parallel.zero_stage}: per-GPU share shown"
+        )
+    if shard.master_weights:
+        lines.append("fp32 master weights of the trainable parameters (ZeRO mixed precision)")
+    if parallel.offload is not Offload.NONE:
+        lines.append(
+            f"offload {parallel.offload.value}: {format_bytes(prediction.cpu_bytes)} of host memory "
+            "per GPU"
+        )
+    if parallel.tensor_parallel_degree > 1:
+        lines.append(
+            f"tensor parallel degree {parallel.tensor_parallel_degree}: linear layers and "
+            "embeddings split, norms and residual activations replicated (no sequence parallelism)"
+        )
+    if shard.gather_layers:
+        lines.append(
+            f"parameters of {shard.gather_layers} layers gathered at a time (current + prefetch)"
+        )
+    return lines

@@ -1,0 +1,374 @@
+"""``memplan`` command line: a thin layer over the Python API.
+
+Bad input (unknown model, malformed config, impossible layout) prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from pydantic import ValidationError
+
+from memplan.errors import MemplanError
+
+EXIT_BAD_INPUT = 2
+
+_FIELD_FLAGS = {
+    "micro_batch_size": "--batch",
+    "seq_len": "--seq",
+    "grad_accum_steps": "--grad-accum",
+    "grad_ckpt_every": "--grad-ckpt-every",
+    "lora_r": "--lora-r",
+    "lora_alpha": "--lora-alpha",
+    "lora_dropout": "--lora-dropout",
+    "num_gpus": "--gpus",
+    "zero_stage": "--zero",
+    "tensor_parallel_degree": "--tp",
+}
+
+# Module names people pass to peft, as memplan's linear roles.
+_MODULE_ROLES = {
+    "q": "q",
+    "q_proj": "q",
+    "query": "q",
+    "k": "k",
+    "k_proj": "k",
+    "key": "k",
+    "v": "v",
+    "v_proj": "v",
+    "value": "v",
+    "o": "o",
+    "o_proj": "o",
+    "out_proj": "o",
+    "dense": "o",
+    "qkv": "qkv",
+    "qkv_proj": "qkv",
+    "c_attn": "qkv",
+    "query_key_value": "qkv",
+    "gate": "gate",
+    "gate_proj": "gate",
+    "w1": "gate",
+    "wi_0": "gate",
+    "up": "up",
+    "up_proj": "up",
+    "w3": "up",
+    "c_fc": "up",
+    "fc1": "up",
+    "wi_1": "up",
+    "wi": "up",
+    "dense_h_to_4h": "up",
+    "gate_up": "gate_up",
+    "gate_up_proj": "gate_up",
+    "down": "down",
+    "down_proj": "down",
+    "w2": "down",
+    "fc2": "down",
+    "wo": "down",
+    "dense_4h_to_h": "down",
+}
+_TARGET_GROUPS = {
+    "all-linear": ("q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down"),
+    "attn": ("q", "k", "v", "o", "qkv"),
+    "mlp": ("gate", "up", "gate_up", "down"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        _fail(f"{self.prog}: {message}")
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"memplan: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_BAD_INPUT)
+
+
+def parse_lora_targets(text: str) -> tuple[str, ...]:
+    """``all-linear``, ``attn``, ``mlp`` or a comma list of roles / module names."""
+    if text in _TARGET_GROUPS:
+        return _TARGET_GROUPS[text]
+    roles = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        role = _MODULE_ROLES.get(part.rsplit(".", 1)[-1])
+        if role is None:
+            raise MemplanError(
+                f"--lora-targets: unknown module {part!r} (use all-linear, attn, mlp or names "
+                "such as q_proj,v_proj)"
+            )
+        roles.append(role)
+    if not roles:
+        raise MemplanError("--lora-targets is empty")
+    return tuple(dict.fromkeys(roles))
+
+
+def _add_setup_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training setup (unset flags take the method's typical values)")
+    g.add_argument(
+        "--method",
+        default="full",
+        choices=["full", "lora", "qlora", "adapter", "prefix", "bitfit", "frozen"],
+    )
+    g.add_argument("--precision", choices=["fp32", "fp16-amp", "bf16-amp", "fp16", "bf16"])
+    g.add_argument("--quant", choices=["none", "int8", "nf4", "fp4"])
+    g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument(
+        "--optimizer",
+        choices=[
+            "adamw",
+            "adamw-8bit",
+            "paged-adamw",
+            "paged-adamw-8bit",
+            "sgd",
+            "adafactor",
+            "lion",
+        ],
+    )
+    g.add_argument("--optimizer-impl", choices=["fused", "foreach", "for-loop"])
+    g.add_argument(
+        "--master-weights",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fp32 master copy of 16-bit weights (default: on under DeepSpeed ZeRO with 16-bit weights)",
+    )
+    g.add_argument("--batch", type=int, help="micro-batch size (default 1)")
+    g.add_argument("--seq", type=int, help="sequence length in tokens (default 512)")
+    g.add_argument("--target-seq", type=int, help="decoder length of encoder-decoder models")
+    g.add_argument("--grad-accum", type=int)
+    g.add_argument(
+        "--grad-ckpt",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="activation checkpointing",
+    )
+    g.add_argument("--grad-ckpt-every", type=int, help="checkpoint every k-th layer")
+    g.add_argument("--attn", choices=["eager", "sdpa", "flash"])
+    g.add_argument("--lora-r", type=int)
+    g.add_argument("--lora-alpha", type=float)
+    g.add_argument("--lora-dropout", type=float)
+    g.add_argument(
+        "--lora-targets", help="all-linear, attn, mlp or a comma list (q,v or q_proj,v_proj)"
+    )
+    g.add_argument("--adapter-size", type=int)
+    g.add_argument("--prefix-len", type=int)
+    g.add_argument("--device", choices=["cuda", "cpu"])
+    q = p.add_argument_group("parallel layout")
+    q.add_argument("--gpus", type=int, default=1)
+    q.add_argument("--zero", type=int, default=0, help="ZeRO stage 0-3")
+    q.add_argument(
+        "--fsdp", action="store_true", help="shard with PyTorch FSDP instead of DeepSpeed"
+    )
+    q.add_argument("--offload", default="none", choices=["none", "optimizer", "optimizer+params"])
+    q.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+
+
+def setup_from_args(args: argparse.Namespace) -> Any:
+    from memplan.specs import TrainingSetup
+
+    fields: dict[str, Any] = {
+        "method": args.method,
+        "precision": args.precision,
+        "quant": args.quant,
+        "double_quant": args.double_quant,
+        "optimizer": args.optimizer,
+        "optimizer_impl": args.optimizer_impl,
+        "master_weights": args.master_weights,
+        "micro_batch_size": args.batch,
+        "seq_len": args.seq,
+        "target_seq_len": args.target_seq,
+        "grad_accum_steps": args.grad_accum,
+        "grad_ckpt": args.grad_ckpt,
+        "grad_ckpt_every": args.grad_ckpt_every,
+        "attention": args.attn,
+        "lora_r": args.lora_r,
+        "lora_alpha": args.lora_alpha,
+        "lora_dropout": args.lora_dropout,
+        "lora_targets": parse_lora_targets(args.lora_targets) if args.lora_targets else None,
+        "adapter_size": args.adapter_size,
+        "prefix_len": args.prefix_len,
+        "device": args.device,
+    }
+    return TrainingSetup(**{k: v for k, v in fields.items() if v is not None})
+
+
+def parallel_from_args(args: argparse.Namespace) -> Any:
+    from memplan.specs import ParallelSetup
+
+    return ParallelSetup(
+        num_gpus=args.gpus,
+        zero_stage=args.zero,
+        sharding="fsdp" if args.fsdp else "deepspeed",
+        offload=args.offload,
+        tensor_parallel_degree=args.tp,
+    )
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from memplan.catalog import load_model
+    from memplan.plan import plan
+
+    spec = load_model(args.model)
+    result = plan(spec, setup_from_args(args), parallel_from_args(args), gpu=args.gpu)
+    if args.json:
+        print(json.dumps(result.model_dump(mode="json"), indent=2))
+    else:
+        from memplan.report import print_plan
+
+        print_plan(result)
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from memplan.catalog import catalog_names, load_model
+
+    specs = [load_model(n) for n in catalog_names()]
+    if args.json:
+        rows = [
+            {
+                "name": s.name,
+                "family": s.family,
+                "params": s.num_params,
+                "hf_id": s.hf_id,
+                "layers": s.num_layers,
+                "hidden_size": s.hidden_size,
+                "vocab_size": s.vocab_size,
+            }
+            for s in specs
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="memplan model catalog")
+    for col in (
+        "name",
+        "family",
+        "parameters",
+        "layers",
+        "hidden",
+        "heads / kv",
+        "vocab",
+        "Hugging Face id",
+    ):
+        table.add_column(
+            col, justify="right" if col in ("parameters", "layers", "hidden", "vocab") else "left"
+        )
+    for s in specs:
+        table.add_row(
+            s.name,
+            s.family,
+            f"{s.num_params or 0:,}",
+            str(s.num_layers),
+            str(s.hidden_size),
+            f"{s.num_attention_heads} / {s.num_key_value_heads}",
+            f"{s.vocab_size:,}",
+            s.hf_id or "",
+        )
+    Console().print(table)
+    return 0
+
+
+def _cmd_gpus(args: argparse.Namespace) -> int:
+    from memplan.hardware import list_profiles
+
+    profiles = list_profiles()
+    if args.json:
+        print(json.dumps([p.model_dump(mode="json") for p in profiles], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    from memplan.units import gib
+
+    table = Table(title="memplan hardware profiles (usable memory as the device reports it)")
+    for col in (
+        "name",
+        "device",
+        "usable GiB",
+        "bandwidth TB/s",
+        "bf16 TFLOPS",
+        "bf16",
+        "$/GPU-hour",
+        "price $",
+    ):
+        table.add_column(col, justify="left" if col in ("name", "device", "bf16") else "right")
+    for p in profiles:
+        cheapest = p.cheapest_usd_per_gpu_hour
+        table.add_row(
+            p.name,
+            p.display_name,
+            f"{gib(p.usable_memory_bytes * p.gpu_share_fraction):.2f}",
+            f"{p.memory_bandwidth_bytes_per_s / 1e12:.2f}",
+            f"{p.bf16_tflops:g}" if p.bf16_tflops else "-",
+            "yes" if p.supports_bf16 else "no",
+            f"{cheapest:.2f}" if cheapest else "-",
+            f"{p.purchase_price_usd:,.0f}" if p.purchase_price_usd else "-",
+        )
+    Console().print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="memplan", description="GPU memory planner for training and fine-tuning LLMs."
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("plan", help="does a training run fit, and where does its memory go")
+    p.add_argument("model", help="catalog name (memplan models) or a path to a config.json")
+    _add_setup_flags(p)
+    p.add_argument(
+        "--gpu", help="hardware profile (memplan gpus) or a capacity such as 48GB / 24GiB"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_plan)
+
+    m = sub.add_parser("models", help="list the built-in model catalog")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=_cmd_models)
+
+    g = sub.add_parser("gpus", help="list hardware profiles")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=_cmd_gpus)
+    return parser
+
+
+def _version() -> str:
+    from memplan import __version__
+
+    return f"memplan {__version__}"
+
+
+def _validation_message(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if not first["loc"]:  # a cross-field check: its message names the fields
+        return message
+    field = str(first["loc"][0])
+    flag = _FIELD_FLAGS.get(field, f"--{field.replace('_', '-')}")
+    value = first.get("input")
+    shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
+    return f"invalid {flag}: {message}{shown}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except MemplanError as exc:
+        _fail(str(exc))
+    except ValidationError as exc:
+        _fail(_validation_message(exc))
+    except BrokenPipeError:  # e.g. `memplan models | head`
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

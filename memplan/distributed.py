@@ -1,0 +1,117 @@
+"""Per-GPU shares of model state under ZeRO / FSDP sharding, offload and tensor parallelism.
+
+ZeRO (Rajbhandari et al. 2020, arXiv:1910.02054): stage 1 partitions optimizer state (and the
+fp32 master weights it steps), stage 2 also gradients, stage 3 also parameters, each across
+the data-parallel ranks. PyTorch FSDP's SHARD_GRAD_OP shards like stage 2 and FULL_SHARD like
+stage 3, keeping unsharded 16-bit copies of the layers in flight. Offload moves optimizer state
+(and with stage 3 the parameters) to CPU memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from memplan.errors import MemplanError
+from memplan.specs.model import ModelSpec
+from memplan.specs.parallel import Offload, ParallelSetup, Sharding
+from memplan.specs.training import Precision, TrainingSetup
+
+# DeepSpeed ZeRO defaults (deepspeed/runtime/zero/config.py): reduce_bucket_size and
+# stage3_prefetch_bucket_size are 5e8 elements; HF's "auto" config sets them from hidden_size.
+DEEPSPEED_REDUCE_BUCKET_ELEMENTS: Final = 500_000_000
+# Layers whose parameters are gathered at once under ZeRO-3 / FULL_SHARD: the one computing
+# and the one prefetched (forward_prefetch / stage3 prefetch).
+GATHERED_LAYERS: Final = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ShardPlan:
+    """How one GPU's share of model state relates to the whole model."""
+
+    data_parallel_degree: int
+    weight_divisor: int  # parameters partitioned (ZeRO-3 / FULL_SHARD)
+    grad_divisor: int  # gradients partitioned (ZeRO-2+ / FSDP)
+    optimizer_divisor: int  # optimizer state (and master weights) partitioned (ZeRO-1+ / FSDP)
+    master_weights: bool  # fp32 master copy of 16-bit trainable weights
+    offload_optimizer: bool
+    offload_params: bool
+    gather_layers: int  # unsharded layer copies alive at once (0 without parameter sharding)
+    keep_unsharded_until_backward: bool  # FSDP SHARD_GRAD_OP keeps gathered params after forward
+    reduce_bucket_elements: int  # gradient reduce buffer (DeepSpeed stage 1/2)
+
+
+def master_weights_on(setup: TrainingSetup, parallel: ParallelSetup) -> bool:
+    """fp32 master weights: explicit, or DeepSpeed ZeRO training 16-bit weights."""
+    if setup.master_weights is not None:
+        return setup.master_weights
+    pure_half = setup.precision in (Precision.BF16, Precision.FP16)
+    return parallel.uses_deepspeed and pure_half and setup.trains_weights
+
+
+def shard_plan(spec: ModelSpec, setup: TrainingSetup, parallel: ParallelSetup) -> ShardPlan:
+    """The sharding of ``parallel`` applied to ``spec`` and ``setup`` (validated)."""
+    check_layout(spec, parallel)
+    dp = parallel.data_parallel_degree
+    stage = parallel.zero_stage
+    fsdp = parallel.sharding is Sharding.FSDP and stage >= 2
+    offload_opt = parallel.offload is not Offload.NONE
+    offload_params = parallel.offload is Offload.OPTIMIZER_AND_PARAMS
+    gather = GATHERED_LAYERS if stage == 3 else 0
+    bucket = 0
+    if parallel.uses_deepspeed and stage in (1, 2) and dp > 1:
+        bucket = min(DEEPSPEED_REDUCE_BUCKET_ELEMENTS, spec.hidden_size * spec.hidden_size)
+    return ShardPlan(
+        data_parallel_degree=dp,
+        weight_divisor=dp if stage == 3 else 1,
+        grad_divisor=dp if stage >= 2 else 1,
+        optimizer_divisor=dp if stage >= 1 else 1,
+        master_weights=master_weights_on(setup, parallel),
+        offload_optimizer=offload_opt,
+        offload_params=offload_params,
+        gather_layers=gather,
+        keep_unsharded_until_backward=fsdp and stage == 2,
+        reduce_bucket_elements=bucket,
+    )
+
+
+def check_layout(spec: ModelSpec, parallel: ParallelSetup) -> None:
+    """Reject tensor-parallel degrees the model's heads or MLP cannot be split by."""
+    tp = parallel.tensor_parallel_degree
+    if tp == 1:
+        return
+    if spec.num_attention_heads % tp:
+        raise MemplanError(
+            f"tensor_parallel_degree={tp} does not divide num_attention_heads="
+            f"{spec.num_attention_heads} of {spec.name}"
+        )
+    if spec.num_key_value_heads % tp:
+        raise MemplanError(
+            f"tensor_parallel_degree={tp} does not divide num_key_value_heads="
+            f"{spec.num_key_value_heads} of {spec.name}"
+        )
+    if spec.intermediate_size % tp:
+        raise MemplanError(
+            f"tensor_parallel_degree={tp} does not divide intermediate_size="
+            f"{spec.intermediate_size} of {spec.name}"
+        )
+
+
+def zero_model_state_bytes(
+    num_params: int, stage: int, data_parallel_degree: int, *, optimizer_bytes_per_param: int = 12
+) -> int:
+    """Model-state bytes per GPU in the ZeRO paper's accounting (Figure 1 / §5).
+
+    16-bit parameters (2) and gradients (2) plus K bytes of optimizer state per parameter
+    (K = 12 for mixed-precision Adam: fp32 master, momentum, variance):
+    stage 0: (2 + 2 + K)Ψ; stage 1: 2Ψ + 2Ψ + KΨ/N; stage 2: 2Ψ + (2 + K)Ψ/N;
+    stage 3: (2 + 2 + K)Ψ/N.
+
+    >>> zero_model_state_bytes(7_500_000_000, 0, 64) / 1e9
+    120.0
+    """
+    psi, n, k = num_params, data_parallel_degree, optimizer_bytes_per_param
+    params = 2 * psi // (n if stage >= 3 else 1)
+    grads = 2 * psi // (n if stage >= 2 else 1)
+    optim = k * psi // (n if stage >= 1 else 1)
+    return params + grads + optim

@@ -1,0 +1,176 @@
+"""``plan``: will a training run fit, and where does its memory go? The public API behind the CLI."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from memplan.allocator import replay
+from memplan.analytic.predict import Prediction, predict
+from memplan.assumptions import assumptions
+from memplan.catalog import load_model
+from memplan.errors import MemplanError
+from memplan.hardware import HardwareProfile, load_profile
+from memplan.overheads import CUDA_CONTEXT_BYTES
+from memplan.specs.model import ModelSpec
+from memplan.specs.parallel import ParallelSetup
+from memplan.specs.training import TrainingSetup
+from memplan.trace import ALLOCATED_CATEGORIES, Category
+from memplan.units import parse_capacity
+
+
+class GpuTarget(BaseModel):
+    """The device a plan is judged against: a hardware profile or a bare capacity."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="Profile name, or the capacity as typed (e.g. '48GB').")
+    capacity_bytes: int = Field(description="Memory the device offers to one process, in bytes.")
+    context_bytes: int = Field(description="CUDA context / runtime overhead outside the allocator.")
+    profile: str | None = Field(default=None, description="Hardware profile name, if any.")
+
+
+def resolve_gpu(text: str) -> GpuTarget:
+    """A GPU name (hardware profile or alias) or a capacity such as ``48GB`` / ``24GiB``."""
+    if text and text[0].isdigit():
+        return GpuTarget(
+            name=text, capacity_bytes=parse_capacity(text), context_bytes=CUDA_CONTEXT_BYTES
+        )
+    profile: HardwareProfile = load_profile(text)
+    capacity = int(profile.usable_memory_bytes * profile.gpu_share_fraction)
+    return GpuTarget(
+        name=profile.name,
+        capacity_bytes=capacity,
+        context_bytes=CUDA_CONTEXT_BYTES,
+        profile=profile.name,
+    )
+
+
+class PlanResult(BaseModel):
+    """Per-GPU memory of one training step, as ``memplan plan --json`` prints it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source: str = Field(description="analytical, simulated, measured-cpu or measured-cuda.")
+    model: str
+    params: int = Field(description="Parameters of the whole model.")
+    trainable_params: int = Field(description="Parameters the optimizer updates (whole model).")
+    peak_bytes: int = Field(description="Allocated peak per GPU (torch.cuda.max_memory_allocated).")
+    peak_phase: str = Field(description="Phase in which the peak happens.")
+    peak_step: int = Field(description="0: first step (optimizer state created); 1: steady state.")
+    peak_event: str = Field(description="The allocation that reaches the peak.")
+    breakdown_bytes: dict[str, int] = Field(
+        description="Category -> bytes at the peak; sums to peak_bytes."
+    )
+    reserved_bytes: int = Field(
+        description="Caching-allocator reservation at the peak (max_memory_reserved)."
+    )
+    allocator_overhead_bytes: int = Field(
+        description="reserved_bytes - peak_bytes (fragmentation)."
+    )
+    cuda_context_bytes: int = Field(description="CUDA context outside the allocator (NVML only).")
+    paged_bytes: int = Field(
+        description="Paged optimizer state in unified memory (may move to host)."
+    )
+    device_bytes: int = Field(description="What nvidia-smi would show: reserved + context + paged.")
+    cpu_bytes: int = Field(description="Host memory for offloaded state.")
+    bytes_per_param: float = Field(description="peak_bytes / params.")
+    model_state_bytes_per_param: float = Field(
+        description="Weights, master weights, gradients and optimizer state at the peak / params."
+    )
+    phase_peaks_bytes: dict[str, int] = Field(description="Highest allocated bytes per step:phase.")
+    gpu: str | None = Field(default=None, description="The device judged against.")
+    gpu_capacity_bytes: int | None = Field(default=None, description="Its usable memory.")
+    fits: bool | None = Field(
+        default=None, description="device_bytes <= capacity (paged state may spill)."
+    )
+    margin_bytes: int | None = Field(
+        default=None, description="Capacity minus device_bytes (negative: short)."
+    )
+    setup: dict[str, Any]
+    parallel: dict[str, Any]
+    assumptions: list[str]
+
+
+_MODEL_STATE = (
+    Category.FROZEN_WEIGHTS,
+    Category.QUANT_STATE,
+    Category.TRAINABLE_WEIGHTS,
+    Category.MASTER_WEIGHTS,
+    Category.GRADIENTS,
+    Category.OPTIMIZER_STATE,
+)
+
+
+def plan(
+    model: str | ModelSpec,
+    setup: TrainingSetup | None = None,
+    parallel: ParallelSetup | None = None,
+    *,
+    gpu: str | GpuTarget | None = None,
+) -> PlanResult:
+    """Predict the per-GPU memory of ``setup`` on ``model`` and judge it against ``gpu``.
+
+    >>> result = plan("llama-2-7b", TrainingSetup(method="qlora"), gpu="rtx-4090")
+    >>> result.fits, result.peak_phase
+    (True, 'backward')
+    """
+    spec = load_model(model) if isinstance(model, str) else model
+    setup = setup or TrainingSetup()
+    parallel = parallel or ParallelSetup()
+    target = resolve_gpu(gpu) if isinstance(gpu, str) else gpu
+    prediction = predict(spec, setup, parallel)
+    return _result(spec, setup, parallel, prediction, target)
+
+
+def _result(
+    spec: ModelSpec,
+    setup: TrainingSetup,
+    parallel: ParallelSetup,
+    prediction: Prediction,
+    target: GpuTarget | None,
+) -> PlanResult:
+    trace = prediction.trace
+    peak = trace.peak()
+    if peak.peak_bytes <= 0:
+        raise MemplanError("the step allocates nothing: check the model and setup")
+    reserved = max(replay(trace.events()).reserved_at_peak_allocated_bytes, peak.peak_bytes)
+    context = target.context_bytes if target else 0
+    context = context or CUDA_CONTEXT_BYTES
+    device = reserved + context + prediction.paged_bytes
+    fits = margin = None
+    if target is not None:
+        margin = target.capacity_bytes - device
+        # Paged optimizer state can be evicted to host memory under pressure (bnb paged optimizers).
+        fits = margin >= 0 or margin + prediction.paged_bytes >= 0
+    state_bytes = sum(peak.breakdown_bytes[c] for c in _MODEL_STATE) + prediction.paged_bytes
+    params = prediction.state.num_params
+    phase_peaks = {f"{step}:{phase.value}": v for (step, phase), v in trace.phase_peaks().items()}
+    return PlanResult(
+        source=trace.source,
+        model=spec.name,
+        params=params,
+        trainable_params=prediction.state.num_trainable_params,
+        peak_bytes=peak.peak_bytes,
+        peak_phase=peak.phase.value,
+        peak_step=peak.step,
+        peak_event=peak.label,
+        breakdown_bytes={c.value: peak.breakdown_bytes[c] for c in ALLOCATED_CATEGORIES},
+        reserved_bytes=reserved,
+        allocator_overhead_bytes=reserved - peak.peak_bytes,
+        cuda_context_bytes=context,
+        paged_bytes=prediction.paged_bytes,
+        device_bytes=device,
+        cpu_bytes=prediction.cpu_bytes,
+        bytes_per_param=peak.peak_bytes / params,
+        model_state_bytes_per_param=state_bytes / params,
+        phase_peaks_bytes=phase_peaks,
+        gpu=target.name if target else None,
+        gpu_capacity_bytes=target.capacity_bytes if target else None,
+        fits=fits,
+        margin_bytes=margin,
+        setup=setup.model_dump(mode="json"),
+        parallel=parallel.model_dump(mode="json"),
+        assumptions=assumptions(spec, setup, parallel, prediction),
+    )

@@ -1,0 +1,125 @@
+"""Rich rendering of plan results (display only: every number comes from a PlanResult)."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from rich.console import Console, Group, RenderableType
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from memplan.plan import PlanResult
+from memplan.units import gib
+
+CATEGORY_LABELS: Final = {
+    "frozen_weights": "frozen weights",
+    "quant_state": "quantization state",
+    "trainable_weights": "trainable weights",
+    "master_weights": "fp32 master weights",
+    "gradients": "gradients",
+    "optimizer_state": "optimizer state",
+    "activations": "activations",
+    "logits": "logits / loss",
+    "temporaries": "temporaries",
+}
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{gib(num_bytes):,.2f}"
+
+
+def verdict(result: PlanResult) -> Text:
+    """One line: fits or not, with the margin."""
+    if result.fits is None:
+        return Text(f"per-GPU peak {_gib(result.device_bytes)} GiB (no --gpu given)", style="bold")
+    margin = result.margin_bytes or 0
+    if margin >= 0:
+        return Text(
+            f"FITS on {result.gpu}: {_gib(result.device_bytes)} of "
+            f"{_gib(result.gpu_capacity_bytes or 0)} GiB, {_gib(margin)} GiB to spare",
+            style="bold green",
+        )
+    if result.fits:
+        return Text(
+            f"FITS on {result.gpu} only by paging optimizer state to host memory: "
+            f"{_gib(-margin)} GiB over, {_gib(result.paged_bytes)} GiB pageable",
+            style="bold yellow",
+        )
+    return Text(
+        f"DOES NOT FIT on {result.gpu}: needs {_gib(result.device_bytes)} of "
+        f"{_gib(result.gpu_capacity_bytes or 0)} GiB, {_gib(-margin)} GiB short",
+        style="bold red",
+    )
+
+
+def breakdown_table(result: PlanResult) -> Table:
+    """Memory at the peak by category, then the overheads up to what the device shows."""
+    table = Table(
+        title=f"Memory at the peak ({result.peak_phase}, step {result.peak_step})",
+        title_justify="left",
+    )
+    table.add_column("category")
+    table.add_column("GiB", justify="right")
+    table.add_column("% of device", justify="right")
+    total = max(result.device_bytes, 1)
+    for key, label in CATEGORY_LABELS.items():
+        value = result.breakdown_bytes.get(key, 0)
+        if value:
+            table.add_row(label, _gib(value), f"{100 * value / total:.1f}")
+    table.add_row(
+        "allocated peak",
+        _gib(result.peak_bytes),
+        f"{100 * result.peak_bytes / total:.1f}",
+        style="bold",
+    )
+    table.add_row(
+        "allocator overhead",
+        _gib(result.allocator_overhead_bytes),
+        f"{100 * result.allocator_overhead_bytes / total:.1f}",
+    )
+    table.add_row(
+        "CUDA context",
+        _gib(result.cuda_context_bytes),
+        f"{100 * result.cuda_context_bytes / total:.1f}",
+    )
+    if result.paged_bytes:
+        table.add_row(
+            "paged optimizer state",
+            _gib(result.paged_bytes),
+            f"{100 * result.paged_bytes / total:.1f}",
+        )
+    table.add_row("device total (nvidia-smi)", _gib(result.device_bytes), "100.0", style="bold")
+    if result.gpu_capacity_bytes is not None:
+        table.add_row(f"capacity of {result.gpu}", _gib(result.gpu_capacity_bytes), "")
+    return table
+
+
+def summary_lines(result: PlanResult) -> Text:
+    setup = result.setup
+    lines = [
+        f"{result.model}: {result.params:,} parameters, {result.trainable_params:,} trainable "
+        f"({100 * result.trainable_params / result.params:.2f}%)",
+        f"method {setup['method']}, precision {setup['precision']}, optimizer {setup['optimizer']}, "
+        f"micro-batch {setup['micro_batch_size']} x seq {setup['seq_len']}",
+        f"peak in {result.peak_phase} (step {result.peak_step}) at {result.peak_event}",
+        f"bytes per parameter: {result.bytes_per_param:.2f} at the peak, "
+        f"{result.model_state_bytes_per_param:.2f} of model state",
+    ]
+    if result.cpu_bytes:
+        lines.append(f"host memory for offloaded state: {_gib(result.cpu_bytes)} GiB per GPU")
+    return Text("\n".join(lines))
+
+
+def render_plan(result: PlanResult) -> RenderableType:
+    assumptions = Text("\n".join(f"- {a}" for a in result.assumptions), style="dim")
+    return Group(
+        verdict(result),
+        summary_lines(result),
+        breakdown_table(result),
+        Panel(assumptions, title="assumptions", title_align="left"),
+    )
+
+
+def print_plan(result: PlanResult, console: Console | None = None) -> None:
+    (console or Console()).print(render_plan(result))
