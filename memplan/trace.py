@@ -12,7 +12,7 @@ up to 512 bytes (``memory_allocated``), see :func:`allocation_bytes`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 from memplan._compat import StrEnum
@@ -77,11 +77,16 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class Repeat:
-    """``items`` happening ``times`` times in a row (identical layers)."""
+    """``items`` happening ``times`` times in a row (identical layers).
+
+    ``step`` marks the items as belonging to that training step, whatever their own ``step``
+    says, so one micro-batch's events can be reused for every step.
+    """
 
     items: tuple[Event | Repeat, ...]
     times: int
     label: str = ""
+    step: int | None = None
 
 
 TraceItem = Event | Repeat
@@ -107,6 +112,7 @@ class _Summary:
     peak_total: int
     peak_state: dict[Category, int]
     peak_event: Event | None
+    peak_step: int = 0
 
 
 def _add(a: dict[Category, int], b: dict[Category, int], times: int = 1) -> dict[Category, int]:
@@ -126,6 +132,7 @@ def _summarize(items: Iterable[TraceItem]) -> _Summary:
             total += item.delta_bytes
             if best.peak_event is None or total > best.peak_total:
                 best.peak_total, best.peak_state, best.peak_event = total, dict(state), item
+                best.peak_step = item.step
             continue
         body = _summarize(item.items)
         if item.times <= 0 or body.peak_event is None:
@@ -141,19 +148,21 @@ def _summarize(items: Iterable[TraceItem]) -> _Summary:
                 peak_state,
                 body.peak_event,
             )
+            best.peak_step = body.peak_step if item.step is None else item.step
         state = _add(state, body.net, item.times)
         total += item.times * body.net_total
     best.net, best.net_total = state, total
     return best
 
 
-def _expand(items: Iterable[TraceItem]) -> Iterator[Event]:
+def _expand(items: Iterable[TraceItem], step: int | None = None) -> Iterator[Event]:
     for item in items:
         if isinstance(item, Event):
-            yield item
+            yield item if step is None or item.step == step else replace(item, step=step)
         else:
+            inner = step if item.step is None else item.step
             for _ in range(item.times):
-                yield from _expand(item.items)
+                yield from _expand(item.items, inner)
 
 
 @dataclass
@@ -180,7 +189,7 @@ class Trace:
             raise ValueError("an empty trace has no peak")
         breakdown = {c: summary.peak_state.get(c, 0) for c in ALLOCATED_CATEGORIES}
         event = summary.peak_event
-        return Peak(summary.peak_total, breakdown, event.phase, event.step, event.label)
+        return Peak(summary.peak_total, breakdown, event.phase, summary.peak_step, event.label)
 
     def final_bytes(self) -> dict[Category, int]:
         """What is still allocated after the last event, by category."""
@@ -233,8 +242,12 @@ def _item_from_json(data: dict[str, object]) -> TraceItem:
     if "repeat" in data:
         items = data["items"]
         assert isinstance(items, Sequence)
+        step = data.get("step")
         return Repeat(
-            tuple(_item_from_json(i) for i in items), int(str(data["repeat"])), str(data["label"])
+            tuple(_item_from_json(i) for i in items),
+            int(str(data["repeat"])),
+            str(data["label"]),
+            None if step is None else int(str(step)),
         )
     return Event(
         int(str(data["delta_bytes"])),

@@ -74,6 +74,14 @@ class Segment:
     ops: list[Op] = field(default_factory=list)
     # Weight casts held by the autocast cache until the forward's autocast context exits.
     autocast_cached: list[Tensor] = field(default_factory=list)
+    _saved_ids: tuple[int, frozenset[int]] | None = field(default=None, repr=False)
+
+    def saved_storage_ids(self) -> frozenset[int]:
+        """ids of the storages any op of the segment saves for backward (cached)."""
+        if self._saved_ids is None or self._saved_ids[0] != len(self.ops):
+            ids = frozenset(id(t.storage) for op in self.ops for t in op.saved)
+            self._saved_ids = (len(self.ops), ids)
+        return self._saved_ids[1]
 
     def input(
         self, numel: int, dtype: DType, label: str, *, requires_grad: bool, persistent: bool = False

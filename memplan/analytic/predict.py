@@ -114,63 +114,61 @@ def predict(
     gather //= parallel.tensor_parallel_degree
     composer = StepComposer(graph, gather_bytes=gather)
     batch_bytes = 2 * allocation_bytes(ctx.num_tokens * 8)  # int64 input_ids and labels
+    # One micro-batch's events (the first one creates .grad, later ones accumulate into it);
+    # every step reuses them, marked with its step number.
+    micro: list[list[TraceItem]] = []
+    for accumulate in (False, True)[: min(setup.grad_accum_steps, 2)]:
+        items: list[TraceItem] = [
+            Event(batch_bytes, Category.TEMPORARIES, Phase.FORWARD, 0, "batch")
+        ]
+        fwd, deferred = composer.forward_items(0)
+        items += fwd
+        items += composer.loss_items(0, deferred)
+        if autograd:
+            items += composer.backward_items(0, accumulate=accumulate)
+        end_phase = Phase.BACKWARD if autograd else Phase.LOSS
+        items.append(Event(-batch_bytes, Category.TEMPORARIES, end_phase, 0, "batch"))
+        micro.append(items)
+    zero_grad = _mirror_frees(
+        micro[0], Category.GRADIENTS, Phase.ZERO_GRAD, 0, "zero_grad(set_to_none=True)"
+    )
+    on_gpu_state = 0 if shard.offload_optimizer else opt.state_bytes
     for step in range(steps):
-        micro: list[list[TraceItem]] = []
-        for accumulate in (False, True)[: min(setup.grad_accum_steps, 2)]:
-            items: list[TraceItem] = [
-                Event(batch_bytes, Category.TEMPORARIES, Phase.FORWARD, step, "batch")
-            ]
-            fwd, deferred = composer.forward_items(step)
-            items += fwd
-            items += composer.loss_items(step, deferred)
-            if autograd:
-                items += composer.backward_items(step, accumulate=accumulate)
-                items.append(
-                    Event(-batch_bytes, Category.TEMPORARIES, Phase.BACKWARD, step, "batch")
-                )
-            else:
-                items.append(Event(-batch_bytes, Category.TEMPORARIES, Phase.LOSS, step, "batch"))
-            micro.append(items)
-        trace.extend(micro[0])
+        items = list(micro[0])
         if setup.grad_accum_steps > 1:
-            trace.add(Repeat(tuple(micro[1]), setup.grad_accum_steps - 1, "micro-batches"))
-        if not autograd:
-            continue
-        on_gpu_state = 0 if shard.offload_optimizer else opt.state_bytes
-        if step == 0 and on_gpu_state:
-            trace.add(
-                Event(
-                    on_gpu_state,
-                    Category.OPTIMIZER_STATE,
-                    Phase.OPTIMIZER,
-                    step,
-                    "optimizer state (created on first step)",
+            items.append(Repeat(tuple(micro[1]), setup.grad_accum_steps - 1, "micro-batches"))
+        if autograd:
+            if step == 0 and on_gpu_state:
+                items.append(
+                    Event(
+                        on_gpu_state,
+                        Category.OPTIMIZER_STATE,
+                        Phase.OPTIMIZER,
+                        0,
+                        "optimizer state (created on first step)",
+                    )
                 )
-            )
-        if opt.step_temp_bytes and not shard.offload_optimizer:
-            trace.add(
-                Event(
-                    opt.step_temp_bytes,
-                    Category.TEMPORARIES,
-                    Phase.OPTIMIZER,
-                    step,
-                    "optimizer step workspace",
+            if opt.step_temp_bytes and not shard.offload_optimizer:
+                items.append(
+                    Event(
+                        opt.step_temp_bytes,
+                        Category.TEMPORARIES,
+                        Phase.OPTIMIZER,
+                        0,
+                        "optimizer step workspace",
+                    )
                 )
-            )
-            trace.add(
-                Event(
-                    -opt.step_temp_bytes,
-                    Category.TEMPORARIES,
-                    Phase.OPTIMIZER,
-                    step,
-                    "optimizer step workspace",
+                items.append(
+                    Event(
+                        -opt.step_temp_bytes,
+                        Category.TEMPORARIES,
+                        Phase.OPTIMIZER,
+                        0,
+                        "optimizer step workspace",
+                    )
                 )
-            )
-        trace.extend(
-            _mirror_frees(
-                micro[0], Category.GRADIENTS, Phase.ZERO_GRAD, step, "zero_grad(set_to_none=True)"
-            )
-        )
+            items += zero_grad
+        trace.add(Repeat(tuple(items), 1, f"step {step}", step=step))
     paged = 0 if shard.offload_optimizer else opt.paged_bytes
     return Prediction(
         trace, state, opt, shard, cpu_bytes, paged, 0 if shard.offload_optimizer else master_bytes

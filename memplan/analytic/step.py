@@ -22,7 +22,7 @@ _TMP: Final = Category.TEMPORARIES
 
 def _saves(seg: Segment, tensor: Tensor) -> bool:
     """Whether any op of ``seg`` saves ``tensor``'s storage for backward."""
-    return any(t.storage is tensor.storage for op in seg.ops for t in op.saved)
+    return id(tensor.storage) in seg.saved_storage_ids()
 
 
 @dataclass
