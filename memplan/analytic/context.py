@@ -28,6 +28,8 @@ class StepContext:
     lora_r: int
     lora_dropout: float
     attention: Attention
+    adapter_size: int = 0  # bottleneck width of adapters (method=adapter)
+    prefix_len: int = 0  # virtual tokens prepended to keys/values (method=prefix)
     device: str = "cuda"  # "cuda" or "cpu": decides kernel workspaces and fallbacks
     tensor_parallel_degree: int = 1
     grad_divisor: int = 1  # ranks each gradient is sharded across (ZeRO-2/3, FSDP)
@@ -79,6 +81,8 @@ class StepContext:
             lora_r=setup.lora_r,
             lora_dropout=setup.lora_dropout,
             attention=setup.attention,
+            adapter_size=setup.adapter_size,
+            prefix_len=setup.prefix_len if setup.method is Method.PREFIX else 0,
             device=setup.device,
             tensor_parallel_degree=tensor_parallel_degree,
             grad_divisor=grad_divisor,

@@ -20,6 +20,40 @@ from memplan.analytic.context import StepContext
 from memplan.analytic.graph import Segment, Tensor
 from memplan.dtypes import DType
 from memplan.specs.model import ModelSpec
+from memplan.specs.training import Method
+
+
+def bottleneck_adapter(seg: Segment, ctx: StepContext, x: Tensor, size: int, label: str) -> Tensor:
+    """Houlsby adapter on a branch output: x + up(act(down(x))), trainable, in adapter dtype."""
+    if ctx.method is not Method.ADAPTER:
+        return x
+    rows = ctx.num_tokens
+    h = x.numel // rows
+    xa = cast(seg, x, ctx.adapter_dtype, f"{label}.input_cast")
+    down_grad = ctx.param_grad(
+        f"{label}.down", h * size + size, trainable=True, dtype=ctx.adapter_dtype
+    )
+    d = seg.op(
+        f"{label}.down", [xa], rows * size, ctx.adapter_dtype, saves=[xa], param_grads=[down_grad]
+    )
+    a = seg.op(f"{label}.act", [d], d.numel, d.dtype, saves=[d])
+    up_grad = ctx.param_grad(f"{label}.up", size * h + h, trainable=True, dtype=ctx.adapter_dtype)
+    u = seg.op(f"{label}.up", [a], x.numel, ctx.adapter_dtype, saves=[a], param_grads=[up_grad])
+    return residual_add(seg, x, cast(seg, u, x.dtype, f"{label}.output_cast"), f"{label}.residual")
+
+
+def prefix_kv(
+    seg: Segment, ctx: StepContext, k: Tensor, v: Tensor, kv_width: int
+) -> tuple[Tensor, Tensor]:
+    """peft prefix tuning: each layer's keys and values are the prefix concatenated in front."""
+    if ctx.method is not Method.PREFIX or not ctx.prefix_len:
+        return k, v
+    extra = ctx.batch * ctx.prefix_len * kv_width
+    pk = seg.input(extra, k.dtype, "prefix.key", requires_grad=True, persistent=True)
+    pv = seg.input(extra, v.dtype, "prefix.value", requires_grad=True, persistent=True)
+    k = seg.op("prefix_cat_k", [pk, k], k.numel + extra, k.dtype, passthrough_grad=True)
+    v = seg.op("prefix_cat_v", [pv, v], v.numel + extra, v.dtype, passthrough_grad=True)
+    return k, v
 
 
 @dataclass
@@ -64,6 +98,7 @@ def llama_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
     q, k, v = _qkv(seg, ctx, spec, hn, fused=len(names) == 1, names=names)
     q = rotary(seg, q, cos, sin, "q_rope")
     k = rotary(seg, k, cos, sin, "k_rope")
+    k, v = prefix_kv(seg, ctx, k, v, kv_heads * spec.head_dim)
     if ctx.amp:  # scaled_dot_product_attention is on autocast's lower-precision list
         q, k, v = (cast(seg, t, ctx.compute_dtype, f"{t.label}.autocast") for t in (q, k, v))
     attn = attention_core(
@@ -76,6 +111,7 @@ def llama_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
         num_kv_heads=kv_heads,
         label="self_attn",
         dropout_p=spec.attention_dropout,
+        kv_len=ctx.seq_len + ctx.prefix_len,
     )
     o = linear(
         seg,
@@ -83,6 +119,7 @@ def llama_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
         attn,
         LinearSpec("self_attn.o_proj", heads * spec.head_dim, h, "o", bias=spec.attention_out_bias),
     )
+    o = bottleneck_adapter(seg, ctx, o, ctx.adapter_size, "adapter_attn")
     if gemma:
         o = rms_norm(seg, ctx, o, "post_attention_layernorm", h, gemma=True)
     h1 = residual_add(seg, x, o, "residual_attn")
@@ -101,6 +138,7 @@ def llama_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
         )
     if gemma:
         m = rms_norm(seg, ctx, m, "post_feedforward_layernorm", h, gemma=True)
+    m = bottleneck_adapter(seg, ctx, m, ctx.adapter_size, "adapter_mlp")
     out = residual_add(seg, h1, m, "residual_mlp")
     return LayerGraph(seg, x, out, (cos, sin))
 
@@ -266,6 +304,7 @@ def gpt_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -
         cos, sin = rope_tables(spec, ctx, seg)
         shared = (cos, sin)
         q, k = rotary(seg, q, cos, sin, "q_rope"), rotary(seg, k, cos, sin, "k_rope")
+    k, v = prefix_kv(seg, ctx, k, v, kv_heads * spec.head_dim)
     if ctx.amp:
         q, k, v = (cast(seg, t, ctx.compute_dtype, f"{t.label}.autocast") for t in (q, k, v))
     attn = attention_core(
@@ -280,6 +319,7 @@ def gpt_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -
         dropout_p=spec.attention_dropout,
         softmax_fp32=spec.family != "gpt2",
         eager_only=spec.position_embedding == "alibi",
+        kv_len=ctx.seq_len + ctx.prefix_len,
     )
     o = linear(
         seg,
@@ -288,6 +328,7 @@ def gpt_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -
         LinearSpec(o_name, heads * spec.head_dim, h, "o", bias=spec.attention_out_bias),
     )
     o = dropout(seg, o, spec.hidden_dropout, "resid_dropout")
+    o = bottleneck_adapter(seg, ctx, o, ctx.adapter_size, "adapter_attn")
     if spec.parallel_attention:
         mlp_in = (
             ln1
@@ -297,11 +338,13 @@ def gpt_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -
         m = dropout(
             seg, _plain_mlp(seg, ctx, spec, mlp_in, mlp_names), spec.hidden_dropout, "mlp_dropout"
         )
+        m = bottleneck_adapter(seg, ctx, m, ctx.adapter_size, "adapter_mlp")
         out = residual_add(seg, residual_add(seg, x, o, "residual_attn"), m, "residual_mlp")
         return LayerGraph(seg, x, out, shared)
     h1 = residual_add(seg, x, o, "residual_attn")
     ln2 = layer_norm(seg, ctx, h1, "ln_2", h)
     m = dropout(seg, _plain_mlp(seg, ctx, spec, ln2, mlp_names), spec.hidden_dropout, "mlp_dropout")
+    m = bottleneck_adapter(seg, ctx, m, ctx.adapter_size, "adapter_mlp")
     return LayerGraph(seg, x, residual_add(seg, h1, m, "residual_mlp"), shared)
 
 

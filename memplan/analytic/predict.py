@@ -49,10 +49,13 @@ def _mirror_frees(
 
 def _optimizer_groups(state: ModelState, shard: ShardPlan) -> list[TensorGroup]:
     """Trainable tensors as the optimizer sees them: its shard, in fp32 with master weights."""
+    # ``state`` already holds this GPU's parameter shard under ZeRO-3 / FULL_SHARD
+    # (weight_divisor), so only the remaining factor of the optimizer's sharding applies.
+    divisor = shard.optimizer_divisor // shard.weight_divisor
     groups = []
     for g in state.trainable:
         dtype = DType.FP32 if shard.master_weights else g.dtype
-        groups.append(TensorGroup(g.label, -(-g.numel // shard.optimizer_divisor), dtype, g.count))
+        groups.append(TensorGroup(g.label, -(-g.numel // divisor), dtype, g.count))
     return groups
 
 

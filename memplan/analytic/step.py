@@ -343,6 +343,12 @@ class StepComposer:
                     "checkpointed layer input",
                 )
             )
+        known = {id(lg.input), *(id(t) for t in lg.shared)}
+        for tensor_id, (nbytes, cat) in grads.items():
+            if (
+                tensor_id not in known
+            ):  # e.g. prefix-tuning keys/values: consumed by the prompt encoder
+                events.append(Event(-allocation_bytes(nbytes), cat, Phase.BACKWARD, step, "grad"))
         new_cross = None
         for shared in lg.shared:
             got = grads.get(id(shared))
