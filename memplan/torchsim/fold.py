@@ -46,9 +46,16 @@ def _layer_of(text: str, pattern: re.Pattern[str]) -> int | None:
 def keyed_events(
     pairs: Iterable[tuple[RawEvent, StorageRecord]], layer_prefix: str, granularity_bytes: int
 ) -> list[tuple[Event, int | None]]:
-    """Each trace event with the decoder layer it belongs to (None: outside the layers)."""
+    """Each trace event with the decoder layer it belongs to (None: outside the layers).
+
+    Where no layer runs (context phases) events between two neighbouring layers' runs belong to
+    the first (the loop dropping the previous layer's output); elsewhere a free belongs to the
+    layer that allocated the storage (autocast's cache emptied at the end of forward).
+    """
     pattern = re.compile(rf"(?:^|\.){re.escape(layer_prefix)}\.(\d+)(?:\.|/|$)")
-    out: list[tuple[Event, int | None]] = []
+    events: list[Event] = []
+    keys: list[int | None] = []
+    by_label: list[int | None] = []
     for raw, record in pairs:
         delta = rounded_bytes(raw.new_nbytes, granularity_bytes) - rounded_bytes(
             raw.old_nbytes, granularity_bytes
@@ -56,8 +63,28 @@ def keyed_events(
         if not delta:
             continue
         where = raw.context if raw.phase in _CONTEXT_PHASES else record.label
-        event = Event(delta, record.category, raw.phase, raw.step, record.label)
-        out.append((event, _layer_of(where, pattern)))
+        events.append(Event(delta, record.category, raw.phase, raw.step, record.label))
+        keys.append(_layer_of(where, pattern))
+        by_label.append(_layer_of(record.label, pattern) if delta < 0 else None)
+    return list(zip(events, _fill_gaps(keys, by_label), strict=True))
+
+
+def _fill_gaps(keys: list[int | None], by_label: list[int | None]) -> list[int | None]:
+    out = list(keys)
+    start = 0
+    while start < len(keys):
+        if keys[start] is not None:
+            start += 1
+            continue
+        end = start
+        while end < len(keys) and keys[end] is None:
+            end += 1
+        before = keys[start - 1] if start > 0 else None
+        after = keys[end] if end < len(keys) else None
+        between = before is not None and after is not None and abs(before - after) == 1
+        for i in range(start, end):
+            out[i] = before if between else by_label[i]
+        start = end
     return out
 
 
@@ -66,7 +93,9 @@ def _runs(keyed: Sequence[tuple[Event, int | None]]) -> list[_Run]:
     current: list[Event] = []
     layer: int | None = None
     for event, key in keyed:
-        if current and key != layer:
+        if current and (
+            key != layer or (event.phase, event.step) != (current[0].phase, current[0].step)
+        ):
             runs.append(_Run(layer, tuple(current)))
             current = []
         current.append(event)
@@ -77,33 +106,40 @@ def _runs(keyed: Sequence[tuple[Event, int | None]]) -> list[_Run]:
 
 
 def fold_events(
-    keyed: Sequence[tuple[Event, int | None]], num_layers: int, target_layers: int
+    keyed: Sequence[tuple[Event, int | None]],
+    num_layers: int,
+    target_layers: int,
+    *,
+    first_repeated: int = 1,
 ) -> list[TraceItem]:
-    """The trace of ``target_layers`` layers from the events of ``num_layers`` (>= 4) layers."""
-    if num_layers < 4:
-        raise FoldError("folding needs at least 4 traced layers (2 middle ones to compare)")
-    middle = set(range(1, num_layers - 1))
+    """The trace of ``target_layers`` layers from the events of ``num_layers`` layers.
+
+    Layers ``first_repeated .. num_layers - 2`` must emit identical runs in every sweep over
+    the layers (at least two of them, to compare); each sweep's run of them becomes one
+    ``Repeat`` of ``target_layers - 1 - first_repeated`` copies. Runs of a sweep that covers
+    only part of them stay as they are (whether that is exact, the caller verifies).
+    """
+    middle = list(range(first_repeated, num_layers - 1))
+    if len(middle) < 2:
+        raise FoldError(f"folding needs two repeated layers to compare, got layers {middle}")
     items: list[TraceItem] = []
-    pending: list[_Run] = []  # the middle runs of the current sweep
+    pending: list[_Run] = []  # the repeated layers' runs of the current sweep
     for run in _runs(keyed):
         if run.layer in middle:
             pending.append(run)
             continue
-        if pending:
-            items.append(_fold_sweep(pending, middle, target_layers))
-            pending = []
+        items.extend(_fold_sweep(pending, middle, target_layers - 1 - first_repeated))
+        pending = []
         items.extend(run.events)
-    if pending:
-        items.append(_fold_sweep(pending, middle, target_layers))
+    items.extend(_fold_sweep(pending, middle, target_layers - 1 - first_repeated))
     return items
 
 
-def _fold_sweep(runs: list[_Run], middle: set[int], target_layers: int) -> Repeat:
+def _fold_sweep(runs: list[_Run], middle: list[int], copies: int) -> list[TraceItem]:
     layers = [r.layer for r in runs]
-    if sorted(layers, key=lambda x: x or 0) != sorted(middle) or len(set(layers)) != len(layers):
-        raise FoldError(f"a sweep over layers {layers} does not cover the middle layers once")
+    if sorted(layers, key=lambda x: x or 0) != middle:
+        return [event for run in runs for event in run.events]  # a partial sweep: as traced
     first = runs[0].signature()
     if any(r.signature() != first for r in runs[1:]):
-        raise FoldError(f"middle layers {layers} emit different events: they cannot be folded")
-    label = f"layers {min(middle)}..{target_layers - 2} ({target_layers - 2}x)"
-    return Repeat(runs[0].events, target_layers - 2, label)
+        raise FoldError(f"layers {layers} emit different events: they cannot be folded")
+    return [Repeat(runs[0].events, copies, f"{copies} identical layers")]

@@ -96,7 +96,8 @@ def build_meta_model(
 ) -> BuiltModel:
     """The model of ``spec`` with parameters on the meta device (buffers real, on the CPU).
 
-    ``num_layers`` builds a shorter copy of the same architecture (for layer folding).
+    ``num_layers`` builds a shorter copy of the same architecture (for layer folding); by
+    default a decoder has the spec's depth, whatever the catalog's config.json says.
     """
     notes: list[str] = []
     implementation = attention_implementation(setup.attention, notes)
@@ -111,9 +112,9 @@ def build_meta_model(
         model = _reference_on_meta(spec, implementation, WEIGHT_DTYPES[setup.precision])
         return BuiltModel(model, spec.family, is_hf=False, is_encoder_decoder=False, notes=notes)
     config = dict(hf_config if hf_config is not None else hf_config_dict(spec))
-    if num_layers is not None:
-        config["num_hidden_layers"] = num_layers
-    model = _hf_on_meta(config, implementation, WEIGHT_DTYPES[setup.precision], notes)
+    if num_layers is None and not spec.is_encoder_decoder:
+        num_layers = spec.num_decoder_layers
+    model = _hf_on_meta(config, implementation, WEIGHT_DTYPES[setup.precision], notes, num_layers)
     encdec = bool(getattr(model.config, "is_encoder_decoder", False))
     return BuiltModel(
         model, str(config["model_type"]), is_hf=True, is_encoder_decoder=encdec, notes=notes
@@ -131,13 +132,22 @@ def _reference_on_meta(spec: ModelSpec, implementation: str, dtype: torch.dtype)
 
 
 def _hf_on_meta(
-    config_dict: dict[str, Any], implementation: str, dtype: torch.dtype, notes: list[str]
+    config_dict: dict[str, Any],
+    implementation: str,
+    dtype: torch.dtype,
+    notes: list[str],
+    num_layers: int | None,
 ) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures")}
     config = AutoConfig.for_model(config_dict["model_type"], **fields)
+    if num_layers is not None and config.num_hidden_layers != num_layers:
+        # Rebuild so per-layer lists (layer_types) follow; GPT-2 calls the field n_layer.
+        key = config.attribute_map.get("num_hidden_layers", "num_hidden_layers")
+        fields = {k: v for k, v in fields.items() if k != "layer_types"} | {key: num_layers}
+        config = AutoConfig.for_model(config_dict["model_type"], **fields)
     auto = (
         AutoModelForSeq2SeqLM
         if getattr(config, "is_encoder_decoder", False)

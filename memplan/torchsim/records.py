@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from memplan._compat import StrEnum
 from memplan.trace import Category, Phase
 
+_MAX_SOURCE_DEPTH = 64
+
 
 class Placement(StrEnum):
     """Where a storage would live on a GPU run."""
@@ -41,6 +43,7 @@ class StorageRecord:
     placement: Placement = Placement.DEVICE
     name: str = ""  # parameter / state name when known
     external: bool = False  # existed before it was first seen: no allocation, no free
+    source: StorageRecord | None = None  # input it was computed from, outside any module
 
     @property
     def category(self) -> Category:
@@ -57,11 +60,24 @@ class StorageRecord:
         return Category.TEMPORARIES
 
     @property
+    def owner(self) -> str:
+        """The name, else the module, else the owner of the tensor it was computed from."""
+        record: StorageRecord | None = self
+        for _ in range(_MAX_SOURCE_DEPTH):
+            if record is None:
+                break
+            if record.name or record.module:
+                return record.name or record.module
+            record = record.source
+        return ""
+
+    @property
     def label(self) -> str:
-        """The parameter or state name if known, else ``module/op`` of the allocation."""
+        """The parameter or state name if known, else ``owner/op`` of the allocation."""
         if self.name:
             return self.name
-        return f"{self.module}/{self.op}" if self.module else self.op
+        owner = self.module or (self.source.owner if self.source is not None else "")
+        return f"{owner}/{self.op}" if owner else self.op
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from memplan.specs import ModelSpec, TrainingSetup
+from memplan.torchsim.fake import fake_tensors
 from memplan.torchsim.fold import FoldError, fold_events, keyed_events
 from memplan.torchsim.hooks import ModuleHooks
 from memplan.torchsim.methods import apply_method
@@ -40,7 +41,7 @@ from memplan.torchsim.tracker import MemoryTracker
 from memplan.trace import ALLOCATION_GRANULARITY_BYTES, Phase, Trace
 
 Mode = Literal["fake", "cpu"]
-FOLD_LAYERS: Final = 4  # layers traced for folding: first, two middle ones to compare, last
+MAX_FOLD_LAYERS: Final = 5  # deepest short model traced for folding
 
 
 @dataclass
@@ -91,7 +92,7 @@ def trace_step(
     """
     start = time.perf_counter()
     depth = spec.num_layers
-    if fold and mode == "fake" and depth > FOLD_LAYERS + 1 and not spec.is_encoder_decoder:
+    if fold and mode == "fake" and depth > MAX_FOLD_LAYERS + 1 and not spec.is_encoder_decoder:
         with contextlib.suppress(FoldError):
             return _folded(spec, setup, steps, backend, hf_config, seed, start)
     traced = traced_run(
@@ -110,25 +111,46 @@ def _folded(
     seed: int,
     start: float,
 ) -> TraceResult:
-    short, longer = (
-        traced_run(spec, setup, "fake", steps, backend, hf_config, seed, n)
-        for n in (FOLD_LAYERS, FOLD_LAYERS + 1)
-    )
-    keyed = _keyed(short)
-    check = Trace("check", fold_events(keyed, FOLD_LAYERS, FOLD_LAYERS + 1))
-    if _signature(check) != _signature(longer.tracker.trace("check")):
-        raise FoldError("the folded trace differs from the traced one")
-    target = spec.num_decoder_layers
-    trace = Trace("torchsim-fake", fold_events(keyed, FOLD_LAYERS, target))
-    counts = _param_counts(short.session.model)
-    longer_counts = _param_counts(longer.session.model)
-    per_layer = [b - a for a, b in zip(counts, longer_counts, strict=True)]
-    full = (
-        counts[0] + per_layer[0] * (target - FOLD_LAYERS),
-        counts[1] + per_layer[1] * (target - FOLD_LAYERS),
-    )
-    short.notes.append(f"traced {FOLD_LAYERS} and {FOLD_LAYERS + 1} layers, folded to {target}")
-    return _result(short, trace, start, full, FOLD_LAYERS)
+    """Trace n and n+1 layers; fold n to n+1 and compare; if equal, fold n to the full depth.
+
+    The first layer can differ from the others (its input is the embedding, which needs no
+    gradient under PEFT), and so can its neighbour's backward: repeating from layer 1 is tried
+    first, then from layer 2.
+    """
+    runs: dict[int, TracedRun] = {}
+
+    def run(num_layers: int) -> TracedRun:
+        if num_layers not in runs:
+            runs[num_layers] = traced_run(
+                spec, setup, "fake", steps, backend, hf_config, seed, num_layers
+            )
+        return runs[num_layers]
+
+    for first_repeated in (1, 2):
+        short_layers = first_repeated + 3  # first layers, two repeated ones, the last
+        short, longer = run(short_layers), run(short_layers + 1)
+        keyed = _keyed(short)
+        try:
+            check = fold_events(
+                keyed, short_layers, short_layers + 1, first_repeated=first_repeated
+            )
+        except FoldError:
+            continue
+        if _signature(Trace("check", check)) != _signature(longer.tracker.trace("check")):
+            continue
+        target = spec.num_decoder_layers
+        items = fold_events(keyed, short_layers, target, first_repeated=first_repeated)
+        counts = _param_counts(short.session.model)
+        per_layer = [
+            b - a for a, b in zip(counts, _param_counts(longer.session.model), strict=True)
+        ]
+        extra = target - short_layers
+        full = (counts[0] + per_layer[0] * extra, counts[1] + per_layer[1] * extra)
+        short.notes.append(
+            f"traced {short_layers} and {short_layers + 1} layers, folded to {target}"
+        )
+        return _result(short, Trace("torchsim-fake", items), start, full, short_layers)
+    raise FoldError(f"{spec.name}: layers do not repeat identically; traced in full")
 
 
 def _keyed(traced: TracedRun) -> list[tuple[Any, int | None]]:
@@ -198,7 +220,8 @@ def traced_run(
     )
     tracker = MemoryTracker()
     fake = mode == "fake"
-    with _third_party_warnings_muted(), _fake_mode(fake), tracker, _unpacked_sequences():
+    fake_scope = _fake_mode(fake, built.notes)
+    with _third_party_warnings_muted(), fake_scope, tracker, _unpacked_sequences():
         session = load_session(model, built, setup, fake=fake, tracker=tracker)
         hooks = ModuleHooks(tracker, model, lm_head=lm_head_of(model), layers=_layers(model))
         with hooks, tracker.saving_hooks():
@@ -257,15 +280,14 @@ def _layer_prefix(model: nn.Module) -> str:
 
 
 @contextlib.contextmanager
-def _fake_mode(fake: bool) -> Iterator[None]:
+def _fake_mode(fake: bool, notes: list[str]) -> Iterator[None]:
     if not fake:
         yield
         return
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    # Real constants (code books, rotary buffers before materialization) may meet fake tensors.
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with fake_tensors() as placeholders:
         yield
+    if placeholders.reads:
+        notes.append(f"{placeholders.reads} value reads of fake tensors answered with 1")
 
 
 @contextlib.contextmanager

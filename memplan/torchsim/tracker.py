@@ -104,12 +104,12 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
         allocates = _allocates(func)
         for position, value in enumerate(outputs):
             if isinstance(value, torch.Tensor):
-                self._observe(value, op, partial(_source_name, self, args, position), allocates)
+                self._observe(value, op, partial(_source_record, self, args, position), allocates)
         return out
 
     def observe(self, tensor: torch.Tensor) -> StorageRecord | None:
         """The record of ``tensor``'s storage; an unseen one is external (made before)."""
-        return self._observe(tensor, "external", lambda: "", allocates=False)
+        return self._observe(tensor, "external", lambda: None, allocates=False)
 
     def record_of(self, tensor: torch.Tensor) -> StorageRecord | None:
         storage = _storage(tensor)
@@ -117,7 +117,11 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
         return None if entry is None else entry[0]
 
     def _observe(
-        self, tensor: torch.Tensor, op: str, source: Callable[[], str], allocates: bool
+        self,
+        tensor: torch.Tensor,
+        op: str,
+        source: Callable[[], StorageRecord | None],
+        allocates: bool,
     ) -> StorageRecord | None:
         storage = _storage(tensor)
         if storage is None:
@@ -130,8 +134,10 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
             if record.nbytes != nbytes and not record.external:  # resize_ in place
                 self._emit(record, record.nbytes, nbytes)
             return record
-        record = self._new_record(tensor, nbytes, op, self.context or source())
+        record = self._new_record(tensor, nbytes, op, self.context)
         record.external = not allocates
+        if not record.module:
+            record.source = source()
         ref = weakref.ref(storage, partial(self._freed, key, record.index))
         self._live[key] = (record, ref)
         if allocates:
@@ -237,13 +243,36 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
     def raw_events(
         self, placements: Sequence[Placement] = ALL_PLACEMENTS
     ) -> Iterator[tuple[RawEvent, StorageRecord]]:
-        for raw in self.events:
-            record = self.records[raw.record]
-            if record.placement in placements:
-                yield raw, record
+        """Events in order; frees with no allocation between them in allocation order.
+
+        Frees that happen together have no defined order (autocast's cache is a hash map):
+        listing them by allocation keeps traces deterministic and changes no total that is
+        reached at an allocation, so no peak.
+        """
+        block: list[RawEvent] = []
+        for raw in [*self.events, None]:
+            if raw is not None and raw.new_nbytes == 0 and (not block or _together(block[0], raw)):
+                block.append(raw)
+                continue
+            for freed in sorted(block, key=lambda e: e.record):
+                yield from self._placed(freed, placements)
+            block = [raw] if raw is not None and raw.new_nbytes == 0 else []
+            if raw is not None and raw.new_nbytes:
+                yield from self._placed(raw, placements)
+
+    def _placed(
+        self, raw: RawEvent, placements: Sequence[Placement]
+    ) -> Iterator[tuple[RawEvent, StorageRecord]]:
+        record = self.records[raw.record]
+        if record.placement in placements:
+            yield raw, record
 
     def live_records(self) -> Iterable[StorageRecord]:
         return [record for record, _ in self._live.values()]
+
+
+def _together(first: RawEvent, other: RawEvent) -> bool:
+    return (first.phase, first.step, first.context) == (other.phase, other.step, other.context)
 
 
 def _identity(tensor: Any) -> Any:
@@ -262,23 +291,25 @@ def _allocates(func: Any) -> bool:
     return not any(ret.alias_info is not None for ret in func._schema.returns)
 
 
-def _source_name(tracker: MemoryTracker, args: tuple[Any, ...], position: int) -> str:
-    """Name an allocation made outside any module after the named tensor it derives from.
+def _source_record(
+    tracker: MemoryTracker, args: tuple[Any, ...], position: int
+) -> StorageRecord | None:
+    """The input an allocation made outside any module derives from (its label's owner).
 
     Optimizer and zero-grad ops run outside modules: a ``_foreach_*`` op's i-th output belongs
-    to the i-th parameter of its first list argument, other ops to their first named input.
+    to the i-th tensor of its first list argument, other ops to their first tensor input.
     """
     first = args[0] if args else None
     if isinstance(first, (list, tuple)) and position < len(first):
         candidates: list[Any] = [first[position]]
     else:
-        candidates = [a for a in args if isinstance(a, torch.Tensor)]
+        candidates = list(args)
     for tensor in candidates:
         if isinstance(tensor, torch.Tensor):
             record = tracker.record_of(tensor)
-            if record is not None and record.name:
-                return record.name
-    return ""
+            if record is not None:
+                return record
+    return None
 
 
 @contextmanager
