@@ -160,7 +160,7 @@ def _expand(items: Iterable[TraceItem], step: int | None = None) -> Iterator[Eve
         if isinstance(item, Event):
             yield item if step is None or item.step == step else replace(item, step=step)
         else:
-            inner = step if item.step is None else item.step
+            inner = item.step if step is None else step  # the outermost step wins
             for _ in range(item.times):
                 yield from _expand(item.items, inner)
 
@@ -234,6 +234,7 @@ def _item_to_json(item: TraceItem) -> dict[str, object]:
     return {
         "repeat": item.times,
         "label": item.label,
+        "step": item.step,
         "items": [_item_to_json(i) for i in item.items],
     }
 
