@@ -1,0 +1,159 @@
+"""ZeRO / FSDP shard plans, tensor-parallel layout checks and the ZeRO paper's accounting."""
+
+from __future__ import annotations
+
+import pytest
+
+from memplan.distributed import (
+    DEEPSPEED_REDUCE_BUCKET_ELEMENTS,
+    GATHERED_LAYERS,
+    master_weights_on,
+    shard_plan,
+    zero_model_state_bytes,
+)
+from memplan.errors import MemplanError
+from memplan.specs import ModelSpec, ParallelSetup, TrainingSetup
+
+PSI = 7_500_000_000  # the ZeRO paper's 7.5B-parameter example
+N = 64  # data-parallel degree of Figure 1
+K = 12  # mixed-precision Adam: fp32 master (4) + momentum (4) + variance (4)
+
+
+def test_zero_paper_figure_1_per_gpu_model_state() -> None:
+    """Rajbhandari et al. 2020 (arXiv:1910.02054), Figure 1: 7.5B parameters, N=64, K=12.
+
+    stage 0: (2 + 2 + K) * psi             = 16 * 7.5e9          = 120 GB
+    stage 1: 2 psi + 2 psi + K psi / N     = (4 + 12/64) * 7.5e9 = 31.4 GB
+    stage 2: 2 psi + (2 + K) psi / N       = (2 + 14/64) * 7.5e9 = 16.6 GB
+    stage 3: (2 + 2 + K) psi / N           = (16/64) * 7.5e9     = 1.9 GB
+    """
+    per_gpu = [zero_model_state_bytes(PSI, stage, N) for stage in range(4)]
+    assert per_gpu == [120_000_000_000, 31_406_250_000, 16_640_625_000, 1_875_000_000]
+    assert [round(b / 10**9, 1) for b in per_gpu] == [120.0, 31.4, 16.6, 1.9]  # as printed
+
+
+@pytest.mark.parametrize("n", [1, 2, 8, 64, 1024])
+def test_zero_stages_never_increase_per_gpu_state(n: int) -> None:
+    per_gpu = [zero_model_state_bytes(PSI, stage, n) for stage in range(4)]
+    assert per_gpu == sorted(per_gpu, reverse=True)
+    if n == 1:  # one GPU: nothing to shard
+        assert len(set(per_gpu)) == 1
+
+
+def test_zero_optimizer_bytes_per_param_is_a_parameter() -> None:
+    # 8-bit Adam keeps ~2 bytes of state: stage 1 with N=8 is 2 + 2 + 2/8 bytes per parameter.
+    assert zero_model_state_bytes(8_000, 1, 8, optimizer_bytes_per_param=2) == 8_000 * 4 + 2_000
+
+
+# -- shard plans ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stage", "divisors"),
+    [(0, (1, 1, 1)), (1, (1, 1, 8)), (2, (1, 8, 8)), (3, (8, 8, 8))],
+)
+def test_each_stage_shards_one_more_kind_of_state(
+    llama_2_7b: ModelSpec, stage: int, divisors: tuple[int, int, int]
+) -> None:
+    plan = shard_plan(
+        llama_2_7b, TrainingSetup(precision="bf16"), ParallelSetup(num_gpus=8, zero_stage=stage)
+    )
+    assert (plan.weight_divisor, plan.grad_divisor, plan.optimizer_divisor) == divisors
+    # ZeRO-3 gathers the computing layer and the prefetched one; the others never gather.
+    assert plan.gather_layers == (GATHERED_LAYERS if stage == 3 else 0)
+
+
+def test_tensor_parallelism_divides_the_data_parallel_degree(llama_2_7b: ModelSpec) -> None:
+    plan = shard_plan(
+        llama_2_7b,
+        TrainingSetup(precision="bf16"),
+        ParallelSetup(num_gpus=16, tensor_parallel_degree=4, zero_stage=3),
+    )
+    assert plan.data_parallel_degree == 4
+    assert plan.weight_divisor == 4
+
+
+def test_deepspeed_reduce_bucket_is_capped_by_hidden_squared(llama_2_7b: ModelSpec) -> None:
+    setup = TrainingSetup(precision="bf16")
+    for stage in (1, 2):
+        plan = shard_plan(llama_2_7b, setup, ParallelSetup(num_gpus=8, zero_stage=stage))
+        # HF's "auto" DeepSpeed config: reduce_bucket_size = hidden_size**2 (< the 5e8 default).
+        assert plan.reduce_bucket_elements == 4096 * 4096 < DEEPSPEED_REDUCE_BUCKET_ELEMENTS
+    no_bucket = [
+        ParallelSetup(num_gpus=8, zero_stage=3),
+        ParallelSetup(num_gpus=1, zero_stage=2),  # nothing to reduce across
+        ParallelSetup(num_gpus=8, zero_stage=2, sharding="fsdp"),
+        ParallelSetup(num_gpus=8),
+    ]
+    for parallel in no_bucket:
+        assert shard_plan(llama_2_7b, setup, parallel).reduce_bucket_elements == 0
+
+
+def test_offload_flags(llama_2_7b: ModelSpec) -> None:
+    setup = TrainingSetup(precision="bf16")
+    opt = shard_plan(
+        llama_2_7b, setup, ParallelSetup(num_gpus=8, zero_stage=2, offload="optimizer")
+    )
+    assert (opt.offload_optimizer, opt.offload_params) == (True, False)
+    both = shard_plan(
+        llama_2_7b, setup, ParallelSetup(num_gpus=8, zero_stage=3, offload="optimizer+params")
+    )
+    assert (both.offload_optimizer, both.offload_params) == (True, True)
+
+
+# -- master weights ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("precision", "method", "parallel", "expected"),
+    [
+        ("bf16", "full", {"num_gpus": 8, "zero_stage": 1}, True),  # DeepSpeed bf16: fp32 master
+        ("fp16", "full", {"num_gpus": 8, "zero_stage": 3}, True),
+        ("bf16", "full", {"num_gpus": 8}, False),  # plain data parallel: torch AdamW on bf16
+        ("bf16-amp", "full", {"num_gpus": 8, "zero_stage": 2}, False),  # weights already fp32
+        ("bf16", "full", {"num_gpus": 8, "zero_stage": 2, "sharding": "fsdp"}, False),
+        ("bf16", "frozen", {"num_gpus": 8, "zero_stage": 3}, False),  # nothing to step
+        ("bf16", "lora", {"num_gpus": 8, "zero_stage": 2}, True),  # the adapters get masters
+    ],
+)
+def test_master_weights_default(
+    precision: str, method: str, parallel: dict[str, object], expected: bool
+) -> None:
+    setup = TrainingSetup(method=method, precision=precision)
+    assert master_weights_on(setup, ParallelSetup(**parallel)) is expected
+
+
+def test_explicit_master_weights_win() -> None:
+    zero = ParallelSetup(num_gpus=8, zero_stage=1)
+    assert not master_weights_on(TrainingSetup(precision="bf16", master_weights=False), zero)
+    assert master_weights_on(TrainingSetup(precision="bf16", master_weights=True), ParallelSetup())
+
+
+# -- tensor-parallel layout ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "tp", "field"),
+    [
+        ("llama-2-7b", 3, "num_attention_heads=32"),
+        ("llama-3.1-8b", 16, "num_key_value_heads=8"),  # 32 query heads split, 8 KV heads not
+        ("mistral-7b", 32, "num_key_value_heads=8"),
+    ],
+)
+def test_tensor_parallel_degree_must_divide_heads(model: str, tp: int, field: str) -> None:
+    from memplan.catalog import load_model
+
+    with pytest.raises(MemplanError, match=f"tensor_parallel_degree={tp} does not divide {field}"):
+        shard_plan(
+            load_model(model),
+            TrainingSetup(precision="bf16"),
+            ParallelSetup(num_gpus=tp, tensor_parallel_degree=tp),
+        )
+
+
+def test_tensor_parallel_degree_must_divide_the_mlp(tiny_llama: ModelSpec) -> None:
+    # tiny-llama: 4 heads, 2 KV heads, intermediate_size 352 = 2**5 * 11: tp=2 splits all.
+    shard_plan(tiny_llama, TrainingSetup(), ParallelSetup(num_gpus=2, tensor_parallel_degree=2))
+    spec = tiny_llama.model_copy(update={"intermediate_size": 351})
+    with pytest.raises(MemplanError, match="does not divide intermediate_size=351"):
+        shard_plan(spec, TrainingSetup(), ParallelSetup(num_gpus=2, tensor_parallel_degree=2))
