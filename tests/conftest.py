@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,9 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.load_profile("memplan")
+# A longer hunt before a release: HYPOTHESIS_PROFILE=thorough pytest tests
+settings.register_profile("thorough", parent=settings.get_profile("memplan"), max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "memplan"))
 
 
 @pytest.fixture(scope="session")

@@ -53,8 +53,10 @@ def embedding(
     if spec.position_embedding == "learned" and spec.family != "bert":
         # GPT-2 looks positions up for (1, seq); OPT derives them per sequence (batch, seq).
         rows = ctx.seq_len if spec.family == "gpt2" else n
+        # The gradient is as large as the table: OPT's has position_offset (2) extra rows.
+        offset = int(spec.layout.get("position_offset", 2)) if spec.family == "opt" else 0
         pos_grad = _table_grad(
-            ctx, "wpe.weight", spec.max_position_embeddings * h, trainable=trainable
+            ctx, "wpe.weight", (spec.max_position_embeddings + offset) * h, trainable=trainable
         )
         pos = seg.op(
             "embed_positions",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from memplan.analytic.context import StepContext
 from memplan.analytic.graph import Segment, Tensor
@@ -130,7 +131,7 @@ def build_model_graph(
     decoder_ctx: StepContext | None = None,
 ) -> ModelGraph:
     """Segments of every stack and the loss, for one micro-batch."""
-    common = {
+    common: dict[str, Any] = {
         "grad_ckpt": grad_ckpt,
         "ckpt_every": ckpt_every,
         "autograd": autograd,

@@ -9,6 +9,7 @@ Identical layers become one :class:`Repeat`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -195,6 +196,16 @@ class StepComposer:
                     "model output dropped",
                 )
             )
+        if not self.autograd:  # no backward consumes the loss: it goes with the outputs
+            items.append(
+                Event(
+                    -allocation_bytes(g.loss_out.nbytes),
+                    Category.LOGITS,
+                    Phase.LOSS,
+                    step,
+                    "loss dropped",
+                )
+            )
         if deferred_bytes:
             items.append(Event(-deferred_bytes, _TMP, Phase.LOSS, step, "autocast cache cleared"))
         for stack in g.stacks:
@@ -369,7 +380,7 @@ class StepComposer:
         return events, grads.get(id(lg.input)), new_cross
 
 
-def _compress(chunks: list[list[Event]], keys: list[object]) -> list[TraceItem]:
+def _compress(chunks: list[list[Event]], keys: Sequence[object]) -> list[TraceItem]:
     """Run-length encode the layer schedule into Repeats of its repeating pattern."""
     items: list[TraceItem] = []
     i = 0
@@ -385,7 +396,7 @@ def _compress(chunks: list[list[Event]], keys: list[object]) -> list[TraceItem]:
     return items
 
 
-def _period(keys: list[object]) -> int:
+def _period(keys: Sequence[object]) -> int:
     """Length of the pattern that repeats from the start of ``keys`` (every-k checkpointing)."""
     for p in range(1, min(len(keys), 16) + 1):
         reps = len(keys) // p

@@ -71,11 +71,19 @@ class ModelState:
         return items
 
 
+def _is_bias(tensor: ParamTensor) -> bool:
+    """A bias term: of a linear layer, or a LayerNorm's (beta)."""
+    return tensor.kind is ParamKind.BIAS or (
+        tensor.kind is ParamKind.NORM and tensor.name.endswith(".bias")
+    )
+
+
 def _trainable_base(tensor: ParamTensor, method: Method) -> bool:
     if method is Method.FULL:
         return True
-    # BitFit trains the bias terms only (Ben Zaken et al. 2021).
-    return method is Method.BITFIT and tensor.kind is ParamKind.BIAS
+    # BitFit trains every bias term, LayerNorm biases included (Ben Zaken et al. 2021: 0.08%
+    # of BERT-large's parameters), as the layer graphs' LayerNorm backward does.
+    return method is Method.BITFIT and _is_bias(tensor)
 
 
 def _quantized(tensor: ParamTensor, setup: TrainingSetup) -> bool:
@@ -94,9 +102,7 @@ def model_state(
     arch: Architecture, setup: TrainingSetup, ctx: StepContext, *, weight_divisor: int = 1
 ) -> ModelState:
     """Every parameter, quantization state and adapter this GPU holds."""
-    if setup.method is Method.BITFIT and not any(
-        t.kind is ParamKind.BIAS for _, t in arch.tensors()
-    ):
+    if setup.method is Method.BITFIT and not any(_is_bias(t) for _, t in arch.tensors()):
         raise MemplanError(f"method=bitfit trains biases, and {arch.spec.name} has none")
     state = ModelState(num_params=arch.num_params)
     state.layer_params = max((sum(t.numel for t in b.params) for b in arch.blocks), default=0)
