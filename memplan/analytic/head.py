@@ -14,7 +14,7 @@ from memplan.analytic.blocks import (
 )
 from memplan.analytic.context import StepContext
 from memplan.analytic.graph import ParamGrad, Segment, Tensor
-from memplan.dtypes import DType, dtype_bytes
+from memplan.dtypes import DType
 from memplan.specs.model import ModelSpec
 from memplan.trace import Category
 
@@ -22,10 +22,20 @@ _LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
 
 
 def _table_grad(
-    ctx: StepContext, label: str, numel: int, *, trainable: bool, tied: bool = False
+    ctx: StepContext,
+    label: str,
+    numel: int,
+    *,
+    trainable: bool,
+    tied: bool = False,
+    vocab_parallel: bool = False,
 ) -> ParamGrad:
-    # embedding_dense_backward writes a dense gradient of the whole table.
-    return ParamGrad(label, numel * dtype_bytes(ctx.weight_dtype) if trainable else 0, tied)
+    # embedding_dense_backward writes a dense gradient of the whole table: this rank's
+    # vocabulary shard under tensor parallelism, reduce-scattered like any other parameter's
+    # gradient under ZeRO-2/3 and FSDP.
+    if vocab_parallel:
+        numel = -(-numel // ctx.tensor_parallel_degree)
+    return ctx.param_grad(label, numel, trainable=trainable, accumulates=tied)
 
 
 def embedding(
@@ -46,6 +56,7 @@ def embedding(
         spec.vocab_size * h,
         trainable=trainable,
         tied=spec.tie_word_embeddings,
+        vocab_parallel=True,
     )
     x = seg.op("embed_tokens", [], n * h, ctx.weight_dtype, param_grads=[grad], requires_grad=rg)
     if spec.family == "gemma2":  # inputs_embeds * sqrt(hidden_size)
