@@ -312,6 +312,57 @@ def _cmd_gpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from memplan.catalog import load_model
+    from memplan.fit import fit
+
+    spec = load_model(args.model)
+    result = fit(
+        spec, setup_from_args(args), parallel_from_args(args), gpu=args.gpu, table=args.table
+    )
+    if args.json:
+        print(json.dumps(result.model_dump(mode="json"), indent=2))
+    else:
+        from memplan.report_fit import print_fit
+
+        print_fit(result)
+    return 0
+
+
+def _cmd_recommend(args: argparse.Namespace) -> int:
+    from memplan.catalog import load_model
+    from memplan.recommend import recommend
+    from memplan.throughput import parse_tokens
+
+    spec = load_model(args.model)
+    tokens = parse_tokens(args.tokens) if args.tokens else None
+    result = recommend(
+        spec, setup_from_args(args), tokens=tokens, gpu=args.gpu, parallel=parallel_from_args(args)
+    )
+    if args.json:
+        print(json.dumps(result.model_dump(mode="json"), indent=2))
+    else:
+        from memplan.report_fit import print_recommend
+
+        print_recommend(result)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from memplan.validate import validate
+
+    report = validate(Path(args.references) if args.references else None, simulate=args.simulate)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+        return 0
+    from memplan.validate import print_report
+
+    print_report(report, simulate=args.simulate)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="memplan", description="GPU memory planner for training and fine-tuning LLMs."
@@ -335,6 +386,31 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gpus", help="list hardware profiles")
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=_cmd_gpus)
+
+    f = sub.add_parser("fit", help="largest micro-batch and sequence length that fit a device")
+    f.add_argument("model", help="catalog name (memplan models) or a path to a config.json")
+    _add_setup_flags(f)
+    f.add_argument(
+        "--gpu",
+        required=True,
+        help="hardware profile (memplan gpus) or a capacity such as 48GB / 24GiB",
+    )
+    f.add_argument("--table", action="store_true", help="also a micro-batch x sequence table")
+    f.add_argument("--json", action="store_true", help="print one JSON object")
+    f.set_defaults(func=_cmd_fit)
+
+    r = sub.add_parser(
+        "recommend", help="fewest devices of each accelerator that fit, with cost and changes"
+    )
+    r.add_argument("model", help="catalog name (memplan models) or a path to a config.json")
+    _add_setup_flags(r)
+    r.add_argument("--tokens", help="training tokens for a time and cost estimate, e.g. 50M")
+    r.add_argument(
+        "--gpu",
+        help="a device to judge the given layout on; if it does not fit, list changes that would",
+    )
+    r.add_argument("--json", action="store_true", help="print one JSON object")
+    r.set_defaults(func=_cmd_recommend)
     return parser
 
 

@@ -1,0 +1,376 @@
+"""``fit``: the largest micro-batch and sequence length that fit one device, as plan() judges.
+
+Searching with full ``plan()`` calls would replay the caching allocator for every candidate (tens
+to hundreds of ms each), so the search runs on cheap predictions and confirms with ``plan()``:
+
+1. ``predict()`` gives the allocated peak in milliseconds. plan() reserves at least that much
+   (reserved >= allocated), so ``peak + CUDA context > capacity`` proves a candidate cannot fit:
+   this bounds the search from above without any replay.
+2. Inside that bound, reserved memory is estimated as ``peak * reserved / peak`` of the nearest
+   configuration plan() has judged so far (the allocator overhead ratio there; 1 before the
+   first plan() call), and the estimated boundary is tested with plan().
+3. Each plan() verdict narrows the interval (largest known fit, smallest known miss) until they
+   are adjacent: the reported largest value fits by plan() and the next one does not.
+
+Sequence lengths are multiples of ``SEQ_STEP_TOKENS``; learned position tables cap them at the
+model's ``max_position_embeddings``, other position schemes at ``SEQ_SEARCH_LIMIT_TOKENS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from memplan.analytic.predict import predict
+from memplan.catalog import load_model
+from memplan.errors import MemplanError
+from memplan.hardware import load_profile
+from memplan.overheads import CUDA_CONTEXT_BYTES
+from memplan.plan import GpuTarget, PlanResult, plan, resolve_gpu
+from memplan.specs.model import ModelSpec
+from memplan.specs.parallel import ParallelSetup
+from memplan.specs.training import TrainingSetup
+
+# Resolution of the sequence search: 128 tokens, a common pad_to_multiple_of and attention-kernel
+# tile size. A search step, not a limit.
+SEQ_STEP_TOKENS: Final = 128
+# Longest sequence searched for models without a learned position table (RoPE, ALiBi, T5's
+# relative bias): a search bound, not a property of the model.
+SEQ_SEARCH_LIMIT_TOKENS: Final = 1 << 20
+# Largest micro-batch searched.
+BATCH_SEARCH_LIMIT: Final = 1 << 16
+# The batch x sequence table: powers of two, the smallest rows and the longest columns kept.
+TABLE_MAX_ROWS: Final = 10
+TABLE_MAX_COLUMNS: Final = 10
+TABLE_FIRST_SEQ_TOKENS: Final = 256
+
+Axis = Literal["micro_batch_size", "seq_len"]
+
+
+class Capacity(BaseModel):
+    """What one device offers a run, and where the number comes from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str = Field(description="Hardware profile name, or the capacity as typed.")
+    kind: str = Field(description="discrete, unified-memory, tpu, or 'capacity' (typed size).")
+    usable_memory_bytes: int = Field(
+        description="Device total the driver reports (profile), or the typed capacity."
+    )
+    gpu_share_fraction: float = Field(
+        description="Share the accelerator may use (unified memory: the OS GPU limit)."
+    )
+    capacity_bytes: int = Field(description="What plan() judges device bytes against.")
+    context_bytes: int = Field(description="CUDA context plan() adds outside the allocator.")
+
+
+def capacity(target: GpuTarget) -> Capacity:
+    """The capacity facts of ``target`` for reports."""
+    if target.profile is None:
+        return Capacity(
+            name=target.name,
+            kind="capacity",
+            usable_memory_bytes=target.capacity_bytes,
+            gpu_share_fraction=1.0,
+            capacity_bytes=target.capacity_bytes,
+            context_bytes=target.context_bytes,
+        )
+    profile = load_profile(target.profile)
+    return Capacity(
+        name=target.name,
+        kind=profile.kind,
+        usable_memory_bytes=profile.usable_memory_bytes,
+        gpu_share_fraction=profile.gpu_share_fraction,
+        capacity_bytes=target.capacity_bytes,
+        context_bytes=target.context_bytes,
+    )
+
+
+def device_verdict(reserved_bytes: int, paged_bytes: int, target: GpuTarget) -> tuple[int, bool]:
+    """(device bytes, fits) by plan()'s rule, for a reservation judged on ``target``.
+
+    device = reserved + CUDA context + paged optimizer state; it fits when the device bytes are
+    within capacity, or would be once the paged state moves to host memory (bnb paged optimizers).
+    """
+    device = reserved_bytes + (target.context_bytes or CUDA_CONTEXT_BYTES) + paged_bytes
+    margin = target.capacity_bytes - device
+    return device, margin >= 0 or margin + paged_bytes >= 0
+
+
+class Judge:
+    """Cheap predictions and plan() verdicts of one model on one device, both cached.
+
+    ``plan_calls`` counts the replays actually run; the allocator overhead ratio of the latest
+    one estimates reserved memory for the configurations not yet planned.
+    """
+
+    def __init__(self, spec: ModelSpec, parallel: ParallelSetup, target: GpuTarget) -> None:
+        self.spec, self.parallel, self.target = spec, parallel, target
+        self._peaks: dict[TrainingSetup, tuple[int, int]] = {}
+        self._plans: dict[TrainingSetup, PlanResult] = {}
+        self._ratio: tuple[int, int] = (1, 1)  # reserved, peak of the latest plan()
+        self.plan_calls = 0
+
+    def peak(self, setup: TrainingSetup) -> tuple[int, int]:
+        """(allocated peak, paged optimizer bytes) from predict(): milliseconds."""
+        if setup not in self._peaks:
+            prediction = predict(self.spec, setup, self.parallel)
+            self._peaks[setup] = (prediction.trace.peak().peak_bytes, prediction.paged_bytes)
+        return self._peaks[setup]
+
+    def cannot_fit(self, setup: TrainingSetup) -> bool:
+        """Proof without a replay: plan() reserves at least the allocated peak."""
+        peak, paged = self.peak(setup)
+        return not device_verdict(peak, paged, self.target)[1]
+
+    def likely_fits(self, setup: TrainingSetup) -> bool:
+        """Estimate: reserved = peak x (reserved / peak of the latest plan())."""
+        peak, paged = self.peak(setup)
+        reserved = max(peak, peak * self._ratio[0] // self._ratio[1])
+        return device_verdict(reserved, paged, self.target)[1]
+
+    def plan(self, setup: TrainingSetup) -> PlanResult:
+        if setup not in self._plans:
+            result = plan(self.spec, setup, self.parallel, gpu=self.target)
+            self._plans[setup] = result
+            self._ratio = (result.reserved_bytes, result.peak_bytes)
+            self.plan_calls += 1
+        return self._plans[setup]
+
+    def fits(self, setup: TrainingSetup) -> bool:
+        return bool(self.plan(setup).fits)
+
+    def planned(self, setup: TrainingSetup) -> bool:
+        """Whether plan() has judged ``setup`` already."""
+        return setup in self._plans
+
+
+def last_true(test: Callable[[int], bool], first: int, last: int) -> int:
+    """Largest k in [first, last] with test(k), for a test true up to some k and false after.
+
+    Returns first - 1 when test(first) is false. Doubles the step, then bisects.
+
+    >>> last_true(lambda k: k * k <= 50, 1, 100)
+    7
+    """
+    if last < first or not test(first):
+        return first - 1
+    good, step = first, 1
+    while good + step <= last and test(good + step):
+        good, step = good + step, step * 2
+    bad = min(good + step, last + 1)
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        good, bad = (mid, bad) if test(mid) else (good, mid)
+    return good
+
+
+def boundary_index(judge: Judge, at: Callable[[int], TrainingSetup], limit: int) -> int:
+    """Largest k in [1, limit] that fits by plan() while k + 1 does not (0: even 1 fails).
+
+    k + 1 is either judged by plan() or proven too large by the allocated peak alone.
+    """
+    good = 0
+    bad = last_true(lambda k: not judge.cannot_fit(at(k)), 1, limit) + 1
+    while bad - good > 1:
+        guess = last_true(lambda k: judge.likely_fits(at(k)), good + 1, bad - 1)
+        guess = min(max(guess, good + 1), bad - 1)
+        good, bad = (guess, bad) if judge.fits(at(guess)) else (good, guess)
+    return good
+
+
+class Point(BaseModel):
+    """plan()'s verdict on one configuration."""
+
+    model_config = ConfigDict(frozen=True)
+
+    micro_batch_size: int
+    seq_len: int
+    peak_bytes: int = Field(description="Allocated peak (plan().peak_bytes).")
+    device_bytes: int = Field(description="plan().device_bytes: reserved + context + paged.")
+    margin_bytes: int = Field(description="Capacity minus device bytes (negative: short).")
+    fits: bool
+
+
+def point(result: PlanResult) -> Point:
+    return Point(
+        micro_batch_size=result.setup["micro_batch_size"],
+        seq_len=result.setup["seq_len"],
+        peak_bytes=result.peak_bytes,
+        device_bytes=result.device_bytes,
+        margin_bytes=result.margin_bytes or 0,
+        fits=bool(result.fits),
+    )
+
+
+class Boundary(BaseModel):
+    """The largest value of one axis that fits, with plan() at it and at the next value."""
+
+    model_config = ConfigDict(frozen=True)
+
+    axis: Axis
+    largest: int | None = Field(description="Largest value that fits; None: not even the first.")
+    step: int = Field(description="Spacing of the values searched (1 for batch, 128 for seq).")
+    limit: int = Field(description="Largest value searched.")
+    at_limit: bool = Field(description="The search bound fits: the true answer may be larger.")
+    fitting: Point | None = Field(description="plan() at the largest value.")
+    next: Point | None = Field(description="plan() one step further (does not fit).")
+
+
+def _search(judge: Judge, axis: Axis, base: TrainingSetup, step: int, limit: int) -> Boundary:
+    def at(k: int) -> TrainingSetup:
+        return base.model_copy(update={axis: k * step})
+
+    count = limit // step
+    k = boundary_index(judge, at, count)
+    return Boundary(
+        axis=axis,
+        largest=k * step if k else None,
+        step=step,
+        limit=count * step,
+        at_limit=k == count,
+        fitting=point(judge.plan(at(k))) if k else None,
+        next=point(judge.plan(at(k + 1))) if k < count else None,
+    )
+
+
+def seq_limit(spec: ModelSpec) -> tuple[int, str]:
+    """Longest sequence searched, and why."""
+    if spec.position_embedding == "learned":
+        return spec.max_position_embeddings, "the size of the learned position table"
+    return SEQ_SEARCH_LIMIT_TOKENS, f"a search bound ({spec.position_embedding} positions)"
+
+
+class Cell(BaseModel):
+    """One batch x sequence entry of the table."""
+
+    model_config = ConfigDict(frozen=True)
+
+    micro_batch_size: int
+    seq_len: int
+    peak_bytes: int = Field(description="Allocated peak from predict() (equals plan().peak_bytes).")
+    fits: bool
+    basis: Literal["plan", "bound", "row"] = Field(
+        description="plan: judged by plan(); bound: the allocated peak alone exceeds capacity; "
+        "row: follows from a plan() verdict in the same row (memory grows with sequence length)."
+    )
+
+
+class FitTable(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    batch_sizes: list[int]
+    seq_lens: list[int]
+    rows: list[list[Cell]]
+
+
+class FitResult(BaseModel):
+    """What ``memplan fit`` prints: the largest micro-batch and sequence length that fit."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: str
+    gpu: Capacity
+    setup: dict[str, Any]
+    parallel: dict[str, Any]
+    given: Point = Field(description="plan() at the given micro-batch and sequence length.")
+    batch: Boundary = Field(description="Largest micro-batch at the given sequence length.")
+    seq: Boundary = Field(description="Largest sequence length at the given micro-batch.")
+    seq_limit_reason: str
+    max_position_embeddings: int = Field(description="The model's trained context length.")
+    smallest: Point | None = Field(
+        default=None,
+        description="plan() at micro-batch 1 x one sequence step, when neither search found a "
+        "fit (None otherwise).",
+    )
+    table: FitTable | None = None
+    plan_calls: int = Field(description="Allocator replays (plan() calls) the search ran.")
+
+
+def _powers(start: int, stop: int) -> list[int]:
+    out = [start]
+    while out[-1] * 2 <= stop:
+        out.append(out[-1] * 2)
+    return out
+
+
+def _table(judge: Judge, base: TrainingSetup, seq_cap: int) -> FitTable:
+    """Powers-of-two batches and sequences around the boundary (the given values included)."""
+
+    def at(batch: int, seq: int) -> TrainingSetup:
+        return base.model_copy(update={"micro_batch_size": batch, "seq_len": seq})
+
+    seqs = _powers(TABLE_FIRST_SEQ_TOKENS, seq_cap)
+    fits_1 = last_true(lambda i: not judge.cannot_fit(at(1, seqs[i - 1])), 1, len(seqs))
+    seqs = sorted({*seqs[: fits_1 + 1], base.seq_len})[-TABLE_MAX_COLUMNS:]
+    most = last_true(lambda b: not judge.cannot_fit(at(b, seqs[0])), 1, BATCH_SEARCH_LIMIT)
+    batches = _powers(1, max(2 * most, 1))[:TABLE_MAX_ROWS]
+    batches = sorted({*batches, base.micro_batch_size})
+    rows = []
+    for batch in batches:
+
+        def along_row(i: int, batch: int = batch) -> TrainingSetup:
+            return at(batch, seqs[i - 1])
+
+        k = boundary_index(judge, along_row, len(seqs))
+        row = []
+        for i, seq in enumerate(seqs, start=1):
+            setup = at(batch, seq)
+            basis: Literal["plan", "bound", "row"] = (
+                "plan" if judge.planned(setup) else "bound" if judge.cannot_fit(setup) else "row"
+            )
+            peak = judge.peak(setup)[0]
+            row.append(
+                Cell(micro_batch_size=batch, seq_len=seq, peak_bytes=peak, fits=i <= k, basis=basis)
+            )
+        rows.append(row)
+    return FitTable(batch_sizes=batches, seq_lens=seqs, rows=rows)
+
+
+def fit(
+    model: str | ModelSpec,
+    setup: TrainingSetup | None = None,
+    parallel: ParallelSetup | None = None,
+    *,
+    gpu: str | GpuTarget,
+    table: bool = False,
+) -> FitResult:
+    """Largest micro-batch (at ``setup.seq_len``) and sequence (at its micro-batch) on ``gpu``.
+
+    >>> r = fit("tiny-llama", TrainingSetup(method="lora", seq_len=256), gpu="1GiB")
+    >>> r.batch.fitting.fits, r.batch.next.fits, r.batch.next.micro_batch_size - r.batch.largest
+    (True, False, 1)
+    """
+    spec = load_model(model) if isinstance(model, str) else model
+    setup = setup or TrainingSetup()
+    parallel = parallel or ParallelSetup()
+    target = resolve_gpu(gpu) if isinstance(gpu, str) else gpu
+    judge = Judge(spec, parallel, target)
+    cap, reason = seq_limit(spec)
+    if cap < SEQ_STEP_TOKENS:
+        raise MemplanError(
+            f"{spec.name} takes at most {cap} tokens, below the {SEQ_STEP_TOKENS} step"
+        )
+    given = point(judge.plan(setup))  # first: its overhead ratio seeds the estimates
+    seq = _search(judge, "seq_len", setup, SEQ_STEP_TOKENS, cap)
+    batch = _search(judge, "micro_batch_size", setup, 1, BATCH_SEARCH_LIMIT)
+    smallest = None
+    if batch.largest is None and seq.largest is None:  # does anything fit at all?
+        tiny = setup.model_copy(update={"micro_batch_size": 1, "seq_len": SEQ_STEP_TOKENS})
+        smallest = point(judge.plan(tiny))
+    return FitResult(
+        model=spec.name,
+        gpu=capacity(target),
+        setup=setup.model_dump(mode="json"),
+        parallel=parallel.model_dump(mode="json"),
+        given=given,
+        batch=batch,
+        seq=seq,
+        seq_limit_reason=reason,
+        max_position_embeddings=spec.max_position_embeddings,
+        smallest=smallest,
+        table=_table(judge, setup, cap) if table else None,
+        plan_calls=judge.plan_calls,
+    )
