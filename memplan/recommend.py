@@ -613,7 +613,8 @@ def changes(
     *,
     scale_out: tuple[Pick, ...] = (),
 ) -> list[Change]:
-    """Single changes to a run that does not fit on ``target``, ranked by device bytes saved.
+    """Single changes to a run that does not fit on ``target``, ranked by device bytes saved
+    (changes that free nothing are left out).
 
     Each is judged by plan() on ``target``; ``scale_out`` adds the recommended device counts
     above the given one. A chunked loss is not offered: the analytical model has no chunked
@@ -654,4 +655,5 @@ def changes(
                 parallel=result.parallel,
             )
         )
-    return sorted(out, key=lambda c: -c.saved_bytes)
+    # A change that frees nothing (e.g. an 8-bit optimizer for a few adapter weights) is noise.
+    return sorted((c for c in out if c.saved_bytes > 0), key=lambda c: -c.saved_bytes)
