@@ -411,6 +411,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=_cmd_recommend)
+
+    v = sub.add_parser(
+        "validate", help="predict the published reference measurements and report the error"
+    )
+    v.add_argument("--json", action="store_true", help="rows and summary as one JSON object")
+    v.add_argument(
+        "--simulate",
+        action="store_true",
+        help="also trace each single-GPU case on fake tensors (needs the torch and hf extras)",
+    )
+    v.add_argument(
+        "--references",
+        help="folder holding cases/ and configs/ (default: validation/references of this checkout)",
+    )
+    v.set_defaults(func=_cmd_validate)
     return parser
 
 
