@@ -33,16 +33,18 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from memplan.architecture import architecture, count_params
 from memplan.catalog import catalog_record
 from memplan.specs import ModelSpec, TrainingSetup
+from memplan.specs.model import Family
 from memplan.validate import (
     MISS_THRESHOLD,
     REFERENCES_DIR,
     CaseResult,
     ReferenceCase,
+    ValidationReport,
     case_model,
     load_cases,
     validate,
@@ -79,9 +81,9 @@ def hf_config(case: ReferenceCase) -> dict[str, Any]:
     if not name.endswith(".json"):
         return dict(catalog_record(name)["config"])
     path = REFERENCES_DIR / name
-    stem = path.name.removesuffix(".json")
-    if "." in stem:  # configs/phi-1_5.falcon.json stands in for configs/phi-1_5.json
-        path = path.with_name(stem.split(".", 1)[0] + ".json")
+    stem, _, family = path.name.removesuffix(".json").rpartition(".")
+    if family in get_args(Family):  # configs/phi-1_5.falcon.json stands in for phi-1_5.json
+        path = path.with_name(stem + ".json")
     config: dict[str, Any] = json.loads(path.read_text())
     return {**config, **(case.memplan.model_overrides or {})}
 
@@ -103,6 +105,8 @@ def _accelerate_dtype(setup: TrainingSetup) -> str:
         return "int4"
     if setup.quant.value == "int8":
         return "int8"
+    if setup.precision.is_amp and setup.method.value == "full":
+        return "float16"  # accelerate's float16 training estimate is mixed precision
     return "float16" if setup.precision.value in ("bf16", "fp16") else "float32"
 
 
@@ -217,6 +221,7 @@ def llm_analysis_estimate(case: ReferenceCase) -> Estimate:
         max_seq_len=max(spec.max_position_embeddings, setup.seq_len),
         num_key_value_heads=spec.num_key_value_heads,
         ffn_embed_dim=spec.intermediate_size,
+        expansion_ratio=spec.intermediate_size / spec.hidden_size,
         model_type=spec.family,
     )
     analysis = LLMAnalysis(
@@ -380,10 +385,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-md", type=Path, default=ROOT / "docs" / "accuracy.md")
     parser.add_argument("--out-json", type=Path, default=REFERENCES_DIR / "estimators.json")
+    parser.add_argument(
+        "--memplan-json",
+        type=Path,
+        help="reuse the output of `memplan validate --json` instead of predicting again",
+    )
     args = parser.parse_args(argv)
     logging.disable(logging.WARNING)  # llm-analysis and DeepSpeed log at import and per call
 
-    report = validate()
+    if args.memplan_json:
+        data = json.loads(args.memplan_json.read_text())
+        report = ValidationReport(
+            rows=[CaseResult.model_validate(r) for r in data["rows"]], simulator=data["simulator"]
+        )
+    else:
+        report = validate()
     memplan_rows: dict[str, CaseResult] = {r.id: r for r in report.rows}
     rows = []
     for case in load_cases():
