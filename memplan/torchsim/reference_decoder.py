@@ -47,6 +47,8 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
         self.inv_freq: torch.Tensor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # transformers keeps the unscaled frequencies too (dynamic rope types rescale inv_freq).
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
         self.attention_scaling = 1.0  # default rope: no scaling (transformers multiplies anyway)
 
     def forward(
@@ -154,7 +156,7 @@ def causal_mask(batch: int, seq_len: int, like: torch.Tensor) -> torch.Tensor:
     for eager attention: a boolean (1, 1, s, s) comparison expanded over the batch, then where().
     """
     positions = torch.arange(seq_len, device=like.device)
-    allowed = (positions[None, :] <= positions[:, None]).view(1, 1, seq_len, seq_len)
+    allowed = positions[None, None, None, :] <= positions[None, None, :, None]
     allowed = allowed.expand(batch, 1, seq_len, seq_len)
     zero = torch.zeros((), dtype=like.dtype, device=like.device)
     return torch.where(allowed, zero, torch.finfo(like.dtype).min)
@@ -190,14 +192,16 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             # As transformers' GradientCheckpointingLayer: checkpoint the body, keep the hooks
-            # of __call__ outside; only the hidden state is a positional (saved) input.
-            body = partial(self._body, cos=cos, sin=sin, mask=mask)
+            # of __call__ outside; only the hidden state is a positional (saved) input, the
+            # keyword inputs (position ids included) live in the recompute closure.
+            body = partial(self._body, cos=cos, sin=sin, mask=mask, position_ids=position_ids)
             out: torch.Tensor = checkpoint(body, hidden_states, use_reentrant=False)
             return out
-        return self._body(hidden_states, cos=cos, sin=sin, mask=mask)
+        return self._body(hidden_states, cos=cos, sin=sin, mask=mask, position_ids=position_ids)
 
     def _body(
         self,
@@ -205,6 +209,7 @@ class DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         residual = hidden_states
         hidden_states = self.self_attn(self.input_layernorm(hidden_states), cos, sin, mask)
@@ -227,14 +232,15 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        # + past_seen_tokens (0 without a cache): transformers' positions are a new tensor.
+        position_ids = (torch.arange(input_ids.shape[1], device=input_ids.device) + 0).unsqueeze(0)
         batch, seq_len = input_ids.shape
         mask = (
             causal_mask(batch, seq_len, hidden_states) if self.implementation == "eager" else None
         )
         cos, sin = self.rotary_emb(hidden_states, position_ids)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, cos, sin, mask)
+            hidden_states = layer(hidden_states, cos, sin, mask, position_ids)
         out: torch.Tensor = self.norm(hidden_states)
         return out
 
@@ -258,6 +264,11 @@ class ReferenceDecoder(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self._input_grad_hook: Any = None
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Read by peft, which assumes checkpointing (input grads on) when it is missing."""
+        return any(layer.gradient_checkpointing for layer in self.model.layers)
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **_: Any
