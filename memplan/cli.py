@@ -211,14 +211,93 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from memplan.plan import plan
 
     spec = load_model(args.model)
-    result = plan(spec, setup_from_args(args), parallel_from_args(args), gpu=args.gpu)
+    setup, parallel = setup_from_args(args), parallel_from_args(args)
+    result = plan(spec, setup, parallel, gpu=args.gpu)
     if args.json:
         print(json.dumps(result.model_dump(mode="json"), indent=2))
     else:
         from memplan.report import print_plan
 
         print_plan(result)
+    if args.plot:
+        from memplan.analytic.predict import predict
+        from memplan.plot import plan_figure
+
+        _save_figure(plan_figure(result, predict(spec, setup, parallel).trace), args.plot)
     return 0
+
+
+_PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def _plot_path(text: str) -> str:
+    if not text.lower().endswith(_PLOT_SUFFIXES):
+        raise argparse.ArgumentTypeError(
+            f"cannot write a picture to {text!r}: end the name in {', '.join(_PLOT_SUFFIXES)}"
+        )
+    return text
+
+
+def _save_figure(fig: Any, path: str) -> None:
+    from memplan.plot import save
+
+    try:
+        written = save(fig, path)
+    except OSError as exc:
+        raise MemplanError(f"--plot: cannot write {path}: {exc.strerror or exc}") from exc
+    print(f"wrote {written}", file=sys.stderr)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from memplan.catalog import load_model
+    from memplan.compare import (
+        DEFAULT_CAPACITY_GPUS,
+        Case,
+        capacities,
+        compare_cases,
+        comparison_table,
+    )
+
+    if args.method is not None:
+        raise MemplanError("compare takes --methods (a comma list), not --method")
+    models = [*([args.model] if args.model else []), *_comma_list(args.models)]
+    methods = _comma_list(args.methods)
+    if not models:
+        raise MemplanError("compare: name a model (or --models a,b)")
+    if not methods:
+        raise MemplanError("compare: --methods is empty")
+    specs = [load_model(m) for m in dict.fromkeys(models)]
+    parallel = parallel_from_args(args)
+    cases = [
+        Case(
+            label=method,
+            model=spec,
+            setup=setup_from_args(argparse.Namespace(**{**vars(args), "method": method})),
+            parallel=parallel,
+            group=spec.name if len(specs) > 1 else "",
+        )
+        for spec in specs
+        for method in dict.fromkeys(methods)
+    ]
+    result = compare_cases(cases, gpu=args.gpu)
+    if args.json:
+        print(json.dumps(result.model_dump(mode="json"), indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(comparison_table(result))
+    if args.plot:
+        from memplan.plot import breakdown_figure
+
+        lines = capacities([*DEFAULT_CAPACITY_GPUS, *([args.gpu] if args.gpu else [])])
+        names = ", ".join(s.name for s in specs)
+        title = f"{names}: " + " vs ".join(dict.fromkeys(methods))
+        _save_figure(breakdown_figure(result, capacities=lines, title=title), args.plot)
+    return 0
+
+
+def _comma_list(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -377,7 +456,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--gpu", help="hardware profile (memplan gpus) or a capacity such as 48GB / 24GiB"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--plot", type=_plot_path, metavar="PATH", help="also draw the breakdown and timeline"
+    )
     p.set_defaults(func=_cmd_plan)
+
+    c = sub.add_parser("compare", help="several methods or models side by side (table + plot)")
+    c.add_argument("model", nargs="?", help="catalog name or a path to a config.json")
+    c.add_argument("--models", help="more models, a comma list (llama-2-7b,llama-65b)")
+    c.add_argument(
+        "--methods", default="full,lora,qlora", help="comma list (default full,lora,qlora)"
+    )
+    _add_setup_flags(c)
+    c.set_defaults(method=None)  # one setup per --methods entry
+    c.add_argument(
+        "--gpu", help="hardware profile or capacity to judge against (also drawn as a line)"
+    )
+    c.add_argument(
+        "--plot", type=_plot_path, metavar="PATH", help="stacked bars with 24/48/80 GB lines"
+    )
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(func=_cmd_compare)
 
     m = sub.add_parser("models", help="list the built-in model catalog")
     m.add_argument("--json", action="store_true")
