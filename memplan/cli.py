@@ -396,15 +396,23 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     from memplan.fit import fit
 
     spec = load_model(args.model)
-    result = fit(
-        spec, setup_from_args(args), parallel_from_args(args), gpu=args.gpu, table=args.table
-    )
+    # The picture is the batch x sequence table: --plot computes it, --table prints it.
+    table = args.table or args.plot is not None
+    result = fit(spec, setup_from_args(args), parallel_from_args(args), gpu=args.gpu, table=table)
+    shown = result if args.table else result.model_copy(update={"table": None})
     if args.json:
-        print(json.dumps(result.model_dump(mode="json"), indent=2))
+        print(json.dumps(shown.model_dump(mode="json"), indent=2))
     else:
         from memplan.report_fit import print_fit
 
-        print_fit(result)
+        print_fit(shown)
+    if args.plot:
+        from memplan.compare import gpu_label, grid_from_fit
+        from memplan.plot import heatmap_figure
+
+        on = gpu_label(result.gpu.name)
+        title = f"{result.model} {result.setup['method']} on {on}: micro-batch x sequence length"
+        _save_figure(heatmap_figure(grid_from_fit(result), title=title), args.plot)
     return 0
 
 
@@ -495,6 +503,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="hardware profile (memplan gpus) or a capacity such as 48GB / 24GiB",
     )
     f.add_argument("--table", action="store_true", help="also a micro-batch x sequence table")
+    f.add_argument(
+        "--plot", type=_plot_path, metavar="PATH", help="draw the batch x sequence table"
+    )
     f.add_argument("--json", action="store_true", help="print one JSON object")
     f.set_defaults(func=_cmd_fit)
 

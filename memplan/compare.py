@@ -12,7 +12,7 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,6 +24,9 @@ from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import ParallelSetup, Sharding
 from memplan.specs.training import TrainingSetup
 from memplan.trace import Trace
+
+if TYPE_CHECKING:
+    from memplan.fit import FitResult
 
 DEFAULT_METHODS: Final = ("full", "lora", "qlora")
 # The three card sizes people ask about: 24 GB consumer, 48 GB workstation, 80 GB data centre.
@@ -234,10 +237,13 @@ class PeakGrid:
     model: str
     batch_sizes: tuple[int, ...]
     seq_lens: tuple[int, ...]
-    device_bytes: tuple[tuple[int, ...], ...]  # what nvidia-smi would show, [batch][seq]
+    cell_bytes: tuple[tuple[int, ...], ...]  # [batch][seq], what ``quantity`` names
     capacity_bytes: int | None
     gpu: str | None
     fits: tuple[tuple[bool, ...], ...] | None  # plan()'s verdict per cell (paging included)
+    # "device": what nvidia-smi would show (plan().device_bytes); "allocated": the allocated
+    # peak (plan().peak_bytes), as ``memplan fit``'s table holds it.
+    quantity: Literal["device", "allocated"] = "device"
 
 
 def peak_grid(
@@ -263,10 +269,31 @@ def peak_grid(
         model=spec.name,
         batch_sizes=tuple(batch_sizes),
         seq_lens=tuple(seq_lens),
-        device_bytes=tuple(tuple(r.device_bytes for r in row) for row in results),
+        cell_bytes=tuple(tuple(r.device_bytes for r in row) for row in results),
         capacity_bytes=target.capacity_bytes if target else None,
         gpu=target.name if target else None,
         fits=tuple(tuple(bool(r.fits) for r in row) for row in results) if target else None,
+    )
+
+
+def grid_from_fit(result: FitResult) -> PeakGrid:
+    """The batch x sequence table of ``memplan fit --table`` as a grid of allocated peaks.
+
+    ``fit`` judges each cell with plan() (or a bound that proves it cannot fit) but keeps
+    only the allocated peak of each, so the cells hold ``peak_bytes``, not device bytes.
+    """
+    table = result.table
+    if table is None:
+        raise MemplanError("this fit result has no table: call fit(..., table=True)")
+    return PeakGrid(
+        model=result.model,
+        batch_sizes=tuple(table.batch_sizes),
+        seq_lens=tuple(table.seq_lens),
+        cell_bytes=tuple(tuple(c.peak_bytes for c in row) for row in table.rows),
+        capacity_bytes=result.gpu.capacity_bytes,
+        gpu=result.gpu.name,
+        fits=tuple(tuple(c.fits for c in row) for row in table.rows),
+        quantity="allocated",
     )
 
 

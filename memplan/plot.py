@@ -95,6 +95,7 @@ BOUNDARY_COLOR: Final = "#CC3311"
 CLIP_RATIO: Final = 2.5  # clip bars taller than this many times the largest capacity...
 CLIP_TOP: Final = 1.5  # ...at this many times it
 GIB_AXIS_LABEL: Final = "memory per GPU (GiB = 2³⁰ bytes)"
+ALLOCATED_AXIS_LABEL: Final = "allocated peak per GPU (GiB = 2³⁰ bytes)"
 
 
 def _legend_outside(
@@ -629,9 +630,10 @@ def peak_heatmap(
     """Per-GPU memory (GiB) for each micro-batch (rows) and sequence length (columns).
 
     With a GPU in ``grid``, cells that do not fit are grey and a line separates them from
-    those that do; hatched cells fit only because paged optimizer state can move to the host.
+    those that do; hatched cells fit only because paged optimizer state can move to the host
+    (known for grids of device bytes, see :class:`memplan.compare.PeakGrid`).
     """
-    values = np.array(grid.device_bytes, dtype=np.float64) / 2**30
+    values = np.array(grid.cell_bytes, dtype=np.float64) / 2**30
     fits = np.array(grid.fits, dtype=bool) if grid.fits is not None else np.ones(values.shape, bool)
     shown = np.ma.masked_array(values, mask=~fits)
     cmap = ListedColormap(_viridis_light()).with_extremes(bad=NO_FIT_COLOR)
@@ -645,8 +647,10 @@ def peak_heatmap(
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel("micro-batch size")
     capacity = grid.capacity_bytes
-    over = np.array(grid.device_bytes) > capacity if capacity is not None else ~fits
-    paged_only = fits & over
+    if grid.quantity == "device" and capacity is not None:
+        paged_only = fits & (np.array(grid.cell_bytes) > capacity)
+    else:  # allocated peaks cannot tell which cells fit only by paging
+        paged_only = np.zeros(values.shape, bool)
     texts: list[list[Text]] = []
     if annotate:
         for r, row in enumerate(values):
@@ -684,7 +688,8 @@ def peak_heatmap(
     bar = None
     if colorbar:
         bar = ax.figure.colorbar(image, ax=ax, shrink=0.9, pad=0.02)
-        bar.set_label(GIB_AXIS_LABEL + (", cells that fit" if grid.fits else ""), fontsize=8)
+        what = GIB_AXIS_LABEL if grid.quantity == "device" else ALLOCATED_AXIS_LABEL
+        bar.set_label(what + (", cells that fit" if grid.fits else ""), fontsize=8)
     artists = HeatmapArtists(image, boundary, texts, paged, bar)
     if legend and grid.gpu is not None:
         name = gpu_label(grid.gpu)
@@ -692,7 +697,7 @@ def peak_heatmap(
             Line2D([], [], color=BOUNDARY_COLOR, linewidth=2.2, label=f"fit boundary ({name})"),
             Patch(
                 facecolor=NO_FIT_COLOR,
-                label=f"does not fit: over {gib(grid.capacity_bytes or 0):.1f} GiB",
+                label=f"does not fit in {gib(grid.capacity_bytes or 0):.1f} GiB",
             ),
         ]
         if paged:

@@ -136,14 +136,14 @@ def test_peak_grid_cells_are_plans() -> None:
     corner = plan(
         "llama-2-7b", compare.varied(setup, micro_batch_size=8, seq_len=4096), gpu="rtx-4090"
     )
-    assert grid.device_bytes[1][1] == corner.device_bytes
+    assert grid.cell_bytes[1][1] == corner.device_bytes
     assert grid.fits is not None
     assert grid.fits[1][1] == corner.fits
     assert grid.fits[0][0]
     assert not grid.fits[1][1]
     # Memory grows along both axes.
-    assert grid.device_bytes[0][0] < grid.device_bytes[0][1] < grid.device_bytes[1][1]
-    assert grid.device_bytes[0][0] < grid.device_bytes[1][0]
+    assert grid.cell_bytes[0][0] < grid.cell_bytes[0][1] < grid.cell_bytes[1][1]
+    assert grid.cell_bytes[0][0] < grid.cell_bytes[1][0]
     no_gpu = compare.peak_grid("tiny-llama", setup, batch_sizes=(1,), seq_lens=(128,))
     assert no_gpu.fits is None
     assert no_gpu.capacity_bytes is None
@@ -300,4 +300,37 @@ def test_cli_plan_plot(run_cli: Callable[..., Any], tmp_path: Path) -> None:
     )
     assert run.code == 0, run.err
     assert run.json()["model"] == "tiny-llama"  # stdout stays one JSON object
+    assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_grid_from_fit_keeps_the_table() -> None:
+    from memplan.fit import fit
+
+    result = fit("tiny-llama", TrainingSetup(method="lora", seq_len=256), gpu="1GiB", table=True)
+    grid = compare.grid_from_fit(result)
+    assert result.table is not None
+    assert grid.quantity == "allocated"
+    assert list(grid.batch_sizes) == result.table.batch_sizes
+    assert list(grid.seq_lens) == result.table.seq_lens
+    assert [list(row) for row in grid.cell_bytes] == [
+        [c.peak_bytes for c in row] for row in result.table.rows
+    ]
+    assert grid.fits is not None
+    assert any(map(any, grid.fits))
+    assert grid.capacity_bytes == 2**30
+    no_table = fit("tiny-llama", TrainingSetup(method="lora", seq_len=256), gpu="1GiB")
+    with pytest.raises(MemplanError, match="no table"):
+        compare.grid_from_fit(no_table)
+
+
+def test_cli_fit_plot_draws_the_table_and_prints_as_before(
+    run_cli: Callable[..., Any], tmp_path: Path
+) -> None:
+    out = tmp_path / "fit.png"
+    argv = ["fit", "tiny-llama", "--method", "lora", "--seq", "256", "--gpu", "1GiB", "--json"]
+    plain = run_cli(*argv)
+    with_plot = run_cli(*argv, "--plot", str(out))
+    assert with_plot.code == 0, with_plot.err
+    assert with_plot.json()["table"] is None  # --plot alone does not print the table
+    assert with_plot.json()["batch"] == plain.json()["batch"]
     assert out.read_bytes()[:8] == PNG_MAGIC

@@ -231,9 +231,9 @@ def test_heatmap_cells_are_the_grid(grid: compare.PeakGrid, tmp_path: Path) -> N
     drawn = plot.peak_heatmap(ax, grid)
     data = drawn.image.get_array()
     assert data is not None
-    assert np.asarray(data.data) == pytest.approx(np.array(grid.device_bytes) / GiB)
+    assert np.asarray(data.data) == pytest.approx(np.array(grid.cell_bytes) / GiB)
     assert np.array_equal(np.ma.getmaskarray(np.ma.asarray(data)), ~np.array(grid.fits))
-    assert drawn.cell_texts[1][2].get_text() == f"{grid.device_bytes[1][2] / GiB:,.1f}"
+    assert drawn.cell_texts[1][2].get_text() == f"{grid.cell_bytes[1][2] / GiB:,.1f}"
     assert drawn.cell_texts[1][2].get_position() == (2, 1)
     # Both fit and miss occur, and the boundary runs exactly between them.
     assert any(map(any, grid.fits or ()))
@@ -259,7 +259,7 @@ def test_heatmap_hatches_cells_that_fit_only_by_paging() -> None:
         model="m",
         batch_sizes=(1, 2),
         seq_lens=(512,),
-        device_bytes=((40 * GiB,), (50 * GiB,)),
+        cell_bytes=((40 * GiB,), (50 * GiB,)),
         capacity_bytes=48 * GiB,
         gpu="48GiB",
         fits=((True,), (True,)),
@@ -353,3 +353,20 @@ def test_figures_save(methods: compare.Comparison, grid: compare.PeakGrid, tmp_p
         if name.endswith(".png"):
             assert _is_png(path)
     assert "fits" in figures["plan.png"].get_suptitle()
+
+
+def test_heatmap_of_allocated_peaks_says_so() -> None:
+    grid = compare.PeakGrid(
+        model="m",
+        batch_sizes=(1, 2),
+        seq_lens=(512,),
+        cell_bytes=((40 * GiB,), (50 * GiB,)),
+        capacity_bytes=48 * GiB,
+        gpu="48GiB",
+        fits=((True,), (False,)),
+        quantity="allocated",
+    )
+    drawn = plot.peak_heatmap(plot.new_figure().add_subplot(), grid)
+    assert drawn.paged_cells == []
+    assert drawn.colorbar is not None
+    assert drawn.colorbar.ax.get_ylabel().startswith(plot.ALLOCATED_AXIS_LABEL)
