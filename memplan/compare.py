@@ -358,6 +358,7 @@ class ValidationPoint:
 
 _PREDICTED_KEYS: Final = ("predicted_bytes", "prediction_bytes", "predicted_peak_bytes")
 _MEASURED_KEYS: Final = ("measured_bytes", "measured_peak_bytes")
+MEMPLAN: Final = "memplan"
 VALIDATION_DIR: Final = Path(__file__).resolve().parents[1] / "validation"
 """``validation/`` of this source checkout (not shipped in the wheel)."""
 
@@ -366,31 +367,41 @@ def _int_field(record: dict[str, Any], keys: Sequence[str]) -> int | None:
     return next((record[k] for k in keys if isinstance(record.get(k), int)), None)
 
 
-def _points_in(data: Any, source: str) -> list[ValidationPoint]:
-    """Records holding both a predicted and a measured byte count, at any depth."""
+def _predicted(record: dict[str, Any], estimator: str) -> int | None:
+    """The estimator's prediction in a record: ``{estimator: {"bytes": n}}`` (the estimator
+    comparison of ``validation/references/estimators.json``), or, for memplan, a top-level
+    ``predicted_bytes`` (``memplan validate --json`` rows)."""
+    nested = record.get(estimator)
+    if isinstance(nested, dict) and isinstance(nested.get("bytes"), int):
+        return int(nested["bytes"])
+    return _int_field(record, _PREDICTED_KEYS) if estimator == MEMPLAN else None
+
+
+def _points_in(data: Any, source: str, estimator: str) -> list[ValidationPoint]:
+    """Records holding both a prediction and a measured byte count, at any depth."""
     found: list[ValidationPoint] = []
     if isinstance(data, list):
         for item in data:
-            found.extend(_points_in(item, source))
+            found.extend(_points_in(item, source, estimator))
     elif isinstance(data, dict):
-        predicted = _int_field(data, _PREDICTED_KEYS)
         measured = _int_field(data, _MEASURED_KEYS)
-        if predicted is not None and measured is not None and measured > 0:
-            label = str(data.get("id") or data.get("name") or data.get("label") or len(found))
-            metric = str(data.get("metric") or "unknown")
-            origin = data.get("source")
-            found.append(
-                ValidationPoint(
-                    label,
-                    predicted,
-                    measured,
-                    metric,
-                    origin if isinstance(origin, str) and origin else source,
+        if measured is not None:
+            predicted = _predicted(data, estimator)
+            if predicted is not None and measured > 0:
+                label = str(data.get("id") or data.get("name") or data.get("label") or len(found))
+                origin = data.get("source")
+                found.append(
+                    ValidationPoint(
+                        label,
+                        predicted,
+                        measured,
+                        str(data.get("metric") or "unknown"),
+                        origin if isinstance(origin, str) and origin else source,
+                    )
                 )
-            )
         else:
             for value in data.values():
-                found.extend(_points_in(value, source))
+                found.extend(_points_in(value, source, estimator))
     return found
 
 
@@ -404,21 +415,26 @@ def _records(path: Path) -> Any:
         raise MemplanError(f"{path}: not valid JSON ({exc.msg})") from exc
 
 
-def validation_points(root: str | Path | None = None) -> list[ValidationPoint]:
+def validation_points(
+    root: str | Path | None = None, *, estimator: str = MEMPLAN
+) -> list[ValidationPoint]:
     """Predicted-vs-measured pairs committed under ``root`` (default: this checkout's
     ``validation/``).
 
     Reads every ``*.json`` / ``*.jsonl`` under ``results/`` and ``references/`` (recursively)
-    and keeps the records that carry both a prediction and a measurement in bytes
-    (``predicted_bytes`` and ``measured_bytes``, as ``memplan validate --json`` rows do).
-    Records with a measurement only are skipped. Empty when nothing has been committed.
+    and keeps the records that carry a measurement (``measured_bytes``) and ``estimator``'s
+    prediction of it: ``predicted_bytes`` (``memplan validate --json`` rows) or
+    ``{estimator: {"bytes": ...}}`` (the estimator comparison, where ``estimator`` may also be
+    ``accelerate``, ``deepspeed`` or ``llm-analysis``). Records with a measurement only are
+    skipped. Empty when nothing has been committed.
     """
     folder = Path(root) if root is not None else VALIDATION_DIR
     points: list[ValidationPoint] = []
     for sub in ("results", "references"):
         for path in sorted((folder / sub).rglob("*.json*")):
             if path.suffix in (".json", ".jsonl"):
-                points.extend(_points_in(_records(path), str(path.relative_to(folder))))
+                where = str(path.relative_to(folder))
+                points.extend(_points_in(_records(path), where, estimator))
     return points
 
 
@@ -534,6 +550,33 @@ def trace_table(traces: Mapping[str, Trace]) -> Any:
     table.add_section()
     table.add_row("peak", *(format_bytes(p.peak_bytes) for p in peaks.values()), style="bold")
     table.add_row("in", *(f"step {p.step} {p.phase.value}" for p in peaks.values()))
+    return table
+
+
+def error_table(
+    points: Mapping[str, Sequence[ValidationPoint]], band_fraction: float = 0.05
+) -> Any:
+    """A rich table: per estimator, the cases it predicts and its median and worst error."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(
+        title="|predicted - measured| / measured", title_justify="left", box=box.SIMPLE_HEAD
+    )
+    for name in ("estimator", "cases", "median", "worst", f"within ±{band_fraction:.0%}"):
+        table.add_column(name, justify="left" if name == "estimator" else "right")
+    for name, pts in points.items():
+        if not pts:
+            table.add_row(name, "0", "-", "-", "-")
+            continue
+        s = error_summary(pts, band_fraction)
+        table.add_row(
+            name,
+            str(s.num_points),
+            f"{s.median_abs_error:.1%}",
+            f"{s.max_abs_error:.1%}",
+            f"{s.within_band}",
+        )
     return table
 
 

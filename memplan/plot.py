@@ -23,6 +23,7 @@ from typing import Final, Literal
 import numpy as np
 from matplotlib.artist import Artist
 from matplotlib.axes import Axes
+from matplotlib.axis import Axis
 from matplotlib.collections import FillBetweenPolyCollection, LineCollection, PathCollection
 from matplotlib.colorbar import Colorbar
 from matplotlib.colors import ListedColormap, Normalize
@@ -330,6 +331,13 @@ def _group_labels(ax: Axes, x: Sequence[float], groups: Sequence[str], tick_line
             start = i
 
 
+def _plain_log_ticks(axis: Axis) -> None:
+    """Ticks at 1, 2, 5 x 10^k labelled as plain numbers (0.5, 20, 1,000), not 2x10^1."""
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 # ---------------------------------------------------------------------------------------------
 # Scaling: per-GPU memory as the model or the GPU count grows
 
@@ -392,9 +400,7 @@ def scaling_lines(
     ax.set_xlabel("GPUs (data parallel)" if x == "num_gpus" else "parameters (billions)")
     ax.set_ylabel(GIB_AXIS_LABEL)
     ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,g}"))
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    _plain_log_ticks(ax.yaxis)
     ax.grid(color="#EEEEEE", zorder=0)
     lines_at = capacity_lines(ax, capacities, text=False) if capacities else {}
     artists = ScalingArtists(lines, lines_at)
@@ -742,7 +748,7 @@ def _light(image: AxesImage, value: float) -> bool:
 class ScatterArtists:
     """What :func:`prediction_scatter` drew."""
 
-    points: dict[str, PathCollection]  # metric -> (measured, predicted) in GiB
+    points: dict[str, PathCollection]  # metric or source -> (measured, predicted) in GiB
     identity: Line2D
     band: FillBetweenPolyCollection
     labels: list[Annotation]
@@ -754,13 +760,16 @@ def prediction_scatter(
     points: Sequence[ValidationPoint],
     *,
     band_fraction: float = 0.05,
+    by: Literal["metric", "source"] = "metric",
     annotate: bool = False,
     log: bool | None = None,
     legend: bool = True,
 ) -> ScatterArtists:
     """Predicted against measured peak (GiB) per run, the diagonal and a ±``band_fraction`` band.
 
-    ``log`` (default: when the values span more than 20x) draws both axes logarithmically.
+    Points are coloured ``by`` what was measured (allocated, reserved, nvidia-smi) or by
+    where the measurement comes from. ``log`` (default: when the values span more than 20x)
+    draws both axes logarithmically.
     """
     if not points:
         raise ValueError("no validation points to draw")
@@ -784,16 +793,22 @@ def prediction_scatter(
         xs, xs, color="#555555", linewidth=1, label="predicted = measured", zorder=2
     )
     drawn: dict[str, PathCollection] = {}
-    for metric in dict.fromkeys(p.metric for p in points):
-        mask = np.array([p.metric == metric for p in points])
-        drawn[metric] = ax.scatter(
+    keys = [p.metric if by == "metric" else p.source for p in points]
+    for i, key in enumerate(dict.fromkeys(keys)):
+        mask = np.array([k == key for k in keys])
+        if by == "metric":
+            color = METRIC_COLORS.get(key, METRIC_COLORS["unknown"])
+        else:
+            color = SERIES_COLORS[i % len(SERIES_COLORS)]
+        drawn[key] = ax.scatter(
             measured[mask],
             predicted[mask],
             s=28,
-            color=METRIC_COLORS.get(metric, METRIC_COLORS["unknown"]),
+            color=color,
+            marker=SERIES_MARKERS[i % len(SERIES_MARKERS)] if by == "source" else "o",
             edgecolor="white",
             linewidth=0.5,
-            label=f"{metric} ({int(mask.sum())})",
+            label=f"{key} ({int(mask.sum())})",
             zorder=3,
         )
     labels = []
@@ -805,6 +820,8 @@ def prediction_scatter(
     if log:
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _plain_log_ticks(ax.xaxis)
+        _plain_log_ticks(ax.yaxis)
     ax.set_xlim(low, high)
     ax.set_ylim(low, high)
     ax.set_aspect("equal", adjustable="box")
@@ -907,10 +924,15 @@ def heatmap_figure(grid: PeakGrid, *, title: str | None = None) -> Figure:
     return fig
 
 
-def scatter_figure(points: Sequence[ValidationPoint], *, title: str | None = None) -> Figure:
-    fig = new_figure(7.5, 5.5)
+def scatter_figure(
+    points: Sequence[ValidationPoint],
+    *,
+    by: Literal["metric", "source"] = "metric",
+    title: str | None = None,
+) -> Figure:
+    fig = new_figure(8.5, 5.5)
     ax = fig.add_subplot()
-    prediction_scatter(ax, points)
+    prediction_scatter(ax, points, by=by)
     if title:
         ax.set_title(title, fontsize=11, loc="left")
     return fig

@@ -221,6 +221,55 @@ def test_validation_points_read_committed_pairs(tmp_path: Path) -> None:
         compare.validation_points(tmp_path)
 
 
+def test_validation_points_per_estimator(tmp_path: Path) -> None:
+    (tmp_path / "references").mkdir()
+    comparison = {
+        "summary": {"all": {"cases": 2}},
+        "rows": [
+            {
+                "id": "a",
+                "source": "peft README",
+                "metric": "allocated",
+                "measured_bytes": 1_000,
+                "memplan": {"bytes": 1_040, "how": "analytical"},
+                "accelerate": {"bytes": 500, "how": "fp16 row"},
+            },
+            {
+                "id": "b",
+                "source": "litgpt",
+                "metric": "nvidia-smi",
+                "measured_bytes": 2_000,
+                "memplan": {"bytes": 1_800},
+                "accelerate": {"bytes": None},  # could not express the case
+            },
+        ],
+    }
+    (tmp_path / "references" / "estimators.json").write_text(json.dumps(comparison))
+    memplan_points = compare.validation_points(tmp_path)
+    assert [(p.label, p.predicted_bytes, p.measured_bytes) for p in memplan_points] == [
+        ("a", 1_040, 1_000),
+        ("b", 1_800, 2_000),
+    ]
+    assert [p.source for p in memplan_points] == ["peft README", "litgpt"]
+    accelerate = compare.validation_points(tmp_path, estimator="accelerate")
+    assert [(p.label, p.predicted_bytes) for p in accelerate] == [("a", 500)]
+    assert compare.validation_points(tmp_path, estimator="llm-analysis") == []
+    text = _render(
+        compare.error_table({"memplan": memplan_points, "accelerate": accelerate, "x": []})
+    )
+    assert "memplan" in text
+    assert "7.0%" in text  # median of 4% and 10%
+    assert "50.0%" in text
+
+
+def test_the_committed_estimator_comparison_is_read() -> None:
+    if not (compare.VALIDATION_DIR / "references" / "estimators.json").exists():
+        pytest.skip("no estimator comparison committed")
+    points = compare.validation_points()
+    assert len(points) >= 50
+    assert all(p.measured_bytes > 0 for p in points)
+
+
 def test_tables_show_every_configuration() -> None:
     result = compare.compare(["tiny-llama", "llama-2-7b"], ["full", "qlora"], gpu="rtx-4090")
     text = _render(compare.comparison_table(result))

@@ -298,6 +298,23 @@ def test_scatter_points_and_band(tmp_path: Path) -> None:
     assert _is_png(plot.save(fig, tmp_path / "scatter.png"))
 
 
+def test_scatter_by_source() -> None:
+    points = [
+        compare.ValidationPoint("a", 10 * GiB, 10 * GiB, "allocated", "peft README"),
+        compare.ValidationPoint("b", 12 * GiB, 11 * GiB, "allocated", "litgpt"),
+        compare.ValidationPoint("c", 9 * GiB, 8 * GiB, "nvidia-smi", "peft README"),
+    ]
+    drawn = plot.prediction_scatter(plot.new_figure().add_subplot(), points, by="source")
+    assert list(drawn.points) == ["peft README", "litgpt"]
+    offsets = np.asarray(drawn.points["peft README"].get_offsets()).tolist()
+    assert offsets == [[10.0, 10.0], [8.0, 9.0]]
+    assert drawn.legend is not None
+    assert [t.get_text() for t in drawn.legend.get_texts()][-2:] == [
+        "peft README (2)",
+        "litgpt (1)",
+    ]
+
+
 def test_scatter_goes_logarithmic_over_wide_ranges() -> None:
     points = [
         compare.ValidationPoint("small", GiB // 10, GiB // 10),
