@@ -84,7 +84,7 @@ CAPACITY_STYLES: Final[tuple[str, ...]] = ("--", "-.", ":", (0, (5, 1, 1, 1)))  
 CAPACITY_COLOR: Final = "#333333"
 METRIC_COLORS: Final[Mapping[str, str]] = {
     "allocated": "#0077BB",
-    "reserved": "#EE7733",
+    "reserved": "#EE3377",
     "nvml": "#009988",
     "nvidia-smi": "#009988",
     "unknown": "#777777",
@@ -92,7 +92,7 @@ METRIC_COLORS: Final[Mapping[str, str]] = {
 NO_FIT_COLOR: Final = "#DDDDDD"
 PAGED_HATCH: Final = "///"  # cells and bars that fit only by paging optimizer state
 PAGED_HATCH_COLOR: Final = "#666666"
-BOUNDARY_COLOR: Final = "#CC3311"
+BOUNDARY_COLOR: Final = "#E0002A"
 CLIP_RATIO: Final = 2.5  # clip bars taller than this many times the largest capacity...
 CLIP_TOP: Final = 1.5  # ...at this many times it
 GIB_AXIS_LABEL: Final = "memory per GPU (GiB = 2³⁰ bytes)"
@@ -294,11 +294,11 @@ def breakdown_bars(
     return artists
 
 
-def _wrapped(label: str, width: int = 12) -> str:
+def _wrapped(label: str, width: int = 10) -> str:
     """A long bar label broken after its hyphens, so neighbouring labels do not collide.
 
     >>> _wrapped("paged-adamw-8bit")
-    'paged-adamw-\\n8bit'
+    'paged-\\nadamw-8bit'
     """
     lines = [""]
     for part in label.replace("-", "-\0").split("\0"):
@@ -332,8 +332,12 @@ def _group_labels(ax: Axes, x: Sequence[float], groups: Sequence[str], tick_line
 
 
 def _plain_log_ticks(axis: Axis) -> None:
-    """Ticks at 1, 2, 5 x 10^k labelled as plain numbers (0.5, 20, 1,000), not 2x10^1."""
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    """Ticks at 1, 2, 5 x 10^k (also 3 and 7 within one decade), labelled as plain numbers
+    (0.5, 20, 1,000) rather than 2x10^1."""
+    low, high = sorted(axis.get_view_interval())
+    narrow = low > 0 and high / low < 10
+    subs = (1.0, 2.0, 3.0, 5.0, 7.0) if narrow else (1.0, 2.0, 5.0)
+    axis.set_major_locator(LogLocator(base=10, subs=subs))
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,g}"))
     axis.set_minor_formatter(NullFormatter())
 
@@ -341,7 +345,9 @@ def _plain_log_ticks(axis: Axis) -> None:
 # ---------------------------------------------------------------------------------------------
 # Scaling: per-GPU memory as the model or the GPU count grows
 
-SERIES_COLORS: Final[tuple[str, ...]] = ("#0077BB", "#EE7733", "#009988", "#CC3311", "#AA4499")
+# Series (methods, ZeRO stages, sources) are not categories: Okabe-Ito colours, none of
+# which is a category colour, so a line never reads as "optimizer state".
+SERIES_COLORS: Final[tuple[str, ...]] = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#000000")
 SERIES_MARKERS: Final[tuple[str, ...]] = ("o", "s", "^", "D", "v")
 _BILLION: Final = 10**9  # parameters per "B" in model names
 
@@ -400,9 +406,10 @@ def scaling_lines(
     ax.set_xlabel("GPUs (data parallel)" if x == "num_gpus" else "parameters (billions)")
     ax.set_ylabel(GIB_AXIS_LABEL)
     ax.set_yscale("log")
-    _plain_log_ticks(ax.yaxis)
     ax.grid(color="#EEEEEE", zorder=0)
     lines_at = capacity_lines(ax, capacities, text=False) if capacities else {}
+    ax.autoscale_view()
+    _plain_log_ticks(ax.yaxis)
     artists = ScalingArtists(lines, lines_at)
     if legend:
         handles = [*lines.values(), *reversed(lines_at.values())]
@@ -820,10 +827,11 @@ def prediction_scatter(
     if log:
         ax.set_xscale("log")
         ax.set_yscale("log")
-        _plain_log_ticks(ax.xaxis)
-        _plain_log_ticks(ax.yaxis)
     ax.set_xlim(low, high)
     ax.set_ylim(low, high)
+    if log:
+        _plain_log_ticks(ax.xaxis)
+        _plain_log_ticks(ax.yaxis)
     ax.set_aspect("equal", adjustable="box")
     ax.set_xlabel("measured peak (GiB)")
     ax.set_ylabel("predicted peak (GiB)")

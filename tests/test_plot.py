@@ -52,6 +52,16 @@ def test_one_colour_and_label_per_category() -> None:
         assert key in plot.LABELS
     assert len(set(plot.CATEGORY_COLORS.values())) == len(plot.CATEGORY_COLORS)
     assert set(plot.STACK_ORDER) == set(plot.CATEGORY_COLORS)
+    # Nothing else in any picture borrows a category's colour.
+    others = [
+        *plot.SERIES_COLORS,
+        *plot.METRIC_COLORS.values(),
+        *(color for color, _ in plot.SOURCE_STYLES),
+        plot.NO_FIT_COLOR,
+        plot.BOUNDARY_COLOR,
+        plot.CAPACITY_COLOR,
+    ]
+    assert not {c.lower() for c in others} & {c.lower() for c in plot.CATEGORY_COLORS.values()}
 
 
 def test_device_stack_sums_to_device_bytes(methods: compare.Comparison) -> None:
