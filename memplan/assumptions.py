@@ -117,6 +117,10 @@ def _method_lines(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
             f"norms and the LM head stay {setup.precision.weight_dtype.value}; each linear is "
             "dequantized to a temporary in forward and again in backward"
         )
+    if setup.quant_matmul_saves_input:
+        lines.append("4-bit matmuls keep their input for backward (bitsandbytes before 0.43.2)")
+    if not setup.logits_fp32:
+        lines.append("cross-entropy on logits in the compute dtype (no fp32 upcast)")
     if setup.method is Method.BITFIT:
         lines.append("BitFit: only bias terms are trained")
     if setup.method is Method.ADAPTER:

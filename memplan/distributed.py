@@ -17,12 +17,16 @@ from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import Offload, ParallelSetup, Sharding
 from memplan.specs.training import Precision, TrainingSetup
 
-# DeepSpeed ZeRO defaults (deepspeed/runtime/zero/config.py): reduce_bucket_size and
-# stage3_prefetch_bucket_size are 5e8 elements; HF's "auto" config sets them from hidden_size.
+# DeepSpeed ZeRO defaults (deepspeed/runtime/zero/config.py): reduce_bucket_size is 5e8
+# elements; every stage allocates one flat gradient buffer of that size in the parameter dtype
+# (stage_1_and_2.py ipg_buffer, stage3.py __ipg_bucket_flat_buffer).
 DEEPSPEED_REDUCE_BUCKET_ELEMENTS: Final = 500_000_000
-# Layers whose parameters are gathered at once under ZeRO-3 / FULL_SHARD: the one computing
-# and the one prefetched (forward_prefetch / stage3 prefetch).
-GATHERED_LAYERS: Final = 2
+# stage3_max_live_parameters and stage3_max_reuse_distance default to 1e9: gathered parameters
+# that will be used again within 1e9 elements of fetches stay on the GPU, so up to 1e9
+# parameters remain gathered around the turn from forward to backward.
+DEEPSPEED_MAX_LIVE_PARAMETERS: Final = 1_000_000_000
+# FSDP FULL_SHARD gathers one wrapped layer at a time, plus the one prefetched.
+FSDP_GATHERED_LAYERS: Final = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +40,11 @@ class ShardPlan:
     master_weights: bool  # fp32 master copy of 16-bit trainable weights
     offload_optimizer: bool
     offload_params: bool
-    gather_layers: int  # unsharded layer copies alive at once (0 without parameter sharding)
+    gather_layers: int  # FSDP: unsharded layer copies alive at once
+    resident_gathered_params: int  # DeepSpeed ZeRO-3: gathered parameters kept on the GPU
     keep_unsharded_until_backward: bool  # FSDP SHARD_GRAD_OP keeps gathered params after forward
-    reduce_bucket_elements: int  # gradient reduce buffer (DeepSpeed stage 1/2)
+    reduce_bucket_elements: int  # DeepSpeed flat gradient reduce buffer
+    unsharded_accumulation: bool  # FSDP under no_sync(): full gradients of every wrapped unit
 
 
 def master_weights_on(setup: TrainingSetup, parallel: ParallelSetup) -> bool:
@@ -57,10 +63,19 @@ def shard_plan(spec: ModelSpec, setup: TrainingSetup, parallel: ParallelSetup) -
     fsdp = parallel.sharding is Sharding.FSDP and stage >= 2
     offload_opt = parallel.offload is not Offload.NONE
     offload_params = parallel.offload is Offload.OPTIMIZER_AND_PARAMS
-    gather = GATHERED_LAYERS if stage == 3 else 0
+    deepspeed = parallel.uses_deepspeed
+    gather = FSDP_GATHERED_LAYERS if fsdp and stage == 3 else 0
+    resident = 0
+    if deepspeed and stage == 3:
+        live = parallel.max_live_parameters or DEEPSPEED_MAX_LIVE_PARAMETERS
+        resident = min(live, spec.num_params or live)
     bucket = 0
-    if parallel.uses_deepspeed and stage in (1, 2) and dp > 1:
-        bucket = min(DEEPSPEED_REDUCE_BUCKET_ELEMENTS, spec.hidden_size * spec.hidden_size)
+    if deepspeed and setup.trains_weights:
+        bucket = parallel.reduce_bucket_elements or DEEPSPEED_REDUCE_BUCKET_ELEMENTS
+    # Gradient accumulation under FSDP runs the non-final micro-batches in no_sync()
+    # (accelerate's accumulate(), Fabric's no_backward_sync): each rank keeps the unsharded
+    # gradients of every wrapped unit's flat parameter, frozen parts included (pytorch#91165).
+    no_sync = fsdp and setup.grad_accum_steps > 1 and setup.trains_weights
     return ShardPlan(
         data_parallel_degree=dp,
         weight_divisor=dp if stage == 3 else 1,
@@ -70,8 +85,10 @@ def shard_plan(spec: ModelSpec, setup: TrainingSetup, parallel: ParallelSetup) -
         offload_optimizer=offload_opt,
         offload_params=offload_params,
         gather_layers=gather,
+        resident_gathered_params=resident,
         keep_unsharded_until_backward=fsdp and stage == 2,
         reduce_bucket_elements=bucket,
+        unsharded_accumulation=no_sync,
     )
 
 

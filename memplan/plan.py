@@ -135,7 +135,10 @@ def _result(
     peak = trace.peak()
     if peak.peak_bytes <= 0:
         raise MemplanError("the step allocates nothing: check the model and setup")
-    reserved = max(replay(trace.events()).reserved_at_peak_allocated_bytes, peak.peak_bytes)
+    reserved = max(
+        replay(trace.events(collapse_balanced=True)).reserved_at_peak_allocated_bytes,
+        peak.peak_bytes,
+    )
     context = target.context_bytes if target else 0
     context = context or CUDA_CONTEXT_BYTES
     device = reserved + context + prediction.paged_bytes

@@ -155,14 +155,21 @@ def _summarize(items: Iterable[TraceItem]) -> _Summary:
     return best
 
 
-def _expand(items: Iterable[TraceItem], step: int | None = None) -> Iterator[Event]:
+def _expand(
+    items: Iterable[TraceItem], step: int | None = None, *, collapse: bool = False
+) -> Iterator[Event]:
     for item in items:
         if isinstance(item, Event):
             yield item if step is None or item.step == step else replace(item, step=step)
         else:
             inner = item.step if step is None else step  # the outermost step wins
-            for _ in range(item.times):
-                yield from _expand(item.items, inner)
+            times = item.times
+            if collapse and times > 2 and not any(_summarize(item.items).net.values()):
+                # A body that frees all it allocates leaves the same state after every pass:
+                # later passes repeat the same totals (and the same allocator decisions).
+                times = 2
+            for _ in range(times):
+                yield from _expand(item.items, inner, collapse=collapse)
 
 
 @dataclass
@@ -178,9 +185,14 @@ class Trace:
     def extend(self, items: Iterable[TraceItem]) -> None:
         self.items.extend(items)
 
-    def events(self) -> Iterator[Event]:
-        """Every event in order, repeats unrolled (for timelines and tests)."""
-        return _expand(self.items)
+    def events(self, *, collapse_balanced: bool = False) -> Iterator[Event]:
+        """Every event in order, repeats unrolled (for timelines and tests).
+
+        With ``collapse_balanced`` a Repeat whose body frees everything it allocates (identical
+        micro-batches of gradient accumulation) is unrolled at most twice: peaks, phase peaks
+        and an allocator replay come out the same.
+        """
+        return _expand(self.items, collapse=collapse_balanced)
 
     def peak(self) -> Peak:
         """The highest allocated total, its phase and its breakdown by category."""
@@ -207,7 +219,9 @@ class Trace:
     def phase_peaks(self) -> dict[tuple[int, Phase], int]:
         """Highest allocated total reached in each (step, phase)."""
         peaks: dict[tuple[int, Phase], int] = {}
-        for event, total in self.timeline():
+        total = 0
+        for event in self.events(collapse_balanced=True):
+            total += event.delta_bytes
             key = (event.step, event.phase)
             peaks[key] = max(peaks.get(key, total), total)
         return peaks

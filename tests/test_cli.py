@@ -238,11 +238,6 @@ def test_unknown_gpu(run_cli: Run) -> None:
     assert "unknown hardware 'rtx-9999'" in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the unknown-hardware hint names `memplan hardware`, a command that does not exist "
-    "(the profiles are listed by `memplan gpus`)",
-)
 def test_unknown_gpu_hint_names_a_real_command(run_cli: Run) -> None:
     line = _bad(run_cli, "plan", "llama-2-7b", "--gpu", "zzz")
     assert "`memplan gpus`" in line

@@ -6,7 +6,8 @@ import pytest
 
 from memplan.distributed import (
     DEEPSPEED_REDUCE_BUCKET_ELEMENTS,
-    GATHERED_LAYERS,
+    DEEPSPEED_MAX_LIVE_PARAMETERS,
+    FSDP_GATHERED_LAYERS,
     master_weights_on,
     shard_plan,
     zero_model_state_bytes,
@@ -59,8 +60,18 @@ def test_each_stage_shards_one_more_kind_of_state(
         llama_2_7b, TrainingSetup(precision="bf16"), ParallelSetup(num_gpus=8, zero_stage=stage)
     )
     assert (plan.weight_divisor, plan.grad_divisor, plan.optimizer_divisor) == divisors
-    # ZeRO-3 gathers the computing layer and the prefetched one; the others never gather.
-    assert plan.gather_layers == (GATHERED_LAYERS if stage == 3 else 0)
+    # DeepSpeed ZeRO-3 keeps up to stage3_max_live_parameters (1e9) of the 6.7B parameters
+    # gathered; the other stages gather nothing.
+    expected = min(DEEPSPEED_MAX_LIVE_PARAMETERS, 6_738_415_616) if stage == 3 else 0
+    assert plan.resident_gathered_params == expected
+    assert plan.gather_layers == 0  # per-layer gathering is FSDP's
+
+
+def test_fsdp_full_shard_gathers_two_layers(llama_2_7b: ModelSpec) -> None:
+    parallel = ParallelSetup(num_gpus=8, zero_stage=3, sharding="fsdp")
+    plan = shard_plan(llama_2_7b, TrainingSetup(precision="bf16"), parallel)
+    assert plan.gather_layers == FSDP_GATHERED_LAYERS == 2  # the computing layer + prefetch
+    assert plan.resident_gathered_params == 0
 
 
 def test_tensor_parallelism_divides_the_data_parallel_degree(llama_2_7b: ModelSpec) -> None:
@@ -73,20 +84,33 @@ def test_tensor_parallelism_divides_the_data_parallel_degree(llama_2_7b: ModelSp
     assert plan.weight_divisor == 4
 
 
-def test_deepspeed_reduce_bucket_is_capped_by_hidden_squared(llama_2_7b: ModelSpec) -> None:
+def test_deepspeed_reduce_bucket_defaults_to_deepspeed_config(llama_2_7b: ModelSpec) -> None:
     setup = TrainingSetup(precision="bf16")
-    for stage in (1, 2):
-        plan = shard_plan(llama_2_7b, setup, ParallelSetup(num_gpus=8, zero_stage=stage))
-        # HF's "auto" DeepSpeed config: reduce_bucket_size = hidden_size**2 (< the 5e8 default).
-        assert plan.reduce_bucket_elements == 4096 * 4096 < DEEPSPEED_REDUCE_BUCKET_ELEMENTS
-    no_bucket = [
+    # DeepSpeed allocates one reduce_bucket_size buffer (default 5e8 elements) at every stage,
+    # one GPU included (the peft README's ZeRO-3 offload runs show it before training).
+    for parallel in (
+        ParallelSetup(num_gpus=8, zero_stage=1),
         ParallelSetup(num_gpus=8, zero_stage=3),
-        ParallelSetup(num_gpus=1, zero_stage=2),  # nothing to reduce across
+        ParallelSetup(num_gpus=1, zero_stage=2),
+    ):
+        plan = shard_plan(llama_2_7b, setup, parallel)
+        assert plan.reduce_bucket_elements == DEEPSPEED_REDUCE_BUCKET_ELEMENTS == 500_000_000
+    # Hugging Face's "auto" config sets hidden_size**2; the field takes any value.
+    tuned = ParallelSetup(num_gpus=8, zero_stage=2, reduce_bucket_elements=4096 * 4096)
+    assert shard_plan(llama_2_7b, setup, tuned).reduce_bucket_elements == 4096 * 4096
+    no_bucket = [
         ParallelSetup(num_gpus=8, zero_stage=2, sharding="fsdp"),
         ParallelSetup(num_gpus=8),
     ]
     for parallel in no_bucket:
         assert shard_plan(llama_2_7b, setup, parallel).reduce_bucket_elements == 0
+    frozen = TrainingSetup(method="frozen")
+    assert (
+        shard_plan(
+            llama_2_7b, frozen, ParallelSetup(num_gpus=8, zero_stage=3)
+        ).reduce_bucket_elements
+        == 0
+    )
 
 
 def test_offload_flags(llama_2_7b: ModelSpec) -> None:

@@ -28,6 +28,7 @@ class LinearSpec:
     bias: bool
     quantizable: bool = True  # bnb replaces it (False for the LM head and routers)
     trainable: bool | None = None  # None: decided by the method
+    copies: int = 1  # MoE experts: identical weights run one after another on routed rows
 
 
 def _param_grad(ctx: StepContext, label: str, numel: int, trainable: bool) -> ParamGrad:
@@ -49,9 +50,10 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
     trainable = ctx.trains_linear() if spec.trainable is None else spec.trainable
     trainable = trainable and not quantized
     bias_trainable = spec.bias and (trainable or ctx.trains_bias())
-    grads = [_param_grad(ctx, f"{spec.label}.weight", numel_w, trainable)]
+    grads = [_param_grad(ctx, f"{spec.label}.weight", numel_w * spec.copies, trainable)]
     if spec.bias:
-        grads.append(_param_grad(ctx, f"{spec.label}.bias", spec.out_features, bias_trainable))
+        bias_numel = spec.out_features * spec.copies
+        grads.append(_param_grad(ctx, f"{spec.label}.bias", bias_numel, bias_trainable))
 
     out_dtype = ctx.compute_dtype if (ctx.amp or quantized) else ctx.weight_dtype
     if quantized:
@@ -67,7 +69,8 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
             [xin, deq],
             rows * spec.out_features,
             out_dtype,
-            saves=[],
+            # bitsandbytes < 0.43.2 also kept the input A in ctx.tensors (fixed in #1270).
+            saves=[xin] if ctx.quant_matmul_saves_input else [],
             param_grads=grads,
             requires_grad=needs_grad_input or bias_trainable,
             bwd_workspace_bytes=numel_w * dtype_bytes(ctx.compute_dtype) if needs_grad_input else 0,
@@ -103,7 +106,8 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
             saves=[x if trainable else None],
             param_grads=grads,
         )
-    if ctx.has_lora(spec.role):
+    # peft's target_modules match nn.Linear modules; fused expert tensors are not targeted.
+    if ctx.has_lora(spec.role) and spec.copies == 1:
         out = _lora(seg, ctx, x, out, spec)
     return out
 

@@ -18,6 +18,7 @@ class StepContext:
 
     batch: int
     seq_len: int
+    vocab_size: int
     weight_dtype: DType  # storage dtype of unquantized parameters
     compute_dtype: DType  # matmul dtype (autocast target under AMP)
     amp: bool  # torch.autocast: fp32 weights cast per op, cached when trainable
@@ -30,6 +31,8 @@ class StepContext:
     attention: Attention
     adapter_size: int = 0  # bottleneck width of adapters (method=adapter)
     prefix_len: int = 0  # virtual tokens prepended to keys/values (method=prefix)
+    quant_matmul_saves_input: bool = False  # bitsandbytes < 0.43.2 MatMul4Bit
+    logits_fp32: bool = True  # ForCausalLMLoss upcasts logits
     device: str = "cuda"  # "cuda" or "cpu": decides kernel workspaces and fallbacks
     tensor_parallel_degree: int = 1
     grad_divisor: int = 1  # ranks each gradient is sharded across (ZeRO-2/3, FSDP)
@@ -70,6 +73,7 @@ class StepContext:
     ) -> StepContext:
         return cls(
             batch=setup.micro_batch_size,
+            vocab_size=spec.vocab_size,
             seq_len=seq_len or setup.seq_len,
             weight_dtype=setup.precision.weight_dtype,
             compute_dtype=setup.precision.compute_dtype,
@@ -83,6 +87,8 @@ class StepContext:
             attention=setup.attention,
             adapter_size=setup.adapter_size,
             prefix_len=setup.prefix_len if setup.method is Method.PREFIX else 0,
+            quant_matmul_saves_input=setup.quant_matmul_saves_input,
+            logits_fp32=setup.logits_fp32,
             device=setup.device,
             tensor_parallel_degree=tensor_parallel_degree,
             grad_divisor=grad_divisor,

@@ -171,7 +171,7 @@ def lm_loss(spec: ModelSpec, ctx: StepContext, x: Tensor, *, seg: Segment) -> tu
         scaled = seg.op("logits.softcap_div", [logits], logits.numel, logits.dtype)
         th = seg.op("logits.softcap_tanh", [scaled], logits.numel, logits.dtype, saves_output=True)
         logits = seg.op("logits.softcap_mul", [th], logits.numel, logits.dtype)
-    if spec.family in ("t5", "bert"):
+    if spec.family in ("t5", "bert") or not ctx.logits_fp32:
         loss_in = logits
         labels = seg.op("labels", [], n, DType.INT64, requires_grad=False)
     else:

@@ -152,11 +152,12 @@ def gated_mlp(
     intermediate: int,
     rows_label: str = "mlp",
     fused: bool = False,
+    copies: int = 1,
 ) -> Tensor:
     """LlamaMLP: down_proj(act_fn(gate_proj(x)) * up_proj(x)); the activation saves its input.
 
     Phi-3's gate_up_proj computes both halves in one matmul and splits the output (views of
-    one storage).
+    one storage); so do transformers' fused MoE experts (``copies`` of them).
     """
     h = spec.hidden_size
     bias = spec.mlp_bias
@@ -165,7 +166,14 @@ def gated_mlp(
             seg,
             ctx,
             x,
-            LinearSpec(f"{rows_label}.gate_up_proj", h, 2 * intermediate, "gate_up", bias=bias),
+            LinearSpec(
+                f"{rows_label}.gate_up_proj",
+                h,
+                2 * intermediate,
+                "gate_up",
+                bias=bias,
+                copies=copies,
+            ),
         )
         g = seg.op(
             f"{rows_label}.gate", [gu], gu.numel // 2, gu.dtype, view_of=gu, passthrough_grad=True
@@ -184,7 +192,10 @@ def gated_mlp(
         )
     p = seg.op(f"{rows_label}.mul", [a, u], a.numel, a.dtype, saves=[a, u])
     return linear(
-        seg, ctx, p, LinearSpec(f"{rows_label}.down_proj", intermediate, h, "down", bias=bias)
+        seg,
+        ctx,
+        p,
+        LinearSpec(f"{rows_label}.down_proj", intermediate, h, "down", bias=bias, copies=copies),
     )
 
 
@@ -203,8 +214,16 @@ def moe_mlp(seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor) -> Tenso
     probs = seg.op("mlp.router_softmax", [router], n * e, DType.FP32, saves_output=True)
     weights = seg.op("mlp.topk", [probs], n * k, DType.FP32, saves=[probs])
     routed = seg.op("mlp.dispatch", [x], n * k * h, x.dtype)
+    # transformers' fused experts: gate_up_proj (E, 2i, h) and down_proj (E, h, i) tensors.
     y = gated_mlp(
-        seg, ctx, spec, routed, intermediate=spec.intermediate_size, rows_label="mlp.experts"
+        seg,
+        ctx,
+        spec,
+        routed,
+        intermediate=spec.intermediate_size // ctx.tensor_parallel_degree,
+        rows_label="mlp.experts",
+        fused=True,
+        copies=e,
     )
     scaled = seg.op("mlp.route_weight", [y, weights], y.numel, y.dtype, saves=[y, weights])
     return seg.op("mlp.combine", [scaled], n * h, x.dtype)
@@ -357,6 +376,7 @@ def bert_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) 
     x = seg.input(n * h, ctx.activation_dtype, "layer.input", requires_grad=input_requires_grad)
     names = ("attention.self.query", "attention.self.key", "attention.self.value")
     q, k, v = _qkv(seg, ctx, spec, x, fused=False, names=names)
+    k, v = prefix_kv(seg, ctx, k, v, heads * spec.head_dim)
     if ctx.amp:
         q, k, v = (cast(seg, t, ctx.compute_dtype, f"{t.label}.autocast") for t in (q, k, v))
     attn = attention_core(
@@ -370,6 +390,7 @@ def bert_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) 
         label="attention",
         dropout_p=spec.attention_dropout,
         softmax_fp32=False,
+        kv_len=ctx.seq_len + ctx.prefix_len,
     )
     o = linear(
         seg,
@@ -378,11 +399,13 @@ def bert_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) 
         LinearSpec("attention.output.dense", heads * spec.head_dim, h, "o", bias=True),
     )
     o = dropout(seg, o, spec.hidden_dropout, "attention.output.dropout")
+    o = bottleneck_adapter(seg, ctx, o, ctx.adapter_size, "adapter_attn")
     h1 = layer_norm(
         seg, ctx, residual_add(seg, o, x, "attention.residual"), "attention.output.LayerNorm", h
     )
     m = _plain_mlp(seg, ctx, spec, h1, ("intermediate.dense", "output.dense"))
     m = dropout(seg, m, spec.hidden_dropout, "output.dropout")
+    m = bottleneck_adapter(seg, ctx, m, ctx.adapter_size, "adapter_mlp")
     out = layer_norm(seg, ctx, residual_add(seg, m, h1, "output.residual"), "output.LayerNorm", h)
     return LayerGraph(seg, x, out, ())
 
@@ -417,6 +440,7 @@ def t5_layer(
         fused=False,
         names=("SelfAttention.q", "SelfAttention.k", "SelfAttention.v"),
     )
+    k, v = prefix_kv(seg, ctx, k, v, inner)
     attn = attention_core(
         seg,
         ctx,
@@ -428,6 +452,7 @@ def t5_layer(
         label="SelfAttention",
         dropout_p=spec.attention_dropout,
         eager_only=True,
+        kv_len=ctx.seq_len + ctx.prefix_len,
     )
     o = dropout(
         seg,
@@ -435,6 +460,7 @@ def t5_layer(
         p,
         "layer.0.dropout",
     )
+    o = bottleneck_adapter(seg, ctx, o, ctx.adapter_size, "adapter_attn")
     hidden = residual_add(seg, x, o, "layer.0.residual")
     shared: tuple[Tensor, ...] = ()
     if decoder and encoder_out is not None:
@@ -482,5 +508,8 @@ def t5_layer(
         mid = activation(seg, up, spec.hidden_act, "DenseReluDense.act")
     mid = dropout(seg, mid, p, "DenseReluDense.dropout")
     ff = linear(seg, ctx, mid, LinearSpec("DenseReluDense.wo", i, h, "down", bias=False))
-    out = residual_add(seg, hidden, dropout(seg, ff, p, "layer.-1.dropout"), "layer.-1.residual")
+    ff = bottleneck_adapter(
+        seg, ctx, dropout(seg, ff, p, "layer.-1.dropout"), ctx.adapter_size, "adapter_mlp"
+    )
+    out = residual_add(seg, hidden, ff, "layer.-1.residual")
     return LayerGraph(seg, x, out, shared)

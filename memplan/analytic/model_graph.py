@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memplan.analytic.context import StepContext
-from memplan.analytic.graph import Segment, Tensor
+from memplan.analytic.graph import ParamGrad, Segment, Tensor
 from memplan.analytic.head import embedding, final_norm, lm_loss, loss_segment
 from memplan.analytic.layers import LayerGraph, bert_layer, gpt_layer, llama_layer, t5_layer
+from memplan.dtypes import dtype_bytes
 from memplan.specs.model import ModelSpec
 
 _LAYER_BUILDERS = {
@@ -55,6 +56,11 @@ class ModelGraph:
     logits: Tensor
     autograd: bool  # False for forward-only runs (torch.no_grad)
     cross_links: list[tuple[int, int]] = field(default_factory=list)  # (encoder, decoder) stack
+    # Gradients of parameters used outside the layer graphs, written when backward ends: the
+    # prefix encoder's table, T5's relative position bias tables.
+    tail_grads: list[ParamGrad] = field(default_factory=list)
+    # Prefix tuning: the prompt encoder's keys/values for every layer, held forward to backward.
+    prefix_bytes: int = 0
 
 
 def _layers(
@@ -180,4 +186,30 @@ def build_model_graph(
         requires_grad=last.norm_out.requires_grad,
     )
     loss_out, logits = lm_loss(spec, head_ctx, loss_in, seg=loss)
-    return ModelGraph(stacks, loss, loss_in, loss_out, logits, autograd, links)
+    graph = ModelGraph(stacks, loss, loss_in, loss_out, logits, autograd, links)
+    _add_tail_state(graph, spec, ctx)
+    return graph
+
+
+def _add_tail_state(graph: ModelGraph, spec: ModelSpec, ctx: StepContext) -> None:
+    if ctx.prefix_len:
+        # peft PrefixEncoder: an embedding of prefix_len x (layers * 2 * kv width), looked up
+        # for every sequence of the batch.
+        kv_width = spec.num_key_value_heads * spec.head_dim
+        table = ctx.prefix_len * spec.num_layers * 2 * kv_width
+        graph.prefix_bytes = ctx.batch * table * dtype_bytes(ctx.adapter_dtype)
+        graph.tail_grads.append(
+            ctx.param_grad(
+                "prefix_encoder.embedding.weight", table, trainable=True, dtype=ctx.adapter_dtype
+            )
+        )
+    buckets = int(spec.layout.get("relative_attention_num_buckets", 0))
+    if buckets and ctx.trains_embedding():
+        for stack in ("encoder", "decoder"):  # one relative_attention_bias table per stack
+            graph.tail_grads.append(
+                ctx.param_grad(
+                    f"{stack}.relative_attention_bias.weight",
+                    buckets * spec.num_attention_heads,
+                    trainable=True,
+                )
+            )

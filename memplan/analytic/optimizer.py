@@ -50,13 +50,21 @@ def _state_dtype(optimizer: Optimizer, param_dtype: DType, numel: int) -> tuple[
     return param_dtype, 2  # torch AdamW: exp_avg, exp_avg_sq = zeros_like(param)
 
 
-def _adafactor_numel(group: TensorGroup, shape: tuple[int, ...] | None) -> int:
-    # torch.optim.Adafactor: row and column second-moment factors for matrices, a full
-    # variance for vectors; no first moment (beta1 unused by default).
-    if shape is None or len(shape) < 2:
+def _adafactor_numel(group: TensorGroup) -> int:
+    # torch.optim.Adafactor (and transformers' Adafactor): row and column second-moment
+    # factors for matrices, a full variance for vectors; no first moment (beta1 off).
+    shape = group.shape
+    if len(shape) < 2 or group.numel != _prod(shape):  # vectors, or a shard of a matrix
         return group.numel
     rows, cols = group.numel // shape[-1], shape[-1]
     return rows + cols
+
+
+def _prod(shape: tuple[int, ...]) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
 
 
 def optimizer_bytes(
@@ -65,7 +73,6 @@ def optimizer_bytes(
     impl: OptimizerImpl,
     *,
     master_dtype: DType | None = None,
-    shapes: dict[str, tuple[int, ...]] | None = None,
     device: str = "cuda",
 ) -> OptimizerBytes:
     """State and step workspace for the trainable ``groups`` (already sharded, if sharded).
@@ -78,7 +85,7 @@ def optimizer_bytes(
     for g in groups:
         dtype = master_dtype or g.dtype
         if optimizer is Optimizer.ADAFACTOR:
-            numel = _adafactor_numel(g, (shapes or {}).get(g.label))
+            numel = _adafactor_numel(g)
             state += allocation_bytes(numel * dtype_bytes(dtype)) * g.count
             tensors += g.count
             # update = (row_var @ col_var).rsqrt_() * grad: one parameter-sized fp32 copy.

@@ -55,7 +55,7 @@ def _optimizer_groups(state: ModelState, shard: ShardPlan) -> list[TensorGroup]:
     groups = []
     for g in state.trainable:
         dtype = DType.FP32 if shard.master_weights else g.dtype
-        groups.append(TensorGroup(g.label, -(-g.numel // divisor), dtype, g.count))
+        groups.append(TensorGroup(g.label, -(-g.numel // divisor), dtype, g.count, shape=g.shape))
     return groups
 
 
@@ -74,6 +74,7 @@ def predict(
     )
     state = model_state(arch, setup, ctx, weight_divisor=shard.weight_divisor)
     trace = Trace("analytical")
+    autograd = setup.trains_weights
     cpu_bytes = 0
     if shard.offload_params:  # parameters live in host memory and are gathered per layer
         cpu_bytes += sum(g.allocated_bytes for g in state.groups)
@@ -90,11 +91,11 @@ def predict(
         trace.add(
             Event(master_bytes, Category.MASTER_WEIGHTS, Phase.LOAD, 0, "fp32 master weights")
         )
-    if shard.reduce_bucket_elements:
+    if shard.reduce_bucket_elements and autograd:
+        # DeepSpeed's flat gradient buffer, in the dtype gradients are reduced in.
         bucket = allocation_bytes(shard.reduce_bucket_elements * dtype_bytes(ctx.weight_dtype))
-        trace.add(Event(bucket, Category.TEMPORARIES, Phase.LOAD, 0, "gradient reduce bucket"))
+        trace.add(Event(bucket, Category.TEMPORARIES, Phase.LOAD, 0, "DeepSpeed reduce bucket"))
 
-    autograd = setup.trains_weights
     graph = build_model_graph(
         spec,
         ctx,
@@ -132,14 +133,41 @@ def predict(
         end_phase = Phase.BACKWARD if autograd else Phase.LOSS
         items.append(Event(-batch_bytes, Category.TEMPORARIES, end_phase, 0, "batch"))
         micro.append(items)
+    resident = allocation_bytes(
+        shard.resident_gathered_params
+        * dtype_bytes(ctx.compute_dtype)
+        // parallel.tensor_parallel_degree
+    )
+    if resident:  # DeepSpeed ZeRO-3 keeps up to max_live_parameters gathered around the turn
+        end = Phase.BACKWARD if autograd else Phase.LOSS
+        live = "ZeRO-3 live gathered parameters"
+        micro = [
+            [
+                Event(resident, Category.TEMPORARIES, Phase.FORWARD, 0, live),
+                *items,
+                Event(-resident, Category.TEMPORARIES, end, 0, live),
+            ]
+            for items in micro
+        ]
     zero_grad = _mirror_frees(
         micro[0], Category.GRADIENTS, Phase.ZERO_GRAD, 0, "zero_grad(set_to_none=True)"
     )
+    # FSDP no_sync(): the non-final micro-batches accumulate unsharded gradients of every unit.
+    held = state.num_params * dtype_bytes(ctx.weight_dtype) // parallel.tensor_parallel_degree
+    held = allocation_bytes(held) if shard.unsharded_accumulation else 0
     on_gpu_state = 0 if shard.offload_optimizer else opt.state_bytes
     for step in range(steps):
         items = list(micro[0])
+        if held:
+            items.append(
+                Event(held, Category.GRADIENTS, Phase.BACKWARD, 0, "unsharded gradients (no_sync)")
+            )
         if setup.grad_accum_steps > 1:
             items.append(Repeat(tuple(micro[1]), setup.grad_accum_steps - 1, "micro-batches"))
+        if held:
+            items.append(
+                Event(-held, Category.GRADIENTS, Phase.BACKWARD, 0, "unsharded gradients (no_sync)")
+            )
         if autograd:
             if step == 0 and on_gpu_state:
                 items.append(

@@ -63,6 +63,10 @@ class StepComposer:
     def forward_items(self, step: int) -> tuple[list[TraceItem], int]:
         """Events of every stack's forward, and the bytes deferred to the end of the forward."""
         items: list[TraceItem] = []
+        if self.graph.prefix_bytes:
+            category = _ACT if self.autograd else _TMP
+            size = allocation_bytes(self.graph.prefix_bytes)
+            items.append(Event(size, category, Phase.FORWARD, step, "prefix key/values"))
         deferred = 0
         for index, stack in enumerate(self.graph.stacks):
             stack_items, stack_deferred = self._stack_forward(index, stack, step)
@@ -208,6 +212,9 @@ class StepComposer:
             )
         if deferred_bytes:
             items.append(Event(-deferred_bytes, _TMP, Phase.LOSS, step, "autocast cache cleared"))
+        if g.prefix_bytes and not self.autograd:
+            size = allocation_bytes(g.prefix_bytes)
+            items.append(Event(-size, _TMP, Phase.LOSS, step, "prefix key/values"))
         for stack in g.stacks:
             items += [
                 e for e in self._shared_tables(stack, step, allocate=False) if e.phase is Phase.LOSS
@@ -259,6 +266,24 @@ class StepComposer:
                 index, stack, grad, step, accumulate
             )
             items += stack_items
+        items += self._tail_items(step, accumulate)
+        return items
+
+    def _tail_items(self, step: int, accumulate: bool) -> list[TraceItem]:
+        """Gradients written when backward ends, and the prefix key/values released."""
+        items: list[TraceItem] = []
+        for g in self.graph.tail_grads:
+            size = allocation_bytes(g.grad_bytes)
+            if accumulate or g.accumulates:
+                items.append(Event(size, _TMP, Phase.BACKWARD, step, f"{g.label} grad"))
+                items.append(Event(-size, _TMP, Phase.BACKWARD, step, f"{g.label} grad"))
+            else:
+                items.append(
+                    Event(size, Category.GRADIENTS, Phase.BACKWARD, step, f"{g.label}.grad")
+                )
+        if self.graph.prefix_bytes:
+            size = allocation_bytes(self.graph.prefix_bytes)
+            items.append(Event(-size, _ACT, Phase.BACKWARD, step, "prefix key/values"))
         return items
 
     def _stack_backward(

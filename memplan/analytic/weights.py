@@ -20,6 +20,9 @@ from memplan.trace import Category, Event, Phase, Repeat, TraceItem, allocation_
 # Kinds that tensor parallelism splits across ranks (Megatron column/row-parallel linears and
 # vocab-parallel embeddings); norms, biases of row-parallel layers and routers are replicated.
 _TP_SPLIT = (ParamKind.LINEAR, ParamKind.EMBEDDING)
+# Megatron splits the output of column-parallel layers (their biases too) and the input of
+# row-parallel layers (attention output and MLP down projections, whose biases are whole).
+_ROW_PARALLEL = ("o", "down")
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +34,7 @@ class TensorGroup:
     dtype: DType
     count: int
     category: Category = Category.TRAINABLE_WEIGHTS
+    shape: tuple[int, ...] = ()  # the full tensor's shape (factored optimizer states)
 
     @property
     def nbytes(self) -> int:
@@ -92,8 +96,13 @@ def _quantized(tensor: ParamTensor, setup: TrainingSetup) -> bool:
     return setup.quant is not Quantization.NONE and tensor.kind is ParamKind.LINEAR
 
 
-def _share(numel: int, tensor_kind: ParamKind, *, tp: int, shards: int) -> int:
-    if tensor_kind in _TP_SPLIT:
+def _share(tensor: ParamTensor, numel: int, *, tp: int, shards: int, vocab: int) -> int:
+    """This GPU's elements of ``tensor``: split by tensor parallelism, then by sharding."""
+    column_bias = tensor.kind is ParamKind.BIAS and (
+        (tensor.role is not None and tensor.role not in _ROW_PARALLEL)
+        or tensor.shape == (vocab,)  # the vocab-parallel LM head's output bias (BERT MLM)
+    )
+    if tensor.kind in _TP_SPLIT or column_bias:
         numel = -(-numel // tp)
     return -(-numel // shards)
 
@@ -129,7 +138,7 @@ def _add_base_tensor(
     tp = ctx.tensor_parallel_degree
     if _quantized(tensor, setup):
         q = quantized_weight_bytes(
-            _share(numel, tensor.kind, tp=tp, shards=shards),
+            _share(tensor, numel, tp=tp, shards=shards, vocab=ctx.vocab_size),
             setup.quant,
             double_quant=setup.double_quant,
             out_features=tensor.out_features,
@@ -146,8 +155,9 @@ def _add_base_tensor(
         return
     trainable = _trainable_base(tensor, setup.method)
     category = Category.TRAINABLE_WEIGHTS if trainable else Category.FROZEN_WEIGHTS
-    share = _share(numel, tensor.kind, tp=tp, shards=shards)
-    state.groups.append(TensorGroup(label, share, ctx.weight_dtype, count, category))
+    share = _share(tensor, numel, tp=tp, shards=shards, vocab=ctx.vocab_size)
+    shape = tensor.shape if tensor.copies == 1 else tensor.shape[-2:]
+    state.groups.append(TensorGroup(label, share, ctx.weight_dtype, count, category, shape))
     if trainable:
         state.num_trainable_params += numel * count
 
@@ -155,16 +165,31 @@ def _add_base_tensor(
 def _add_lora(
     state: ModelState, block: Block, tensor: ParamTensor, ctx: StepContext, shards: int
 ) -> None:
-    """peft LoRA: lora_A (r x in) and lora_B (out x r) per targeted linear."""
-    r = ctx.lora_r
-    for part, numel in (("lora_A", r * tensor.in_features), ("lora_B", r * tensor.out_features)):
-        share = _share(numel, ParamKind.LINEAR, tp=ctx.tensor_parallel_degree, shards=shards)
+    """peft LoRA: lora_A (r x in) and lora_B (out x r) per targeted linear.
+
+    Under tensor parallelism a column-parallel linear splits lora_B's rows, a row-parallel
+    one lora_A's columns; the other matrix is replicated (Megatron-style LoRA).
+    """
+    r, tp = ctx.lora_r, ctx.tensor_parallel_degree
+    row_parallel = tensor.role in _ROW_PARALLEL
+    in_share = -(-tensor.in_features // tp) if row_parallel else tensor.in_features
+    out_share = tensor.out_features if row_parallel else -(-tensor.out_features // tp)
+    parts = (
+        ("lora_A", r, in_share, tensor.in_features),
+        ("lora_B", out_share, r, tensor.out_features),
+    )
+    for part, rows, cols, full in parts:
+        share = -(-(rows * cols) // shards)
         state.groups.append(
             TensorGroup(
-                f"{block.name}.{tensor.name}.{part}", share, ctx.adapter_dtype, block.repeat
+                f"{block.name}.{tensor.name}.{part}",
+                share,
+                ctx.adapter_dtype,
+                block.repeat,
+                shape=(rows, cols),
             )
         )
-        state.num_trainable_params += numel * block.repeat
+        state.num_trainable_params += r * full * block.repeat
 
 
 def _add_method_params(

@@ -255,6 +255,6 @@ def load_profile(name_or_alias: str) -> HardwareProfile:
     profile = _index().get(key)
     if profile is None:
         close = difflib.get_close_matches(key, _index().keys(), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(close)}?" if close else "; see `memplan hardware`"
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `memplan gpus`"
         raise MemplanError(f"unknown hardware {name_or_alias!r}{hint}")
     return profile

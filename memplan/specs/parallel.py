@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from memplan._compat import StrEnum
-
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+from memplan._compat import StrEnum
 
 
 class Sharding(StrEnum):
@@ -38,6 +38,16 @@ class ParallelSetup(BaseModel):
     offload: Offload = Field(default=Offload.NONE, description="CPU offload of model state.")
     tensor_parallel_degree: PositiveInt = Field(
         default=1, description="GPUs each layer's matrices are split across (Megatron-style)."
+    )
+    reduce_bucket_elements: PositiveInt | None = Field(
+        default=None,
+        description="DeepSpeed reduce_bucket_size (gradient reduce buffer, elements); None: "
+        "DeepSpeed's default 5e8 (Hugging Face's 'auto' config sets hidden_size**2).",
+    )
+    max_live_parameters: PositiveInt | None = Field(
+        default=None,
+        description="DeepSpeed stage3_max_live_parameters: gathered parameters kept on the GPU "
+        "at once under ZeRO-3; None: DeepSpeed's default 1e9.",
     )
 
     @model_validator(mode="after")

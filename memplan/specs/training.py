@@ -165,6 +165,16 @@ class TrainingSetup(BaseModel):
         default=1, description="Checkpoint every k-th layer (1: every layer)."
     )
     attention: Attention = Field(default=Attention.SDPA, description="Attention implementation.")
+    quant_matmul_saves_input: bool = Field(
+        default=False,
+        description="bitsandbytes before 0.43.2 kept each 4-bit matmul's input for backward "
+        "(MatMul4Bit ctx.tensors = (A, B)); later releases keep only the packed weight.",
+    )
+    logits_fp32: bool = Field(
+        default=True,
+        description="The loss upcasts logits to fp32 (transformers ForCausalLMLoss); False: "
+        "cross-entropy on logits in the compute dtype (litgpt's chunked cross-entropy).",
+    )
     device: Literal["cuda", "cpu"] = Field(
         default="cuda",
         description="Where the step runs: decides kernel workspaces (flash backward's fp32 dQ "

@@ -226,19 +226,11 @@ def test_frozen_forward_leaves_nothing_behind(tiny_llama: ModelSpec) -> None:
 
 # -- gradients of trainable parameters -----------------------------------------------------
 
-_NO_PEFT_OPS = "adapter/prefix ops are not built into {} layers: no gradient reaches them"
 _PREFIX_GRAD = (
     "prefix tuning: the prefix keys/values' gradients are dropped in backward and the "
     "prefix_encoder.embedding never gets its .grad"
 )
-_KNOWN_GRAD_BUGS = {
-    ("tiny-mixtral", "full"): "MoE experts: the graph runs the routed tokens through one "
-    "expert-sized MLP, so the experts' weight gradients are 1/num_experts of the parameters",
-    ("tiny-mixtral", "qlora"): "MoE experts: the graph puts LoRA adapters (and their .grad) "
-    "on the experts' linears, but the parameter state has none (experts are fused tensors)",
-    ("tiny-t5", "full"): "T5: the relative attention bias tables (one per stack) get no "
-    "gradient in backward",
-}
+_KNOWN_GRAD_BUGS: dict[tuple[str, str], str] = {}
 
 
 _LAYOUTS = {
@@ -276,15 +268,6 @@ def _grad_reason(name: str, method: str, layout: str) -> str | None:
     family = _spec(name).family
     if (name, method) in _KNOWN_GRAD_BUGS:
         return _KNOWN_GRAD_BUGS[(name, method)]
-    if method == "prefix":
-        return _PREFIX_GRAD
-    if method == "adapter" and family in ("bert", "t5"):
-        return _NO_PEFT_OPS.format(family)
-    if layout == "TP 2" and method in ("lora", "qlora"):
-        return _TP_LORA
-    # tiny-qwen2's q/k/v biases fill one 512-byte block whole or split: the bug hides.
-    if layout == "TP 2" and method in ("full", "bitfit") and _has_linear_biases(name):
-        return None if name == "tiny-qwen2" else _TP_BIAS
     return None
 
 
@@ -341,13 +324,7 @@ def test_peak_never_falls_with_a_larger_batch_or_longer_sequence(
 
 def _ckpt_cases() -> Iterator[Any]:
     for name in TINY:
-        family = _spec(name).family
-        marks = []
-        if family in ("bert", "t5"):
-            reason = _NO_PEFT_OPS.format(family) + "; without checkpointing the frozen stack "
-            reason += "records no graph, so checkpointing appears to add activations"
-            marks = [pytest.mark.xfail(strict=True, reason=reason)]
-        yield pytest.param(name, ("adapter", "prefix"), marks=marks, id=f"{name}-peft")
+        yield pytest.param(name, ("adapter", "prefix"), id=f"{name}-peft")
         yield pytest.param(name, ("full", "lora", "qlora", "bitfit"), id=f"{name}")
 
 

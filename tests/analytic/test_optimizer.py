@@ -87,7 +87,11 @@ def test_single_buffer_optimizers(optimizer: Optimizer, per_matrix: int) -> None
 
 
 def test_adafactor_factors_matrices_into_rows_and_columns() -> None:
-    opt = optimizer_bytes(GROUPS, Optimizer.ADAFACTOR, FUSED, shapes={"w": (4096, 4096)})
+    shaped = [
+        TensorGroup("w", MATRIX, DType.BF16, 32, shape=(4096, 4096)),
+        TensorGroup("norm", VECTOR, DType.BF16, 64, shape=(VECTOR,)),
+    ]
+    opt = optimizer_bytes(shaped, Optimizer.ADAFACTOR, FUSED)
     # Row and column second moments for the matrices, a full variance for the vectors.
     assert opt.state_bytes == 32 * blk(2 * (4096 + 4096)) + 64 * blk(2 * VECTOR)
     # The update materializes one parameter-sized tensor.

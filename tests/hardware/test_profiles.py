@@ -93,7 +93,7 @@ def test_unknown_name_is_a_one_line_error_with_suggestions() -> None:
 
 
 def test_unknown_name_without_close_match_points_to_the_listing() -> None:
-    with pytest.raises(MemplanError, match=r"^unknown hardware 'zzz'; see `memplan hardware`$"):
+    with pytest.raises(MemplanError, match=r"^unknown hardware 'zzz'; see `memplan gpus`$"):
         load_profile("zzz")
 
 
