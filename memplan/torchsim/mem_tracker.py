@@ -16,7 +16,7 @@ import torch
 
 from memplan.specs import ModelSpec, TrainingSetup
 from memplan.torchsim.models import Backend
-from memplan.torchsim.step import prepare_model, run_steps, traced_run
+from memplan.torchsim.runner import RunRequest, prepare_model, run_steps, traced_run
 from memplan.torchsim.tracker import ALL_PLACEMENTS
 
 
@@ -89,20 +89,19 @@ def measure_with_torch_mem_tracker(
 ) -> MemTrackerComparison:
     """Peak of the CPU step by MemTracker, next to the tracker's peak of the same step."""
     mem_tracker_class = _mem_tracker_class()
+    request = RunRequest(spec, setup, "cpu", steps, backend, hf_config, seed)
     torch.manual_seed(seed)
-    model, built = prepare_model(spec, setup, backend=backend, hf_config=hf_config)
+    model, built = prepare_model(request)
     mem_tracker = mem_tracker_class()
     start = time.perf_counter()
     with mem_tracker:
         # MemTracker refuses a second call of the root module unless its per-module stats are
         # reset between iterations (its own tests do the same).
-        run_steps(
-            model, built, setup, steps=steps, before_step=lambda _: mem_tracker.reset_mod_stats()
-        )
+        run_steps(model, built, request, before_step=lambda _: mem_tracker.reset_mod_stats())
     memtracker_wall_s = time.perf_counter() - start
     snapshot = mem_tracker.get_tracker_snapshot("peak").get(torch.device("cpu"), {})
     start = time.perf_counter()
-    traced = traced_run(spec, setup, "cpu", steps, backend, hf_config, seed, None)
+    traced = traced_run(request)
     tracker_wall_s = time.perf_counter() - start
     trace = traced.tracker.trace(
         "torchsim-cpu-exact", placements=ALL_PLACEMENTS, granularity_bytes=1

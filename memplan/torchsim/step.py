@@ -5,42 +5,29 @@
 being the measurement. Both produce a :class:`memplan.trace.Trace` of two optimizer steps
 (step 0 creates the optimizer state lazily; step 1 is the steady state).
 
-Deep fake traces are folded (:mod:`memplan.torchsim.fold`): the model is traced with 4 and
-with 5 layers, the 4-layer trace folded to 5 layers must equal the 5-layer one event for event,
-and is then folded to the full depth.
+Deep fake traces are folded (:mod:`memplan.torchsim.fold`): the model is traced with n and
+n + 1 layers (n = 4, or 5 when the second layer differs too), the n-layer trace folded to n + 1
+layers must equal the traced one event for event, and is then folded to the full depth; a
+model whose layers do not fold is traced layer by layer (and the result says so).
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
-import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final
 
-import torch
 from torch import nn
 
 from memplan.specs import ModelSpec, TrainingSetup
-from memplan.torchsim.fake import fake_tensors
 from memplan.torchsim.fold import FoldError, fold_events, keyed_events
-from memplan.torchsim.hooks import ModuleHooks
-from memplan.torchsim.methods import apply_method
-from memplan.torchsim.models import (
-    Backend,
-    BuiltModel,
-    build_meta_model,
-    decoder_layer_stacks,
-    lm_head_of,
-)
+from memplan.torchsim.models import Backend
 from memplan.torchsim.quant import Linear4bit
 from memplan.torchsim.records import Placement, StorageRecord
-from memplan.torchsim.session import Session, load_session, train_step
+from memplan.torchsim.runner import Mode, RunRequest, TracedRun, traced_run
 from memplan.torchsim.tracker import MemoryTracker
 from memplan.trace import ALLOCATION_GRANULARITY_BYTES, Phase, Trace
 
-Mode = Literal["fake", "cpu"]
 MAX_FOLD_LAYERS: Final = 5  # deepest short model traced for folding
 
 
@@ -63,16 +50,6 @@ class TraceResult:
         return self.trace.peak().peak_bytes
 
 
-@dataclass
-class TracedRun:
-    """The tracker and the session of one traced run (before folding)."""
-
-    tracker: MemoryTracker
-    session: Session
-    layer_prefix: str
-    notes: list[str]
-
-
 def trace_step(
     spec: ModelSpec,
     setup: TrainingSetup,
@@ -91,39 +68,34 @@ def trace_step(
     ``fold``: trace deep fake models through :mod:`memplan.torchsim.fold`.
     """
     start = time.perf_counter()
-    depth = spec.num_layers
-    if fold and mode == "fake" and depth > MAX_FOLD_LAYERS + 1 and not spec.is_encoder_decoder:
-        with contextlib.suppress(FoldError):
-            return _folded(spec, setup, steps, backend, hf_config, seed, start)
-    traced = traced_run(
-        spec, setup, "fake" if mode == "fake" else "cpu", steps, backend, hf_config, seed, None
-    )
+    request = RunRequest(spec, setup, mode, steps, backend, hf_config, seed)
+    fold_failure = ""
+    if fold and mode == "fake" and spec.num_layers > MAX_FOLD_LAYERS + 1:
+        try:
+            return _folded(request, start)
+        except FoldError as exc:
+            fold_failure = f"not folded ({exc}): traced every layer"
+    traced = traced_run(request)
+    if fold_failure:
+        traced.notes.append(fold_failure)
     trace = traced.tracker.trace(f"torchsim-{mode}")
-    return _result(traced, trace, start, _param_counts(traced.session.model), depth)
+    return _result(traced, trace, start, _param_counts(traced.session.model), spec.num_layers)
 
 
-def _folded(
-    spec: ModelSpec,
-    setup: TrainingSetup,
-    steps: int,
-    backend: Backend,
-    hf_config: dict[str, Any] | None,
-    seed: int,
-    start: float,
-) -> TraceResult:
+def _folded(request: RunRequest, start: float) -> TraceResult:
     """Trace n and n+1 layers; fold n to n+1 and compare; if equal, fold n to the full depth.
 
     The first layer can differ from the others (its input is the embedding, which needs no
     gradient under PEFT), and so can its neighbour's backward: repeating from layer 1 is tried
     first, then from layer 2.
     """
+    if request.spec.is_encoder_decoder:
+        raise FoldError("encoder-decoder models have two layer stacks")
     runs: dict[int, TracedRun] = {}
 
     def run(num_layers: int) -> TracedRun:
         if num_layers not in runs:
-            runs[num_layers] = traced_run(
-                spec, setup, "fake", steps, backend, hf_config, seed, num_layers
-            )
+            runs[num_layers] = traced_run(request.with_layers(num_layers))
         return runs[num_layers]
 
     for first_repeated in (1, 2):
@@ -138,7 +110,7 @@ def _folded(
             continue
         if _signature(Trace("check", check)) != _signature(longer.tracker.trace("check")):
             continue
-        target = spec.num_decoder_layers
+        target = request.spec.num_decoder_layers
         items = fold_events(keyed, short_layers, target, first_repeated=first_repeated)
         counts = _param_counts(short.session.model)
         per_layer = [
@@ -150,7 +122,7 @@ def _folded(
             f"traced {short_layers} and {short_layers + 1} layers, folded to {target}"
         )
         return _result(short, Trace("torchsim-fake", items), start, full, short_layers)
-    raise FoldError(f"{spec.name}: layers do not repeat identically; traced in full")
+    raise FoldError("its layers do not emit identical events")
 
 
 def _keyed(traced: TracedRun) -> list[tuple[Any, int | None]]:
@@ -199,122 +171,3 @@ def _param_counts(model: nn.Module) -> tuple[int, int]:
         total += numel
         trainable += numel if param.requires_grad else 0
     return total, trainable
-
-
-# -- one traced run -----------------------------------------------------------------------------
-
-
-def traced_run(
-    spec: ModelSpec,
-    setup: TrainingSetup,
-    mode: Mode,
-    steps: int,
-    backend: Backend,
-    hf_config: dict[str, Any] | None,
-    seed: int,
-    num_layers: int | None,
-) -> TracedRun:
-    torch.manual_seed(seed)
-    model, built = prepare_model(
-        spec, setup, backend=backend, hf_config=hf_config, num_layers=num_layers
-    )
-    tracker = MemoryTracker()
-    fake = mode == "fake"
-    fake_scope = _fake_mode(fake, built.notes)
-    with _third_party_warnings_muted(), fake_scope, tracker, _unpacked_sequences():
-        session = load_session(model, built, setup, fake=fake, tracker=tracker)
-        hooks = ModuleHooks(tracker, model, lm_head=lm_head_of(model), layers=_layers(model))
-        with hooks, tracker.saving_hooks():
-            for step in range(steps):
-                train_step(session, step)
-    tracker.close()
-    return TracedRun(tracker, session, _layer_prefix(model), built.notes)
-
-
-def prepare_model(
-    spec: ModelSpec,
-    setup: TrainingSetup,
-    *,
-    backend: Backend = "auto",
-    hf_config: dict[str, Any] | None = None,
-    num_layers: int | None = None,
-) -> tuple[nn.Module, BuiltModel]:
-    """The model of ``setup`` on the meta device, the method applied (allocates nothing)."""
-    with _third_party_warnings_muted():
-        built = build_meta_model(
-            spec, setup, backend=backend, hf_config=hf_config, num_layers=num_layers
-        )
-        return apply_method(built, spec, setup), built
-
-
-def run_steps(
-    model: nn.Module,
-    built: BuiltModel,
-    setup: TrainingSetup,
-    *,
-    steps: int,
-    before_step: Callable[[int], None] | None = None,
-) -> Session:
-    """Materialize on the CPU and train, with no tracker (for other instruments: MemTracker)."""
-    with _third_party_warnings_muted(), _unpacked_sequences():
-        session = load_session(model, built, setup, fake=False, tracker=None)
-        for step in range(steps):
-            if before_step is not None:
-                before_step(step)
-            train_step(session, step)
-    return session
-
-
-def _layers(model: nn.Module) -> list[nn.Module]:
-    return [layer for stack in decoder_layer_stacks(model) for layer in stack]
-
-
-def _layer_prefix(model: nn.Module) -> str:
-    """Dotted name of the decoder layer list (``model.layers``; under peft with its prefix)."""
-    stacks = decoder_layer_stacks(model)
-    if len(stacks) != 1:
-        return "<no single layer stack>"
-    first = stacks[0][0]
-    name = next(n for n, m in model.named_modules() if m is first)
-    return str(name.rsplit(".", 1)[0])
-
-
-@contextlib.contextmanager
-def _fake_mode(fake: bool, notes: list[str]) -> Iterator[None]:
-    if not fake:
-        yield
-        return
-    with fake_tensors() as placeholders:
-        yield
-    if placeholders.reads:
-        notes.append(f"{placeholders.reads} value reads of fake tensors answered with 1")
-
-
-@contextlib.contextmanager
-def _unpacked_sequences() -> Iterator[None]:
-    """Tell transformers the batch holds one sequence per row.
-
-    Without an attention mask, transformers reads position_ids to detect packed sequences
-    (masking_utils.find_packed_sequence_indices); on fake tensors it cannot read them and
-    assumes packing, building a mask a real run would not. Our batches are never packed.
-    """
-    try:
-        from transformers import masking_utils
-    except ImportError:
-        yield
-        return
-    original = masking_utils.find_packed_sequence_indices
-    masking_utils.find_packed_sequence_indices = lambda position_ids: None
-    try:
-        yield
-    finally:
-        masking_utils.find_packed_sequence_indices = original
-
-
-@contextlib.contextmanager
-def _third_party_warnings_muted() -> Iterator[None]:
-    """transformers and peft deprecate their own internals between releases; not ours to fix."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        yield

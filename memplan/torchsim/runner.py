@@ -1,0 +1,160 @@
+"""One traced run: build the model on meta, apply the method, run the steps under the tracker.
+
+Also the same run without the tracker (:func:`run_steps`), for other instruments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from memplan.specs import ModelSpec, TrainingSetup
+from memplan.torchsim.fake import fake_tensors
+from memplan.torchsim.hooks import ModuleHooks
+from memplan.torchsim.methods import apply_method
+from memplan.torchsim.models import (
+    Backend,
+    BuiltModel,
+    build_meta_model,
+    decoder_layer_stacks,
+    lm_head_of,
+)
+from memplan.torchsim.session import Session, load_session, train_step
+from memplan.torchsim.tracker import MemoryTracker
+
+Mode = Literal["fake", "cpu"]
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What to run: the model, the setup, on fake or CPU tensors, for how many steps."""
+
+    spec: ModelSpec
+    setup: TrainingSetup
+    mode: Mode = "fake"
+    steps: int = 2
+    backend: Backend = "auto"
+    hf_config: dict[str, Any] | None = None
+    seed: int = 0
+    num_layers: int | None = None  # a shorter copy of the model (layer folding)
+
+    def with_layers(self, num_layers: int) -> RunRequest:
+        return replace(self, num_layers=num_layers)
+
+
+@dataclass
+class TracedRun:
+    """The tracker and the session of one traced run (before folding)."""
+
+    tracker: MemoryTracker
+    session: Session
+    layer_prefix: str
+    notes: list[str]
+
+
+def traced_run(request: RunRequest) -> TracedRun:
+    """Run ``request`` with every storage tracked, from model loading to the last zero_grad."""
+    torch.manual_seed(request.seed)
+    model, built = prepare_model(request)
+    tracker = MemoryTracker()
+    fake = request.mode == "fake"
+    fake_scope = _fake_mode(fake, built.notes)
+    with _third_party_warnings_muted(), fake_scope, tracker, _unpacked_sequences():
+        session = load_session(model, built, request.setup, fake=fake, tracker=tracker)
+        hooks = ModuleHooks(tracker, model, lm_head=lm_head_of(model), layers=_layers(model))
+        with hooks, tracker.saving_hooks():
+            for step in range(request.steps):
+                train_step(session, step)
+    tracker.close()
+    return TracedRun(tracker, session, _layer_prefix(model), built.notes)
+
+
+def prepare_model(request: RunRequest) -> tuple[nn.Module, BuiltModel]:
+    """The model on the meta device with the method applied (allocates nothing)."""
+    with _third_party_warnings_muted():
+        built = build_meta_model(
+            request.spec,
+            request.setup,
+            backend=request.backend,
+            hf_config=request.hf_config,
+            num_layers=request.num_layers,
+        )
+        return apply_method(built, request.spec, request.setup), built
+
+
+def run_steps(
+    model: nn.Module,
+    built: BuiltModel,
+    request: RunRequest,
+    *,
+    before_step: Callable[[int], None] | None = None,
+) -> Session:
+    """Materialize on the CPU and train, with no tracker (for other instruments: MemTracker)."""
+    with _third_party_warnings_muted(), _unpacked_sequences():
+        session = load_session(model, built, request.setup, fake=False, tracker=None)
+        for step in range(request.steps):
+            if before_step is not None:
+                before_step(step)
+            train_step(session, step)
+    return session
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    return [layer for stack in decoder_layer_stacks(model) for layer in stack]
+
+
+def _layer_prefix(model: nn.Module) -> str:
+    """Dotted name of the decoder layer list (``model.layers``; under peft with its prefix)."""
+    stacks = decoder_layer_stacks(model)
+    if len(stacks) != 1:
+        return "<no single layer stack>"
+    first = stacks[0][0]
+    name = next(n for n, m in model.named_modules() if m is first)
+    return str(name.rsplit(".", 1)[0])
+
+
+@contextlib.contextmanager
+def _fake_mode(fake: bool, notes: list[str]) -> Iterator[None]:
+    if not fake:
+        yield
+        return
+    with fake_tensors() as placeholders:
+        yield
+    if placeholders.reads:
+        notes.append(f"{placeholders.reads} value reads of fake tensors answered with 1")
+
+
+@contextlib.contextmanager
+def _unpacked_sequences() -> Iterator[None]:
+    """Tell transformers the batch holds one sequence per row.
+
+    Without an attention mask, transformers reads position_ids to detect packed sequences
+    (masking_utils.find_packed_sequence_indices); on fake tensors it cannot read them and
+    assumes packing, building a mask a real run would not. Our batches are never packed.
+    """
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield
+        return
+    original = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
+@contextlib.contextmanager
+def _third_party_warnings_muted() -> Iterator[None]:
+    """transformers and peft deprecate their own internals between releases; not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
