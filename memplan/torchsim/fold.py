@@ -111,35 +111,43 @@ def fold_events(
     target_layers: int,
     *,
     first_repeated: int = 1,
+    period: int = 1,
 ) -> list[TraceItem]:
     """The trace of ``target_layers`` layers from the events of ``num_layers`` layers.
 
-    Layers ``first_repeated .. num_layers - 2`` must emit identical runs in every sweep over
-    the layers (at least two of them, to compare); each sweep's run of them becomes one
-    ``Repeat`` of ``target_layers - 1 - first_repeated`` copies. Runs of a sweep that covers
-    only part of them stay as they are (whether that is exact, the caller verifies).
+    Layers ``first_repeated .. num_layers - 2`` repeat in groups of ``period`` consecutive
+    layers (2 when every second layer is checkpointed): every sweep over them must emit
+    identical runs for each group (at least two groups, to compare), and becomes one
+    ``Repeat`` of the group for the target's ``target_layers - 1 - first_repeated`` layers.
+    Runs of a sweep that covers only part of them stay as they are (the caller verifies).
     """
     middle = list(range(first_repeated, num_layers - 1))
-    if len(middle) < 2:
-        raise FoldError(f"folding needs two repeated layers to compare, got layers {middle}")
+    copies, rest = divmod(target_layers - 1 - first_repeated, period)
+    if len(middle) < 2 * period or len(middle) % period or rest:
+        raise FoldError(
+            f"layers {middle} do not hold two whole groups of {period} "
+            f"(or {target_layers} layers do not continue them)"
+        )
     items: list[TraceItem] = []
     pending: list[_Run] = []  # the repeated layers' runs of the current sweep
     for run in _runs(keyed):
         if run.layer in middle:
             pending.append(run)
             continue
-        items.extend(_fold_sweep(pending, middle, target_layers - 1 - first_repeated))
+        items.extend(_fold_sweep(pending, middle, period, copies))
         pending = []
         items.extend(run.events)
-    items.extend(_fold_sweep(pending, middle, target_layers - 1 - first_repeated))
+    items.extend(_fold_sweep(pending, middle, period, copies))
     return items
 
 
-def _fold_sweep(runs: list[_Run], middle: list[int], copies: int) -> list[TraceItem]:
+def _fold_sweep(runs: list[_Run], middle: list[int], period: int, copies: int) -> list[TraceItem]:
     layers = [r.layer for r in runs]
     if sorted(layers, key=lambda x: x or 0) != middle:
         return [event for run in runs for event in run.events]  # a partial sweep: as traced
-    first = runs[0].signature()
-    if any(r.signature() != first for r in runs[1:]):
+    groups = [runs[i : i + period] for i in range(0, len(runs), period)]
+    signatures = [[run.signature() for run in group] for group in groups]
+    if any(signature != signatures[0] for signature in signatures[1:]):
         raise FoldError(f"layers {layers} emit different events: they cannot be folded")
-    return [Repeat(runs[0].events, copies, f"{copies} identical layers")]
+    events = tuple(event for run in groups[0] for event in run.events)
+    return [Repeat(events, copies, f"{copies * period} layers, {period} at a time")]

@@ -83,14 +83,16 @@ def trace_step(
 
 
 def _folded(request: RunRequest, start: float) -> TraceResult:
-    """Trace n and n+1 layers; fold n to n+1 and compare; if equal, fold n to the full depth.
+    """Trace n and n + p layers; fold n to n + p and compare; if equal, fold n to full depth.
 
-    The first layer can differ from the others (its input is the embedding, which needs no
-    gradient under PEFT), and so can its neighbour's backward: repeating from layer 1 is tried
-    first, then from layer 2.
+    p is the period of the layers (2 when every second layer is checkpointed). The first layer
+    can differ from the others (its input is the embedding, which needs no gradient under
+    PEFT), and so can its neighbour's backward: repeating from layer 1 is tried, then layer 2.
     """
     if request.spec.is_encoder_decoder:
         raise FoldError("encoder-decoder models have two layer stacks")
+    setup, target = request.setup, request.spec.num_decoder_layers
+    period = setup.grad_ckpt_every if setup.grad_ckpt else 1
     runs: dict[int, TracedRun] = {}
 
     def run(num_layers: int) -> TracedRun:
@@ -98,31 +100,38 @@ def _folded(request: RunRequest, start: float) -> TraceResult:
             runs[num_layers] = traced_run(request.with_layers(num_layers))
         return runs[num_layers]
 
-    for first_repeated in (1, 2):
-        short_layers = first_repeated + 3  # first layers, two repeated ones, the last
-        short, longer = run(short_layers), run(short_layers + 1)
+    for first in (1, 2):
+        # first layers, two groups of `period` repeated layers, the last layer
+        short_layers = first + 2 * period + 1
+        if short_layers + period >= target or (target - short_layers) % period:
+            continue
+        short, longer = run(short_layers), run(short_layers + period)
         keyed = _keyed(short)
         try:
             check = fold_events(
-                keyed, short_layers, short_layers + 1, first_repeated=first_repeated
+                keyed, short_layers, short_layers + period, first_repeated=first, period=period
             )
         except FoldError:
             continue
         if _signature(Trace("check", check)) != _signature(longer.tracker.trace("check")):
             continue
-        target = request.spec.num_decoder_layers
-        items = fold_events(keyed, short_layers, target, first_repeated=first_repeated)
-        counts = _param_counts(short.session.model)
-        per_layer = [
-            b - a for a, b in zip(counts, _param_counts(longer.session.model), strict=True)
-        ]
-        extra = target - short_layers
-        full = (counts[0] + per_layer[0] * extra, counts[1] + per_layer[1] * extra)
+        items = fold_events(keyed, short_layers, target, first_repeated=first, period=period)
+        counts = _full_depth_counts(short, longer, period, target - short_layers)
         short.notes.append(
-            f"traced {short_layers} and {short_layers + 1} layers, folded to {target}"
+            f"traced {short_layers} and {short_layers + period} layers, folded to {target}"
         )
-        return _result(short, Trace("torchsim-fake", items), start, full, short_layers)
+        return _result(short, Trace("torchsim-fake", items), start, counts, short_layers)
     raise FoldError("its layers do not emit identical events")
+
+
+def _full_depth_counts(
+    short: TracedRun, longer: TracedRun, period: int, extra_layers: int
+) -> tuple[int, int]:
+    """Parameter counts of the full model from two shorter ones (``period`` layers apart)."""
+    counts = _param_counts(short.session.model)
+    more = _param_counts(longer.session.model)
+    per_layer = [(b - a) // period for a, b in zip(counts, more, strict=True)]
+    return counts[0] + per_layer[0] * extra_layers, counts[1] + per_layer[1] * extra_layers
 
 
 def _keyed(traced: TracedRun) -> list[tuple[Any, int | None]]:

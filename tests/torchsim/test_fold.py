@@ -50,10 +50,14 @@ def test_folded_trace_equals_the_traced_one(fields: dict[str, Any]) -> None:
     )
 
 
-def test_layers_checkpointed_alternately_are_traced_in_full() -> None:
-    spec = load_model("tiny-llama").model_copy(update={"num_decoder_layers": 7})
+def test_layers_checkpointed_alternately_fold_two_at_a_time() -> None:
+    spec = load_model("tiny-llama").model_copy(update={"num_decoder_layers": 10})
     setup = TrainingSetup(method="lora", grad_ckpt=True, grad_ckpt_every=2, seq_len=32)
-    assert trace_step(spec, setup, mode="fake", steps=1).layers_traced == 7
+    folded = trace_step(spec, setup, mode="fake", steps=1)
+    assert folded.notes[-1] == "traced 6 and 8 layers, folded to 10"
+    assert _signature(folded) == _signature(
+        trace_step(spec, setup, mode="fake", steps=1, fold=False)
+    )
 
 
 @pytest.mark.slow
