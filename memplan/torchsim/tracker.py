@@ -7,6 +7,10 @@ PyTorch's ``torch/distributed/_tools/mem_tracker.py``). Ops run inside a kernel 
 (custom ops, fused kernels) show only their outputs, like a CUDA kernel's scratch that never
 reaches the caching allocator.
 
+A storage first seen as the output of a view or in-place op existed before tracking began
+(a tensor built outside, e.g. a constant held by a library): it is *external*, and neither its
+allocation nor its free is counted. Frees that happen together are listed in allocation order.
+
 Categories are decided per storage after the fact (see :class:`StorageRecord`): the runner marks
 weights, gradients and optimizer state; the pack hook of ``saved_tensors_hooks`` marks tensors
 saved for backward; the phase at allocation marks logits. :meth:`MemoryTracker.trace` then
