@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
-from memplan.trace import Event
+from memplan.trace import Category, Event
 
 MIN_BLOCK_BYTES: Final = 512  # kMinBlockSize
 SMALL_SIZE_BYTES: Final = 1 << 20  # kSmallSize: largest request served by the small pool
@@ -50,7 +50,7 @@ def segment_size(block_bytes: int) -> int:
     return -(-block_bytes // ROUND_LARGE_BYTES) * ROUND_LARGE_BYTES
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Block:
     size: int
     segment: int
@@ -168,12 +168,12 @@ def replay(events: Iterable[Event]) -> ReplayResult:
     none releases the category's most recent allocations until its bytes are covered.
     """
     allocator = CachingAllocator()
-    live: dict[tuple[str, int], list[tuple[int, _Block]]] = defaultdict(list)
-    by_category: dict[str, list[tuple[int, _Block]]] = defaultdict(list)
+    live: dict[tuple[Category, int], list[tuple[int, _Block]]] = defaultdict(list)
+    by_category: dict[Category, list[tuple[int, _Block]]] = defaultdict(list)
     released: set[int] = set()
     order = itertools.count()
     for event in events:
-        category = event.category.value
+        category = event.category
         if event.delta_bytes > 0:
             entry = (next(order), allocator.malloc(event.delta_bytes))
             live[(category, event.delta_bytes)].append(entry)

@@ -31,7 +31,8 @@ _OPTIMIZER = {
     Optimizer.PAGED_ADAMW_8BIT: "bitsandbytes PagedAdamW8bit: uint8 states of tensors with >= 1e5 "
     "elements in unified memory (may be paged to host memory)",
     Optimizer.SGD: "torch SGD with momentum: one momentum buffer per trainable parameter",
-    Optimizer.ADAFACTOR: "torch Adafactor: factored second moment (rows + columns), no first moment",
+    Optimizer.ADAFACTOR: "torch Adafactor: factored second moment (rows + columns), "
+    "no first moment",
     Optimizer.LION: "Lion (bitsandbytes Lion32bit): one fp32 momentum per trainable parameter",
 }
 
@@ -125,11 +126,12 @@ def _method_lines(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
         lines.append("BitFit: only bias terms are trained")
     if setup.method is Method.ADAPTER:
         lines.append(
-            f"adapters: bottleneck {setup.adapter_size} after attention and MLP (weights only; their activations are not modelled)"
+            f"adapters: Houlsby bottleneck {setup.adapter_size} after attention and MLP, in "
+            f"{setup.adapter_dtype.value}"
         )
     if setup.method is Method.PREFIX:
         lines.append(
-            f"prefix tuning: {setup.prefix_len} virtual tokens per layer (weights only; the longer key/value length is not modelled)"
+            f"prefix tuning: {setup.prefix_len} virtual key/value tokens prepended in every layer"
         )
     if setup.method is Method.FROZEN:
         lines.append("forward only under torch.no_grad(): nothing saved for backward, no optimizer")
@@ -147,6 +149,11 @@ def _parallel_lines(parallel: ParallelSetup, prediction: Prediction) -> list[str
         )
     if shard.master_weights:
         lines.append("fp32 master weights of the trainable parameters (ZeRO mixed precision)")
+    if prediction.requested_amp:
+        lines.append(
+            "AMP under DeepSpeed/FSDP: 16-bit weights for compute, fp32 master weights (no "
+            "autocast weight copies)"
+        )
     if parallel.offload is not Offload.NONE:
         lines.append(
             f"offload {parallel.offload.value}: {format_bytes(prediction.cpu_bytes)} of host memory "

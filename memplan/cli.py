@@ -132,7 +132,8 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
         "--master-weights",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="fp32 master copy of 16-bit weights (default: on under DeepSpeed ZeRO with 16-bit weights)",
+        help="fp32 master copy of 16-bit weights "
+        "(default: on under DeepSpeed ZeRO with 16-bit weights)",
     )
     g.add_argument("--batch", type=int, help="micro-batch size (default 1)")
     g.add_argument("--seq", type=int, help="sequence length in tokens (default 512)")
@@ -380,7 +381,7 @@ def _cmd_gpus(args: argparse.Namespace) -> int:
         table.add_row(
             p.name,
             p.display_name,
-            f"{gib(p.usable_memory_bytes * p.gpu_share_fraction):.2f}",
+            f"{gib(p.usable_memory_bytes):.2f}",
             f"{p.memory_bandwidth_bytes_per_s / 1e12:.2f}",
             f"{p.bf16_tflops:g}" if p.bf16_tflops else "-",
             "yes" if p.supports_bf16 else "no",

@@ -24,7 +24,7 @@ DEEPSPEED_REDUCE_BUCKET_ELEMENTS: Final = 500_000_000
 # stage3_max_live_parameters and stage3_max_reuse_distance default to 1e9: gathered parameters
 # that will be used again within 1e9 elements of fetches stay on the GPU, so up to 1e9
 # parameters remain gathered around the turn from forward to backward.
-DEEPSPEED_MAX_LIVE_PARAMETERS: Final = 1_000_000_000
+DEEPSPEED_MAX_LIVE_PARAMETERS: Final = 1000**3  # 1e9 parameters
 # FSDP FULL_SHARD gathers one wrapped layer at a time, plus the one prefetched.
 FSDP_GATHERED_LAYERS: Final = 2
 

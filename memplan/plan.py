@@ -1,4 +1,4 @@
-"""``plan``: will a training run fit, and where does its memory go? The public API behind the CLI."""
+"""``plan``: will a training run fit, and where does its memory go? The API behind the CLI."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def resolve_gpu(text: str) -> GpuTarget:
             name=text, capacity_bytes=parse_capacity(text), context_bytes=CUDA_CONTEXT_BYTES
         )
     profile: HardwareProfile = load_profile(text)
-    capacity = int(profile.usable_memory_bytes * profile.gpu_share_fraction)
+    # usable_memory_bytes is what the device lets one process use (Metal's limit on Macs).
+    capacity = profile.usable_memory_bytes
     return GpuTarget(
         name=profile.name,
         capacity_bytes=capacity,
@@ -64,10 +65,10 @@ class PlanResult(BaseModel):
         description="Category -> bytes at the peak; sums to peak_bytes."
     )
     reserved_bytes: int = Field(
-        description="Caching-allocator reservation at the peak (max_memory_reserved)."
+        description="Highest caching-allocator reservation (max_memory_reserved), from a replay."
     )
     allocator_overhead_bytes: int = Field(
-        description="reserved_bytes - peak_bytes (fragmentation)."
+        description="reserved_bytes - peak_bytes (cached and fragmented blocks)."
     )
     cuda_context_bytes: int = Field(description="CUDA context outside the allocator (NVML only).")
     paged_bytes: int = Field(
@@ -136,7 +137,9 @@ def _result(
     if peak.peak_bytes <= 0:
         raise MemplanError("the step allocates nothing: check the model and setup")
     reserved = max(
-        replay(trace.events(collapse_balanced=True)).reserved_at_peak_allocated_bytes,
+        # Segments are never released (no empty_cache), so the highest reservation is what
+        # max_memory_reserved and nvidia-smi show.
+        replay(trace.events(collapse_balanced=True, relabel=False)).peak_reserved_bytes,
         peak.peak_bytes,
     )
     context = target.context_bytes if target else 0

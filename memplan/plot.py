@@ -41,7 +41,7 @@ from memplan.compare import Comparison, PeakGrid, ValidationPoint, capacities, g
 from memplan.plan import PlanResult
 from memplan.report import CATEGORY_LABELS
 from memplan.trace import Category, Event, Phase, Trace
-from memplan.units import gib
+from memplan.units import GiB, gib
 
 PAGED_OPTIMIZER_STATE: Final = "paged_optimizer_state"  # bnb paged state in unified memory
 
@@ -349,7 +349,7 @@ def _plain_log_ticks(axis: Axis) -> None:
 # which is a category colour, so a line never reads as "optimizer state".
 SERIES_COLORS: Final[tuple[str, ...]] = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#000000")
 SERIES_MARKERS: Final[tuple[str, ...]] = ("o", "s", "^", "D", "v")
-_BILLION: Final = 10**9  # parameters per "B" in model names
+_BILLION: Final = 1000**3  # parameters per "B" in model names
 
 
 @dataclass
@@ -517,14 +517,14 @@ def timeline(
     highest = 0.0
     for i, (label, trace_events) in enumerate(events.items()):
         xs, totals, per_category = timeline_points(trace_events, segments, step)
-        y = totals / 2**30
+        y = totals / GiB
         if stacked and i == 0:
             lower = np.zeros(len(xs))
             for key in STACK_ORDER:
                 values = per_category.get(key)
                 if values is None or not values.any():
                     continue
-                upper = lower + values / 2**30
+                upper = lower + values / GiB
                 areas[key] = ax.fill_between(
                     xs,
                     lower,
@@ -646,7 +646,7 @@ def peak_heatmap(
     those that do; hatched cells fit only because paged optimizer state can move to the host
     (known for grids of device bytes, see :class:`memplan.compare.PeakGrid`).
     """
-    values = np.array(grid.cell_bytes, dtype=np.float64) / 2**30
+    values = np.array(grid.cell_bytes, dtype=np.float64) / GiB
     fits = np.array(grid.fits, dtype=bool) if grid.fits is not None else np.ones(values.shape, bool)
     shown = np.ma.masked_array(values, mask=~fits)
     cmap = ListedColormap(_viridis_light()).with_extremes(bad=NO_FIT_COLOR)

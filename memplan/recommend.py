@@ -202,8 +202,9 @@ def _pick(
     ev: _Layouts, target: GpuTarget, candidates: list[tuple[int, Layout, ParallelSetup]]
 ) -> tuple[int, Layout, ParallelSetup] | None:
     for count, layout, parallel in candidates:
-        possible = not ev.cannot_fit(parallel, target) and ev.likely_fits(parallel, target)
-        if possible and ev.fits(parallel, target):
+        # The allocated peak alone rules a candidate out without a replay; anything else is
+        # judged like plan() judges it (by the estimate only when confirm=False).
+        if not ev.cannot_fit(parallel, target) and ev.fits(parallel, target):
             return count, layout, parallel
     return None
 

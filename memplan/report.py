@@ -100,7 +100,8 @@ def summary_lines(result: PlanResult) -> Text:
     lines = [
         f"{result.model}: {result.params:,} parameters, {result.trainable_params:,} trainable "
         f"({100 * result.trainable_params / result.params:.2f}%)",
-        f"method {setup['method']}, precision {setup['precision']}, optimizer {setup['optimizer']}, "
+        f"method {setup['method']}, precision {setup['precision']}, "
+        f"optimizer {setup['optimizer']}, "
         f"micro-batch {setup['micro_batch_size']} x seq {setup['seq_len']}",
         f"peak in {result.peak_phase} (step {result.peak_step}) at {result.peak_event}",
         f"bytes per parameter: {result.bytes_per_param:.2f} at the peak, "

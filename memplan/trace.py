@@ -12,7 +12,7 @@ up to 512 bytes (``memory_allocated``), see :func:`allocation_bytes`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Final
 
 from memplan._compat import StrEnum
@@ -156,11 +156,17 @@ def _summarize(items: Iterable[TraceItem]) -> _Summary:
 
 
 def _expand(
-    items: Iterable[TraceItem], step: int | None = None, *, collapse: bool = False
+    items: Iterable[TraceItem],
+    step: int | None = None,
+    *,
+    collapse: bool = False,
+    relabel: bool = True,
 ) -> Iterator[Event]:
     for item in items:
         if isinstance(item, Event):
-            yield item if step is None or item.step == step else replace(item, step=step)
+            if relabel and step is not None and item.step != step:
+                item = Event(item.delta_bytes, item.category, item.phase, step, item.label)
+            yield item
         else:
             inner = item.step if step is None else step  # the outermost step wins
             times = item.times
@@ -169,7 +175,44 @@ def _expand(
                 # later passes repeat the same totals (and the same allocator decisions).
                 times = 2
             for _ in range(times):
-                yield from _expand(item.items, inner, collapse=collapse)
+                yield from _expand(item.items, inner, collapse=collapse, relabel=relabel)
+
+
+def _phase_peaks(
+    items: Iterable[TraceItem],
+    start: int,
+    step: int | None,
+    out: dict[tuple[int, Phase], int],
+    cache: dict[tuple[int, int | None], tuple[int, dict[tuple[int, Phase], int]]],
+) -> int:
+    """Fold the (step, phase) maxima of ``items`` begun at ``start`` into ``out``; return the end.
+
+    A Repeat's body is folded once, relative to zero: when each pass leaves memory behind its
+    highest points are in the last pass, otherwise in the first.
+    """
+    total = start
+    for item in items:
+        if isinstance(item, Event):
+            total += item.delta_bytes
+            key = (item.step if step is None else step, item.phase)
+            if total > out.get(key, total - 1):
+                out[key] = total
+            continue
+        inner = item.step if step is None else step
+        cache_key = (id(item), inner)
+        if cache_key not in cache:
+            body: dict[tuple[int, Phase], int] = {}
+            net = _phase_peaks(item.items, 0, inner, body, cache)
+            cache[cache_key] = (net, body)
+        net, body = cache[cache_key]
+        if item.times <= 0:
+            continue
+        offset = total + (item.times - 1) * net if net > 0 else total
+        for key, value in body.items():
+            if value + offset > out.get(key, value + offset - 1):
+                out[key] = value + offset
+        total += item.times * net
+    return total
 
 
 @dataclass
@@ -185,14 +228,14 @@ class Trace:
     def extend(self, items: Iterable[TraceItem]) -> None:
         self.items.extend(items)
 
-    def events(self, *, collapse_balanced: bool = False) -> Iterator[Event]:
+    def events(self, *, collapse_balanced: bool = False, relabel: bool = True) -> Iterator[Event]:
         """Every event in order, repeats unrolled (for timelines and tests).
 
         With ``collapse_balanced`` a Repeat whose body frees everything it allocates (identical
         micro-batches of gradient accumulation) is unrolled at most twice: peaks, phase peaks
         and an allocator replay come out the same.
         """
-        return _expand(self.items, collapse=collapse_balanced)
+        return _expand(self.items, collapse=collapse_balanced, relabel=relabel)
 
     def peak(self) -> Peak:
         """The highest allocated total, its phase and its breakdown by category."""
@@ -217,13 +260,9 @@ class Trace:
         return out
 
     def phase_peaks(self) -> dict[tuple[int, Phase], int]:
-        """Highest allocated total reached in each (step, phase)."""
+        """Highest allocated total reached in each (step, phase), without unrolling repeats."""
         peaks: dict[tuple[int, Phase], int] = {}
-        total = 0
-        for event in self.events(collapse_balanced=True):
-            total += event.delta_bytes
-            key = (event.step, event.phase)
-            peaks[key] = max(peaks.get(key, total), total)
+        _phase_peaks(self.items, 0, None, peaks, {})
         return peaks
 
     def to_json(self) -> dict[str, object]:

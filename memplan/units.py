@@ -71,4 +71,4 @@ def parse_capacity(text: str) -> int:
     value = float(match.group(1)) * _UNITS[match.group(2).lower()]
     if value <= 0:
         raise MemplanError(f"memory size {text!r} must be positive")
-    return int(round(value))
+    return round(value)

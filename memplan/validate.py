@@ -169,7 +169,7 @@ def case_gpu(case: ReferenceCase) -> GpuTarget | None:
     profile = load_profile(mapping.gpu)
     return GpuTarget(
         name=profile.name,
-        capacity_bytes=int(profile.usable_memory_bytes * profile.gpu_share_fraction),
+        capacity_bytes=profile.usable_memory_bytes,
         context_bytes=mapping.cuda_context_bytes or CUDA_CONTEXT_BYTES,
         profile=profile.name,
     )
@@ -303,7 +303,7 @@ def simulated_bytes(
     compared = case.memplan.compare
     if compared == "peak_bytes":
         return peak, "ok"
-    reserved = max(replay(traced.trace.events()).reserved_at_peak_allocated_bytes, peak)
+    reserved = max(replay(traced.trace.events(relabel=False)).peak_reserved_bytes, peak)
     if compared == "reserved_bytes":
         return reserved, "ok"
     paged = traced.outside_allocator_bytes.get(Placement.PAGED, 0)

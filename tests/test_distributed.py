@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from memplan.distributed import (
-    DEEPSPEED_REDUCE_BUCKET_ELEMENTS,
     DEEPSPEED_MAX_LIVE_PARAMETERS,
+    DEEPSPEED_REDUCE_BUCKET_ELEMENTS,
     FSDP_GATHERED_LAYERS,
     master_weights_on,
     shard_plan,

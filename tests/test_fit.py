@@ -29,7 +29,7 @@ Case = tuple[Params, FitResult]
 # (model, setup, layout, device): methods, a paged optimizer (QLoRA), ZeRO, typed capacities.
 CASES: list[Params] = [
     ("tiny-llama", TrainingSetup(method="lora", seq_len=256), ParallelSetup(), "1GiB"),
-    ("llama-3.2-1b", TrainingSetup(method="full", seq_len=1024), ParallelSetup(), "rtx-4090"),
+    ("llama-3.2-1b", TrainingSetup(method="full", seq_len=512), ParallelSetup(), "rtx-4090"),
     ("qwen2.5-0.5b", TrainingSetup(method="qlora", seq_len=512), ParallelSetup(), "4GiB"),
     (
         "llama-3.2-1b",

@@ -14,7 +14,7 @@ from memplan.distributed import ShardPlan, shard_plan
 from memplan.dtypes import DType, dtype_bytes
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import ParallelSetup
-from memplan.specs.training import TrainingSetup
+from memplan.specs.training import Precision, TrainingSetup
 from memplan.trace import Category, Event, Phase, Repeat, Trace, TraceItem, allocation_bytes
 
 
@@ -29,6 +29,7 @@ class Prediction:
     cpu_bytes: int  # host memory for offloaded state
     paged_bytes: int  # bnb paged optimizer state (unified memory, may be evicted to the host)
     master_bytes: int  # fp32 master weights on the GPU
+    requested_amp: bool = False  # an AMP request a sharded run executes as 16-bit + masters
 
 
 def _mirror_frees(
@@ -59,11 +60,33 @@ def _optimizer_groups(state: ModelState, shard: ShardPlan) -> list[TensorGroup]:
     return groups
 
 
+_HALF = {Precision.BF16_AMP: Precision.BF16, Precision.FP16_AMP: Precision.FP16}
+
+
+def effective_setup(setup: TrainingSetup, parallel: ParallelSetup) -> TrainingSetup:
+    """The regime a sharded run really uses for an AMP precision request.
+
+    DeepSpeed's bf16/fp16 modes convert the model to 16-bit and step fp32 master weights;
+    FSDP's MixedPrecision gathers 16-bit copies of fp32 shards. Neither runs torch.autocast
+    over fp32 weights, so neither keeps per-op weight casts: both become 16-bit weights with
+    fp32 master weights (for FSDP this counts the 16-bit copy as a shard, 2 bytes/param/N).
+    """
+    sharded = parallel.uses_deepspeed or (
+        parallel.sharding.value == "fsdp" and parallel.zero_stage >= 2
+    )
+    if not (sharded and setup.precision in _HALF):
+        return setup
+    master = True if setup.master_weights is None else setup.master_weights
+    return setup.model_copy(update={"precision": _HALF[setup.precision], "master_weights": master})
+
+
 def predict(
     spec: ModelSpec, setup: TrainingSetup, parallel: ParallelSetup | None = None, *, steps: int = 2
 ) -> Prediction:
     """Trace ``steps`` optimizer steps of ``setup`` on one GPU of ``parallel`` analytically."""
     parallel = parallel or ParallelSetup()
+    requested = setup
+    setup = effective_setup(setup, parallel)
     shard = shard_plan(spec, setup, parallel)
     arch = architecture(spec)
     ctx = StepContext.build(
@@ -202,5 +225,12 @@ def predict(
         trace.add(Repeat(tuple(items), 1, f"step {step}", step=step))
     paged = 0 if shard.offload_optimizer else opt.paged_bytes
     return Prediction(
-        trace, state, opt, shard, cpu_bytes, paged, 0 if shard.offload_optimizer else master_bytes
+        trace,
+        state,
+        opt,
+        shard,
+        cpu_bytes,
+        paged,
+        0 if shard.offload_optimizer else master_bytes,
+        requested_amp=requested.precision.is_amp and setup is not requested,
     )
