@@ -259,6 +259,17 @@ class Trace:
             out.append((event, total))
         return out
 
+    def category_peaks(self) -> dict[Category, int]:
+        """The most each category holds at any point of the trace (its high-water mark)."""
+        live: dict[Category, int] = {}
+        most: dict[Category, int] = {}
+        for event in self.events(collapse_balanced=True, relabel=False):
+            value = live.get(event.category, 0) + event.delta_bytes
+            live[event.category] = value
+            if value > most.get(event.category, 0):
+                most[event.category] = value
+        return {c: most.get(c, 0) for c in ALLOCATED_CATEGORIES}
+
     def phase_peaks(self) -> dict[tuple[int, Phase], int]:
         """Highest allocated total reached in each (step, phase), without unrolling repeats."""
         peaks: dict[tuple[int, Phase], int] = {}

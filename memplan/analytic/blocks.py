@@ -29,6 +29,7 @@ class LinearSpec:
     quantizable: bool = True  # bnb replaces it (False for the LM head and routers)
     trainable: bool | None = None  # None: decided by the method
     copies: int = 1  # MoE experts: identical weights run one after another on routed rows
+    tied: bool = False  # the LM head sharing the token embedding's weight
 
 
 def _param_grad(ctx: StepContext, label: str, numel: int, trainable: bool) -> ParamGrad:
@@ -50,7 +51,10 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
     trainable = ctx.trains_linear() if spec.trainable is None else spec.trainable
     trainable = trainable and not quantized
     bias_trainable = spec.bias and (trainable or ctx.trains_bias())
-    grads = [_param_grad(ctx, f"{spec.label}.weight", numel_w * spec.copies, trainable)]
+    tie = "first" if spec.tied else ""
+    grads = [
+        ctx.param_grad(f"{spec.label}.weight", numel_w * spec.copies, trainable=trainable, tie=tie)
+    ]
     if spec.bias:
         bias_numel = spec.out_features * spec.copies
         grads.append(_param_grad(ctx, f"{spec.label}.bias", bias_numel, bias_trainable))
@@ -108,22 +112,25 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
         )
     # peft's target_modules match nn.Linear modules; fused expert tensors are not targeted.
     if ctx.has_lora(spec.role) and spec.copies == 1:
-        out = _lora(seg, ctx, x, out, spec)
+        out = _lora(seg, ctx, x, out, spec, quantized=quantized)
     return out
 
 
-def _lora(seg: Segment, ctx: StepContext, x: Tensor, base: Tensor, spec: LinearSpec) -> Tensor:
-    """peft ``lora.Linear.forward``: result + lora_B(lora_A(dropout(x))) * scaling."""
+def _lora(
+    seg: Segment, ctx: StepContext, x: Tensor, base: Tensor, spec: LinearSpec, *, quantized: bool
+) -> Tensor:
+    """peft ``lora.Linear.forward``: result + lora_B(lora_A(dropout(x))) * scaling.
+
+    On a bitsandbytes base layer (peft ``lora.bnb.Linear4bit``) the base output is cloned first
+    and the adapter output is cast to its dtype before the addition.
+    """
     rows = x.numel // spec.in_features
     r = ctx.lora_r
     a_dtype = ctx.adapter_dtype
     label = spec.label
     # peft casts x to the adapter weights' dtype (_cast_input_dtype) before lora_A.
     xa = cast(seg, x, a_dtype, f"{label}.lora_input_cast")
-    if ctx.lora_dropout > 0:
-        # native_dropout returns the output and a bool mask; backward needs only the mask.
-        mask = seg.op(f"{label}.lora_dropout_mask", [], xa.numel, DType.BOOL, requires_grad=False)
-        xa = seg.op(f"{label}.lora_dropout", [xa, mask], xa.numel, a_dtype, saves=[mask])
+    xa = dropout(seg, ctx, xa, ctx.lora_dropout, f"{label}.lora_dropout")
     lin_dtype = ctx.compute_dtype if ctx.amp else a_dtype
     a_grad = _adapter_grad(ctx, f"{label}.lora_A", r * spec.in_features)
     b_grad = _adapter_grad(ctx, f"{label}.lora_B", r * spec.out_features)
@@ -153,10 +160,19 @@ def _lora(seg: Segment, ctx: StepContext, x: Tensor, base: Tensor, spec: LinearS
             param_grads=[b_grad],
         )
     scaled = seg.op(f"{label}.lora_scale", [h], h.numel, h.dtype)
-    # result + scaled promotes to the wider dtype; peft then casts back to the base dtype.
-    wide = base.dtype if dtype_bytes(base.dtype) >= dtype_bytes(scaled.dtype) else scaled.dtype
-    summed = seg.op(f"{label}.lora_add", [base, scaled], base.numel, wide, passthrough_grad=True)
-    return cast(seg, summed, base.dtype, f"{label}.lora_output_cast")
+    if quantized:  # "defensively clone" the 4-bit output, add the adapter output in its dtype
+        base = seg.op(f"{label}.clone", [base], base.numel, base.dtype, passthrough_grad=True)
+        scaled = cast(seg, scaled, base.dtype, f"{label}.lora_output_cast")
+        out = seg.op(
+            f"{label}.lora_add", [base, scaled], base.numel, base.dtype, passthrough_grad=True
+        )
+    else:
+        # result + scaled promotes to the wider dtype; peft then casts back to the base dtype.
+        wide = base.dtype if dtype_bytes(base.dtype) >= dtype_bytes(scaled.dtype) else scaled.dtype
+        out = seg.op(f"{label}.lora_add", [base, scaled], base.numel, wide, passthrough_grad=True)
+        out = cast(seg, out, base.dtype, f"{label}.lora_output_cast")
+    seg.hold(x, label=f"{label}.input")  # the caller's variable holds the input until we return
+    return out
 
 
 def _adapter_grad(ctx: StepContext, label: str, numel: int) -> ParamGrad:
@@ -272,7 +288,11 @@ def attention_core(
     kv_len = kv_len or s
     # CPU SDPA has no fused kernel with dropout and falls back to the math (eager-like) path.
     math_fallback = dropout_p > 0 and ctx.device == "cpu"
-    if ctx.attention is Attention.EAGER or eager_only or math_fallback:
+    if math_fallback and ctx.attention is not Attention.EAGER and not eager_only:
+        return _math_sdpa(
+            seg, ctx, q, k, v, num_heads=num_heads, label=label, kv_len=kv_len, dropout_p=dropout_p
+        )
+    if ctx.attention is Attention.EAGER or eager_only:
         return _eager_attention(
             seg,
             ctx,
@@ -302,6 +322,43 @@ def attention_core(
     )
 
 
+def _math_sdpa(
+    seg: Segment,
+    ctx: StepContext,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    num_heads: int,
+    label: str,
+    kv_len: int,
+    dropout_p: float,
+) -> Tensor:
+    """_scaled_dot_product_attention_math (the CPU path with dropout): 16-bit inputs are
+    upcast to fp32; q and k are scaled by sqrt(scale) into copies kept for backward with v;
+    softmax, dropout and the product run in fp32; the output is cast back.
+    """
+    out_dtype = q.dtype
+    views = [q, k, v]
+    upcast = [
+        cast(seg, t, DType.FP32, f"{label}.{n}_float") for t, n in ((q, "q"), (k, "k"), (v, "v"))
+    ]
+    q, k, v = upcast
+
+    q = seg.op(f"{label}.q_scaled", [q], q.numel, DType.FP32)
+    k = seg.op(f"{label}.k_scaled", [k], k.numel, DType.FP32)
+    upcast += [q, k]
+    scores_numel = ctx.batch * num_heads * ctx.seq_len * kv_len
+    scores = seg.op(f"{label}.qk", [q, k], scores_numel, DType.FP32, saves=[q, k])
+    probs = seg.op(f"{label}.softmax", [scores], scores_numel, DType.FP32, saves_output=True)
+    probs = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
+    out = seg.op(f"{label}.pv", [probs, v], q.numel, DType.FP32, saves=[probs, v])
+    out = cast(seg, out, out_dtype, f"{label}.output_cast")
+    # C++ locals live until the function returns, and the caller's q/k/v views until it does.
+    seg.hold(*upcast, *views, label=f"{label}.locals")
+    return out
+
+
 def _eager_attention(
     seg: Segment,
     ctx: StepContext,
@@ -327,9 +384,18 @@ def _eager_attention(
     scaled = seg.op(f"{label}.scale", [scores], scores_numel, q.dtype)
     masked = seg.op(f"{label}.mask", [scaled], scores_numel, q.dtype, passthrough_grad=True)
     probs_dtype = DType.FP32 if softmax_fp32 else q.dtype
-    probs = seg.op(f"{label}.softmax", [masked], scores_numel, probs_dtype, saves_output=True)
+    # softmax(x, dtype=float32) first casts its 16-bit input to an fp32 copy.
+    upcast = scores_numel * 4 if softmax_fp32 and q.dtype is not DType.FP32 else 0
+    probs = seg.op(
+        f"{label}.softmax",
+        [masked],
+        scores_numel,
+        probs_dtype,
+        saves_output=True,
+        fwd_workspace_bytes=upcast,
+    )
     probs = cast(seg, probs, q.dtype, f"{label}.probs_cast")
-    probs = dropout(seg, probs, dropout_p, f"{label}.attn_dropout")
+    probs = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
     out = seg.op(f"{label}.pv", [probs, v], q.numel, q.dtype, saves=[probs, v])
     return seg.op(f"{label}.transpose", [out], q.numel, q.dtype, passthrough_grad=True)
 
@@ -344,8 +410,10 @@ def layer_norm(
     rows = x.numel // size
     trainable = affine and ctx.trains_norm()
     x_in = cast(seg, x, DType.FP32, f"{label}.autocast") if ctx.amp else x
-    mean = seg.op(f"{label}.mean", [], rows, DType.FP32, requires_grad=False)
-    rstd = seg.op(f"{label}.rstd", [], rows, DType.FP32, requires_grad=False)
+    # CUDA keeps mean and rstd in fp32; the CPU kernel returns them in the input's dtype.
+    stat = DType.FP32 if ctx.device == "cuda" else x_in.dtype
+    mean = seg.op(f"{label}.mean", [], rows, stat, requires_grad=False)
+    rstd = seg.op(f"{label}.rstd", [], rows, stat, requires_grad=False)
     grads = [_param_grad(ctx, f"{label}.weight", size, trainable)]
     grads.append(
         _param_grad(ctx, f"{label}.bias", size, trainable or (affine and ctx.trains_bias()))
@@ -360,11 +428,16 @@ def layer_norm(
     )
 
 
-def dropout(seg: Segment, x: Tensor, p: float, label: str) -> Tensor:
-    """nn.Dropout in training: native_dropout returns the output and a bool mask (saved)."""
+def dropout(seg: Segment, ctx: StepContext, x: Tensor, p: float, label: str) -> Tensor:
+    """nn.Dropout in training: the output and a saved mask.
+
+    On CUDA the fused native_dropout keeps a bool mask; elsewhere ATen's composite dropout
+    multiplies by a scaled noise tensor of the input's dtype (``empty_like(x).bernoulli_()``).
+    """
     if p <= 0:
         return x
-    mask = seg.op(f"{label}.mask", [], x.numel, DType.BOOL, requires_grad=False)
+    mask_dtype = DType.BOOL if ctx.device == "cuda" else x.dtype
+    mask = seg.op(f"{label}.mask", [], x.numel, mask_dtype, requires_grad=False)
     return seg.op(label, [x, mask], x.numel, x.dtype, saves=[mask])
 
 
@@ -377,7 +450,10 @@ def activation(seg: Segment, x: Tensor, name: str, label: str) -> Tensor:
     if name in ("gelu_new", "gelu_fast", "gelu_accurate"):
         # 0.5 * x * (1 + tanh(c * (x + 0.044715 * x**3))): pow saves x, tanh its output,
         # the last mul both factors (0.5 * x and 1 + tanh).
-        cube = seg.op(f"{label}.pow", [x], x.numel, x.dtype, saves=[x])
+        # pow backward: grad * 3 * x.pow(2) keeps two temporaries beside the result.
+        cube = seg.op(
+            f"{label}.pow", [x], x.numel, x.dtype, saves=[x], bwd_workspace_bytes=2 * x.nbytes
+        )
         inner = seg.op(f"{label}.inner", [x, cube], x.numel, x.dtype)
         scaled = seg.op(f"{label}.scale", [inner], x.numel, x.dtype)
         th = seg.op(f"{label}.tanh", [scaled], x.numel, x.dtype, saves_output=True)

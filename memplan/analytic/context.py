@@ -10,6 +10,7 @@ from memplan.dtypes import DType, Quantization, dtype_bytes
 from memplan.errors import MemplanError
 from memplan.specs.model import ModelSpec
 from memplan.specs.training import ALL_LINEAR, Attention, LinearRole, Method, TrainingSetup
+from memplan.trace import Category
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +103,8 @@ class StepContext:
         trainable: bool,
         dtype: DType | None = None,
         accumulates: bool = False,
+        tie: str = "",
+        buffered_in: Category = Category.LOGITS,
     ) -> ParamGrad:
         """The .grad a trainable parameter gets in backward (this GPU's shard of it)."""
         if not trainable:
@@ -109,7 +112,7 @@ class StepContext:
         itemsize = dtype_bytes(dtype or self.weight_dtype)
         share = -(-numel // self.grad_divisor)
         full = numel * itemsize if self.grad_divisor > 1 else 0
-        return ParamGrad(label, share * itemsize, accumulates, full)
+        return ParamGrad(label, share * itemsize, accumulates, full, tie, buffered_in)
 
 
 def lora_roles(spec: ModelSpec, setup: TrainingSetup) -> frozenset[LinearRole]:

@@ -50,6 +50,11 @@ class ParamGrad:
     accumulates: bool = False
     # Under sharded gradients (ZeRO-2/3, FSDP) the full gradient exists until reduce-scatter.
     unsharded_bytes: int = 0
+    # Tied weights (LM head = token embedding) have one AccumulateGrad node: its input buffer
+    # holds the head's contribution ("first", in the loss's category) until the embedding's
+    # ("last") arrives; their sum becomes .grad.
+    tie: str = ""
+    buffered_in: Category = Category.LOGITS  # category of the buffered first contribution
 
 
 @dataclass(eq=False)
@@ -75,6 +80,9 @@ class Segment:
     # Weight casts held by the autocast cache until the forward's autocast context exits.
     autocast_cached: list[Tensor] = field(default_factory=list)
     _saved_ids: tuple[int, frozenset[int]] | None = field(default=None, repr=False)
+    # Tensors a caller's local variables keep until its forward returns (the model's
+    # inputs_embeds): kept past their last use here and released by the composer.
+    model_locals: list[Tensor] = field(default_factory=list)
 
     def saved_storage_ids(self) -> frozenset[int]:
         """ids of the storages any op of the segment saves for backward (cached)."""
@@ -82,6 +90,12 @@ class Segment:
             ids = frozenset(id(t.storage) for op in self.ops for t in op.saved)
             self._saved_ids = (len(self.ops), ids)
         return self._saved_ids[1]
+
+    def hold(self, *tensors: Tensor, label: str = "hold") -> None:
+        """Keep ``tensors`` alive until this point: a Python variable still refers to them
+        (the caller's ``hidden_states`` during a layer, a norm's output during the module
+        that reads it)."""
+        self.op(label, tensors, 0, DType.UINT8, requires_grad=False)
 
     def input(
         self, numel: int, dtype: DType, label: str, *, requires_grad: bool, persistent: bool = False
@@ -220,6 +234,17 @@ def forward_events(
     return ForwardResult(ledger.events, list(saved.values()), list(deferred.values()))
 
 
+def _tied_sum(ledger: _Ledger, g: ParamGrad, *, accumulate: bool) -> None:
+    """The embedding's gradient, summed with the buffered LM-head one into .grad."""
+    ledger.alloc(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
+    if accumulate:  # the sum is added into the existing .grad in place
+        ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad (tied sum)")
+    else:
+        ledger.alloc(g.grad_bytes, Category.GRADIENTS, f"{g.label}.grad")
+    ledger.free(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
+    ledger.free(g.grad_bytes, g.buffered_in, f"{g.label} grad (tied, buffered)")
+
+
 GradBytes = tuple[int, Category]  # bytes of a gradient buffer and the category it was made in
 
 
@@ -290,7 +315,13 @@ def backward_events(
                 ledger.transient(
                     g.unsharded_bytes, Category.TEMPORARIES, f"{g.label} unsharded grad"
                 )
-            if accumulate or g.accumulates:  # AccumulateGrad adds into the existing .grad
+            if g.tie == "first":
+                ledger.alloc(g.grad_bytes, category, f"{g.label} grad (tied, buffered)")
+            elif g.tie == "middle":  # added into the buffered gradient in place
+                ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
+            elif g.tie == "last":
+                _tied_sum(ledger, g, accumulate=accumulate)
+            elif accumulate or g.accumulates:  # AccumulateGrad adds into the existing .grad
                 ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
             else:  # the first gradient is stolen into .grad without a copy
                 ledger.alloc(g.grad_bytes, Category.GRADIENTS, f"{g.label}.grad")

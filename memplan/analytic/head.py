@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from memplan.analytic.blocks import (
     LinearSpec,
     activation,
@@ -27,7 +29,7 @@ def _table_grad(
     numel: int,
     *,
     trainable: bool,
-    tied: bool = False,
+    tie: str = "",
     vocab_parallel: bool = False,
 ) -> ParamGrad:
     # embedding_dense_backward writes a dense gradient of the whole table: this rank's
@@ -35,7 +37,7 @@ def _table_grad(
     # gradient under ZeRO-2/3 and FSDP.
     if vocab_parallel:
         numel = -(-numel // ctx.tensor_parallel_degree)
-    return ctx.param_grad(label, numel, trainable=trainable, accumulates=tied)
+    return ctx.param_grad(label, numel, trainable=trainable, tie=tie)
 
 
 def embedding(
@@ -50,15 +52,32 @@ def embedding(
     trainable = ctx.trains_embedding()
     n, h = ctx.num_tokens, spec.hidden_size
     rg = output_requires_grad or trainable
+    # One AccumulateGrad serves every use of a shared table: the LM head's contribution
+    # arrives first (when tied), T5's decoder embedding in the middle, the encoder's last.
+    if spec.is_encoder_decoder:
+        tie = (
+            ("middle" if spec.tie_word_embeddings else "first")
+            if label.startswith("decoder")
+            else "last"
+        )
+    else:
+        tie = "last" if spec.tie_word_embeddings else ""
+    # The first contribution waits in the loss's category (LM head) or, for an untied T5
+    # head, in the decoder embedding's (temporaries).
+    buffered = Category.LOGITS if spec.tie_word_embeddings else Category.TEMPORARIES
     grad = _table_grad(
         ctx,
         "embed_tokens.weight",
         spec.vocab_size * h,
         trainable=trainable,
-        tied=spec.tie_word_embeddings,
+        tie=tie,
         vocab_parallel=True,
     )
+    grad = replace(grad, buffered_in=buffered)
     x = seg.op("embed_tokens", [], n * h, ctx.weight_dtype, param_grads=[grad], requires_grad=rg)
+    # `inputs_embeds` (and GPT-2/OPT's `position_embeds`) are locals of the model's forward:
+    # they stay allocated until it returns.
+    seg.model_locals.append(x)
     if spec.family == "gemma2":  # inputs_embeds * sqrt(hidden_size)
         x = seg.op("embed_scale", [x], x.numel, x.dtype)
     if spec.position_embedding == "learned" and spec.family != "bert":
@@ -77,6 +96,7 @@ def embedding(
             param_grads=[pos_grad],
             requires_grad=trainable,
         )
+        seg.model_locals.append(pos)
         x = seg.op("add_positions", [x, pos], n * h, x.dtype, passthrough_grad=True)
     if spec.family == "bert":
         type_rows = int(spec.layout.get("type_vocab_size", 2))
@@ -101,14 +121,18 @@ def embedding(
         )
         x = residual_add(seg, x, pos, "add_positions")
         x = layer_norm(seg, ctx, x, "LayerNorm", h)
+        seg.model_locals.clear()  # BertEmbeddings' locals end with it
     if spec.family == "bloom":
         x = layer_norm(seg, ctx, x, "word_embeddings_layernorm", h)
     x = dropout(
         seg,
+        ctx,
         x,
         spec.hidden_dropout if spec.family in ("gpt2", "opt", "bert", "t5") else 0.0,
         "embed_dropout",
     )
+    if spec.family == "bert":
+        seg.model_locals.append(x)  # BertModel's `embedding_output`
     return seg, x
 
 
@@ -119,7 +143,11 @@ def final_norm(spec: ModelSpec, ctx: StepContext, x: Tensor, *, seg: Segment) ->
         return rms_norm(seg, ctx, x, "norm", h, gemma=spec.family == "gemma2")
     if spec.family == "t5":
         return dropout(
-            seg, rms_norm(seg, ctx, x, "final_layer_norm", h), spec.hidden_dropout, "final_dropout"
+            seg,
+            ctx,
+            rms_norm(seg, ctx, x, "final_layer_norm", h),
+            spec.hidden_dropout,
+            "final_dropout",
         )
     if spec.family == "opt" and not spec.layout.get("final_layer_norm", True):
         return None
@@ -165,12 +193,14 @@ def lm_loss(spec: ModelSpec, ctx: StepContext, x: Tensor, *, seg: Segment) -> tu
         bias=spec.family == "bert",
         quantizable=False,
         trainable=ctx.trains_embedding(),
+        tied=spec.tie_word_embeddings,
     )
     logits = linear(seg, ctx, head_in, head)
     if spec.layout.get("final_logit_softcapping"):  # Gemma2: tanh(logits / cap) * cap
         scaled = seg.op("logits.softcap_div", [logits], logits.numel, logits.dtype)
         th = seg.op("logits.softcap_tanh", [scaled], logits.numel, logits.dtype, saves_output=True)
         logits = seg.op("logits.softcap_mul", [th], logits.numel, logits.dtype)
+    padded = None
     if spec.family in ("t5", "bert") or not ctx.logits_fp32:
         loss_in = logits
         labels = seg.op("labels", [], n, DType.INT64, requires_grad=False)
@@ -181,7 +211,13 @@ def lm_loss(spec: ModelSpec, ctx: StepContext, x: Tensor, *, seg: Segment) -> tu
         )
         labels = seg.op("labels.shift", [padded], n, DType.INT64, requires_grad=False)
     logp = seg.op("log_softmax", [loss_in], loss_in.numel, loss_in.dtype, saves_output=True)
-    loss = seg.op("nll_loss", [logp, labels], 1, DType.FP32, saves=[labels])
+    # nll_loss returns the loss and the total weight (saved); the padded labels stay referenced
+    # by the loss function's local variable until it returns.
+    weight = seg.op("nll_loss.total_weight", [], 1, DType.FP32, requires_grad=False)
+    loss = seg.op("nll_loss", [logp, labels, weight], 1, DType.FP32, saves=[labels, weight])
+    # The final hidden state stays referenced (the model's output object) until the forward
+    # returns, and so do the padded labels (a local of the loss function).
+    seg.hold(x, *([padded] if padded is not None else []), label="loss.locals")
     return loss, logits
 
 
@@ -207,7 +243,7 @@ def _classification_loss(
         ),
     )
     pooled = seg.op("pooler.tanh", [pooled], pooled.numel, pooled.dtype, saves_output=True)
-    pooled = dropout(seg, pooled, spec.hidden_dropout, "dropout")
+    pooled = dropout(seg, ctx, pooled, spec.hidden_dropout, "dropout")
     logits = linear(
         seg,
         ctx,

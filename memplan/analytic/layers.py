@@ -120,6 +120,7 @@ def llama_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
         LinearSpec("self_attn.o_proj", heads * spec.head_dim, h, "o", bias=spec.attention_out_bias),
     )
     o = bottleneck_adapter(seg, ctx, o, ctx.adapter_size, "adapter_attn")
+    seg.hold(hn)  # `hidden_states` still names the norm output until self_attn returns
     if gemma:
         o = rms_norm(seg, ctx, o, "post_attention_layernorm", h, gemma=True)
     h1 = residual_add(seg, x, o, "residual_attn")
@@ -139,7 +140,9 @@ def llama_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
     if gemma:
         m = rms_norm(seg, ctx, m, "post_feedforward_layernorm", h, gemma=True)
     m = bottleneck_adapter(seg, ctx, m, ctx.adapter_size, "adapter_mlp")
+    seg.hold(hn2)  # ... and the second norm's output until the MLP returns
     out = residual_add(seg, h1, m, "residual_mlp")
+    seg.hold(x)  # the caller's `hidden_states` keeps the layer input until the layer returns
     return LayerGraph(seg, x, out, (cos, sin))
 
 
@@ -346,8 +349,9 @@ def gpt_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -
         attn,
         LinearSpec(o_name, heads * spec.head_dim, h, "o", bias=spec.attention_out_bias),
     )
-    o = dropout(seg, o, spec.hidden_dropout, "resid_dropout")
+    o = dropout(seg, ctx, o, spec.hidden_dropout, "resid_dropout")
     o = bottleneck_adapter(seg, ctx, o, ctx.adapter_size, "adapter_attn")
+    seg.hold(ln1)  # `hidden_states` names ln_1's output until the attention returns
     if spec.parallel_attention:
         mlp_in = (
             ln1
@@ -355,16 +359,28 @@ def gpt_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -
             else layer_norm(seg, ctx, x, "ln_2", h)
         )
         m = dropout(
-            seg, _plain_mlp(seg, ctx, spec, mlp_in, mlp_names), spec.hidden_dropout, "mlp_dropout"
+            seg,
+            ctx,
+            _plain_mlp(seg, ctx, spec, mlp_in, mlp_names),
+            spec.hidden_dropout,
+            "mlp_dropout",
         )
         m = bottleneck_adapter(seg, ctx, m, ctx.adapter_size, "adapter_mlp")
         out = residual_add(seg, residual_add(seg, x, o, "residual_attn"), m, "residual_mlp")
+        seg.hold(mlp_in, x)
         return LayerGraph(seg, x, out, shared)
     h1 = residual_add(seg, x, o, "residual_attn")
     ln2 = layer_norm(seg, ctx, h1, "ln_2", h)
-    m = dropout(seg, _plain_mlp(seg, ctx, spec, ln2, mlp_names), spec.hidden_dropout, "mlp_dropout")
+    m = dropout(
+        seg, ctx, _plain_mlp(seg, ctx, spec, ln2, mlp_names), spec.hidden_dropout, "mlp_dropout"
+    )
     m = bottleneck_adapter(seg, ctx, m, ctx.adapter_size, "adapter_mlp")
-    return LayerGraph(seg, x, residual_add(seg, h1, m, "residual_mlp"), shared)
+    seg.hold(ln2)  # ... and ln_2's output until the MLP returns
+    out = residual_add(seg, h1, m, "residual_mlp")
+    # The block's `attn_output` local and the caller's `hidden_states` (the layer input) are
+    # released when the layer returns.
+    seg.hold(o, x)
+    return LayerGraph(seg, x, out, shared)
 
 
 def bert_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -> LayerGraph:
@@ -398,13 +414,13 @@ def bert_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) 
         attn,
         LinearSpec("attention.output.dense", heads * spec.head_dim, h, "o", bias=True),
     )
-    o = dropout(seg, o, spec.hidden_dropout, "attention.output.dropout")
+    o = dropout(seg, ctx, o, spec.hidden_dropout, "attention.output.dropout")
     o = bottleneck_adapter(seg, ctx, o, ctx.adapter_size, "adapter_attn")
     h1 = layer_norm(
         seg, ctx, residual_add(seg, o, x, "attention.residual"), "attention.output.LayerNorm", h
     )
     m = _plain_mlp(seg, ctx, spec, h1, ("intermediate.dense", "output.dense"))
-    m = dropout(seg, m, spec.hidden_dropout, "output.dropout")
+    m = dropout(seg, ctx, m, spec.hidden_dropout, "output.dropout")
     m = bottleneck_adapter(seg, ctx, m, ctx.adapter_size, "adapter_mlp")
     out = layer_norm(seg, ctx, residual_add(seg, m, h1, "output.residual"), "output.LayerNorm", h)
     return LayerGraph(seg, x, out, ())
@@ -456,6 +472,7 @@ def t5_layer(
     )
     o = dropout(
         seg,
+        ctx,
         linear(seg, ctx, attn, LinearSpec("SelfAttention.o", inner, h, "o", bias=False)),
         p,
         "layer.0.dropout",
@@ -491,6 +508,7 @@ def t5_layer(
         )
         co = dropout(
             seg,
+            ctx,
             linear(seg, ctx, ca, LinearSpec("EncDecAttention.o", inner, h, "o", bias=False)),
             p,
             "layer.1.dropout",
@@ -506,10 +524,10 @@ def t5_layer(
     else:
         up = linear(seg, ctx, fn, LinearSpec("DenseReluDense.wi", h, i, "up", bias=False))
         mid = activation(seg, up, spec.hidden_act, "DenseReluDense.act")
-    mid = dropout(seg, mid, p, "DenseReluDense.dropout")
+    mid = dropout(seg, ctx, mid, p, "DenseReluDense.dropout")
     ff = linear(seg, ctx, mid, LinearSpec("DenseReluDense.wo", i, h, "down", bias=False))
     ff = bottleneck_adapter(
-        seg, ctx, dropout(seg, ff, p, "layer.-1.dropout"), ctx.adapter_size, "adapter_mlp"
+        seg, ctx, dropout(seg, ctx, ff, p, "layer.-1.dropout"), ctx.adapter_size, "adapter_mlp"
     )
     out = residual_add(seg, hidden, ff, "layer.-1.residual")
     return LayerGraph(seg, x, out, shared)

@@ -11,6 +11,20 @@ from memplan.analytic.head import embedding, final_norm, lm_loss, loss_segment
 from memplan.analytic.layers import LayerGraph, bert_layer, gpt_layer, llama_layer, t5_layer
 from memplan.dtypes import dtype_bytes
 from memplan.specs.model import ModelSpec
+from memplan.specs.training import Attention
+
+_CAUSAL_MASK_FAMILIES = (
+    "llama",
+    "mistral",
+    "mixtral",
+    "qwen2",
+    "gemma2",
+    "phi3",
+    "gpt2",
+    "gpt_neox",
+    "falcon",
+    "opt",
+)
 
 _LAYER_BUILDERS = {
     "llama": llama_layer,
@@ -45,6 +59,7 @@ class Stack:
     norm_in: Tensor
     norm_out: Tensor  # equals norm_in when the family has no final norm
     cross_input: Tensor | None = None  # encoder output read by every layer (T5 decoder)
+    mask_bytes: int = 0  # eager attention's (batch, 1, seq, seq) causal mask, built once
 
 
 @dataclass
@@ -123,7 +138,12 @@ def _stack(
         requires_grad=last_rg,
     )
     norm_out = final_norm(spec, ctx, norm_in, seg=norm) or norm_in
-    return Stack(embed, embed_out, layers, norm, norm_in, norm_out)
+    stack = Stack(embed, embed_out, layers, norm, norm_in, norm_out)
+    if ctx.attention is Attention.EAGER and spec.family in _CAUSAL_MASK_FAMILIES:
+        # create_causal_mask: an additive float mask in the embeddings' dtype for eager attention
+        # (SDPA and flash attention run is_causal=True without one).
+        stack.mask_bytes = ctx.batch * ctx.seq_len * ctx.seq_len * dtype_bytes(ctx.activation_dtype)
+    return stack
 
 
 def build_model_graph(

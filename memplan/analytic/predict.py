@@ -140,13 +140,18 @@ def predict(
     gather = shard.gather_layers * state.layer_params * dtype_bytes(ctx.compute_dtype)
     gather //= parallel.tensor_parallel_degree
     composer = StepComposer(graph, gather_bytes=gather)
-    batch_bytes = 2 * allocation_bytes(ctx.num_tokens * 8)  # int64 input_ids and labels
+    # int64 input_ids (saved by a trainable embedding for its backward) and labels.
+    ids_bytes = allocation_bytes(ctx.num_tokens * 8)
+    ids_category = (
+        Category.ACTIVATIONS if autograd and ctx.trains_embedding() else Category.TEMPORARIES
+    )
     # One micro-batch's events (the first one creates .grad, later ones accumulate into it);
     # every step reuses them, marked with its step number.
     micro: list[list[TraceItem]] = []
     for accumulate in (False, True)[: min(setup.grad_accum_steps, 2)]:
         items: list[TraceItem] = [
-            Event(batch_bytes, Category.TEMPORARIES, Phase.FORWARD, 0, "batch")
+            Event(ids_bytes, ids_category, Phase.FORWARD, 0, "input_ids"),
+            Event(ids_bytes, Category.TEMPORARIES, Phase.FORWARD, 0, "labels"),
         ]
         fwd, deferred = composer.forward_items(0)
         items += fwd
@@ -154,7 +159,8 @@ def predict(
         if autograd:
             items += composer.backward_items(0, accumulate=accumulate)
         end_phase = Phase.BACKWARD if autograd else Phase.LOSS
-        items.append(Event(-batch_bytes, Category.TEMPORARIES, end_phase, 0, "batch"))
+        items.append(Event(-ids_bytes, Category.TEMPORARIES, end_phase, 0, "labels"))
+        items.append(Event(-ids_bytes, ids_category, end_phase, 0, "input_ids"))
         micro.append(items)
     resident = allocation_bytes(
         shard.resident_gathered_params

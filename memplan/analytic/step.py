@@ -77,23 +77,32 @@ class StepComposer:
     def _stack_forward(self, index: int, stack: Stack, step: int) -> tuple[list[TraceItem], int]:
         bounds = self.boundaries[index]
         stack.embed_out.category = bounds[0]
+        model_locals = stack.embed.model_locals
         items: list[TraceItem] = list(
             forward_events(
                 stack.embed,
                 phase=Phase.FORWARD,
                 step=step,
                 keep_saved=self.autograd,
-                keep=[stack.embed_out],
+                keep=[stack.embed_out, *model_locals],
             ).events
         )
-        items += self._shared_tables(stack, step, allocate=True)
+        items += self._shared_events(stack, step, "alloc")
         cache: dict[tuple[int, bool, Category, Category], _LayerForward] = {}
         keys = []
         deferred = 0
         for i, plan in enumerate(stack.layers):
-            key = (id(plan.graph), plan.checkpointed, bounds[i], bounds[i + 1])
+            key = (id(plan.graph), plan.checkpointed, bounds[i], bounds[i + 1], i == 0)
             if key not in cache:
-                cache[key] = self._layer_forward(plan, key[2], key[3], step)
+                # The model's `inputs_embeds` keeps the first layer's input alive until the
+                # stack's forward returns.
+                plan.graph.input.persistent = i == 0 and any(
+                    t is stack.embed_out for t in model_locals
+                )
+                try:
+                    cache[key] = self._layer_forward(plan, key[2], key[3], step)
+                finally:
+                    plan.graph.input.persistent = False
             keys.append(key)
             deferred += cache[key].deferred_bytes
         items += _compress([cache[k].events for k in keys], keys)
@@ -108,7 +117,37 @@ class StepComposer:
                 keep_saved=self.autograd,
                 keep=[stack.norm_out],
             ).events
+        items += self._shared_events(stack, step, "forward")
+        items += self._release_locals(stack, step)
         return items, deferred
+
+    def _release_locals(self, stack: Stack, step: int) -> list[Event]:
+        """The model forward returns: its locals (inputs_embeds ...) die unless still needed."""
+        events = []
+        saved = stack.embed.saved_storage_ids() if self.autograd else frozenset()
+        for t in stack.embed.model_locals:
+            if t is stack.embed_out:
+                if stack.layers and self.boundaries[self.graph.stacks.index(stack)][0] is _TMP:
+                    events.append(
+                        Event(
+                            -allocation_bytes(t.nbytes),
+                            _TMP,
+                            Phase.FORWARD,
+                            step,
+                            "inputs_embeds released",
+                        )
+                    )
+            elif id(t.storage) not in saved:
+                events.append(
+                    Event(
+                        -allocation_bytes(t.nbytes),
+                        _TMP,
+                        Phase.FORWARD,
+                        step,
+                        f"{t.label} released",
+                    )
+                )
+        return events
 
     def _stack_output_category(self, index: int) -> Category:
         if index == len(self.graph.stacks) - 1:
@@ -150,30 +189,40 @@ class StepComposer:
             Event(-size, _TMP, phase, step, "gathered parameters"),
         ]
 
-    def _shared_tables(self, stack: Stack, step: int, *, allocate: bool) -> list[Event]:
-        """Rotary cos/sin computed once per forward and read by every layer of the stack.
+    def _shared(self, stack: Stack) -> list[tuple[str, int, str]]:
+        """Tensors a stack's forward makes once and every layer reads: (label, bytes, lifetime).
 
-        Saved by the rotary multiplications (activations, freed after backward) when the
-        projections need gradients, else freed when the forward ends. The encoder output a
-        decoder reads is accounted by the encoder stack, not here.
+        Rotary cos/sin are ``saved`` when the rotary multiplications keep them for backward;
+        they and the eager causal mask are ``held`` by checkpointed layers (the checkpoint keeps
+        its arguments) until the layers' backward ends; otherwise they die with the
+        ``forward`` of the stack (locals of the model's forward).
         """
         if not stack.layers or stack.cross_input is not None:
             return []
         graphs = list({id(p.graph): p.graph for p in stack.layers}.values())
-        events = []
-        for i in range(len(graphs[0].shared)):
+        held = self.autograd and any(p.checkpointed for p in stack.layers)
+        out = []
+        for i, tensor in enumerate(graphs[0].shared):
             saved = self.autograd and any(_saves(g.segment, g.shared[i]) for g in graphs)
-            phase = (Phase.BACKWARD if saved else Phase.LOSS) if not allocate else Phase.FORWARD
-            size = allocation_bytes(graphs[0].shared[i].nbytes)
-            events.append(
-                Event(
-                    size if allocate else -size,
-                    _ACT if saved else _TMP,
-                    phase,
-                    step,
-                    graphs[0].shared[i].label,
-                )
+            life = "saved" if saved else "held" if held else "forward"
+            out.append((tensor.label, allocation_bytes(tensor.nbytes), life))
+        if stack.mask_bytes:
+            out.append(
+                ("causal mask", allocation_bytes(stack.mask_bytes), "held" if held else "forward")
             )
+        return out
+
+    def _shared_events(self, stack: Stack, step: int, when: str) -> list[Event]:
+        """Allocations (``when="alloc"``) or the frees due at the end of the stack's forward
+        (``"forward"``) or after its layers' backward (``"backward"``)."""
+        events = []
+        for label, size, life in self._shared(stack):
+            category = _ACT if life == "saved" else _TMP
+            if when == "alloc":
+                events.append(Event(size, category, Phase.FORWARD, step, label))
+            elif (when == "forward") == (life == "forward"):
+                phase = Phase.FORWARD if when == "forward" else Phase.BACKWARD
+                events.append(Event(-size, category, phase, step, label))
         return events
 
     # -- loss ------------------------------------------------------------------------------
@@ -215,10 +264,6 @@ class StepComposer:
         if g.prefix_bytes and not self.autograd:
             size = allocation_bytes(g.prefix_bytes)
             items.append(Event(-size, _TMP, Phase.LOSS, step, "prefix key/values"))
-        for stack in g.stacks:
-            items += [
-                e for e in self._shared_tables(stack, step, allocate=False) if e.phase is Phase.LOSS
-            ]
         for index, stack in enumerate(g.stacks[:-1]):
             if (
                 self._stack_output_category(index) is _TMP
@@ -321,6 +366,9 @@ class StepComposer:
                 cross = cross or layer_cross
             keys.append(key)
         items += _compress([cache[k] for k in keys], keys)
+        # The rotary tables die with the last layer that saved them, before the embedding's
+        # backward runs.
+        items += self._shared_events(stack, step, "backward")
         if grad is not None and stack.embed_out.requires_grad:
             events, _ = backward_events(
                 stack.embed,
@@ -332,9 +380,6 @@ class StepComposer:
             items += events
         elif grad is not None:
             items.append(Event(-allocation_bytes(grad[0]), grad[1], Phase.BACKWARD, step, "grad"))
-        items += [
-            e for e in self._shared_tables(stack, step, allocate=False) if e.phase is Phase.BACKWARD
-        ]
         return items, None, cross
 
     def _layer_backward(

@@ -121,6 +121,12 @@ def model_state(
             if ctx.has_lora(tensor.role) and tensor.kind is ParamKind.LINEAR and tensor.copies == 1:
                 _add_lora(state, block, tensor, ctx, weight_divisor)
     _add_method_params(state, arch, setup, ctx, weight_divisor)
+    if arch.spec.position_embedding == "rope":
+        # The rotary embedding module's inv_freq and original_inv_freq buffers (fp32).
+        rotary = int(arch.spec.layout.get("rotary_dim", arch.spec.head_dim))
+        state.groups.append(
+            TensorGroup("rotary_emb.inv_freq", rotary // 2, DType.FP32, 2, Category.FROZEN_WEIGHTS)
+        )
     return state
 
 

@@ -168,6 +168,11 @@ def _hf_on_meta(
             model = auto.from_config(  # type: ignore[no-untyped-call]
                 config, dtype=dtype, attn_implementation="eager"
             )
+    # from_pretrained ties the output embedding to the input embedding; from_config on the
+    # meta device leaves them apart, so tie them as a loaded model has them.
+    tie: Any = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
     return model
 
 

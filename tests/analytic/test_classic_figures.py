@@ -91,6 +91,7 @@ def _nf4_bytes(*, double_quant: bool) -> int:
         total += L * (packed + state)
     total += 2 * blk(2 * V * H)  # embed_tokens and lm_head stay bf16
     total += (2 * L + 1) * blk(2 * H)  # RMSNorm weights stay bf16
+    total += 2 * blk(4 * 128 // 2)  # the rotary module's inv_freq buffers (fp32, head_dim / 2)
     return total
 
 
@@ -108,13 +109,15 @@ def test_nf4_keeps_embeddings_head_and_norms_in_16_bit(llama_65b: ModelSpec) -> 
     unquantized = [g for g in state.groups if g.dtype is not DType.UINT8]
     labels = {g.label for g in unquantized if g.category is Category.FROZEN_WEIGHTS}
     assert labels == {
+        "rotary_emb.inv_freq",
         "embeddings.embed_tokens.weight",
         "lm_head.lm_head.weight",
         "decoder_layer.input_layernorm.weight",
         "decoder_layer.post_attention_layernorm.weight",
         "final_norm.norm.weight",
     }
-    assert {g.dtype for g in unquantized if g.category is Category.FROZEN_WEIGHTS} == {DType.BF16}
+    weights = [g for g in unquantized if g.category is Category.FROZEN_WEIGHTS]
+    assert {g.dtype for g in weights if g.label != "rotary_emb.inv_freq"} == {DType.BF16}
     packed = [
         g for g in state.groups if g.category is Category.FROZEN_WEIGHTS and g.dtype is DType.UINT8
     ]
