@@ -156,8 +156,8 @@ def _parallel_lines(parallel: ParallelSetup, prediction: Prediction) -> list[str
         )
     if parallel.offload is not Offload.NONE:
         lines.append(
-            f"offload {parallel.offload.value}: {format_bytes(prediction.cpu_bytes)} of host memory "
-            "per GPU"
+            f"offload {parallel.offload.value}: {format_bytes(prediction.cpu_bytes)} of host "
+            "memory per GPU"
         )
     if parallel.tensor_parallel_degree > 1:
         lines.append(

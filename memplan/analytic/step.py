@@ -88,7 +88,7 @@ class StepComposer:
             ).events
         )
         items += self._shared_events(stack, step, "alloc")
-        cache: dict[tuple[int, bool, Category, Category], _LayerForward] = {}
+        cache: dict[tuple[int, bool, Category, Category, bool], _LayerForward] = {}
         keys = []
         deferred = 0
         for i, plan in enumerate(stack.layers):
