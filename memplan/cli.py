@@ -523,6 +523,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true", help="print one JSON object")
     r.set_defaults(func=_cmd_recommend)
 
+    sim = sub.add_parser(
+        "simulate", help="trace a real PyTorch step on fake tensors (extras torch, hf)"
+    )
+    sim.add_argument("model", help="catalog name (memplan models) or a path to a config.json")
+    _add_setup_flags(sim)
+    sim.add_argument("--gpu", help="hardware profile or capacity to judge the traced step on")
+    sim.add_argument("--json", action="store_true", help="print one JSON object")
+    sim.set_defaults(func=_cmd_simulate)
+
+    meas = sub.add_parser(
+        "measure", help="run and measure a real training step on this machine (cpu or cuda)"
+    )
+    meas.add_argument("--model", required=True, help="catalog name or a path to a config.json")
+    _add_setup_flags(meas)
+    meas.add_argument("--steps", type=int, default=2, help="optimizer steps to run (default 2)")
+    meas.add_argument("--out", help="write the measured run as JSON to this file")
+    meas.add_argument("--gpu", help="hardware profile or capacity to judge the measured step on")
+    meas.add_argument("--json", action="store_true", help="print one JSON object")
+    meas.set_defaults(func=_cmd_measure)
+
     v = sub.add_parser(
         "validate", help="predict the published reference measurements and report the error"
     )
@@ -538,6 +558,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.set_defaults(func=_cmd_validate)
     return parser
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from memplan.simulate import trace_and_compare
+
+    if args.gpus != 1 or args.zero or args.tp != 1 or args.offload != "none":
+        raise MemplanError(
+            "simulate traces one GPU without sharding; plan covers ZeRO/FSDP/TP layouts"
+        )
+    comparison = trace_and_compare(args.model, setup_from_args(args), mode="fake", gpu=args.gpu)
+    return _print_traced(comparison, args)
+
+
+def _cmd_measure(args: argparse.Namespace) -> int:
+    device = args.device or "cpu"
+    if device == "cuda":
+        from memplan.measure.cuda import measure_cli
+
+        return measure_cli(args)
+    from memplan.simulate import trace_and_compare
+
+    if args.steps != 2:
+        raise MemplanError("a CPU measurement traces two steps (creation and steady state)")
+    comparison = trace_and_compare(args.model, setup_from_args(args), mode="cpu", gpu=args.gpu)
+    if args.out:
+        from pathlib import Path
+
+        record = {
+            "traced": comparison.traced.model_dump(mode="json"),
+            "analytical": comparison.analytical.model_dump(mode="json"),
+            "trace": comparison.trace.to_json(),
+            "wall_time_s": comparison.wall_time_s,
+        }
+        Path(args.out).write_text(json.dumps(record, indent=2))
+    return _print_traced(comparison, args)
+
+
+def _print_traced(comparison: Any, args: argparse.Namespace) -> int:
+    if args.json:
+        payload = comparison.traced.model_dump(mode="json")
+        payload["analytical"] = comparison.analytical.model_dump(mode="json")
+        payload["difference_bytes"] = comparison.differences_bytes()
+        payload["wall_time_s"] = comparison.wall_time_s
+        print(json.dumps(payload, indent=2))
+        return 0
+    from memplan.report import print_comparison
+
+    print_comparison(comparison)
+    return 0
 
 
 def _version() -> str:

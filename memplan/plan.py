@@ -16,7 +16,7 @@ from memplan.overheads import CUDA_CONTEXT_BYTES
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import ParallelSetup
 from memplan.specs.training import TrainingSetup
-from memplan.trace import ALLOCATED_CATEGORIES, Category
+from memplan.trace import ALLOCATED_CATEGORIES, Category, Trace
 from memplan.units import parse_capacity
 
 
@@ -132,7 +132,34 @@ def _result(
     prediction: Prediction,
     target: GpuTarget | None,
 ) -> PlanResult:
-    trace = prediction.trace
+    return result_from_trace(
+        spec,
+        setup,
+        parallel,
+        prediction.trace,
+        num_params=prediction.state.num_params,
+        num_trainable_params=prediction.state.num_trainable_params,
+        paged_bytes=prediction.paged_bytes,
+        cpu_bytes=prediction.cpu_bytes,
+        target=target,
+        assumptions=assumptions(spec, setup, parallel, prediction),
+    )
+
+
+def result_from_trace(
+    spec: ModelSpec,
+    setup: TrainingSetup,
+    parallel: ParallelSetup,
+    trace: Trace,
+    *,
+    num_params: int,
+    num_trainable_params: int,
+    paged_bytes: int,
+    cpu_bytes: int,
+    target: GpuTarget | None,
+    assumptions: list[str],
+) -> PlanResult:
+    """A PlanResult from any source's trace (analytical, simulated, measured)."""
     peak = trace.peak()
     if peak.peak_bytes <= 0:
         raise MemplanError("the step allocates nothing: check the model and setup")
@@ -144,20 +171,19 @@ def _result(
     )
     context = target.context_bytes if target else 0
     context = context or CUDA_CONTEXT_BYTES
-    device = reserved + context + prediction.paged_bytes
+    device = reserved + context + paged_bytes
     fits = margin = None
     if target is not None:
         margin = target.capacity_bytes - device
         # Paged optimizer state can be evicted to host memory under pressure (bnb paged optimizers).
-        fits = margin >= 0 or margin + prediction.paged_bytes >= 0
-    state_bytes = sum(peak.breakdown_bytes[c] for c in _MODEL_STATE) + prediction.paged_bytes
-    params = prediction.state.num_params
+        fits = margin >= 0 or margin + paged_bytes >= 0
+    state_bytes = sum(peak.breakdown_bytes[c] for c in _MODEL_STATE) + paged_bytes
     phase_peaks = {f"{step}:{phase.value}": v for (step, phase), v in trace.phase_peaks().items()}
     return PlanResult(
         source=trace.source,
         model=spec.name,
-        params=params,
-        trainable_params=prediction.state.num_trainable_params,
+        params=num_params,
+        trainable_params=num_trainable_params,
         peak_bytes=peak.peak_bytes,
         peak_phase=peak.phase.value,
         peak_step=peak.step,
@@ -166,11 +192,11 @@ def _result(
         reserved_bytes=reserved,
         allocator_overhead_bytes=reserved - peak.peak_bytes,
         cuda_context_bytes=context,
-        paged_bytes=prediction.paged_bytes,
+        paged_bytes=paged_bytes,
         device_bytes=device,
-        cpu_bytes=prediction.cpu_bytes,
-        bytes_per_param=peak.peak_bytes / params,
-        model_state_bytes_per_param=state_bytes / params,
+        cpu_bytes=cpu_bytes,
+        bytes_per_param=peak.peak_bytes / num_params,
+        model_state_bytes_per_param=state_bytes / num_params,
         phase_peaks_bytes=phase_peaks,
         gpu=target.name if target else None,
         gpu_capacity_bytes=target.capacity_bytes if target else None,
@@ -178,5 +204,5 @@ def _result(
         margin_bytes=margin,
         setup=setup.model_dump(mode="json"),
         parallel=parallel.model_dump(mode="json"),
-        assumptions=assumptions(spec, setup, parallel, prediction),
+        assumptions=assumptions,
     )

@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from memplan.plan import PlanResult
-from memplan.units import gib
+from memplan.units import format_bytes, gib
 
 CATEGORY_LABELS: Final = {
     "frozen_weights": "frozen weights",
@@ -124,3 +124,44 @@ def render_plan(result: PlanResult) -> RenderableType:
 
 def print_plan(result: PlanResult, console: Console | None = None) -> None:
     (console or Console()).print(render_plan(result))
+
+
+def comparison_table(traced: PlanResult, analytical: PlanResult) -> Table:
+    """Traced (simulated or measured) against analytical, category by category, at each peak."""
+    table = Table(
+        title=f"{traced.source} vs analytical (each at its own peak)", title_justify="left"
+    )
+    for col in ("category", traced.source, "analytical", "difference", "%"):
+        table.add_column(col, justify="left" if col == "category" else "right")
+    rows = [
+        (CATEGORY_LABELS[k], traced.breakdown_bytes[k], analytical.breakdown_bytes[k])
+        for k in CATEGORY_LABELS
+    ]
+    rows.append(("allocated peak", traced.peak_bytes, analytical.peak_bytes))
+    rows.append(("reserved (allocator model)", traced.reserved_bytes, analytical.reserved_bytes))
+    for label, got, want in rows:
+        if not got and not want:
+            continue
+        diff = want - got
+        pct = f"{100 * diff / got:+.1f}" if got else ""
+        sign = "+" if diff >= 0 else "-"
+        table.add_row(
+            label, format_bytes(got), format_bytes(want), sign + format_bytes(abs(diff)), pct
+        )
+    return table
+
+
+def print_comparison(comparison: object, console: Console | None = None) -> None:
+    """A traced step: its verdict and breakdown, then the analytical prediction beside it."""
+    traced: PlanResult = comparison.traced
+    analytical: PlanResult = comparison.analytical
+    wall = getattr(comparison, "wall_time_s", 0.0)
+    out = console or Console()
+    out.print(verdict(traced))
+    out.print(
+        Text(
+            f"{traced.source} step traced in {wall:.1f} s; peak in {traced.peak_phase} "
+            f"(step {traced.peak_step}) at {traced.peak_event}"
+        )
+    )
+    out.print(comparison_table(traced, analytical))

@@ -50,6 +50,10 @@ class TraceResult:
         return self.trace.peak().peak_bytes
 
 
+# The trace sources of memplan's output format.
+SOURCES: Final[dict[str, str]] = {"fake": "simulated", "cpu": "measured-cpu"}
+
+
 def trace_step(
     spec: ModelSpec,
     setup: TrainingSetup,
@@ -78,7 +82,7 @@ def trace_step(
     traced = traced_run(request)
     if fold_failure:
         traced.notes.append(fold_failure)
-    trace = traced.tracker.trace(f"torchsim-{mode}")
+    trace = traced.tracker.trace(SOURCES[mode])
     return _result(traced, trace, start, _param_counts(traced.session.model), spec.num_layers)
 
 
@@ -120,7 +124,7 @@ def _folded(request: RunRequest, start: float) -> TraceResult:
         short.notes.append(
             f"traced {short_layers} and {short_layers + period} layers, folded to {target}"
         )
-        return _result(short, Trace("torchsim-fake", items), start, counts, short_layers)
+        return _result(short, Trace(SOURCES["fake"], items), start, counts, short_layers)
     raise FoldError("its layers do not emit identical events")
 
 

@@ -1,0 +1,91 @@
+"""``simulate`` and CPU ``measure``: trace a real PyTorch step and set it beside the prediction.
+
+Both run the same training step as :func:`memplan.plan.plan` predicts, through
+:mod:`memplan.torchsim` (extras ``torch`` and ``hf``): on fake tensors (``simulate``: any size,
+nothing allocated) or on real CPU tensors (``measure --device cpu``: small models, every
+allocation tracked). Both run PyTorch's CPU kernels, so they are set beside the analytical
+plan of the same setup with ``device="cpu"``. The result is the plan's output format with
+``source`` set to ``simulated`` or ``measured-cpu``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.catalog import load_model
+from memplan.errors import MemplanError
+from memplan.plan import GpuTarget, PlanResult, plan, resolve_gpu, result_from_trace
+from memplan.specs.model import ModelSpec
+from memplan.specs.parallel import ParallelSetup
+from memplan.specs.training import TrainingSetup
+from memplan.trace import ALLOCATED_CATEGORIES, Trace
+
+
+@dataclass(frozen=True)
+class TracedComparison:
+    """A traced step (simulated or CPU-measured) and the analytical plan of the same setup."""
+
+    traced: PlanResult
+    analytical: PlanResult
+    trace: Trace
+    wall_time_s: float
+    notes: tuple[str, ...]
+
+    def differences_bytes(self) -> dict[str, int]:
+        """Analytical minus traced, per category at each one's peak, and for the peak."""
+        diffs = {
+            c.value: self.analytical.breakdown_bytes[c.value] - self.traced.breakdown_bytes[c.value]
+            for c in ALLOCATED_CATEGORIES
+        }
+        diffs["peak"] = self.analytical.peak_bytes - self.traced.peak_bytes
+        return diffs
+
+
+def _torch_modules() -> tuple[object, object]:
+    try:
+        from memplan.torchsim.records import Placement
+        from memplan.torchsim.step import trace_step
+    except ImportError as exc:
+        raise MemplanError(
+            f"tracing needs PyTorch and transformers ({exc.name} is missing): "
+            "pip install 'memplan[torch,hf]'"
+        ) from exc
+    return trace_step, Placement
+
+
+def trace_and_compare(
+    model: str | ModelSpec,
+    setup: TrainingSetup,
+    *,
+    mode: str = "fake",
+    gpu: str | GpuTarget | None = None,
+) -> TracedComparison:
+    """Trace ``setup`` on ``model`` (``mode`` "fake" or "cpu") and plan it analytically."""
+    spec = load_model(model) if isinstance(model, str) else model
+    # Fake tensors dispatch to the CPU kernels too (their saved tensors and workspaces), so
+    # both modes are compared with the analytical model of a CPU step.
+    if setup.device != "cpu":
+        setup = setup.model_copy(update={"device": "cpu"})
+    trace_step, placement = _torch_modules()
+    target = resolve_gpu(gpu) if isinstance(gpu, str) else gpu
+    result = trace_step(spec, setup, mode=mode)  # type: ignore[operator]
+    outside = result.outside_allocator_bytes
+    paged = int(outside.get(placement.PAGED, 0))  # type: ignore[attr-defined]
+    host = int(outside.get(placement.HOST, 0))  # type: ignore[attr-defined]
+    parallel = ParallelSetup()
+    analytical = plan(spec, setup, parallel, gpu=target)
+    traced = result_from_trace(
+        spec,
+        setup,
+        parallel,
+        result.trace,
+        num_params=result.num_params,
+        num_trainable_params=result.num_trainable_params,
+        paged_bytes=paged,
+        cpu_bytes=host,
+        target=target,
+        assumptions=[*analytical.assumptions, *result.notes],
+    )
+    return TracedComparison(
+        traced, analytical, result.trace, result.wall_time_s, tuple(result.notes)
+    )
