@@ -543,6 +543,17 @@ def build_parser() -> argparse.ArgumentParser:
     meas.add_argument("--json", action="store_true", help="print one JSON object")
     meas.set_defaults(func=_cmd_measure)
 
+    ver = sub.add_parser("verify", help="a measured run (or results file) against the prediction")
+    ver.add_argument("results", help="JSON from `memplan measure --out` or validation/results/")
+    ver.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.05,
+        help="allowed |error| of the allocated peak (fraction, default 0.05)",
+    )
+    ver.add_argument("--json", action="store_true", help="print one JSON object")
+    ver.set_defaults(func=_cmd_verify)
+
     v = sub.add_parser(
         "validate", help="predict the published reference measurements and report the error"
     )
@@ -593,6 +604,35 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         }
         Path(args.out).write_text(json.dumps(record, indent=2))
     return _print_traced(comparison, args)
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from memplan.verify import verify_file
+
+    verifications, summary = verify_file(Path(args.results))
+    worst = max(
+        (abs(c.error) for v in verifications if (c := v.check("allocated peak")) is not None),
+        default=0.0,
+    )
+    if args.json:
+        payload = {
+            "runs": [
+                {
+                    **v.model_dump(mode="json", exclude={"prediction"}),
+                    "errors": {c.name: c.error for c in v.checks},
+                }
+                for v in verifications
+            ],
+            **summary.model_dump(mode="json"),
+        }
+        print(json.dumps(payload, indent=2))
+    else:
+        from memplan.report import print_verification
+
+        print_verification(verifications, summary)
+    return 1 if worst > args.tolerance else 0
 
 
 def _print_traced(comparison: Any, args: argparse.Namespace) -> int:

@@ -81,6 +81,10 @@ class PlanResult(BaseModel):
         description="Weights, master weights, gradients and optimizer state at the peak / params."
     )
     phase_peaks_bytes: dict[str, int] = Field(description="Highest allocated bytes per step:phase.")
+    final_bytes: dict[str, int] = Field(
+        default_factory=dict,
+        description="Category -> bytes still allocated after the last step (what persists).",
+    )
     gpu: str | None = Field(default=None, description="The device judged against.")
     gpu_capacity_bytes: int | None = Field(default=None, description="Its usable memory.")
     fits: bool | None = Field(
@@ -198,6 +202,7 @@ def result_from_trace(
         bytes_per_param=peak.peak_bytes / num_params,
         model_state_bytes_per_param=state_bytes / num_params,
         phase_peaks_bytes=phase_peaks,
+        final_bytes={c.value: v for c, v in trace.final_bytes().items() if v},
         gpu=target.name if target else None,
         gpu_capacity_bytes=target.capacity_bytes if target else None,
         fits=fits,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from rich.console import Console, Group, RenderableType
 from rich.panel import Panel
@@ -151,7 +151,7 @@ def comparison_table(traced: PlanResult, analytical: PlanResult) -> Table:
     return table
 
 
-def print_comparison(comparison: object, console: Console | None = None) -> None:
+def print_comparison(comparison: Any, console: Console | None = None) -> None:
     """A traced step: its verdict and breakdown, then the analytical prediction beside it."""
     traced: PlanResult = comparison.traced
     analytical: PlanResult = comparison.analytical
@@ -165,3 +165,33 @@ def print_comparison(comparison: object, console: Console | None = None) -> None
         )
     )
     out.print(comparison_table(traced, analytical))
+
+
+def print_verification(
+    verifications: list[Any], summary: Any, console: Console | None = None
+) -> None:
+    """Measured against predicted, one table per run, then the summary."""
+    out = console or Console()
+    for v in verifications:
+        table = Table(title=f"{v.label} ({v.model})", title_justify="left")
+        for col in ("quantity", "measured", "predicted", "error %"):
+            table.add_column(col, justify="left" if col == "quantity" else "right")
+        for c in v.checks:
+            table.add_row(
+                c.name,
+                format_bytes(c.measured_bytes),
+                format_bytes(c.predicted_bytes),
+                f"{100 * c.error:+.1f}",
+            )
+        out.print(table)
+        if v.oom:
+            verdict_text = "predicted to fit" if v.predicted_fits else "predicted not to fit"
+            out.print(Text(f"out of memory in {v.oom}; {verdict_text}", style="bold red"))
+    medians = ", ".join(f"{k} {100 * e:.1f}%" for k, e in summary.median_abs_error.items())
+    worst = ", ".join(f"{k} {100 * e:.1f}%" for k, e in summary.max_abs_error.items())
+    out.print(
+        Text(
+            f"{summary.n_runs} runs on {summary.device}: median |error| {medians or '-'}; "
+            f"worst {worst or '-'}"
+        )
+    )

@@ -32,7 +32,7 @@ from memplan.analytic.predict import predict  # noqa: E402
 from memplan.catalog import load_model  # noqa: E402
 from memplan.specs import TrainingSetup  # noqa: E402
 from memplan.torchsim.step import trace_step  # noqa: E402
-from memplan.trace import ALLOCATED_CATEGORIES, Category, Peak  # noqa: E402
+from memplan.trace import ALLOCATED_CATEGORIES, Peak  # noqa: E402
 
 pytestmark = pytest.mark.torch
 

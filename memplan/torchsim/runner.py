@@ -65,7 +65,7 @@ def traced_run(request: RunRequest) -> TracedRun:
     tracker = MemoryTracker()
     fake = request.mode == "fake"
     fake_scope = _fake_mode(fake, built.notes)
-    with _third_party_warnings_muted(), fake_scope, tracker, _unpacked_sequences():
+    with third_party_warnings_muted(), fake_scope, tracker, _unpacked_sequences():
         session = load_session(model, built, request.setup, fake=fake, tracker=tracker)
         hooks = ModuleHooks(tracker, model, lm_head=lm_head_of(model), layers=_layers(model))
         with hooks, tracker.saving_hooks():
@@ -77,7 +77,7 @@ def traced_run(request: RunRequest) -> TracedRun:
 
 def prepare_model(request: RunRequest) -> tuple[nn.Module, BuiltModel]:
     """The model on the meta device with the method applied (allocates nothing)."""
-    with _third_party_warnings_muted():
+    with third_party_warnings_muted():
         built = build_meta_model(
             request.spec,
             request.setup,
@@ -96,7 +96,7 @@ def run_steps(
     before_step: Callable[[int], None] | None = None,
 ) -> Session:
     """Materialize on the CPU and train, with no tracker (for other instruments: MemTracker)."""
-    with _third_party_warnings_muted(), _unpacked_sequences():
+    with third_party_warnings_muted(), _unpacked_sequences():
         session = load_session(model, built, request.setup, fake=False, tracker=None)
         for step in range(request.steps):
             if before_step is not None:
@@ -152,9 +152,11 @@ def _unpacked_sequences() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _third_party_warnings_muted() -> Iterator[None]:
+def third_party_warnings_muted() -> Iterator[None]:
     """transformers and peft deprecate their own internals between releases; not ours to fix."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
+        # bitsandbytes on a CPU: "Paged optimizers are not supported on CPU" (falls back).
+        warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
         yield
