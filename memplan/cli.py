@@ -552,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="allowed |error| of the allocated peak (fraction, default 0.05)",
     )
     ver.add_argument("--json", action="store_true", help="print one JSON object")
+    ver.add_argument("--plot", metavar="PATH", help="predicted vs measured scatter (PNG)")
     ver.set_defaults(func=_cmd_verify)
 
     v = sub.add_parser(
@@ -632,6 +633,15 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         from memplan.report import print_verification
 
         print_verification(verifications, summary)
+    if args.plot:
+        from memplan.plot import scatter_figure
+        from memplan.verify import verification_points
+
+        points = verification_points(verifications, Path(args.results).name)
+        if not points:
+            raise MemplanError(f"{args.results}: no completed run to plot")
+        title = f"{summary.device}: memplan against {summary.n_runs} measured runs"
+        _save_figure(scatter_figure(points, title=title), args.plot)
     return 1 if worst > args.tolerance else 0
 
 

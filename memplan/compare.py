@@ -415,6 +415,13 @@ def _records(path: Path) -> Any:
         raise MemplanError(f"{path}: not valid JSON ({exc.msg})") from exc
 
 
+def _measured_points(path: Path, source: str) -> list[ValidationPoint]:
+    from memplan.verify import verification_points, verify_file
+
+    points: list[ValidationPoint] = verification_points(verify_file(path)[0], source)
+    return points
+
+
 def validation_points(
     root: str | Path | None = None, *, estimator: str = MEMPLAN
 ) -> list[ValidationPoint]:
@@ -425,8 +432,9 @@ def validation_points(
     and keeps the records that carry a measurement (``measured_bytes``) and ``estimator``'s
     prediction of it: ``predicted_bytes`` (``memplan validate --json`` rows) or
     ``{estimator: {"bytes": ...}}`` (the estimator comparison, where ``estimator`` may also be
-    ``accelerate``, ``deepspeed`` or ``llm-analysis``). Records with a measurement only are
-    skipped. Empty when nothing has been committed.
+    ``accelerate``, ``deepspeed`` or ``llm-analysis``). Measured-runs files (``memplan
+    verify`` input) give memplan's allocated, reserved and NVML points. Records with a
+    measurement only are skipped. Empty when nothing has been committed.
     """
     folder = Path(root) if root is not None else VALIDATION_DIR
     points: list[ValidationPoint] = []
@@ -434,7 +442,13 @@ def validation_points(
         for path in sorted((folder / sub).rglob("*.json*")):
             if path.suffix in (".json", ".jsonl"):
                 where = str(path.relative_to(folder))
-                points.extend(_points_in(_records(path), where, estimator))
+                records = _records(path)
+                if isinstance(records, dict) and {"runs", "environment"} <= records.keys():
+                    # A measured-runs file (validation/gpu): memplan predicts each run now.
+                    if estimator == MEMPLAN:
+                        points.extend(_measured_points(path, where))
+                    continue
+                points.extend(_points_in(records, where, estimator))
     return points
 
 

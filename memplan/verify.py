@@ -211,6 +211,25 @@ def load_runs(path: Path) -> tuple[list[MeasuredRun], int | None, str]:
     return [run], None, run.environment.device_name
 
 
+_POINT_METRICS: dict[str, str] = {
+    "allocated peak": "allocated",
+    "reserved peak": "reserved",
+    "nvml device": "nvml",
+}
+
+
+def verification_points(verifications: list[RunVerification], source: str) -> list[Any]:
+    """The peak checks as predicted-vs-measured points (memplan.compare.ValidationPoint)."""
+    from memplan.compare import ValidationPoint
+
+    return [
+        ValidationPoint(v.label, c.predicted_bytes, c.measured_bytes, metric, source)
+        for v in verifications
+        for c in v.checks
+        if (metric := _POINT_METRICS.get(c.name)) is not None and c.measured_bytes > 0
+    ]
+
+
 def verify_file(path: Path) -> tuple[list[RunVerification], Summary]:
     runs, baseline, device = load_runs(path)
     verifications = [verify_run(r, nvml_baseline_bytes=baseline) for r in runs]

@@ -256,3 +256,46 @@ def test_prediction_uses_the_runs_setup_not_the_method_defaults() -> None:
     assert prediction.model == load_model("llama-2-7b").name
     # bitsandbytes pages the state of tensors of >= 1e5 elements: every 7B LoRA matrix.
     assert prediction.paged_bytes > 0
+
+
+def test_points_carry_the_three_peaks_of_every_run(lora_prediction: PlanResult) -> None:
+    from memplan.verify import verification_points
+
+    runs = [run_like(lora_prediction, setup_of(), s) for s in (1.0, 1.1)]
+    points = verification_points(
+        [verify_run(r, nvml_baseline_bytes=BASELINE_BYTES) for r in runs], "h100.json"
+    )
+    assert [p.metric for p in points] == ["allocated", "reserved", "nvml"] * 2
+    assert points[3].error_fraction == pytest.approx(1 / 1.1 - 1, rel=1e-4)
+    assert {p.source for p in points} == {"h100.json"}
+
+
+def test_committed_results_files_become_validation_points(
+    tmp_path: Path, lora_prediction: PlanResult
+) -> None:
+    from memplan.compare import validation_points
+
+    (tmp_path / "results").mkdir()
+    write_results(tmp_path / "results" / "h100.json", [run_like(lora_prediction, setup_of(), 1.0)])
+    points = validation_points(tmp_path)
+    assert [p.metric for p in points] == ["allocated", "reserved", "nvml"]
+    assert all(p.source == "results/h100.json" for p in points)
+    assert validation_points(tmp_path, estimator="accelerate") == []
+
+
+def test_cli_plot_writes_the_scatter(
+    tmp_path: Path, run_cli: Any, lora_prediction: PlanResult
+) -> None:
+    path = write_results(tmp_path / "h100.json", [run_like(lora_prediction, setup_of(), 1.0)])
+    png = tmp_path / "scatter.png"
+    result = run_cli("verify", str(path), "--plot", str(png))
+    assert result.code == 0, result.err
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_cli_plot_of_only_out_of_memory_runs_is_an_error(tmp_path: Path, run_cli: Any) -> None:
+    oom = OutOfMemory(step=0, phase="forward", requested_bytes=None, message="out of memory")
+    path = write_results(tmp_path / "oom.json", [empty_run(setup_of(), oom=oom)])
+    result = run_cli("verify", str(path), "--plot", str(tmp_path / "x.png"))
+    assert result.code == 2
+    assert "no completed run" in result.err
