@@ -613,10 +613,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     from memplan.verify import verify_file
 
     verifications, summary = verify_file(Path(args.results))
-    worst = max(
-        (abs(c.error) for v in verifications if (c := v.check("allocated peak")) is not None),
-        default=0.0,
-    )
+    worst = summary.max_abs_error.get("allocated", 0.0)
     if args.json:
         payload = {
             "runs": [

@@ -16,7 +16,7 @@ from memplan.overheads import CUDA_CONTEXT_BYTES
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import ParallelSetup
 from memplan.specs.training import TrainingSetup
-from memplan.trace import ALLOCATED_CATEGORIES, Category, Trace
+from memplan.trace import ALLOCATED_CATEGORIES, MODEL_STATE_CATEGORIES, Trace
 from memplan.units import parse_capacity
 
 
@@ -98,16 +98,6 @@ class PlanResult(BaseModel):
     assumptions: list[str]
 
 
-_MODEL_STATE = (
-    Category.FROZEN_WEIGHTS,
-    Category.QUANT_STATE,
-    Category.TRAINABLE_WEIGHTS,
-    Category.MASTER_WEIGHTS,
-    Category.GRADIENTS,
-    Category.OPTIMIZER_STATE,
-)
-
-
 def plan(
     model: str | ModelSpec,
     setup: TrainingSetup | None = None,
@@ -181,7 +171,7 @@ def result_from_trace(
         margin = target.capacity_bytes - device
         # Paged optimizer state can be evicted to host memory under pressure (bnb paged optimizers).
         fits = margin >= 0 or margin + paged_bytes >= 0
-    state_bytes = sum(peak.breakdown_bytes[c] for c in _MODEL_STATE) + paged_bytes
+    state_bytes = sum(peak.breakdown_bytes[c] for c in MODEL_STATE_CATEGORIES) + paged_bytes
     phase_peaks = {f"{step}:{phase.value}": v for (step, phase), v in trace.phase_peaks().items()}
     return PlanResult(
         source=trace.source,

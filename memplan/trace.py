@@ -48,6 +48,20 @@ ALLOCATED_CATEGORIES: Final[tuple[Category, ...]] = tuple(
     c for c in Category if c not in (Category.CUDA_CONTEXT, Category.ALLOCATOR_OVERHEAD)
 )
 
+# Parameters as loaded: resident from load to the end of training.
+WEIGHT_CATEGORIES: Final[tuple[Category, ...]] = (
+    Category.FROZEN_WEIGHTS,
+    Category.QUANT_STATE,
+    Category.TRAINABLE_WEIGHTS,
+    Category.MASTER_WEIGHTS,
+)
+# Model state in the ZeRO paper's sense: weights, gradients and optimizer state.
+MODEL_STATE_CATEGORIES: Final[tuple[Category, ...]] = (
+    *WEIGHT_CATEGORIES,
+    Category.GRADIENTS,
+    Category.OPTIMIZER_STATE,
+)
+
 # The CUDA caching allocator hands out blocks in multiples of 512 bytes
 # (c10/cuda/CUDACachingAllocator.cpp, kMinBlockSize), and memory_allocated sums block sizes.
 ALLOCATION_GRANULARITY_BYTES: Final = 512

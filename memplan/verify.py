@@ -21,10 +21,9 @@ from memplan.errors import MemplanError
 from memplan.measure.records import MeasuredRun, ResultsFile
 from memplan.plan import GpuTarget, PlanResult, plan
 from memplan.specs import ParallelSetup, TrainingSetup
+from memplan.trace import WEIGHT_CATEGORIES
 
 _PHASES = ("forward", "backward", "optimizer")
-# Breakdown categories resident from load to the end: what `memory_allocated` shows after load.
-_MODEL_STATE = ("frozen_weights", "quant_state", "trainable_weights", "master_weights")
 
 
 class Check(BaseModel):
@@ -133,7 +132,7 @@ def verify_run(run: MeasuredRun, *, nvml_baseline_bytes: int | None = None) -> R
                 )
     loaded = _after(run, "load")
     if loaded is not None:
-        state = sum(v for k, v in result.final_bytes.items() if k in _MODEL_STATE)
+        state = sum(v for k, v in result.final_bytes.items() if k in WEIGHT_CATEGORIES)
         checks.append(Check(name="after load", measured_bytes=loaded, predicted_bytes=state))
     stepped = _after(run, "zero_grad", step=max((s.step for s in run.samples), default=0))
     if stepped is not None:

@@ -37,16 +37,21 @@ from memplan.specs import (
     ModelSpec,
     Offload,
     Optimizer,
-    OptimizerImpl,
     ParallelSetup,
     Sharding,
     TrainingSetup,
 )
-from memplan.torchsim.methods import apply_method, lora_target_modules
-from memplan.torchsim.models import COMPUTE_DTYPES, BuiltModel, build_meta_model, lm_head_of
-from memplan.torchsim.optimizers import LEARNING_RATE, param_groups
+from memplan.torchsim.materialize import materialize
+from memplan.torchsim.methods import (
+    QuantizedLinearFactory,
+    apply_method,
+    lora_model,
+    quantize_linears,
+)
+from memplan.torchsim.models import COMPUTE_DTYPES, BuiltModel, build_meta_model
+from memplan.torchsim.optimizers import LEARNING_RATE, param_groups, torch_optimizer
 from memplan.torchsim.runner import third_party_warnings_muted
-from memplan.torchsim.session import enable_checkpointing
+from memplan.torchsim.session import enable_checkpointing, forward_loss, synthetic_batch
 from memplan.units import GiB, KiB, MiB
 
 _OOM_REQUEST = re.compile(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB|B)")
@@ -97,7 +102,11 @@ def environment(device: str) -> Environment:
     cuda = device == "cuda"
     return Environment(
         device_name=torch.cuda.get_device_name() if cuda else "cpu",
-        total_memory_bytes=torch.cuda.get_device_properties(0).total_memory if cuda else 0,
+        total_memory_bytes=torch.cuda.get_device_properties(
+            torch.cuda.current_device()
+        ).total_memory
+        if cuda
+        else 0,
         driver=driver,
         cuda=torch.version.cuda,
         torch=torch.__version__,
@@ -124,104 +133,69 @@ def cuda_context_bytes(used: Callable[[], int] | None) -> tuple[int | None, int 
 
 # -- building ---------------------------------------------------------------------------------
 
+# The model ready to step, its optimizer (None when nothing trains), and how it was built.
+Prepared = tuple[nn.Module, torch.optim.Optimizer | None, BuiltModel]
+
 
 def _bnb() -> Any:
     """bitsandbytes, imported on first use (it ships no type information)."""
     return importlib.import_module("bitsandbytes")
 
 
-def _bnb_linear(module: nn.Linear, setup: TrainingSetup) -> Any:
+def _bnb_linear_factory(setup: TrainingSetup) -> QuantizedLinearFactory:
+    """bitsandbytes' own layers, as transformers' load_in_4bit / load_in_8bit puts them."""
     bnb = _bnb()
-
     compute = COMPUTE_DTYPES[setup.precision]
-    if setup.quant.value == "int8":
-        return bnb.nn.Linear8bitLt(
-            module.in_features,
-            module.out_features,
-            bias=module.bias is not None,
-            has_fp16_weights=False,
-            threshold=6.0,
-            device="meta",
-        )
-    return bnb.nn.Linear4bit(
-        module.in_features,
-        module.out_features,
-        bias=module.bias is not None,
-        compute_dtype=compute,
-        compress_statistics=setup.double_quant,
-        quant_type=setup.quant.value,
-        device="meta",
-    )
+
+    def make(in_f: int, out_f: int, bias: bool, weight_dtype: torch.dtype) -> nn.Module:
+        layer: nn.Module
+        if setup.quant.value == "int8":
+            layer = bnb.nn.Linear8bitLt(
+                in_f, out_f, bias=bias, has_fp16_weights=False, threshold=6.0, device="meta"
+            )
+        else:
+            layer = bnb.nn.Linear4bit(
+                in_f,
+                out_f,
+                bias=bias,
+                compute_dtype=compute,
+                compress_statistics=setup.double_quant,
+                quant_type=setup.quant.value,
+                device="meta",
+            )
+        return layer
+
+    return make
 
 
-def _swap_quantized(model: nn.Module, setup: TrainingSetup) -> None:
-    """bitsandbytes layers for every nn.Linear except the LM head (transformers' rule)."""
-    head = lm_head_of(model)
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child is not head:
-                setattr(parent, name, _bnb_linear(child, setup))
-
-
-def _materialize_quantized(module: Any, device: str, weight_dtype: torch.dtype) -> None:
-    """Create the 16-bit weight on the device and let bitsandbytes pack it there."""
+def _quantized_materializer(device: str, weight_dtype: torch.dtype) -> Callable[[nn.Module], bool]:
+    """Takes over bitsandbytes' layers in ``materialize``: the 16-bit weight is created on the
+    device and bitsandbytes packs it there (Params4bit / Int8Params quantize on ``.to``)."""
     bnb = _bnb()
 
-    weight = torch.empty(module.out_features, module.in_features, dtype=weight_dtype, device=device)
-    weight.normal_(0.0, 0.02)
-    if isinstance(module, bnb.nn.Linear4bit):
-        packed = bnb.nn.Params4bit(
-            weight,
-            requires_grad=False,
-            compress_statistics=module.weight.compress_statistics,
-            quant_type=module.weight.quant_type,
-        )
+    def take(module: nn.Module) -> bool:
+        if not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            return False
+        shape = (module.out_features, module.in_features)
+        weight = torch.empty(shape, dtype=weight_dtype, device=device).normal_(0.0, 0.02)
+        if isinstance(module, bnb.nn.Linear4bit):
+            old = module.weight
+            packed = bnb.nn.Params4bit(
+                weight,
+                requires_grad=False,
+                compress_statistics=old.compress_statistics,
+                quant_type=old.quant_type,
+            )
+        else:
+            packed = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
         module.weight = packed.to(device)
-    else:
-        module.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(
-            device
-        )
-    del weight
-    if module.bias is not None and module.bias.is_meta:
-        module.bias = nn.Parameter(
-            torch.zeros(module.out_features, dtype=weight_dtype, device=device), requires_grad=False
-        )
+        del weight
+        if module.bias is not None:
+            bias = torch.zeros(module.out_features, dtype=weight_dtype, device=device)
+            module.bias = nn.Parameter(bias, requires_grad=False)
+        return True
 
-
-def materialize_on(model: nn.Module, device: str, weight_dtype: torch.dtype) -> None:
-    """Every meta parameter becomes a random tensor on ``device`` (ties kept); buffers move."""
-    memo: dict[int, nn.Parameter] = {}
-    quantized = _quantized_types()
-    with torch.no_grad():
-        for module in model.modules():
-            if quantized and isinstance(module, quantized):
-                _materialize_quantized(module, device, weight_dtype)
-                continue
-            for name, param in list(module._parameters.items()):
-                if param is None:
-                    continue
-                if id(param) in memo:
-                    module._parameters[name] = memo[id(param)]
-                    continue
-                if param.is_meta:
-                    data = torch.empty(param.shape, dtype=param.dtype, device=device)
-                    data.normal_(0.0, 0.02) if data.dim() >= 2 else data.fill_(1.0)
-                else:
-                    data = param.data.to(device)
-                new = nn.Parameter(data, requires_grad=param.requires_grad)
-                memo[id(param)] = new
-                module._parameters[name] = new
-            for name, buffer in list(module._buffers.items()):
-                if buffer is not None and not buffer.is_meta:
-                    module._buffers[name] = buffer.to(device)
-
-
-def _quantized_types() -> tuple[type, ...]:
-    try:
-        bnb = _bnb()
-    except ImportError:
-        return ()
-    return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    return take
 
 
 def build(spec: ModelSpec, setup: TrainingSetup, device: str) -> tuple[nn.Module, BuiltModel]:
@@ -233,23 +207,16 @@ def build(spec: ModelSpec, setup: TrainingSetup, device: str) -> tuple[nn.Module
 def _build(spec: ModelSpec, setup: TrainingSetup, device: str) -> tuple[nn.Module, BuiltModel]:
     built = build_meta_model(spec, setup)
     if setup.method is Method.QLORA or setup.quant.value != "none":
-        _swap_quantized(built.model, setup)
-        model = built.model
-        model.requires_grad_(False)
-        materialize_on(model, device, COMPUTE_DTYPES[setup.precision])
-        if setup.uses_lora:
-            from peft import LoraConfig, get_peft_model
-
-            config = LoraConfig(
-                r=setup.lora_r,
-                lora_alpha=setup.lora_alpha,  # type: ignore[arg-type]  # peft annotates int, uses float
-                lora_dropout=setup.lora_dropout,
-                target_modules=lora_target_modules(spec, setup.lora_targets),
-            )
-            model = get_peft_model(model, config)
+        # bitsandbytes quantizes real weights, so the model is materialized before LoRA.
+        quantize_linears(built.model, setup, _bnb_linear_factory(setup))
+        built.model.requires_grad_(False)
+        weight_dtype = COMPUTE_DTYPES[setup.precision]
+        take = _quantized_materializer(device, weight_dtype)
+        materialize(built.model, fill=True, device=device, materialize_module=take)
+        model = lora_model(built, spec, setup) if setup.uses_lora else built.model
     else:
         model = apply_method(built, spec, setup)
-        materialize_on(model, device, COMPUTE_DTYPES[setup.precision])
+        materialize(model, fill=True, device=device)
     model.train()
     trains = any(p.requires_grad for p in model.parameters())
     if setup.grad_ckpt and trains:
@@ -257,31 +224,25 @@ def _build(spec: ModelSpec, setup: TrainingSetup, device: str) -> tuple[nn.Modul
     return model, built
 
 
-def build_optimizer(model: nn.Module, setup: TrainingSetup) -> torch.optim.Optimizer | None:
+def build_optimizer(
+    model: nn.Module, setup: TrainingSetup, notes: list[str]
+) -> torch.optim.Optimizer | None:
     """The optimizer Trainer would build, with bitsandbytes for the 8-bit/paged/Lion ones."""
     groups = param_groups(model)
     if not any(g["params"] for g in groups):
         return None
-    kind, impl = setup.optimizer, setup.optimizer_impl
-    if kind is Optimizer.ADAMW:
-        fused = True if impl is OptimizerImpl.FUSED else None
-        return torch.optim.AdamW(
-            groups, lr=LEARNING_RATE, fused=fused, foreach=impl is OptimizerImpl.FOREACH
-        )
-    if kind is Optimizer.SGD:
-        return torch.optim.SGD(groups, lr=LEARNING_RATE, momentum=0.9)
-    if kind is Optimizer.ADAFACTOR:
-        return torch.optim.Adafactor(groups, lr=LEARNING_RATE)
+    optimizer = torch_optimizer(groups, setup, notes)
+    if optimizer is not None:
+        return optimizer
     bnb = _bnb()
-
     classes = {
         Optimizer.ADAMW_8BIT: bnb.optim.AdamW8bit,
         Optimizer.PAGED_ADAMW: bnb.optim.PagedAdamW,
         Optimizer.PAGED_ADAMW_8BIT: bnb.optim.PagedAdamW8bit,
         Optimizer.LION: bnb.optim.Lion,
     }
-    optimizer: torch.optim.Optimizer = classes[kind](groups, lr=LEARNING_RATE)
-    return optimizer
+    bnb_optimizer: torch.optim.Optimizer = classes[setup.optimizer](groups, lr=LEARNING_RATE)
+    return bnb_optimizer
 
 
 # -- running ----------------------------------------------------------------------------------
@@ -322,30 +283,10 @@ class Probe:
         )
 
 
-def _unwrapped(model: nn.Module) -> Any:
-    """The Hugging Face model inside DDP / DeepSpeed / FSDP wrappers (they keep it as .module)."""
-    inner: Any = model
-    while not hasattr(inner, "config") and isinstance(getattr(inner, "module", None), nn.Module):
-        inner = inner.module
-    return inner
-
-
-def _batch(model: nn.Module, setup: TrainingSetup, device: str) -> dict[str, torch.Tensor]:
-    config: Any = _unwrapped(model).config
-    vocab = int(config.vocab_size)
-    ids = torch.randint(0, vocab, (setup.micro_batch_size, setup.seq_len), device=device)
-    if getattr(config, "is_encoder_decoder", False):
-        labels = torch.randint(
-            0, vocab, (setup.micro_batch_size, setup.decoder_seq_len), device=device
-        )
-    else:
-        labels = ids.clone()
-    return {"input_ids": ids, "labels": labels}
-
-
 def _step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
+    built: BuiltModel,
     setup: TrainingSetup,
     device: str,
     probe: Probe,
@@ -354,27 +295,30 @@ def _step(
     accelerator: Any = None,
 ) -> None:
     """One optimizer step as Hugging Face Trainer runs it, sampled at every phase end."""
-    # Under accelerate, prepare() wrapped the forward in autocast already.
-    amp = (
-        torch.autocast(device, dtype=COMPUTE_DTYPES[setup.precision])
-        if setup.precision.is_amp and accelerator is None
-        else contextlib.nullcontext()
-    )
     trains = optimizer is not None
     for micro in range(setup.grad_accum_steps):
         where[0] = "forward"
-        batch = _batch(model, setup, device)
-        with amp, contextlib.nullcontext() if trains else torch.no_grad():
-            outputs = model(**batch, use_cache=False)
-            loss = outputs.loss / setup.grad_accum_steps
-            del outputs
+        batch = synthetic_batch(
+            model, setup, encoder_decoder=built.is_encoder_decoder, device=device
+        )
+        loss = forward_loss(
+            model,
+            setup,
+            batch,
+            trains=trains,
+            is_hf=built.is_hf,
+            device=device,
+            # Under accelerate, prepare() wrapped the forward in autocast already.
+            autocast=accelerator is None,
+        )
+        loss = loss / setup.grad_accum_steps  # Trainer scales each micro-batch's loss
         probe.sample(step, "forward", micro)
         if trains:
             where[0] = "backward"
             if accelerator is not None:
                 accelerator.backward(loss)
             else:
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
             probe.sample(step, "backward", micro)
         del loss, batch
     if optimizer is None:
@@ -412,10 +356,10 @@ def run(
     probe = Probe(device, used)
     notes: list[str] = []
 
-    def prepare() -> tuple[nn.Module, torch.optim.Optimizer | None]:
+    def prepare() -> Prepared:
         model, built = build(spec, setup, device)
         notes.extend(built.notes)
-        return model, build_optimizer(model, setup)
+        return model, build_optimizer(model, setup, notes), built
 
     with _fresh(device, memory_fraction), third_party_warnings_muted():
         at_start = torch.cuda.memory_allocated() if device == "cuda" else 0
@@ -470,7 +414,7 @@ def _measured(
 
 
 def _run_steps(
-    prepare: Callable[[], tuple[nn.Module, torch.optim.Optimizer | None]],
+    prepare: Callable[[], Prepared],
     setup: TrainingSetup,
     device: str,
     probe: Probe,
@@ -483,10 +427,10 @@ def _run_steps(
     step = -warmup
     model = optimizer = None
     try:
-        model, optimizer = prepare()
+        model, optimizer, built = prepare()
         probe.sample(-warmup, "load")
         for step in range(-warmup, steps):
-            _step(model, optimizer, setup, device, probe, step, where, accelerator)
+            _step(model, optimizer, built, setup, device, probe, step, where, accelerator)
     except torch.cuda.OutOfMemoryError as exc:
         return _oom(exc, step, where[0])
     finally:
@@ -543,13 +487,11 @@ def run_sharded(
     probe = Probe("cuda", used)
     notes: list[str] = []
 
-    def prepare() -> tuple[nn.Module, torch.optim.Optimizer | None]:
+    def prepare() -> Prepared:
         model, built = build(spec, setup, "cpu")
         notes.extend(built.notes)
-        prepared: tuple[nn.Module, torch.optim.Optimizer | None] = accelerator.prepare(
-            model, build_optimizer(model, setup)
-        )
-        return prepared
+        wrapped, optimizer = accelerator.prepare(model, build_optimizer(model, setup, notes))
+        return wrapped, optimizer, built
 
     with third_party_warnings_muted():
         at_start = torch.cuda.memory_allocated()
@@ -607,11 +549,11 @@ def measure_cli(args: argparse.Namespace) -> int:
         raise MemplanError("--device cuda: no CUDA device is visible to PyTorch")
     used = nvml_used()
     out = Path(args.out) if args.out else None
+    torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # this rank's GPU
+    _, context = cuda_context_bytes(used)
     if world > 1:
         if parallel.num_gpus != world:
             parallel = ParallelSetup(**{**parallel.model_dump(), "num_gpus": world})
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        _, context = cuda_context_bytes(used)
         result = run_sharded(
             spec,
             setup,
@@ -624,7 +566,6 @@ def measure_cli(args: argparse.Namespace) -> int:
         if out is not None:
             out = out.with_name(f"{out.stem}.rank{result.rank}{out.suffix}")
     else:
-        _, context = cuda_context_bytes(used)
         result = run(
             spec, setup, model_name=args.model, steps=args.steps, used=used, context_bytes=context
         )

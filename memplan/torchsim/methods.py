@@ -13,7 +13,7 @@ quantized, which adapters are added.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -82,7 +82,7 @@ def apply_method(built: BuiltModel, spec: ModelSpec, setup: TrainingSetup) -> nn
         return _prefix_tuning(built, setup)
     if method is Method.QLORA:
         quantize_linears(model, setup)
-    return _lora(built, spec, setup)
+    return lora_model(built, spec, setup)
 
 
 def _enable_biases(model: nn.Module, notes: list[str]) -> None:
@@ -110,15 +110,34 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def quantize_linears(model: nn.Module, setup: TrainingSetup) -> None:
-    """Swap every linear except the LM head for a meta :class:`Linear4bit` (NF4).
+QuantizedLinearFactory = Callable[[int, int, bool, torch.dtype], nn.Module]
+"""(in_features, out_features, has_bias, weight dtype) -> a quantized linear on the meta device."""
+
+
+def quantize_linears(
+    model: nn.Module, setup: TrainingSetup, make: QuantizedLinearFactory | None = None
+) -> None:
+    """Swap every linear except the LM head for a quantized one (default: NF4 :class:`Linear4bit`).
 
     transformers' bitsandbytes integration skips the output embedding and the modules the model
     keeps in fp32 (``_keep_in_fp32_modules``, e.g. T5's ``wo``; get_keys_to_not_convert).
+    ``make`` builds the replacement (a measured run passes bitsandbytes' own layers).
     """
     head = lm_head_of(model)
     keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     compute = COMPUTE_DTYPES[setup.precision]
+
+    def nf4(in_f: int, out_f: int, bias: bool, weight_dtype: torch.dtype) -> nn.Module:
+        return Linear4bit(
+            in_f,
+            out_f,
+            bias=bias,
+            compute_dtype=compute,
+            weight_dtype=weight_dtype,  # QuantState.dtype: what dequantization returns
+            double_quant=setup.double_quant,
+        )
+
+    make = make or nf4
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if child is head or name in keep or not _is_linear(child):
@@ -127,18 +146,13 @@ def quantize_linears(model: nn.Module, setup: TrainingSetup) -> None:
             assert isinstance(weight, torch.Tensor)
             # Conv1D (GPT-2) stores (in, out); nn.Linear stores (out, in).
             out_f, in_f = weight.shape if isinstance(child, nn.Linear) else weight.shape[::-1]
-            quantized = Linear4bit(
-                int(in_f),
-                int(out_f),
-                bias=getattr(child, "bias", None) is not None,
-                compute_dtype=compute,
-                weight_dtype=weight.dtype,  # QuantState.dtype: what dequantization returns
-                double_quant=setup.double_quant,
-            )
-            setattr(parent, name, quantized)
+            has_bias = getattr(child, "bias", None) is not None
+            setattr(parent, name, make(int(in_f), int(out_f), has_bias, weight.dtype))
 
 
-def _lora(built: BuiltModel, spec: ModelSpec, setup: TrainingSetup) -> nn.Module:
+def lora_model(built: BuiltModel, spec: ModelSpec, setup: TrainingSetup) -> nn.Module:
+    """``built.model`` wrapped by peft with ``setup``'s LoRA (on memplan's or bnb's 4-bit
+    layers)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -151,7 +165,7 @@ def _lora(built: BuiltModel, spec: ModelSpec, setup: TrainingSetup) -> nn.Module
         bias="none",
         task_type=_task_type(built),
     )
-    if setup.method is Method.QLORA:
+    if any(isinstance(m, Linear4bit) for m in built.model.modules()):
         from memplan.torchsim.qlora import LoraLinear4bit
 
         config._register_custom_module({Linear4bit: LoraLinear4bit})

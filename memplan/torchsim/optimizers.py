@@ -54,6 +54,20 @@ def _loop_flags(impl: OptimizerImpl, *, has_fused: bool) -> tuple[bool | None, b
 
 def build_optimizer(model: nn.Module, setup: TrainingSetup, notes: list[str]) -> TorchOptimizer:
     groups = param_groups(model)
+    optimizer = torch_optimizer(groups, setup, notes)
+    if optimizer is not None:
+        return optimizer
+    kind = setup.optimizer
+    bits = 8 if kind in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW_8BIT) else 32
+    paged = kind in (Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT)
+    style = "lion" if kind is Optimizer.LION else "adamw"
+    return BnbStyleOptimizer(groups, kind=style, optim_bits=bits, paged=paged, lr=LEARNING_RATE)
+
+
+def torch_optimizer(
+    groups: list[dict[str, Any]], setup: TrainingSetup, notes: list[str]
+) -> TorchOptimizer | None:
+    """The torch.optim optimizer Trainer builds for ``setup``; None for bitsandbytes' kinds."""
     kind = setup.optimizer
     if kind is Optimizer.ADAMW:
         fused, foreach = _loop_flags(setup.optimizer_impl, has_fused=True)
@@ -66,10 +80,7 @@ def build_optimizer(model: nn.Module, setup: TrainingSetup, notes: list[str]) ->
             notes.append("adafactor has no fused kernel in torch: traced with foreach")
         _, foreach = _loop_flags(setup.optimizer_impl, has_fused=False)
         return torch.optim.Adafactor(groups, lr=1e-2, foreach=foreach)
-    bits = 8 if kind in (Optimizer.ADAMW_8BIT, Optimizer.PAGED_ADAMW_8BIT) else 32
-    paged = kind in (Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT)
-    style = "lion" if kind is Optimizer.LION else "adamw"
-    return BnbStyleOptimizer(groups, kind=style, optim_bits=bits, paged=paged, lr=LEARNING_RATE)
+    return None
 
 
 def state_placement(optimizer: TorchOptimizer, key: str, tensor: torch.Tensor) -> Placement:

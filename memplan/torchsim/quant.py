@@ -60,6 +60,19 @@ def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     return padded.view(num_blocks, blocksize)
 
 
+def _block_codes(
+    values: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat uint8 indices into ``code`` of each value scaled by its block's absmax, and the
+    fp32 absmax per block (bitsandbytes' blockwise quantization)."""
+    flat = values.reshape(-1).float()
+    blocks = _blocks(flat, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    indices = _nearest_codes(scaled.reshape(-1)[: flat.numel()], code).to(torch.uint8)
+    return indices, absmax
+
+
 # -- custom ops: real CPU kernels, fake kernels that allocate only the outputs -----------------
 
 
@@ -68,11 +81,7 @@ def quantize_4bit(
     weight: torch.Tensor, code: torch.Tensor, blocksize: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed 4-bit codes ``((n + 1) // 2, 1)`` uint8 and fp32 absmax per block."""
-    flat = weight.reshape(-1).float()
-    blocks = _blocks(flat, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-    indices = _nearest_codes(scaled.reshape(-1)[: flat.numel()], code).to(torch.uint8)
+    indices, absmax = _block_codes(weight, code, blocksize)
     if indices.numel() % 2:
         indices = functional.pad(indices, (0, 1))
     packed = (indices[0::2] << 4) | indices[1::2]
@@ -124,11 +133,7 @@ def quantize_blockwise(
     values: torch.Tensor, code: torch.Tensor, blocksize: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 codes shaped like ``values`` and fp32 absmax per block (8-bit blockwise)."""
-    flat = values.reshape(-1).float()
-    blocks = _blocks(flat, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    scaled = blocks / absmax.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-    indices = _nearest_codes(scaled.reshape(-1)[: flat.numel()], code).to(torch.uint8)
+    indices, absmax = _block_codes(values, code, blocksize)
     return indices.view(values.shape), absmax
 
 

@@ -119,40 +119,62 @@ def enable_checkpointing(model: nn.Module, built: BuiltModel, every_n_layers: in
 # -- one step -----------------------------------------------------------------------------------
 
 
-def _batch(session: Session) -> dict[str, torch.Tensor]:
+def synthetic_batch(
+    model: nn.Module, setup: TrainingSetup, *, encoder_decoder: bool, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
     """Random token ids; labels are the inputs (the causal-LM collator copies them)."""
-    setup = session.setup
-    vocab = int(
-        getattr(getattr(session.model, "config", None), "vocab_size", 0) or _vocab(session.model)
-    )
+    vocab = _vocab(model)
     shape = (setup.micro_batch_size, setup.seq_len)
-    input_ids = torch.randint(0, vocab, shape)
-    if session.built.is_encoder_decoder:
-        labels = torch.randint(0, vocab, (setup.micro_batch_size, setup.decoder_seq_len))
+    input_ids = torch.randint(0, vocab, shape, device=device)
+    if encoder_decoder:
+        labels_shape = (setup.micro_batch_size, setup.decoder_seq_len)
+        labels = torch.randint(0, vocab, labels_shape, device=device)
     else:
         labels = input_ids.clone()
     return {"input_ids": input_ids, "labels": labels}
 
 
 def _vocab(model: nn.Module) -> int:
-    spec = getattr(model, "spec", None) or getattr(
-        getattr(model, "get_base_model", lambda: None)(), "spec", None
-    )
-    if spec is None:
-        raise ValueError("cannot find the vocabulary size of the model")
-    return int(spec.vocab_size)
+    """Vocabulary size from the config (HF) or the spec (reference decoder), through wrappers
+    (peft's get_base_model, DDP / DeepSpeed / FSDP's ``.module``)."""
+    inner: Any = model
+    while True:
+        size = getattr(getattr(inner, "config", None), "vocab_size", None) or getattr(
+            getattr(inner, "spec", None), "vocab_size", None
+        )
+        if size:
+            return int(size)
+        unwrap = getattr(inner, "get_base_model", None)
+        if callable(unwrap):
+            inner = unwrap()
+        elif isinstance(getattr(inner, "module", None), nn.Module):
+            inner = inner.module
+        else:
+            raise ValueError("cannot find the vocabulary size of the model")
 
 
-def _forward_loss(session: Session, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Trainer.compute_loss: the model's own loss; the output object dies before backward."""
-    precision = session.setup.precision
+def forward_loss(
+    model: nn.Module,
+    setup: TrainingSetup,
+    batch: dict[str, torch.Tensor],
+    *,
+    trains: bool,
+    is_hf: bool,
+    device: str = "cpu",
+    autocast: bool = True,
+) -> torch.Tensor:
+    """Trainer.compute_loss: the model's own loss; the output object dies before backward.
+
+    ``autocast=False`` where a wrapper (accelerate) autocasts the forward itself.
+    """
+    precision = setup.precision
     amp: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-    if precision.is_amp:
-        amp = torch.autocast("cpu", dtype=COMPUTE_DTYPES[precision])
-    grad = contextlib.nullcontext() if session.trains else torch.no_grad()
-    extra = {"use_cache": False} if session.built.is_hf else {}
+    if precision.is_amp and autocast:
+        amp = torch.autocast(device, dtype=COMPUTE_DTYPES[precision])
+    grad = contextlib.nullcontext() if trains else torch.no_grad()
+    extra = {"use_cache": False} if is_hf else {}
     with grad, amp:
-        outputs = session.model(**batch, **extra)
+        outputs = model(**batch, **extra)
         loss: torch.Tensor = outputs.loss
         del outputs
     return loss
@@ -160,8 +182,11 @@ def _forward_loss(session: Session, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 def _micro_step(session: Session, step: int) -> None:
     session.set_phase(Phase.FORWARD, step)
-    batch = _batch(session)
-    loss = _forward_loss(session, batch)
+    built = session.built
+    batch = synthetic_batch(session.model, session.setup, encoder_decoder=built.is_encoder_decoder)
+    loss = forward_loss(
+        session.model, session.setup, batch, trains=session.trains, is_hf=built.is_hf
+    )
     tracker = session.tracker
     if session.trains:
         session.set_phase(Phase.BACKWARD)

@@ -15,20 +15,13 @@ from memplan.analytic.predict import predict
 from memplan.catalog import load_model
 from memplan.dtypes import DType
 from memplan.specs import ModelSpec, TrainingSetup
+from memplan.trace import MODEL_STATE_CATEGORIES as MODEL_STATE
 from memplan.trace import Category
 
 # LLaMA-65B: 80 layers of hidden 8192, SwiGLU width 22016, vocab 32000, untied head, MHA.
 H, FFN, V, L = 8192, 22016, 32000, 80
 LINEAR_SHAPES = [H * H] * 4 + [H * FFN] * 3  # q, k, v, o; gate, up, down
 NUM_LINEARS = 7 * L
-MODEL_STATE = (
-    Category.TRAINABLE_WEIGHTS,
-    Category.FROZEN_WEIGHTS,
-    Category.QUANT_STATE,
-    Category.MASTER_WEIGHTS,
-    Category.GRADIENTS,
-    Category.OPTIMIZER_STATE,
-)
 
 
 def blk(nbytes: int) -> int:

@@ -23,6 +23,7 @@ from memplan.distributed import check_layout
 from memplan.dtypes import dtype_bytes
 from memplan.errors import MemplanError
 from memplan.specs import ModelSpec, ParallelSetup, TrainingSetup
+from memplan.trace import MODEL_STATE_CATEGORIES as MODEL_STATE
 from memplan.trace import Category, Event, Phase, Trace, allocation_bytes
 
 TINY = tuple(n for n in catalog_names() if n.startswith("tiny-"))
@@ -41,14 +42,6 @@ MEDIUM = (
     "bloom-7b1",
     "t5-3b",
     "gemma-2-9b",
-)
-MODEL_STATE = (
-    Category.FROZEN_WEIGHTS,
-    Category.QUANT_STATE,
-    Category.TRAINABLE_WEIGHTS,
-    Category.MASTER_WEIGHTS,
-    Category.GRADIENTS,
-    Category.OPTIMIZER_STATE,
 )
 # What a finished step leaves on the device (plus DeepSpeed's persistent reduce bucket).
 PERSISTENT = {

@@ -195,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         fraction = None
         if case.cap_to is not None and cuda:
             target = resolve_gpu(case.cap_to)
-            total = torch.cuda.get_device_properties(0).total_memory
             # What the allocator gets on that card: its usable memory less the CUDA context.
-            fraction = (target.capacity_bytes - (context or target.context_bytes)) / total
+            allocator_bytes = target.capacity_bytes - (context or target.context_bytes)
+            fraction = allocator_bytes / env.total_memory_bytes
         run = measure.run(
             load_model(case.model),
             setup,
