@@ -60,9 +60,6 @@ class _Block:
     prev: _Block | None = None
     next: _Block | None = None
 
-    def key(self) -> tuple[int, int, int]:
-        return (self.size, self.segment, self.offset)
-
 
 @dataclass
 class CachingAllocator:
@@ -82,8 +79,20 @@ class CachingAllocator:
     def malloc(self, num_bytes: int) -> _Block:
         size = round_size(num_bytes)
         small = size <= SMALL_SIZE_BYTES
-        block = self._take_free(size, small) or self._new_segment(size, small)
-        block = self._split(block, size)
+        pool = self._free[small]
+        i = bisect.bisect_left(pool, (size, -1, -1))
+        # The best fit (smallest cached block, then lowest segment and offset), else a new segment.
+        cached = i < len(pool)
+        block = self._blocks.pop(pool.pop(i)) if cached else self._new_segment(size, small)
+        remaining = block.size - size
+        if remaining >= MIN_BLOCK_BYTES if small else remaining > SMALL_SIZE_BYTES:
+            rest = _Block(remaining, block.segment, block.offset + size, small, False, block)
+            rest.next = block.next
+            if block.next is not None:
+                block.next.prev = rest
+            block.next = rest
+            block.size = size
+            self._add_free(rest)
         block.allocated = True
         self.allocated_bytes += block.size
         if self.allocated_bytes > self.peak_allocated_bytes:
@@ -91,24 +100,50 @@ class CachingAllocator:
             self.reserved_at_peak_allocated = self.reserved_bytes
         return block
 
-    def free(self, block: _Block) -> None:
-        block.allocated = False
-        self.allocated_bytes -= block.size
-        for neighbour in (block.prev, block.next):
-            if neighbour is not None and not neighbour.allocated:
-                self._remove_free(neighbour)
-                block = self._merge(block, neighbour)
-        self._add_free(block)
+    def malloc_and_free(self, num_bytes: int) -> None:
+        """A block allocated and freed before anything else happens (a kernel's workspace).
 
-    # -- internals -------------------------------------------------------------------------
-    def _take_free(self, size: int, small: bool) -> _Block | None:
+        The split-off block merges straight back, so the pools end as they were, except that
+        a request no cached block fits leaves its new segment behind as one free block.
+        """
+        size = round_size(num_bytes)
+        small = size <= SMALL_SIZE_BYTES
         pool = self._free[small]
         i = bisect.bisect_left(pool, (size, -1, -1))
         if i == len(pool):
-            return None
-        key = pool.pop(i)
-        return self._blocks.pop(key)
+            block = self._new_segment(size, small)
+            self._add_free(block)
+            found = block.size
+        else:
+            found = pool[i][0]
+        remaining = found - size
+        if not (remaining >= MIN_BLOCK_BYTES if small else remaining > SMALL_SIZE_BYTES):
+            size = found  # not split: the whole block is handed out
+        allocated = self.allocated_bytes + size
+        if allocated > self.peak_allocated_bytes:
+            self.peak_allocated_bytes = allocated
+            self.reserved_at_peak_allocated = self.reserved_bytes
 
+    def free(self, block: _Block) -> None:
+        block.allocated = False
+        self.allocated_bytes -= block.size
+        before, after = block.prev, block.next
+        if before is not None and not before.allocated:  # merge into the free block before
+            self._remove_free(before)
+            before.size += block.size
+            before.next = after
+            if after is not None:
+                after.prev = before
+            block = before
+        if after is not None and not after.allocated:  # absorb the free block after
+            self._remove_free(after)
+            block.size += after.size
+            block.next = after.next
+            if after.next is not None:
+                after.next.prev = block
+        self._add_free(block)
+
+    # -- internals -------------------------------------------------------------------------
     def _new_segment(self, size: int, small: bool) -> _Block:
         seg_bytes = SMALL_BUFFER_BYTES if small else segment_size(size)
         self.num_segments += 1
@@ -116,39 +151,15 @@ class CachingAllocator:
         self.peak_reserved_bytes = max(self.peak_reserved_bytes, self.reserved_bytes)
         return _Block(seg_bytes, self.num_segments, 0, small)
 
-    def _split(self, block: _Block, size: int) -> _Block:
-        remaining = block.size - size
-        threshold_ok = remaining >= MIN_BLOCK_BYTES if block.small else remaining > SMALL_SIZE_BYTES
-        if not threshold_ok:
-            return block
-        rest = _Block(
-            remaining, block.segment, block.offset + size, block.small, prev=block, next=block.next
-        )
-        if block.next is not None:
-            block.next.prev = rest
-        block.next = rest
-        block.size = size
-        self._add_free(rest)
-        return block
-
-    def _merge(self, block: _Block, other: _Block) -> _Block:
-        first, second = (block, other) if block.offset < other.offset else (other, block)
-        first.size += second.size
-        first.next = second.next
-        if second.next is not None:
-            second.next.prev = first
-        return first
-
     def _add_free(self, block: _Block) -> None:
-        key = block.key()
+        key = (block.size, block.segment, block.offset)
         bisect.insort(self._free[block.small], key)
         self._blocks[key] = block
 
     def _remove_free(self, block: _Block) -> None:
-        key = block.key()
+        key = (block.size, block.segment, block.offset)
         pool = self._free[block.small]
-        i = bisect.bisect_left(pool, key)
-        del pool[i]
+        del pool[bisect.bisect_left(pool, key)]
         del self._blocks[key]
 
 
@@ -172,12 +183,26 @@ def replay(events: Iterable[Event]) -> ReplayResult:
     by_category: dict[Category, list[tuple[int, _Block]]] = defaultdict(list)
     released: set[int] = set()
     order = itertools.count()
-    for event in events:
+    pending: Event | None = None  # an allocation whose block is decided by the next event
+    for event in itertools.chain(events, (None,)):
+        if pending is not None:
+            if (
+                event is not None
+                and event.delta_bytes == -pending.delta_bytes
+                and event.category is pending.category
+            ):  # freed right away: the most recent live allocation of that size
+                allocator.malloc_and_free(pending.delta_bytes)
+                pending = None
+                continue
+            entry = (next(order), allocator.malloc(pending.delta_bytes))
+            live[(pending.category, pending.delta_bytes)].append(entry)
+            by_category[pending.category].append(entry)
+            pending = None
+        if event is None:
+            break
         category = event.category
         if event.delta_bytes > 0:
-            entry = (next(order), allocator.malloc(event.delta_bytes))
-            live[(category, event.delta_bytes)].append(entry)
-            by_category[category].append(entry)
+            pending = event
             continue
         stack = live[(category, -event.delta_bytes)]
         while stack and stack[-1][0] in released:
@@ -188,9 +213,9 @@ def replay(events: Iterable[Event]) -> ReplayResult:
             allocator.free(block)
             continue
         remaining = -event.delta_bytes
-        pending = by_category[category]
-        while remaining > 0 and pending:
-            index, block = pending.pop()
+        pending_frees = by_category[category]
+        while remaining > 0 and pending_frees:
+            index, block = pending_frees.pop()
             if index in released:
                 continue
             released.add(index)

@@ -219,3 +219,88 @@ def test_replay_never_reports_less_than_the_trace_peak(sizes: list[int], rnd: Ra
     result = replay(events)
     assert result.peak_allocated_bytes >= trace_peak
     assert result.peak_reserved_bytes >= result.peak_allocated_bytes
+
+
+# -- a block freed as soon as it is allocated ------------------------------------------------
+
+
+def _replay_block_by_block(events: list[Event]) -> tuple[int, int, int, int]:
+    """The replay without its shortcut: every allocation gets a block, every free returns one."""
+    alloc = CachingAllocator()
+    live: dict[tuple[Category, int], list[_Block]] = {}
+    for e in events:
+        key = (e.category, abs(e.delta_bytes))
+        if e.delta_bytes > 0:
+            live.setdefault(key, []).append(alloc.malloc(e.delta_bytes))
+        else:
+            alloc.free(live[key].pop())
+    return (
+        alloc.peak_allocated_bytes,
+        alloc.peak_reserved_bytes,
+        alloc.reserved_at_peak_allocated,
+        alloc.num_segments,
+    )
+
+
+def test_malloc_and_free_leaves_the_pools_as_they_were() -> None:
+    alloc = CachingAllocator()
+    alloc.free(alloc.malloc(12 * MiB))  # one 20 MiB free block
+    pools = {small: list(pool) for small, pool in alloc._free.items()}
+    alloc.malloc_and_free(3 * MiB)
+    assert alloc._free == pools
+    assert (alloc.allocated_bytes, alloc.peak_allocated_bytes, alloc.num_segments) == (
+        0,
+        12 * MiB,
+        1,
+    )
+
+
+def test_malloc_and_free_counts_the_whole_block_when_it_is_not_split() -> None:
+    # A 20 MiB free block serving 19.5 MiB: the 0.5 MiB rest is not split off (large pool
+    # splits only remainders over 1 MiB), so max_memory_allocated sees 20 MiB.
+    alloc = CachingAllocator()
+    alloc.free(alloc.malloc(12 * MiB))
+    alloc.peak_allocated_bytes = 0
+    alloc.malloc_and_free(19 * MiB + 512 * KiB)
+    assert alloc.peak_allocated_bytes == 20 * MiB
+
+
+def test_malloc_and_free_without_a_cached_block_keeps_its_new_segment() -> None:
+    alloc = CachingAllocator()
+    alloc.malloc_and_free(30 * MiB)
+    alloc.malloc_and_free(300 * KiB)
+    assert alloc.num_segments == 2
+    assert alloc.reserved_bytes == 30 * MiB + 2 * MiB
+    assert alloc._free == {True: [(2 * MiB, 2, 0)], False: [(30 * MiB, 1, 0)]}
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 24 * MiB), st.sampled_from([ACT, TMP]), st.booleans()),
+        min_size=1,
+        max_size=30,
+    ),
+    st.randoms(),
+)
+def test_replay_shortcut_for_immediate_frees_changes_nothing(
+    allocations: list[tuple[int, Category, bool]], rnd: Random
+) -> None:
+    events: list[Event] = []
+    live: list[Event] = []
+    for size, category, immediate in allocations:
+        events.append(_ev(size, category))
+        if immediate:  # freed right away: replay's shortcut
+            events.append(_ev(-size, category))
+            continue
+        live.append(events[-1])
+        if rnd.random() < 0.4:
+            gone = live.pop(rnd.randrange(len(live)))
+            # frees the most recent live allocation of that category and size, as replay does
+            events.append(_ev(-gone.delta_bytes, gone.category))
+    result = replay(events)
+    assert (
+        result.peak_allocated_bytes,
+        result.peak_reserved_bytes,
+        result.reserved_at_peak_allocated_bytes,
+        result.num_segments,
+    ) == _replay_block_by_block(events)

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from memplan.dtypes import DType, dtype_bytes
-from memplan.trace import Category, Event, Phase, allocation_bytes
+from memplan.trace import ALLOCATION_GRANULARITY_BYTES, Category, Event, Phase
 
 
 @dataclass(eq=False)
@@ -30,14 +30,14 @@ class Tensor:
     base: Tensor | None = None  # views share their base's storage
     persistent: bool = False  # owned outside the segment (parameters, rotary tables)
     category: Category = Category.TEMPORARIES
+    storage: Tensor = field(init=False, repr=False)  # the tensor owning the memory
+
+    def __post_init__(self) -> None:
+        self.storage = self.base.storage if self.base is not None else self
 
     @property
     def nbytes(self) -> int:
         return self.numel * dtype_bytes(self.dtype)
-
-    @property
-    def storage(self) -> Tensor:
-        return self.base.storage if self.base is not None else self
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,11 +158,13 @@ class _Ledger:
     events: list[Event] = field(default_factory=list)
 
     def alloc(self, nbytes: int, category: Category, label: str) -> None:
-        if size := allocation_bytes(nbytes):
+        if nbytes > 0:  # allocation_bytes, inlined: this runs for every op of every segment
+            size = -(-nbytes // ALLOCATION_GRANULARITY_BYTES) * ALLOCATION_GRANULARITY_BYTES
             self.events.append(Event(size, category, self.phase, self.step, label))
 
     def free(self, nbytes: int, category: Category, label: str) -> None:
-        if size := allocation_bytes(nbytes):
+        if nbytes > 0:
+            size = -(-nbytes // ALLOCATION_GRANULARITY_BYTES) * ALLOCATION_GRANULARITY_BYTES
             self.events.append(Event(-size, category, self.phase, self.step, label))
 
     def transient(self, nbytes: int, category: Category, label: str) -> None:
@@ -213,16 +215,23 @@ def forward_events(
             for t in op.saved:
                 saved.setdefault(id(t.storage), t.storage)
     deferred: dict[int, Tensor] = {}
+    temp, saved_category = segment.temp_category, segment.saved_category
     for index, op in enumerate(segment.ops):
         out = op.output
         if out.base is None:
-            ledger.alloc(out.nbytes, _category(segment, out, saved=id(out) in saved), out.label)
+            category = out.category
+            if category is temp and id(out) in saved:
+                category = saved_category
+            ledger.alloc(out.numel * dtype_bytes(out.dtype), category, out.label)
         if op.fwd_workspace_bytes:
-            ledger.transient(
-                op.fwd_workspace_bytes, segment.temp_category, f"{out.label} workspace"
-            )
-        for storage in {id(t.storage): t.storage for t in (*op.inputs, out)}.values():
+            ledger.transient(op.fwd_workspace_bytes, temp, f"{out.label} workspace")
+        done: set[int] = set()
+        for t in (*op.inputs, out):
+            storage = t.storage
             sid = id(storage)
+            if sid in done:
+                continue
+            done.add(sid)
             if last_use.get(sid, index) > index or storage.persistent:
                 continue
             if sid in keep_ids or sid in saved:
@@ -230,7 +239,7 @@ def forward_events(
             if sid in defer_ids:
                 deferred[sid] = storage
                 continue
-            ledger.free(storage.nbytes, _category(segment, storage, saved=False), storage.label)
+            ledger.free(storage.numel * dtype_bytes(storage.dtype), storage.category, storage.label)
     return ForwardResult(ledger.events, list(saved.values()), list(deferred.values()))
 
 
