@@ -75,6 +75,8 @@ def allocation_bytes(num_bytes: int) -> int:
     """
     if num_bytes <= 0:
         return 0
+    if type(num_bytes) is not int:  # a symbolic size (memplan.analytic.symbolic), kept exact
+        return num_bytes.round_up(ALLOCATION_GRANULARITY_BYTES)  # type: ignore[attr-defined,no-any-return]
     return -(-num_bytes // ALLOCATION_GRANULARITY_BYTES) * ALLOCATION_GRANULARITY_BYTES
 
 

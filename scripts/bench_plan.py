@@ -4,10 +4,12 @@
     python scripts/bench_plan.py --runs 5 --sweep 1000
 
 (a) ``predict()`` alone and (b) ``plan()`` (predict + caching-allocator replay + assumptions)
-for Llama-2-7B LoRA and LLaMA-65B QLoRA, median of ``--runs``; (c) a sweep of ``predict()`` +
-``trace.peak()`` over models x methods x micro-batch x sequence x checkpointing x precision;
-(d) the cold start of ``memplan plan llama-65b --method qlora --gpu rtx-a6000 --json`` in a
-fresh process, median of 5. Nothing here is optimised: it only measures.
+for Llama-2-7B LoRA and LLaMA-65B QLoRA, median of ``--runs``; a sweep of allocated peaks over
+models x methods x micro-batch x sequence x checkpointing x precision, (c) one
+``predict()`` + ``trace.peak()`` per configuration and (c') ``sweep_peaks()`` per model (one
+symbolic trace per setup shape); (d) the cold start of
+``memplan plan llama-65b --method qlora --gpu rtx-a6000 --json`` in a fresh process, median
+of 5. Nothing here is optimised: it only measures.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from memplan.analytic.predict import predict
+from memplan.analytic.sweep import sweep_peaks
 from memplan.catalog import catalog_names, load_model
 from memplan.plan import plan
 from memplan.specs import ModelSpec, ParallelSetup, TrainingSetup
@@ -84,6 +87,16 @@ def _sweep(count: int) -> tuple[float, float, int]:
     return time.perf_counter() - start, time.process_time() - start_cpu, len(configs)
 
 
+def _sweep_grouped(count: int) -> tuple[float, float, int]:
+    by_model: dict[str, tuple[ModelSpec, list[TrainingSetup]]] = {}
+    for spec, setup in _sweep_configs(count):
+        by_model.setdefault(spec.name, (spec, []))[1].append(setup)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    for spec, setups in by_model.values():
+        sweep_peaks(spec, setups)
+    return time.perf_counter() - start, time.process_time() - start_cpu, count
+
+
 def _children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -127,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     each = f"{wall / count * 1e3:.2f} ms per config (wall)"
     rows.append(
         (f"(c) sweep of {count:,} x predict() + peak()", f"{wall:,.2f} s", f"{cpu:,.2f} s", each)
+    )
+    wall, cpu, count = _sweep_grouped(args.sweep)
+    each = f"{wall / count * 1e3:.2f} ms per config (wall)"
+    rows.append(
+        (f"(c') the same {count:,} by sweep_peaks()", f"{wall:,.2f} s", f"{cpu:,.2f} s", each)
     )
     wall, cpu = _cli_cold_start(args.cli_runs)
     rows.append(

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from memplan.dtypes import DType, dtype_bytes
-from memplan.trace import ALLOCATION_GRANULARITY_BYTES, Category, Event, Phase
+from memplan.trace import ALLOCATION_GRANULARITY_BYTES, Category, Event, Phase, allocation_bytes
 
 
 @dataclass(eq=False)
@@ -151,6 +151,13 @@ class Segment:
         return out
 
 
+def _rounded(nbytes: int) -> int:
+    """allocation_bytes of a positive size, with the common (integer) case inlined."""
+    if type(nbytes) is int:
+        return -(-nbytes // ALLOCATION_GRANULARITY_BYTES) * ALLOCATION_GRANULARITY_BYTES
+    return allocation_bytes(nbytes)
+
+
 @dataclass
 class _Ledger:
     phase: Phase
@@ -158,14 +165,12 @@ class _Ledger:
     events: list[Event] = field(default_factory=list)
 
     def alloc(self, nbytes: int, category: Category, label: str) -> None:
-        if nbytes > 0:  # allocation_bytes, inlined: this runs for every op of every segment
-            size = -(-nbytes // ALLOCATION_GRANULARITY_BYTES) * ALLOCATION_GRANULARITY_BYTES
-            self.events.append(Event(size, category, self.phase, self.step, label))
+        if nbytes > 0:
+            self.events.append(Event(_rounded(nbytes), category, self.phase, self.step, label))
 
     def free(self, nbytes: int, category: Category, label: str) -> None:
         if nbytes > 0:
-            size = -(-nbytes // ALLOCATION_GRANULARITY_BYTES) * ALLOCATION_GRANULARITY_BYTES
-            self.events.append(Event(-size, category, self.phase, self.step, label))
+            self.events.append(Event(-_rounded(nbytes), category, self.phase, self.step, label))
 
     def transient(self, nbytes: int, category: Category, label: str) -> None:
         self.alloc(nbytes, category, label)
@@ -254,6 +259,13 @@ def _tied_sum(ledger: _Ledger, g: ParamGrad, *, accumulate: bool) -> None:
     ledger.free(g.grad_bytes, g.buffered_in, f"{g.label} grad (tied, buffered)")
 
 
+@dataclass(slots=True)
+class _GradBuffer:
+    nbytes: int
+    refs: int  # gradients sharing it (passthrough ops hand it on)
+    category: Category
+
+
 GradBytes = tuple[int, Category]  # bytes of a gradient buffer and the category it was made in
 
 
@@ -275,22 +287,22 @@ def backward_events(
     """
     ledger = _Ledger(phase, step)
     category = segment.temp_category
-    buffers: dict[int, list[int | Category]] = {}  # buffer id -> [bytes, refcount, category]
+    buffers: dict[int, _GradBuffer] = {}  # buffer id -> its bytes, references and category
     grad_of: dict[int, int] = {}  # tensor id -> buffer id
     counter = [0]
 
     def new_buffer(nbytes: int, cat: Category, *, allocate: bool) -> int:
         counter[0] += 1
-        buffers[counter[0]] = [nbytes, 1, cat]
+        buffers[counter[0]] = _GradBuffer(nbytes, 1, cat)
         if allocate:
             ledger.alloc(nbytes, cat, "grad")
         return counter[0]
 
     def release(buffer: int) -> None:
         entry = buffers[buffer]
-        entry[1] = int(entry[1]) - 1
-        if entry[1] == 0:
-            ledger.free(int(entry[0]), Category(entry[2]), "grad")
+        entry.refs -= 1
+        if entry.refs == 0:
+            ledger.free(entry.nbytes, entry.category, "grad")
             del buffers[buffer]
 
     for tensor_id, (nbytes, cat) in output_grads.items():
@@ -315,7 +327,7 @@ def backward_events(
             # Views, adds and other passthrough ops hand the output gradient on unchanged when
             # no dtype cast is needed; otherwise autograd casts it (a new tensor).
             if op.passthrough_grad and t.dtype is op.output.dtype:
-                buffers[out_buffer][1] = int(buffers[out_buffer][1]) + 1
+                buffers[out_buffer].refs += 1
                 new_grads.append((t, out_buffer))
             else:
                 new_grads.append((t, new_buffer(t.nbytes, category, allocate=True)))
@@ -353,5 +365,5 @@ def backward_events(
     for tensor_id, buffer in grad_of.items():
         if tensor_id not in produced and buffer in buffers:
             entry = buffers[buffer]
-            remaining[tensor_id] = (int(entry[0]), Category(entry[2]))
+            remaining[tensor_id] = (entry.nbytes, entry.category)
     return ledger.events, remaining

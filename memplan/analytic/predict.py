@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import cast
 
 from memplan.analytic.context import StepContext
 from memplan.analytic.model_graph import build_model_graph
 from memplan.analytic.optimizer import OptimizerBytes, optimizer_bytes
 from memplan.analytic.step import StepComposer
+from memplan.analytic.symbolic import BATCH, SEQ_LEN
 from memplan.analytic.weights import ModelState, TensorGroup, model_state
 from memplan.architecture import architecture
 from memplan.distributed import ShardPlan, shard_plan
@@ -80,10 +83,46 @@ def effective_setup(setup: TrainingSetup, parallel: ParallelSetup) -> TrainingSe
     return setup.model_copy(update={"precision": _HALF[setup.precision], "master_weights": master})
 
 
+def _symbolic(ctx: StepContext, seq_len: int) -> StepContext:
+    """``ctx`` with a symbolic micro-batch and the given (symbolic or fixed) length."""
+    return dataclasses.replace(ctx, batch=cast(int, BATCH), seq_len=seq_len)
+
+
+def _decoder_context(
+    spec: ModelSpec,
+    setup: TrainingSetup,
+    parallel: ParallelSetup,
+    shard: ShardPlan,
+    *,
+    symbolic: bool,
+) -> StepContext:
+    ctx = StepContext.build(
+        spec,
+        setup,
+        seq_len=setup.decoder_seq_len,
+        tensor_parallel_degree=parallel.tensor_parallel_degree,
+        grad_divisor=shard.grad_divisor,
+    )
+    if not symbolic:
+        return ctx
+    # Without a target length the decoder runs as many tokens as the encoder.
+    return _symbolic(ctx, setup.target_seq_len or cast(int, SEQ_LEN))
+
+
 def predict(
-    spec: ModelSpec, setup: TrainingSetup, parallel: ParallelSetup | None = None, *, steps: int = 2
+    spec: ModelSpec,
+    setup: TrainingSetup,
+    parallel: ParallelSetup | None = None,
+    *,
+    steps: int = 2,
+    symbolic: bool = False,
 ) -> Prediction:
-    """Trace ``steps`` optimizer steps of ``setup`` on one GPU of ``parallel`` analytically."""
+    """Trace ``steps`` optimizer steps of ``setup`` on one GPU of ``parallel`` analytically.
+
+    ``symbolic``: sizes stay polynomials in the micro-batch and sequence length
+    (:mod:`memplan.analytic.symbolic`), the setup's own values ignored (a fixed
+    ``target_seq_len`` stays a number); raises NotSymbolicError where the model needs numbers.
+    """
     parallel = parallel or ParallelSetup()
     requested = setup
     setup = effective_setup(setup, parallel)
@@ -95,6 +134,8 @@ def predict(
         tensor_parallel_degree=parallel.tensor_parallel_degree,
         grad_divisor=shard.grad_divisor,
     )
+    if symbolic:
+        ctx = _symbolic(ctx, cast(int, SEQ_LEN))
     state = model_state(arch, setup, ctx, weight_divisor=shard.weight_divisor)
     trace = Trace("analytical")
     autograd = setup.trains_weights
@@ -127,13 +168,7 @@ def predict(
         autograd=autograd,
         # enable_input_require_grads: transformers turns it on with activation checkpointing.
         input_grads_hook=setup.grad_ckpt and autograd,
-        decoder_ctx=StepContext.build(
-            spec,
-            setup,
-            seq_len=setup.decoder_seq_len,
-            tensor_parallel_degree=parallel.tensor_parallel_degree,
-            grad_divisor=shard.grad_divisor,
-        )
+        decoder_ctx=_decoder_context(spec, setup, parallel, shard, symbolic=symbolic)
         if spec.is_encoder_decoder
         else None,
     )
