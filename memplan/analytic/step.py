@@ -123,31 +123,19 @@ class StepComposer:
 
     def _release_locals(self, stack: Stack, step: int) -> list[Event]:
         """The model forward returns: its locals (inputs_embeds ...) die unless still needed."""
-        events = []
         saved = stack.embed.saved_storage_ids() if self.autograd else frozenset()
+        index = self.graph.stacks.index(stack)
+        released = []
         for t in stack.embed.model_locals:
-            if t is stack.embed_out:
-                if stack.layers and self.boundaries[self.graph.stacks.index(stack)][0] is _TMP:
-                    events.append(
-                        Event(
-                            -allocation_bytes(t.nbytes),
-                            _TMP,
-                            Phase.FORWARD,
-                            step,
-                            "inputs_embeds released",
-                        )
-                    )
+            if t is stack.embed_out:  # handed to the first layer: kept when that layer holds it
+                if stack.layers and self.boundaries[index][0] is _TMP:
+                    released.append((t, "inputs_embeds released"))
             elif id(t.storage) not in saved:
-                events.append(
-                    Event(
-                        -allocation_bytes(t.nbytes),
-                        _TMP,
-                        Phase.FORWARD,
-                        step,
-                        f"{t.label} released",
-                    )
-                )
-        return events
+                released.append((t, f"{t.label} released"))
+        return [
+            Event(-allocation_bytes(t.nbytes), _TMP, Phase.FORWARD, step, label)
+            for t, label in released
+        ]
 
     def _stack_output_category(self, index: int) -> Category:
         if index == len(self.graph.stacks) - 1:
