@@ -84,7 +84,9 @@ class Event(NamedTuple):
     """``delta_bytes`` allocated (positive) or freed (negative) in ``category``.
 
     A named tuple: immutable like a frozen dataclass, and built several times faster (a
-    prediction makes thousands).
+    prediction makes thousands). In a symbolic trace (``predict(..., symbolic=True)``)
+    ``delta_bytes`` is a :class:`memplan.analytic.symbolic.Size`; only
+    :mod:`memplan.analytic.sweep` evaluates those.
     """
 
     delta_bytes: int
