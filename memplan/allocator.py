@@ -50,6 +50,12 @@ def segment_size(block_bytes: int) -> int:
     return -(-block_bytes // ROUND_LARGE_BYTES) * ROUND_LARGE_BYTES
 
 
+def _splits(remaining: int, small: bool) -> bool:
+    """Whether a cached block is split, leaving ``remaining`` bytes as a free block of its own:
+    any remainder of a block (512 bytes) in the small pool, over 1 MiB in the large pool."""
+    return remaining >= MIN_BLOCK_BYTES if small else remaining > SMALL_SIZE_BYTES
+
+
 @dataclass(eq=False, slots=True)
 class _Block:
     size: int
@@ -84,9 +90,9 @@ class CachingAllocator:
         # The best fit (smallest cached block, then lowest segment and offset), else a new segment.
         cached = i < len(pool)
         block = self._blocks.pop(pool.pop(i)) if cached else self._new_segment(size, small)
-        remaining = block.size - size
-        if remaining >= MIN_BLOCK_BYTES if small else remaining > SMALL_SIZE_BYTES:
-            rest = _Block(remaining, block.segment, block.offset + size, small, False, block)
+        rest_bytes = block.size - size
+        if _splits(rest_bytes, small):
+            rest = _Block(rest_bytes, block.segment, block.offset + size, small, False, block)
             rest.next = block.next
             if block.next is not None:
                 block.next.prev = rest
@@ -116,8 +122,7 @@ class CachingAllocator:
             found = block.size
         else:
             found = pool[i][0]
-        remaining = found - size
-        if not (remaining >= MIN_BLOCK_BYTES if small else remaining > SMALL_SIZE_BYTES):
+        if not _splits(found - size, small):
             size = found  # not split: the whole block is handed out
         allocated = self.allocated_bytes + size
         if allocated > self.peak_allocated_bytes:

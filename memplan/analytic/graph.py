@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from memplan.dtypes import DType, dtype_bytes
-from memplan.trace import ALLOCATION_GRANULARITY_BYTES, Category, Event, Phase, allocation_bytes
+from memplan.trace import Category, Event, Phase, allocation_bytes
 
 
 @dataclass(eq=False)
@@ -151,13 +151,6 @@ class Segment:
         return out
 
 
-def _rounded(nbytes: int) -> int:
-    """allocation_bytes of a positive size, with the common (integer) case inlined."""
-    if type(nbytes) is int:
-        return -(-nbytes // ALLOCATION_GRANULARITY_BYTES) * ALLOCATION_GRANULARITY_BYTES
-    return allocation_bytes(nbytes)
-
-
 @dataclass
 class _Ledger:
     phase: Phase
@@ -165,12 +158,12 @@ class _Ledger:
     events: list[Event] = field(default_factory=list)
 
     def alloc(self, nbytes: int, category: Category, label: str) -> None:
-        if nbytes > 0:
-            self.events.append(Event(_rounded(nbytes), category, self.phase, self.step, label))
+        if size := allocation_bytes(nbytes):
+            self.events.append(Event(size, category, self.phase, self.step, label))
 
     def free(self, nbytes: int, category: Category, label: str) -> None:
-        if nbytes > 0:
-            self.events.append(Event(-_rounded(nbytes), category, self.phase, self.step, label))
+        if size := allocation_bytes(nbytes):
+            self.events.append(Event(-size, category, self.phase, self.step, label))
 
     def transient(self, nbytes: int, category: Category, label: str) -> None:
         self.alloc(nbytes, category, label)

@@ -16,11 +16,10 @@ from memplan.analytic.blocks import (
 )
 from memplan.analytic.context import StepContext
 from memplan.analytic.graph import ParamGrad, Segment, Tensor
+from memplan.analytic.layers import LLAMA_FAMILIES
 from memplan.dtypes import DType
 from memplan.specs.model import ModelSpec
 from memplan.trace import Category
-
-_LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
 
 
 def _table_grad(
@@ -139,7 +138,7 @@ def embedding(
 def final_norm(spec: ModelSpec, ctx: StepContext, x: Tensor, *, seg: Segment) -> Tensor | None:
     """The norm after the last layer (None for post-norm BERT)."""
     h = spec.hidden_size
-    if spec.family in _LLAMA_LIKE:
+    if spec.family in LLAMA_FAMILIES:
         return rms_norm(seg, ctx, x, "norm", h, gemma=spec.family == "gemma2")
     if spec.family == "t5":
         return dropout(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from memplan.analytic.blocks import (
     LinearSpec,
@@ -56,6 +57,46 @@ def prefix_kv(
     return k, v
 
 
+def self_attention(
+    seg: Segment,
+    ctx: StepContext,
+    spec: ModelSpec,
+    qkv: tuple[Tensor, Tensor, Tensor],
+    out: LinearSpec,
+    *,
+    heads: int,
+    kv_heads: int,
+    label: str,
+    dropout_p: float,
+    softmax_fp32: bool = True,
+    eager_only: bool = False,
+) -> Tensor:
+    """Prefix keys/values, autocast's casts, attention over the sequence, output projection.
+
+    Under AMP scaled_dot_product_attention is on autocast's lower-precision list, so q, k and v
+    (fp32 after a rotary product with fp32 tables) are cast to the compute dtype first.
+    """
+    q, k, v = qkv
+    k, v = prefix_kv(seg, ctx, k, v, kv_heads * spec.head_dim)
+    if ctx.amp:
+        q, k, v = (cast(seg, t, ctx.compute_dtype, f"{t.label}.autocast") for t in (q, k, v))
+    attn = attention_core(
+        seg,
+        ctx,
+        q,
+        k,
+        v,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        label=label,
+        dropout_p=dropout_p,
+        softmax_fp32=softmax_fp32,
+        eager_only=eager_only,
+        kv_len=ctx.seq_len + ctx.prefix_len,
+    )
+    return linear(seg, ctx, attn, out)
+
+
 @dataclass
 class LayerGraph:
     """A layer's ops, its input and output, and the shared tensors it reads."""
@@ -72,6 +113,11 @@ def rope_tables(spec: ModelSpec, ctx: StepContext, seg: Segment) -> tuple[Tensor
     cos = seg.input(numel, ctx.activation_dtype, "rope.cos", requires_grad=False, persistent=True)
     sin = seg.input(numel, ctx.activation_dtype, "rope.sin", requires_grad=False, persistent=True)
     return cos, sin
+
+
+# Families whose decoder layer is LlamaDecoderLayer's layout (llama_layer) and whose model ends
+# in an RMSNorm.
+LLAMA_FAMILIES: Final = ("llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
 
 
 def llama_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -> LayerGraph:
@@ -98,26 +144,16 @@ def llama_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
     q, k, v = _qkv(seg, ctx, spec, hn, fused=len(names) == 1, names=names)
     q = rotary(seg, q, cos, sin, "q_rope")
     k = rotary(seg, k, cos, sin, "k_rope")
-    k, v = prefix_kv(seg, ctx, k, v, kv_heads * spec.head_dim)
-    if ctx.amp:  # scaled_dot_product_attention is on autocast's lower-precision list
-        q, k, v = (cast(seg, t, ctx.compute_dtype, f"{t.label}.autocast") for t in (q, k, v))
-    attn = attention_core(
+    o = self_attention(
         seg,
         ctx,
-        q,
-        k,
-        v,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
+        spec,
+        (q, k, v),
+        LinearSpec("self_attn.o_proj", heads * spec.head_dim, h, "o", bias=spec.attention_out_bias),
+        heads=heads,
+        kv_heads=kv_heads,
         label="self_attn",
         dropout_p=spec.attention_dropout,
-        kv_len=ctx.seq_len + ctx.prefix_len,
-    )
-    o = linear(
-        seg,
-        ctx,
-        attn,
-        LinearSpec("self_attn.o_proj", heads * spec.head_dim, h, "o", bias=spec.attention_out_bias),
     )
     o = bottleneck_adapter(seg, ctx, o, ctx.adapter_size, "adapter_attn")
     seg.hold(hn)  # `hidden_states` still names the norm output until self_attn returns
@@ -326,28 +362,18 @@ def gpt_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -
         cos, sin = rope_tables(spec, ctx, seg)
         shared = (cos, sin)
         q, k = rotary(seg, q, cos, sin, "q_rope"), rotary(seg, k, cos, sin, "k_rope")
-    k, v = prefix_kv(seg, ctx, k, v, kv_heads * spec.head_dim)
-    if ctx.amp:
-        q, k, v = (cast(seg, t, ctx.compute_dtype, f"{t.label}.autocast") for t in (q, k, v))
-    attn = attention_core(
+    o = self_attention(
         seg,
         ctx,
-        q,
-        k,
-        v,
-        num_heads=heads,
-        num_kv_heads=kv_heads,
+        spec,
+        (q, k, v),
+        LinearSpec(o_name, heads * spec.head_dim, h, "o", bias=spec.attention_out_bias),
+        heads=heads,
+        kv_heads=kv_heads,
         label="attn",
         dropout_p=spec.attention_dropout,
         softmax_fp32=spec.family != "gpt2",
         eager_only=spec.position_embedding == "alibi",
-        kv_len=ctx.seq_len + ctx.prefix_len,
-    )
-    o = linear(
-        seg,
-        ctx,
-        attn,
-        LinearSpec(o_name, heads * spec.head_dim, h, "o", bias=spec.attention_out_bias),
     )
     o = dropout(seg, ctx, o, spec.hidden_dropout, "resid_dropout")
     o = bottleneck_adapter(seg, ctx, o, ctx.adapter_size, "adapter_attn")
@@ -392,27 +418,17 @@ def bert_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) 
     x = seg.input(n * h, ctx.activation_dtype, "layer.input", requires_grad=input_requires_grad)
     names = ("attention.self.query", "attention.self.key", "attention.self.value")
     q, k, v = _qkv(seg, ctx, spec, x, fused=False, names=names)
-    k, v = prefix_kv(seg, ctx, k, v, heads * spec.head_dim)
-    if ctx.amp:
-        q, k, v = (cast(seg, t, ctx.compute_dtype, f"{t.label}.autocast") for t in (q, k, v))
-    attn = attention_core(
+    o = self_attention(
         seg,
         ctx,
-        q,
-        k,
-        v,
-        num_heads=heads,
-        num_kv_heads=heads,
+        spec,
+        (q, k, v),
+        LinearSpec("attention.output.dense", heads * spec.head_dim, h, "o", bias=True),
+        heads=heads,
+        kv_heads=heads,
         label="attention",
         dropout_p=spec.attention_dropout,
         softmax_fp32=False,
-        kv_len=ctx.seq_len + ctx.prefix_len,
-    )
-    o = linear(
-        seg,
-        ctx,
-        attn,
-        LinearSpec("attention.output.dense", heads * spec.head_dim, h, "o", bias=True),
     )
     o = dropout(seg, ctx, o, spec.hidden_dropout, "attention.output.dropout")
     o = bottleneck_adapter(seg, ctx, o, ctx.adapter_size, "adapter_attn")
@@ -456,27 +472,19 @@ def t5_layer(
         fused=False,
         names=("SelfAttention.q", "SelfAttention.k", "SelfAttention.v"),
     )
-    k, v = prefix_kv(seg, ctx, k, v, inner)
-    attn = attention_core(
+    o = self_attention(
         seg,
         ctx,
-        q,
-        k,
-        v,
-        num_heads=heads,
-        num_kv_heads=heads,
+        spec,
+        (q, k, v),
+        LinearSpec("SelfAttention.o", inner, h, "o", bias=False),
+        heads=heads,
+        kv_heads=heads,
         label="SelfAttention",
         dropout_p=spec.attention_dropout,
         eager_only=True,
-        kv_len=ctx.seq_len + ctx.prefix_len,
     )
-    o = dropout(
-        seg,
-        ctx,
-        linear(seg, ctx, attn, LinearSpec("SelfAttention.o", inner, h, "o", bias=False)),
-        p,
-        "layer.0.dropout",
-    )
+    o = dropout(seg, ctx, o, p, "layer.0.dropout")
     o = bottleneck_adapter(seg, ctx, o, ctx.adapter_size, "adapter_attn")
     hidden = residual_add(seg, x, o, "layer.0.residual")
     shared: tuple[Tensor, ...] = ()

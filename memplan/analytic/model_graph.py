@@ -8,7 +8,14 @@ from typing import Any
 from memplan.analytic.context import StepContext
 from memplan.analytic.graph import ParamGrad, Segment, Tensor
 from memplan.analytic.head import embedding, final_norm, lm_loss, loss_segment
-from memplan.analytic.layers import LayerGraph, bert_layer, gpt_layer, llama_layer, t5_layer
+from memplan.analytic.layers import (
+    LLAMA_FAMILIES,
+    LayerGraph,
+    bert_layer,
+    gpt_layer,
+    llama_layer,
+    t5_layer,
+)
 from memplan.dtypes import dtype_bytes
 from memplan.specs.model import ModelSpec
 from memplan.specs.training import Attention
@@ -27,12 +34,7 @@ _CAUSAL_MASK_FAMILIES = (
 )
 
 _LAYER_BUILDERS = {
-    "llama": llama_layer,
-    "mistral": llama_layer,
-    "mixtral": llama_layer,
-    "qwen2": llama_layer,
-    "gemma2": llama_layer,
-    "phi3": llama_layer,
+    **dict.fromkeys(LLAMA_FAMILIES, llama_layer),
     "gpt2": gpt_layer,
     "gpt_neox": gpt_layer,
     "falcon": gpt_layer,

@@ -113,11 +113,11 @@ class _Events:
             for term, coef in pairs:
                 rows.append(terms.setdefault(term, len(terms)))
                 coefs.append(coef)
-        values = np.stack([term_values(t, batch, seq_len) for t in terms])
         as_float = batch.astype(float), seq_len.astype(float)
         estimate = np.stack([term_values(t, *as_float) for t in terms])
         if np.abs(np.asarray(coefs, dtype=float)[:, None] * estimate[rows]).max() >= _INT64_SAFE:
             raise NotSymbolicError("sizes past exact int64 range")
+        values = np.stack([term_values(t, batch, seq_len) for t in terms])
         parts = np.asarray(coefs, dtype=np.int64)[:, None] * values[rows]
         return np.add.reduceat(parts, np.asarray(starts), axis=0)
 
