@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from memplan.analytic.context import lora_roles
 from memplan.analytic.predict import Prediction
 from memplan.dtypes import Quantization
 from memplan.overheads import CUDA_CONTEXT_BYTES
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import Offload, ParallelSetup
-from memplan.specs.training import Method, Optimizer, OptimizerImpl, Precision, TrainingSetup
+from memplan.specs.training import Optimizer, OptimizerImpl, Precision, TrainingSetup
 from memplan.units import format_bytes
 
 _PRECISION = {
@@ -52,7 +51,7 @@ def assumptions(
     ]
     if setup.defaults_from_method:
         fields = ", ".join(f"{f}={_value(getattr(setup, f))}" for f in setup.defaults_from_method)
-        out.append(f"typical {setup.method.value} defaults applied: {fields}")
+        out.append(f"typical {setup.method} defaults applied: {fields}")
     out += _method_lines(spec, setup)
     if setup.trains_weights:
         line = f"optimizer: {_OPTIMIZER[setup.optimizer]}"
@@ -90,23 +89,7 @@ def _value(value: object) -> str:
 
 
 def _method_lines(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
-    lines = []
-    if setup.uses_lora:
-        roles = sorted(
-            r
-            for r in lora_roles(spec, setup)
-            if r not in ("qkv", "gate_up")
-            or spec.family in ("phi3", "gpt2", "gpt_neox", "falcon", "bloom")
-        )
-        lines.append(
-            f"LoRA r={setup.lora_r} on {', '.join(roles)}; adapter weights in "
-            f"{setup.adapter_dtype.value} (peft autocast_adapter_dtype)"
-            + (
-                f"; dropout {setup.lora_dropout} saves a bool mask per targeted input"
-                if setup.lora_dropout
-                else ""
-            )
-        )
+    lines = setup.tuning.assumptions(spec, setup)
     if setup.quant is not Quantization.NONE:
         dq = (
             " with double quantization"
@@ -122,19 +105,6 @@ def _method_lines(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
         lines.append("4-bit matmuls keep their input for backward (bitsandbytes before 0.43.2)")
     if not setup.logits_fp32:
         lines.append("cross-entropy on logits in the compute dtype (no fp32 upcast)")
-    if setup.method is Method.BITFIT:
-        lines.append("BitFit: only bias terms are trained")
-    if setup.method is Method.ADAPTER:
-        lines.append(
-            f"adapters: Houlsby bottleneck {setup.adapter_size} after attention and MLP, in "
-            f"{setup.adapter_dtype.value}"
-        )
-    if setup.method is Method.PREFIX:
-        lines.append(
-            f"prefix tuning: {setup.prefix_len} virtual key/value tokens prepended in every layer"
-        )
-    if setup.method is Method.FROZEN:
-        lines.append("forward only under torch.no_grad(): nothing saved for backward, no optimizer")
     return lines
 
 

@@ -30,52 +30,6 @@ _FIELD_FLAGS = {
     "tensor_parallel_degree": "--tp",
 }
 
-# Module names people pass to peft, as memplan's linear roles.
-_MODULE_ROLES = {
-    "q": "q",
-    "q_proj": "q",
-    "query": "q",
-    "k": "k",
-    "k_proj": "k",
-    "key": "k",
-    "v": "v",
-    "v_proj": "v",
-    "value": "v",
-    "o": "o",
-    "o_proj": "o",
-    "out_proj": "o",
-    "dense": "o",
-    "qkv": "qkv",
-    "qkv_proj": "qkv",
-    "c_attn": "qkv",
-    "query_key_value": "qkv",
-    "gate": "gate",
-    "gate_proj": "gate",
-    "w1": "gate",
-    "wi_0": "gate",
-    "up": "up",
-    "up_proj": "up",
-    "w3": "up",
-    "c_fc": "up",
-    "fc1": "up",
-    "wi_1": "up",
-    "wi": "up",
-    "dense_h_to_4h": "up",
-    "gate_up": "gate_up",
-    "gate_up_proj": "gate_up",
-    "down": "down",
-    "down_proj": "down",
-    "w2": "down",
-    "fc2": "down",
-    "wo": "down",
-    "dense_4h_to_h": "down",
-}
-_TARGET_GROUPS = {
-    "all-linear": ("q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down"),
-    "attn": ("q", "k", "v", "o", "qkv"),
-    "mlp": ("gate", "up", "gate_up", "down"),
-}
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
@@ -87,47 +41,18 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(EXIT_BAD_INPUT)
 
 
-def parse_lora_targets(text: str) -> tuple[str, ...]:
-    """``all-linear``, ``attn``, ``mlp`` or a comma list of roles / module names."""
-    if text in _TARGET_GROUPS:
-        return _TARGET_GROUPS[text]
-    roles = []
-    for part in (p.strip() for p in text.split(",") if p.strip()):
-        role = _MODULE_ROLES.get(part.rsplit(".", 1)[-1])
-        if role is None:
-            raise MemplanError(
-                f"--lora-targets: unknown module {part!r} (use all-linear, attn, mlp or names "
-                "such as q_proj,v_proj)"
-            )
-        roles.append(role)
-    if not roles:
-        raise MemplanError("--lora-targets is empty")
-    return tuple(dict.fromkeys(roles))
-
-
 def _add_setup_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training setup (unset flags take the method's typical values)")
-    g.add_argument(
-        "--method",
-        default="full",
-        choices=["full", "lora", "qlora", "adapter", "prefix", "bitfit", "frozen"],
-    )
-    g.add_argument("--precision", choices=["fp32", "fp16-amp", "bf16-amp", "fp16", "bf16"])
-    g.add_argument("--quant", choices=["none", "int8", "nf4", "fp4"])
+    from memplan.dtypes import Quantization
+    from memplan.methods import method_names
+    from memplan.specs import Attention, Offload, Optimizer, OptimizerImpl, Precision
+
+    g.add_argument("--method", default="full", choices=method_names())
+    g.add_argument("--precision", choices=[p.value for p in Precision])
+    g.add_argument("--quant", choices=[q.value for q in Quantization])
     g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument(
-        "--optimizer",
-        choices=[
-            "adamw",
-            "adamw-8bit",
-            "paged-adamw",
-            "paged-adamw-8bit",
-            "sgd",
-            "adafactor",
-            "lion",
-        ],
-    )
-    g.add_argument("--optimizer-impl", choices=["fused", "foreach", "for-loop"])
+    g.add_argument("--optimizer", choices=[o.value for o in Optimizer])
+    g.add_argument("--optimizer-impl", choices=[i.value for i in OptimizerImpl])
     g.add_argument(
         "--master-weights",
         action=argparse.BooleanOptionalAction,
@@ -146,12 +71,14 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
         help="activation checkpointing",
     )
     g.add_argument("--grad-ckpt-every", type=int, help="checkpoint every k-th layer")
-    g.add_argument("--attn", choices=["eager", "sdpa", "flash"])
+    g.add_argument("--attn", choices=[a.value for a in Attention])
     g.add_argument("--lora-r", type=int)
     g.add_argument("--lora-alpha", type=float)
     g.add_argument("--lora-dropout", type=float)
     g.add_argument(
-        "--lora-targets", help="all-linear, attn, mlp or a comma list (q,v or q_proj,v_proj)"
+        "--lora-targets",
+        help="all-linear, attn, mlp, or a comma list of roles (q,v) or the model's module names "
+        "(q_proj,v_proj)",
     )
     g.add_argument("--adapter-size", type=int)
     g.add_argument("--prefix-len", type=int)
@@ -162,11 +89,13 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
     q.add_argument(
         "--fsdp", action="store_true", help="shard with PyTorch FSDP instead of DeepSpeed"
     )
-    q.add_argument("--offload", default="none", choices=["none", "optimizer", "optimizer+params"])
+    q.add_argument("--offload", default="none", choices=[o.value for o in Offload])
     q.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
 
 
-def setup_from_args(args: argparse.Namespace) -> Any:
+def setup_from_args(args: argparse.Namespace, spec: Any) -> Any:
+    """The TrainingSetup the flags describe (``--lora-targets`` read against ``spec``)."""
+    from memplan.methods.lora import parse_targets
     from memplan.specs import TrainingSetup
 
     fields: dict[str, Any] = {
@@ -187,7 +116,9 @@ def setup_from_args(args: argparse.Namespace) -> Any:
         "lora_r": args.lora_r,
         "lora_alpha": args.lora_alpha,
         "lora_dropout": args.lora_dropout,
-        "lora_targets": parse_lora_targets(args.lora_targets) if args.lora_targets else None,
+        "lora_targets": (
+            parse_targets(args.lora_targets, spec) if args.lora_targets is not None else None
+        ),
         "adapter_size": args.adapter_size,
         "prefix_len": args.prefix_len,
         "device": args.device,
@@ -212,7 +143,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from memplan.plan import plan
 
     spec = load_model(args.model)
-    setup, parallel = setup_from_args(args), parallel_from_args(args)
+    setup, parallel = setup_from_args(args, spec), parallel_from_args(args)
     result = plan(spec, setup, parallel, gpu=args.gpu)
     if args.json:
         print(json.dumps(result.model_dump(mode="json"), indent=2))
@@ -273,7 +204,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         Case(
             label=method,
             model=spec,
-            setup=setup_from_args(argparse.Namespace(**{**vars(args), "method": method})),
+            setup=setup_from_args(argparse.Namespace(**{**vars(args), "method": method}), spec),
             parallel=parallel,
             group=spec.name if len(specs) > 1 else "",
         )
@@ -399,7 +330,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     spec = load_model(args.model)
     # The picture is the batch x sequence table: --plot computes it, --table prints it.
     table = args.table or args.plot is not None
-    result = fit(spec, setup_from_args(args), parallel_from_args(args), gpu=args.gpu, table=table)
+    result = fit(
+        spec, setup_from_args(args, spec), parallel_from_args(args), gpu=args.gpu, table=table
+    )
     shown = result if args.table else result.model_copy(update={"table": None})
     if args.json:
         print(json.dumps(shown.model_dump(mode="json"), indent=2))
@@ -425,7 +358,11 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     spec = load_model(args.model)
     tokens = parse_tokens(args.tokens) if args.tokens else None
     result = recommend(
-        spec, setup_from_args(args), tokens=tokens, gpu=args.gpu, parallel=parallel_from_args(args)
+        spec,
+        setup_from_args(args, spec),
+        tokens=tokens,
+        gpu=args.gpu,
+        parallel=parallel_from_args(args),
     )
     if args.json:
         print(json.dumps(result.model_dump(mode="json"), indent=2))
@@ -573,13 +510,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    from memplan.catalog import load_model
     from memplan.simulate import trace_and_compare
 
     if args.gpus != 1 or args.zero or args.tp != 1 or args.offload != "none":
         raise MemplanError(
             "simulate traces one GPU without sharding; plan covers ZeRO/FSDP/TP layouts"
         )
-    comparison = trace_and_compare(args.model, setup_from_args(args), mode="fake", gpu=args.gpu)
+    spec = load_model(args.model)
+    comparison = trace_and_compare(spec, setup_from_args(args, spec), mode="fake", gpu=args.gpu)
     return _print_traced(comparison, args)
 
 
@@ -589,11 +528,13 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         from memplan.measure.cuda import measure_cli
 
         return measure_cli(args)
+    from memplan.catalog import load_model
     from memplan.simulate import trace_and_compare
 
     if args.steps != 2:
         raise MemplanError("a CPU measurement traces two steps (creation and steady state)")
-    comparison = trace_and_compare(args.model, setup_from_args(args), mode="cpu", gpu=args.gpu)
+    spec = load_model(args.model)
+    comparison = trace_and_compare(spec, setup_from_args(args, spec), mode="cpu", gpu=args.gpu)
     if args.out:
         from pathlib import Path
 

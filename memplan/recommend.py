@@ -22,11 +22,11 @@ from typing import Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from memplan.analytic.context import lora_roles
 from memplan.analytic.predict import predict
 from memplan.catalog import load_model
 from memplan.fit import SEQ_STEP_TOKENS, Capacity, Judge, boundary_index, capacity, device_verdict
 from memplan.hardware import HardwareProfile, list_profiles
+from memplan.methods.lora import lora_roles
 from memplan.plan import GpuTarget, PlanResult, plan, resolve_gpu
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import Offload, ParallelSetup, Sharding
@@ -421,8 +421,8 @@ def _peft_edits(
     spec: ModelSpec, setup: TrainingSetup, parallel: ParallelSetup, trainable: int
 ) -> list[_Edit]:
     edits = []
-    if setup.method is Method.FULL:
-        lora = _switch_method(setup, Method.LORA)
+    if setup.method == "full":
+        lora = _switch_method(setup, "lora")
         edits.append(
             _Edit(
                 f"LoRA r={lora.lora_r} instead of full fine-tuning (frozen "
@@ -435,13 +435,13 @@ def _peft_edits(
                 "pretraining (Biderman et al. 2024, arXiv:2405.09673)",
             )
         )
-    if setup.method in (Method.FULL, Method.LORA):
-        if setup.method is Method.LORA:  # quantize the base, keep everything else
+    if setup.method in ("full", "lora"):
+        if setup.method == "lora":  # quantize the base, keep everything else
             roles = tuple(sorted(lora_roles(spec, setup)))
-            qlora = _with(setup, method=Method.QLORA, quant="nf4", lora_targets=roles)
+            qlora = _with(setup, method="qlora", quant="nf4", lora_targets=roles)
             label = "QLoRA: 4-bit NF4 base weights under the same adapters"
         else:
-            qlora = _switch_method(setup, Method.QLORA)
+            qlora = _switch_method(setup, "qlora")
             ckpt = ", checkpointing" if qlora.grad_ckpt else ""
             label = f"QLoRA (NF4 base, LoRA r={qlora.lora_r}, {qlora.optimizer.value}{ckpt})"
         edits.append(

@@ -26,9 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from memplan.architecture import ParamKind, architecture
 from memplan.errors import MemplanError
+from memplan.families import family
 from memplan.hardware import HardwareProfile
 from memplan.specs.model import ModelSpec
-from memplan.specs.training import Method, Precision, TrainingSetup
+from memplan.specs.training import Precision, TrainingSetup
 from memplan.units import GB, KB, MB, TB
 
 # Share of the dense 16-bit tensor peak a fine-tuning run sustains, counted over the FLOPs it
@@ -45,8 +46,6 @@ _TOKENS_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmbtKMBT]?)\s*$")
 _SECONDS_PER_HOUR: Final = 3600
 _TERA: Final = TB  # TFLOP/s -> FLOP/s
 _MATMUL_KINDS: Final = (ParamKind.LINEAR, ParamKind.ROUTER, ParamKind.HEAD_LINEAR)
-# Trainable parameters that sit in the token's matmul path (and so cost weight-gradient FLOPs).
-_ADAPTER_METHODS: Final = (Method.LORA, Method.QLORA, Method.ADAPTER)
 
 
 def parse_tokens(text: str) -> int:
@@ -100,8 +99,8 @@ def attention_flops_per_token(spec: ModelSpec, seq_len: int) -> int:
     Each query meets ``s`` keys (fewer under a sliding window); masked causal positions are
     counted as computed, as PaLM's and Megatron's FLOP counts do.
     """
-    window = spec.layout.get("sliding_window")
-    keys = min(seq_len, window) if isinstance(window, int) and window > 0 else seq_len
+    window = family(spec.family).sliding_window(spec)
+    keys = min(seq_len, window) if window else seq_len
     return 4 * spec.num_layers * keys * spec.num_attention_heads * spec.head_dim
 
 
@@ -129,13 +128,16 @@ def flops_per_token(
     True
     """
     m = matmul_params(spec)
-    adapters = num_trainable_params if setup.method in _ADAPTER_METHODS else 0
+    # Trainable parameters in the token's matmul path (adapters) cost forward and
+    # weight-gradient FLOPs.
+    adapters = num_trainable_params if setup.tuning.adds_matmul_params else 0
     layer_matmul = 2 * (m.layer_params + adapters)  # forward, per token
     attention = attention_flops_per_token(spec, setup.seq_len)
     forward = layer_matmul + 2 * m.head_params + attention
     if not setup.trains_weights:
         return FlopsPerToken(forward, 0, 0)
-    weight_grads = m.layer_params + m.head_params if setup.method is Method.FULL else adapters
+    full = setup.tuning.trains(ParamKind.LINEAR, bias=False)
+    weight_grads = m.layer_params + m.head_params if full else adapters
     backward = layer_matmul + 2 * m.head_params + 2 * attention + 2 * weight_grads
     recompute = 0
     if setup.grad_ckpt:  # layers i with i % every == 0 are checkpointed (ceil(L / every))

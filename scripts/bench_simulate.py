@@ -43,7 +43,7 @@ def main() -> None:
     result = trace_step(spec, setup, mode="fake", fold=not args.no_fold)
     wall_s = time.perf_counter() - start
     peak = result.trace.peak()
-    print(f"{spec.name} {setup.method.value} {setup.precision.value} b={args.batch} s={args.seq}")
+    print(f"{spec.name} {setup.method} {setup.precision.value} b={args.batch} s={args.seq}")
     print(f"wall time      {wall_s:.2f} s (layers traced: {result.layers_traced})")
     print(f"parameters     {result.num_params:,} ({result.num_trainable_params:,} trainable)")
     print(f"peak           {gib(peak.peak_bytes):.3f} GiB in {peak.phase.value}, step {peak.step}")

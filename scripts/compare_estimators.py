@@ -105,7 +105,7 @@ def _accelerate_dtype(setup: TrainingSetup) -> str:
         return "int4"
     if setup.quant.value == "int8":
         return "int8"
-    if setup.precision.is_amp and setup.method.value == "full":
+    if setup.precision.is_amp and setup.method == "full":
         return "float16"  # accelerate's float16 training estimate is mixed precision
     return "float16" if setup.precision.value in ("bf16", "fp16") else "float32"
 
@@ -128,7 +128,7 @@ def accelerate_estimate(case: ReferenceCase) -> Estimate:
     total_size, _ = calculate_maximum_sizes(model)
     setup = TrainingSetup(**case.memplan.setup)
     dtype = _accelerate_dtype(setup)
-    if setup.method.value == "full":
+    if setup.method == "full":
         usage = max(estimate_training_usage(total_size, dtype).values())
         if usage == -1:
             return Estimate(None, f"no training estimate for {dtype}")
@@ -199,7 +199,7 @@ def llm_analysis_estimate(case: ReferenceCase) -> Estimate:
 
     setup = TrainingSetup(**case.memplan.setup)
     spec = case_model(case)
-    if setup.method.value != "full":
+    if setup.method != "full":
         return Estimate(None, "no LoRA / adapter training")
     if spec.is_encoder_decoder:
         return Estimate(None, "no encoder-decoder models")

@@ -9,17 +9,18 @@ from collections import Counter
 import pytest
 
 from memplan.architecture import (
-    DEFAULT_LORA_ROLES,
     ParamKind,
     architecture,
     count_params,
     lora_module_names,
 )
 from memplan.catalog import catalog_names, catalog_record, load_model, spec_from_hf_config
+from memplan.families import families
 from memplan.specs.model import Family, ModelSpec
 from memplan.specs.training import LinearRole
 
-FAMILIES: tuple[Family, ...] = typing.get_args(Family)
+FAMILIES: tuple[Family, ...] = tuple(families())
+DEFAULT_LORA_ROLES = {name: fam.lora_roles for name, fam in families().items()}
 
 # One catalog model per family (the published one when it is cheap enough to build on meta).
 REPRESENTATIVE: dict[Family, str] = {
@@ -82,10 +83,9 @@ def _tensor_names(spec: ModelSpec, block: str) -> list[str]:
     return [t.name for b, t in architecture(spec).tensors() if b.name == block]
 
 
-def test_every_family_has_a_layout_and_default_lora_roles() -> None:
-    assert set(REPRESENTATIVE) == set(FAMILIES)
-    assert set(DEFAULT_LORA_ROLES) == set(FAMILIES)
-    for family, name in REPRESENTATIVE.items():
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_has_a_tiny_model_and_default_lora_roles(family: Family) -> None:
+    for name in {families()[family].tiny_model, REPRESENTATIVE.get(family, "")} - {""}:
         spec = load_model(name)
         assert spec.family == family
         roles = {t.role for _, t in architecture(spec).tensors()}
@@ -246,7 +246,7 @@ class TestAgainstTransformers:
         pytest.importorskip("transformers")
         from memplan.catalog.hf_model import meta_model
 
-        name = f"tiny-{family.replace('_', '-')}"
+        name = families()[family].tiny_model
         spec = load_model(name)
         modules = {
             re.sub(r"\.(weight|bias)$", "", n)
@@ -272,7 +272,7 @@ class TestAgainstTransformers:
     def test_default_lora_roles_are_peft_defaults(self, family: Family) -> None:
         peft_constants = pytest.importorskip("peft.utils.constants")
         mapping = peft_constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-        names = lora_module_names(load_model(REPRESENTATIVE[family]))
+        names = lora_module_names(load_model(families()[family].tiny_model))
         ours = {names[role] for role in DEFAULT_LORA_ROLES[family]}
         if family == "phi3":
             assert family not in mapping  # peft asks for target_modules; memplan assumes qkv_proj

@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 
-from memplan.cli import parse_lora_targets
+from memplan.catalog import load_model
 from memplan.errors import MemplanError
+from memplan.methods.lora import parse_targets
 from memplan.specs import ALL_LINEAR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,29 +120,38 @@ def test_a_config_json_path_is_planned(run_cli: Run, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "roles"),
+    ("model", "text", "roles"),
     [
-        ("q,v", ("q", "v")),
-        ("q_proj,v_proj", ("q", "v")),
-        ("model.layers.0.self_attn.q_proj, v_proj", ("q", "v")),
-        ("query,value", ("q", "v")),  # BERT module names
-        ("c_attn", ("qkv",)),  # GPT-2
-        ("query_key_value,dense_h_to_4h", ("qkv", "up")),  # NeoX / Falcon / BLOOM
-        ("wi_0,wi_1,wo", ("gate", "up", "down")),  # T5
-        ("q_proj,q", ("q",)),  # duplicates collapse
-        ("all-linear", ALL_LINEAR),
-        ("attn", ("q", "k", "v", "o", "qkv")),
-        ("mlp", ("gate", "up", "gate_up", "down")),
+        ("tiny-llama", "q,v", ("q", "v")),
+        ("tiny-llama", "q_proj,v_proj", ("q", "v")),
+        ("tiny-llama", "self_attn.q_proj, v_proj", ("q", "v")),
+        ("tiny-bert", "query,value", ("q", "v")),  # BERT module names
+        ("tiny-gpt2", "c_attn", ("qkv",)),
+        ("tiny-gpt2", "attn.c_proj", ("o",)),  # the attention's, not the MLP's c_proj
+        ("tiny-falcon", "query_key_value,dense_h_to_4h", ("qkv", "up")),
+        ("tiny-t5", "wi_0,wo", ("gate", "down")),
+        ("tiny-llama", "q_proj,q", ("q",)),  # duplicates collapse
+        ("tiny-llama", "all-linear", ALL_LINEAR),
+        ("tiny-llama", "attn", ("q", "k", "v", "o", "qkv")),
+        ("tiny-llama", "mlp", ("gate", "up", "gate_up", "down")),
     ],
 )
-def test_parse_lora_targets(text: str, roles: tuple[str, ...]) -> None:
-    assert parse_lora_targets(text) == roles
+def test_parse_lora_targets(model: str, text: str, roles: tuple[str, ...]) -> None:
+    assert parse_targets(text, load_model(model)) == roles
 
 
-@pytest.mark.parametrize(("text", "needle"), [("foo", "unknown module 'foo'"), (" , ", "empty")])
-def test_parse_lora_targets_rejects(text: str, needle: str) -> None:
+@pytest.mark.parametrize(
+    ("model", "text", "needle"),
+    [
+        ("tiny-llama", "foo", "tiny-llama has no linear layer 'foo'"),
+        ("tiny-gpt2", "q_proj", "tiny-gpt2 has no linear layer 'q_proj'"),
+        ("tiny-llama", " , ", "empty"),
+        ("tiny-llama", "", "empty"),
+    ],
+)
+def test_parse_lora_targets_rejects(model: str, text: str, needle: str) -> None:
     with pytest.raises(MemplanError, match=needle):
-        parse_lora_targets(text)
+        parse_targets(text, load_model(model))
 
 
 def test_lora_targets_reach_the_setup(run_cli: Run) -> None:
@@ -157,7 +167,7 @@ def test_lora_targets_reach_the_setup(run_cli: Run) -> None:
     assert data["setup"]["lora_targets"] == ["q", "k", "down"]
     lines = [a for a in data["assumptions"] if a.startswith("LoRA")]
     assert lines == [lines[0]]
-    assert "on down, k, q;" in lines[0]
+    assert "on down_proj, k_proj, q_proj;" in lines[0]
 
 
 # -- bad input: one line on stderr, status 2 -----------------------------------------------

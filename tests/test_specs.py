@@ -8,9 +8,9 @@ import pytest
 from pydantic import ValidationError
 
 from memplan.dtypes import Quantization
+from memplan.methods import method_names, methods
 from memplan.specs import (
     ALL_LINEAR,
-    Method,
     ModelSpec,
     Offload,
     Optimizer,
@@ -19,7 +19,6 @@ from memplan.specs import (
     Sharding,
     TrainingSetup,
 )
-from memplan.specs.training import METHOD_DEFAULTS
 
 
 def _only_error(exc: pytest.ExceptionInfo[ValidationError]) -> tuple[tuple[Any, ...], str]:
@@ -235,13 +234,13 @@ def test_qlora_defaults_follow_the_qlora_recipe_and_are_recorded() -> None:
     assert setup.grad_ckpt is True
     assert (setup.lora_r, setup.lora_alpha, setup.lora_dropout) == (64, 16.0, 0.05)
     assert setup.lora_targets == ALL_LINEAR
-    assert setup.defaults_from_method == tuple(sorted(METHOD_DEFAULTS[Method.QLORA]))
+    assert setup.defaults_from_method == tuple(sorted(methods()["qlora"].defaults))
 
 
-@pytest.mark.parametrize("method", list(Method))
-def test_every_method_records_exactly_the_defaults_it_filled(method: Method) -> None:
+@pytest.mark.parametrize("method", method_names())
+def test_every_method_records_exactly_the_defaults_it_filled(method: str) -> None:
     setup = TrainingSetup(method=method)
-    defaults = METHOD_DEFAULTS[method]
+    defaults = methods()[method].defaults
     assert setup.defaults_from_method == tuple(sorted(defaults))
     for field, value in defaults.items():
         assert getattr(setup, field) == value
@@ -262,7 +261,7 @@ def test_explicit_values_override_method_defaults_and_are_not_reported() -> None
 
 def test_full_fine_tuning_default_is_bf16_autocast_with_adamw() -> None:
     setup = TrainingSetup()
-    assert setup.method is Method.FULL
+    assert setup.method == "full"
     assert setup.precision is Precision.BF16_AMP
     assert setup.optimizer is Optimizer.ADAMW
     assert setup.precision.weight_dtype.value == "fp32"  # AMP keeps fp32 weights

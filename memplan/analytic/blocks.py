@@ -48,9 +48,9 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
     rows = x.numel // spec.in_features
     numel_w = spec.in_features * spec.out_features
     quantized = spec.quantizable and ctx.quant is not Quantization.NONE
-    trainable = ctx.trains_linear() if spec.trainable is None else spec.trainable
+    trainable = ctx.trains_linear if spec.trainable is None else spec.trainable
     trainable = trainable and not quantized
-    bias_trainable = spec.bias and (trainable or ctx.trains_bias())
+    bias_trainable = spec.bias and (trainable or ctx.trains_bias)
     tie = "first" if spec.tied else ""
     grads = [
         ctx.param_grad(f"{spec.label}.weight", numel_w * spec.copies, trainable=trainable, tie=tie)
@@ -110,73 +110,7 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
             saves=[x if trainable else None],
             param_grads=grads,
         )
-    # peft's target_modules match nn.Linear modules; fused expert tensors are not targeted.
-    if ctx.has_lora(spec.role) and spec.copies == 1:
-        out = _lora(seg, ctx, x, out, spec, quantized=quantized)
-    return out
-
-
-def _lora(
-    seg: Segment, ctx: StepContext, x: Tensor, base: Tensor, spec: LinearSpec, *, quantized: bool
-) -> Tensor:
-    """peft ``lora.Linear.forward``: result + lora_B(lora_A(dropout(x))) * scaling.
-
-    On a bitsandbytes base layer (peft ``lora.bnb.Linear4bit``) the base output is cloned first
-    and the adapter output is cast to its dtype before the addition.
-    """
-    rows = x.numel // spec.in_features
-    r = ctx.lora_r
-    a_dtype = ctx.adapter_dtype
-    label = spec.label
-    # peft casts x to the adapter weights' dtype (_cast_input_dtype) before lora_A.
-    xa = cast(seg, x, a_dtype, f"{label}.lora_input_cast")
-    xa = dropout(seg, ctx, xa, ctx.lora_dropout, f"{label}.lora_dropout")
-    lin_dtype = ctx.compute_dtype if ctx.amp else a_dtype
-    a_grad = _adapter_grad(ctx, f"{label}.lora_A", r * spec.in_features)
-    b_grad = _adapter_grad(ctx, f"{label}.lora_B", r * spec.out_features)
-    if ctx.amp:  # autocast: both operands cast to the compute dtype, adapter weights cached
-        xa = cast(seg, xa, ctx.compute_dtype, f"{label}.lora_A.input_cast")
-        wa = seg.op(
-            f"{label}.lora_A.weight_cast", [], r * spec.in_features, lin_dtype, param_grads=[a_grad]
-        )
-        h = seg.op(f"{label}.lora_A", [xa, wa], rows * r, lin_dtype, saves=[xa, wa])
-        wb = seg.op(
-            f"{label}.lora_B.weight_cast",
-            [],
-            r * spec.out_features,
-            lin_dtype,
-            param_grads=[b_grad],
-        )
-        seg.autocast_cached.extend([wa, wb])
-        h = seg.op(f"{label}.lora_B", [h, wb], rows * spec.out_features, lin_dtype, saves=[h, wb])
-    else:
-        h = seg.op(f"{label}.lora_A", [xa], rows * r, a_dtype, saves=[xa], param_grads=[a_grad])
-        h = seg.op(
-            f"{label}.lora_B",
-            [h],
-            rows * spec.out_features,
-            a_dtype,
-            saves=[h],
-            param_grads=[b_grad],
-        )
-    scaled = seg.op(f"{label}.lora_scale", [h], h.numel, h.dtype)
-    if quantized:  # "defensively clone" the 4-bit output, add the adapter output in its dtype
-        base = seg.op(f"{label}.clone", [base], base.numel, base.dtype, passthrough_grad=True)
-        scaled = cast(seg, scaled, base.dtype, f"{label}.lora_output_cast")
-        out = seg.op(
-            f"{label}.lora_add", [base, scaled], base.numel, base.dtype, passthrough_grad=True
-        )
-    else:
-        # result + scaled promotes to the wider dtype; peft then casts back to the base dtype.
-        wide = base.dtype if dtype_bytes(base.dtype) >= dtype_bytes(scaled.dtype) else scaled.dtype
-        out = seg.op(f"{label}.lora_add", [base, scaled], base.numel, wide, passthrough_grad=True)
-        out = cast(seg, out, base.dtype, f"{label}.lora_output_cast")
-    seg.hold(x, label=f"{label}.input")  # the caller's variable holds the input until we return
-    return out
-
-
-def _adapter_grad(ctx: StepContext, label: str, numel: int) -> ParamGrad:
-    return ctx.param_grad(label, numel, trainable=True, dtype=ctx.adapter_dtype)
+    return ctx.method.linear(seg, ctx, x, out, spec, quantized=quantized)
 
 
 def rms_norm(
@@ -188,7 +122,7 @@ def rms_norm(
     T5LayerNorm computes the same quantities as Llama's.
     """
     rows = x.numel // size
-    trainable = ctx.trains_norm()
+    trainable = ctx.trains_norm
     x32 = cast(seg, x, DType.FP32, f"{label}.upcast")
     # pow_backward: grad * (2 * x.pow(1)) keeps two fp32 temporaries beside the result.
     sq = seg.op(
@@ -408,16 +342,14 @@ def layer_norm(
     Under autocast layer_norm runs in fp32 (autocast's fp32 list), so a 16-bit input is cast.
     """
     rows = x.numel // size
-    trainable = affine and ctx.trains_norm()
+    trainable = affine and ctx.trains_norm
     x_in = cast(seg, x, DType.FP32, f"{label}.autocast") if ctx.amp else x
     # CUDA keeps mean and rstd in fp32; the CPU kernel returns them in the input's dtype.
     stat = DType.FP32 if ctx.device == "cuda" else x_in.dtype
     mean = seg.op(f"{label}.mean", [], rows, stat, requires_grad=False)
     rstd = seg.op(f"{label}.rstd", [], rows, stat, requires_grad=False)
     grads = [_param_grad(ctx, f"{label}.weight", size, trainable)]
-    grads.append(
-        _param_grad(ctx, f"{label}.bias", size, trainable or (affine and ctx.trains_bias()))
-    )
+    grads.append(_param_grad(ctx, f"{label}.bias", size, trainable or (affine and ctx.trains_bias)))
     return seg.op(
         label,
         [x_in, mean, rstd],

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan.analytic.graph import ParamGrad
-from memplan.architecture import DEFAULT_LORA_ROLES
+from memplan.architecture import ParamKind
 from memplan.dtypes import DType, Quantization, dtype_bytes
-from memplan.errors import MemplanError
+from memplan.methods import TuningMethod, method
+from memplan.methods.lora import lora_roles
 from memplan.specs.model import ModelSpec
-from memplan.specs.training import ALL_LINEAR, Attention, LinearRole, Method, TrainingSetup
+from memplan.specs.training import Attention, LinearRole, TrainingSetup
 from memplan.trace import Category
 
 
@@ -25,7 +26,7 @@ class StepContext:
     amp: bool  # torch.autocast: fp32 weights cast per op, cached when trainable
     adapter_dtype: DType
     quant: Quantization
-    method: Method
+    method: TuningMethod  # what trains, what it adds to linears, branches and attention
     lora_roles: frozenset[LinearRole]
     lora_r: int
     lora_dropout: float
@@ -37,6 +38,11 @@ class StepContext:
     device: str = "cuda"  # "cuda" or "cpu": decides kernel workspaces and fallbacks
     tensor_parallel_degree: int = 1
     grad_divisor: int = 1  # ranks each gradient is sharded across (ZeRO-2/3, FSDP)
+    # What the method trains of the base model, by kind of tensor.
+    trains_linear: bool = False  # linear weights
+    trains_bias: bool = False  # bias terms (linear and norm biases)
+    trains_norm: bool = False  # norm scales
+    trains_embedding: bool = False  # embeddings, the LM head and other tables
 
     @property
     def num_tokens(self) -> int:
@@ -46,18 +52,6 @@ class StepContext:
     def activation_dtype(self) -> DType:
         """Dtype of the residual stream (fp32 under AMP: embeddings and norms run in fp32)."""
         return self.weight_dtype
-
-    def trains_linear(self) -> bool:
-        return self.method is Method.FULL
-
-    def trains_bias(self) -> bool:
-        return self.method in (Method.FULL, Method.BITFIT)
-
-    def trains_norm(self) -> bool:
-        return self.method is Method.FULL
-
-    def trains_embedding(self) -> bool:
-        return self.method is Method.FULL
 
     def has_lora(self, role: LinearRole | None) -> bool:
         return role is not None and role in self.lora_roles
@@ -72,6 +66,7 @@ class StepContext:
         tensor_parallel_degree: int = 1,
         grad_divisor: int = 1,
     ) -> StepContext:
+        tuning = method(setup.method)
         return cls(
             batch=setup.micro_batch_size,
             vocab_size=spec.vocab_size,
@@ -81,18 +76,22 @@ class StepContext:
             amp=setup.precision.is_amp,
             adapter_dtype=setup.adapter_dtype,
             quant=setup.quant,
-            method=setup.method,
-            lora_roles=lora_roles(spec, setup),
+            method=tuning,
+            lora_roles=lora_roles(spec, setup) if tuning.uses_lora else frozenset(),
             lora_r=setup.lora_r,
             lora_dropout=setup.lora_dropout,
             attention=setup.attention,
             adapter_size=setup.adapter_size,
-            prefix_len=setup.prefix_len if setup.method is Method.PREFIX else 0,
+            prefix_len=tuning.kv_prefix_len(setup),
             quant_matmul_saves_input=setup.quant_matmul_saves_input,
             logits_fp32=setup.logits_fp32,
             device=setup.device,
             tensor_parallel_degree=tensor_parallel_degree,
             grad_divisor=grad_divisor,
+            trains_linear=tuning.trains(ParamKind.LINEAR, bias=False),
+            trains_bias=tuning.trains(ParamKind.BIAS, bias=True),
+            trains_norm=tuning.trains(ParamKind.NORM, bias=False),
+            trains_embedding=tuning.trains(ParamKind.EMBEDDING, bias=False),
         )
 
     def param_grad(
@@ -113,21 +112,3 @@ class StepContext:
         share = -(-numel // self.grad_divisor)
         full = numel * itemsize if self.grad_divisor > 1 else 0
         return ParamGrad(label, share * itemsize, accumulates, full, tie, buffered_in)
-
-
-def lora_roles(spec: ModelSpec, setup: TrainingSetup) -> frozenset[LinearRole]:
-    """Roles that carry LoRA adapters: the setup's targets, else peft's family default."""
-    if not setup.uses_lora:
-        return frozenset()
-    if setup.lora_targets is not None:
-        roles = frozenset(setup.lora_targets)
-    else:
-        roles = frozenset(DEFAULT_LORA_ROLES.get(spec.family, ("q", "v")))
-    # A fused projection carries the adapter when any of its parts is targeted (q,v -> qkv).
-    if roles & {"q", "k", "v"}:
-        roles |= {"qkv"}
-    if roles & {"gate", "up"}:
-        roles |= {"gate_up"}
-    if not roles & set(ALL_LINEAR):
-        raise MemplanError(f"lora_targets {sorted(roles)} name no linear layer")
-    return roles

@@ -1,9 +1,13 @@
-"""One transformer layer as a segment of ops, per family."""
+"""Transformer layers as segments of ops: the shared builders the families configure.
+
+A family module picks a layer builder (``rope_decoder_layer`` for Llama and its relatives,
+``pre_ln_layer`` for GPT-style blocks) and passes its module names and variants as a style;
+families with layers of their own (BERT, T5) build them from the pieces here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
 
 from memplan.analytic.blocks import (
     LinearSpec,
@@ -21,40 +25,6 @@ from memplan.analytic.context import StepContext
 from memplan.analytic.graph import Segment, Tensor
 from memplan.dtypes import DType
 from memplan.specs.model import ModelSpec
-from memplan.specs.training import Method
-
-
-def bottleneck_adapter(seg: Segment, ctx: StepContext, x: Tensor, size: int, label: str) -> Tensor:
-    """Houlsby adapter on a branch output: x + up(act(down(x))), trainable, in adapter dtype."""
-    if ctx.method is not Method.ADAPTER:
-        return x
-    rows = ctx.num_tokens
-    h = x.numel // rows
-    xa = cast(seg, x, ctx.adapter_dtype, f"{label}.input_cast")
-    down_grad = ctx.param_grad(
-        f"{label}.down", h * size + size, trainable=True, dtype=ctx.adapter_dtype
-    )
-    d = seg.op(
-        f"{label}.down", [xa], rows * size, ctx.adapter_dtype, saves=[xa], param_grads=[down_grad]
-    )
-    a = seg.op(f"{label}.act", [d], d.numel, d.dtype, saves=[d])
-    up_grad = ctx.param_grad(f"{label}.up", size * h + h, trainable=True, dtype=ctx.adapter_dtype)
-    u = seg.op(f"{label}.up", [a], x.numel, ctx.adapter_dtype, saves=[a], param_grads=[up_grad])
-    return residual_add(seg, x, cast(seg, u, x.dtype, f"{label}.output_cast"), f"{label}.residual")
-
-
-def prefix_kv(
-    seg: Segment, ctx: StepContext, k: Tensor, v: Tensor, kv_width: int
-) -> tuple[Tensor, Tensor]:
-    """peft prefix tuning: each layer's keys and values are the prefix concatenated in front."""
-    if ctx.method is not Method.PREFIX or not ctx.prefix_len:
-        return k, v
-    extra = ctx.batch * ctx.prefix_len * kv_width
-    pk = seg.input(extra, k.dtype, "prefix.key", requires_grad=True, persistent=True)
-    pv = seg.input(extra, v.dtype, "prefix.value", requires_grad=True, persistent=True)
-    k = seg.op("prefix_cat_k", [pk, k], k.numel + extra, k.dtype, passthrough_grad=True)
-    v = seg.op("prefix_cat_v", [pv, v], v.numel + extra, v.dtype, passthrough_grad=True)
-    return k, v
 
 
 def self_attention(
@@ -77,7 +47,7 @@ def self_attention(
     (fp32 after a rotary product with fp32 tables) are cast to the compute dtype first.
     """
     q, k, v = qkv
-    k, v = prefix_kv(seg, ctx, k, v, kv_heads * spec.head_dim)
+    k, v = ctx.method.attention_kv(seg, ctx, k, v, kv_heads * spec.head_dim)
     if ctx.amp:
         q, k, v = (cast(seg, t, ctx.compute_dtype, f"{t.label}.autocast") for t in (q, k, v))
     attn = attention_core(
@@ -115,12 +85,20 @@ def rope_tables(spec: ModelSpec, ctx: StepContext, seg: Segment) -> tuple[Tensor
     return cos, sin
 
 
-# Families whose decoder layer is LlamaDecoderLayer's layout (llama_layer) and whose model ends
-# in an RMSNorm.
-LLAMA_FAMILIES: Final = ("llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
+@dataclass(frozen=True, slots=True)
+class RopeStyle:
+    """Module names and variants of a Llama-style decoder layer."""
+
+    # q, k, v projections; one name: a fused projection whose output is split (Phi-3).
+    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    fused_mlp: bool = False  # one gate_up_proj whose output is split (Phi-3)
+    # Gemma2: norms in fp32 times (1 + weight), and norms after attention and after the MLP.
+    gemma_norms: bool = False
 
 
-def llama_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -> LayerGraph:
+def rope_decoder_layer(
+    spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool, style: RopeStyle
+) -> LayerGraph:
     """LlamaDecoderLayer and relatives: pre-RMSNorm attention with rotary embeddings + MLP.
 
     Mistral, Qwen2 and Mixtral share the layout; Phi-3 fuses qkv and gate/up projections;
@@ -131,17 +109,12 @@ def llama_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
     h = spec.hidden_size
     n = ctx.num_tokens
     heads, kv_heads = spec.num_attention_heads // tp, spec.num_key_value_heads // tp
-    gemma = spec.family == "gemma2"
+    gemma = style.gemma_norms
     x = seg.input(n * h, ctx.activation_dtype, "layer.input", requires_grad=input_requires_grad)
     cos, sin = rope_tables(spec, ctx, seg)
 
     hn = rms_norm(seg, ctx, x, "input_layernorm", h, gemma=gemma)
-    names = (
-        ("self_attn.qkv_proj",)
-        if spec.family == "phi3"
-        else ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-    )
-    q, k, v = _qkv(seg, ctx, spec, hn, fused=len(names) == 1, names=names)
+    q, k, v = qkv_projections(seg, ctx, spec, hn, names=style.qkv)
     q = rotary(seg, q, cos, sin, "q_rope")
     k = rotary(seg, k, cos, sin, "k_rope")
     o = self_attention(
@@ -155,7 +128,7 @@ def llama_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
         label="self_attn",
         dropout_p=spec.attention_dropout,
     )
-    o = bottleneck_adapter(seg, ctx, o, ctx.adapter_size, "adapter_attn")
+    o = ctx.method.branch_output(seg, ctx, o, "adapter_attn")
     seg.hold(hn)  # `hidden_states` still names the norm output until self_attn returns
     if gemma:
         o = rms_norm(seg, ctx, o, "post_attention_layernorm", h, gemma=True)
@@ -166,16 +139,11 @@ def llama_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
         m = moe_mlp(seg, ctx, spec, hn2)
     else:
         m = gated_mlp(
-            seg,
-            ctx,
-            spec,
-            hn2,
-            intermediate=spec.intermediate_size // tp,
-            fused=spec.family == "phi3",
+            seg, ctx, spec, hn2, intermediate=spec.intermediate_size // tp, fused=style.fused_mlp
         )
     if gemma:
         m = rms_norm(seg, ctx, m, "post_feedforward_layernorm", h, gemma=True)
-    m = bottleneck_adapter(seg, ctx, m, ctx.adapter_size, "adapter_mlp")
+    m = ctx.method.branch_output(seg, ctx, m, "adapter_mlp")
     seg.hold(hn2)  # ... and the second norm's output until the MLP returns
     out = residual_add(seg, h1, m, "residual_mlp")
     seg.hold(x)  # the caller's `hidden_states` keeps the layer input until the layer returns
@@ -268,21 +236,16 @@ def moe_mlp(seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor) -> Tenso
     return seg.op("mlp.combine", [scaled], n * h, x.dtype)
 
 
-def _qkv(
-    seg: Segment,
-    ctx: StepContext,
-    spec: ModelSpec,
-    x: Tensor,
-    *,
-    fused: bool,
-    names: tuple[str, ...],
+def qkv_projections(
+    seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor, *, names: tuple[str, ...]
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v projections: one fused matmul whose output is split into views, or three."""
+    """q, k, v projections: one fused matmul whose output is split into views (one name), or
+    three."""
     tp = ctx.tensor_parallel_degree
     h = spec.hidden_size
     q_out = spec.num_attention_heads // tp * spec.head_dim
     kv_out = spec.num_key_value_heads // tp * spec.head_dim
-    if fused:
+    if len(names) == 1:
         qkv = linear(
             seg,
             ctx,
@@ -307,7 +270,7 @@ def _qkv(
     return q, k, v
 
 
-def _plain_mlp(
+def plain_mlp(
     seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor, names: tuple[str, str]
 ) -> Tensor:
     """fc -> activation -> proj (GPT-2, OPT, GPT-NeoX, Falcon, BLOOM, BERT)."""
@@ -317,33 +280,20 @@ def _plain_mlp(
     return linear(seg, ctx, a, LinearSpec(names[1], i, h, "down", bias=spec.mlp_bias))
 
 
-_GPT_NAMES: dict[str, tuple[tuple[str, ...], str, tuple[str, str]]] = {
-    # family: (qkv names, output projection, (mlp in, mlp out))
-    "gpt2": (("attn.c_attn",), "attn.c_proj", ("mlp.c_fc", "mlp.c_proj")),
-    "gpt_neox": (
-        ("attention.query_key_value",),
-        "attention.dense",
-        ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
-    ),
-    "falcon": (
-        ("self_attention.query_key_value",),
-        "self_attention.dense",
-        ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
-    ),
-    "bloom": (
-        ("self_attention.query_key_value",),
-        "self_attention.dense",
-        ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
-    ),
-    "opt": (
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        "self_attn.out_proj",
-        ("fc1", "fc2"),
-    ),
-}
+@dataclass(frozen=True, slots=True)
+class PreLnStyle:
+    """Module names and variants of a pre-LayerNorm GPT-style block."""
+
+    qkv: tuple[str, ...]  # one name: a fused projection whose output is split
+    out: str  # attention output projection
+    mlp: tuple[str, str]  # MLP in and out projections
+    softmax_fp32: bool = True  # attention softmax in fp32 (GPT-2's eager path keeps the dtype)
+    mlp_reads_ln1: bool = False  # parallel attention whose MLP reads ln_1's output (one norm)
 
 
-def gpt_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -> LayerGraph:
+def pre_ln_layer(
+    spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool, style: PreLnStyle
+) -> LayerGraph:
     """Pre-LayerNorm blocks with a plain MLP: GPT-2, GPT-NeoX, Falcon, BLOOM, OPT.
 
     GPT-NeoX and Falcon add attention and MLP to the residual in parallel; BLOOM's ALiBi
@@ -353,11 +303,10 @@ def gpt_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -
     tp = ctx.tensor_parallel_degree
     h, n = spec.hidden_size, ctx.num_tokens
     heads, kv_heads = spec.num_attention_heads // tp, spec.num_key_value_heads // tp
-    qkv_names, o_name, mlp_names = _GPT_NAMES[spec.family]
     x = seg.input(n * h, ctx.activation_dtype, "layer.input", requires_grad=input_requires_grad)
     shared: tuple[Tensor, ...] = ()
     ln1 = layer_norm(seg, ctx, x, "ln_1", h)
-    q, k, v = _qkv(seg, ctx, spec, ln1, fused=len(qkv_names) == 1, names=qkv_names)
+    q, k, v = qkv_projections(seg, ctx, spec, ln1, names=style.qkv)
     if spec.position_embedding == "rope":
         cos, sin = rope_tables(spec, ctx, seg)
         shared = (cos, sin)
@@ -367,175 +316,39 @@ def gpt_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -
         ctx,
         spec,
         (q, k, v),
-        LinearSpec(o_name, heads * spec.head_dim, h, "o", bias=spec.attention_out_bias),
+        LinearSpec(style.out, heads * spec.head_dim, h, "o", bias=spec.attention_out_bias),
         heads=heads,
         kv_heads=kv_heads,
         label="attn",
         dropout_p=spec.attention_dropout,
-        softmax_fp32=spec.family != "gpt2",
+        softmax_fp32=style.softmax_fp32,
         eager_only=spec.position_embedding == "alibi",
     )
     o = dropout(seg, ctx, o, spec.hidden_dropout, "resid_dropout")
-    o = bottleneck_adapter(seg, ctx, o, ctx.adapter_size, "adapter_attn")
+    o = ctx.method.branch_output(seg, ctx, o, "adapter_attn")
     seg.hold(ln1)  # `hidden_states` names ln_1's output until the attention returns
     if spec.parallel_attention:
-        mlp_in = (
-            ln1
-            if spec.layout.get("falcon_layer_norms") == "input"
-            else layer_norm(seg, ctx, x, "ln_2", h)
-        )
+        mlp_in = ln1 if style.mlp_reads_ln1 else layer_norm(seg, ctx, x, "ln_2", h)
         m = dropout(
             seg,
             ctx,
-            _plain_mlp(seg, ctx, spec, mlp_in, mlp_names),
+            plain_mlp(seg, ctx, spec, mlp_in, style.mlp),
             spec.hidden_dropout,
             "mlp_dropout",
         )
-        m = bottleneck_adapter(seg, ctx, m, ctx.adapter_size, "adapter_mlp")
+        m = ctx.method.branch_output(seg, ctx, m, "adapter_mlp")
         out = residual_add(seg, residual_add(seg, x, o, "residual_attn"), m, "residual_mlp")
         seg.hold(mlp_in, x)
         return LayerGraph(seg, x, out, shared)
     h1 = residual_add(seg, x, o, "residual_attn")
     ln2 = layer_norm(seg, ctx, h1, "ln_2", h)
     m = dropout(
-        seg, ctx, _plain_mlp(seg, ctx, spec, ln2, mlp_names), spec.hidden_dropout, "mlp_dropout"
+        seg, ctx, plain_mlp(seg, ctx, spec, ln2, style.mlp), spec.hidden_dropout, "mlp_dropout"
     )
-    m = bottleneck_adapter(seg, ctx, m, ctx.adapter_size, "adapter_mlp")
+    m = ctx.method.branch_output(seg, ctx, m, "adapter_mlp")
     seg.hold(ln2)  # ... and ln_2's output until the MLP returns
     out = residual_add(seg, h1, m, "residual_mlp")
     # The block's `attn_output` local and the caller's `hidden_states` (the layer input) are
     # released when the layer returns.
     seg.hold(o, x)
-    return LayerGraph(seg, x, out, shared)
-
-
-def bert_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -> LayerGraph:
-    """BertLayer: post-LayerNorm self-attention and MLP with dropout after each branch."""
-    seg = Segment("layer")
-    tp = ctx.tensor_parallel_degree
-    h, n = spec.hidden_size, ctx.num_tokens
-    heads = spec.num_attention_heads // tp
-    x = seg.input(n * h, ctx.activation_dtype, "layer.input", requires_grad=input_requires_grad)
-    names = ("attention.self.query", "attention.self.key", "attention.self.value")
-    q, k, v = _qkv(seg, ctx, spec, x, fused=False, names=names)
-    o = self_attention(
-        seg,
-        ctx,
-        spec,
-        (q, k, v),
-        LinearSpec("attention.output.dense", heads * spec.head_dim, h, "o", bias=True),
-        heads=heads,
-        kv_heads=heads,
-        label="attention",
-        dropout_p=spec.attention_dropout,
-        softmax_fp32=False,
-    )
-    o = dropout(seg, ctx, o, spec.hidden_dropout, "attention.output.dropout")
-    o = bottleneck_adapter(seg, ctx, o, ctx.adapter_size, "adapter_attn")
-    h1 = layer_norm(
-        seg, ctx, residual_add(seg, o, x, "attention.residual"), "attention.output.LayerNorm", h
-    )
-    m = _plain_mlp(seg, ctx, spec, h1, ("intermediate.dense", "output.dense"))
-    m = dropout(seg, ctx, m, spec.hidden_dropout, "output.dropout")
-    m = bottleneck_adapter(seg, ctx, m, ctx.adapter_size, "adapter_mlp")
-    out = layer_norm(seg, ctx, residual_add(seg, m, h1, "output.residual"), "output.LayerNorm", h)
-    return LayerGraph(seg, x, out, ())
-
-
-def t5_layer(
-    spec: ModelSpec,
-    ctx: StepContext,
-    *,
-    input_requires_grad: bool,
-    decoder: bool,
-    encoder_len: int,
-    encoder_out: Tensor | None = None,
-) -> LayerGraph:
-    """T5Block: pre-RMSNorm self-attention (+ cross-attention in the decoder) and MLP.
-
-    T5 adds a relative position bias to unscaled scores, so attention runs the eager path;
-    dropout follows every branch.
-    """
-    seg = Segment("layer")
-    tp = ctx.tensor_parallel_degree
-    h, n = spec.hidden_size, ctx.num_tokens
-    heads = spec.num_attention_heads // tp
-    inner = heads * spec.head_dim
-    p = spec.hidden_dropout
-    x = seg.input(n * h, ctx.activation_dtype, "layer.input", requires_grad=input_requires_grad)
-    hn = rms_norm(seg, ctx, x, "layer.0.layer_norm", h)
-    q, k, v = _qkv(
-        seg,
-        ctx,
-        spec,
-        hn,
-        fused=False,
-        names=("SelfAttention.q", "SelfAttention.k", "SelfAttention.v"),
-    )
-    o = self_attention(
-        seg,
-        ctx,
-        spec,
-        (q, k, v),
-        LinearSpec("SelfAttention.o", inner, h, "o", bias=False),
-        heads=heads,
-        kv_heads=heads,
-        label="SelfAttention",
-        dropout_p=spec.attention_dropout,
-        eager_only=True,
-    )
-    o = dropout(seg, ctx, o, p, "layer.0.dropout")
-    o = bottleneck_adapter(seg, ctx, o, ctx.adapter_size, "adapter_attn")
-    hidden = residual_add(seg, x, o, "layer.0.residual")
-    shared: tuple[Tensor, ...] = ()
-    if decoder and encoder_out is not None:
-        enc = seg.input(
-            encoder_out.numel,
-            encoder_out.dtype,
-            "encoder_hidden_states",
-            requires_grad=encoder_out.requires_grad,
-            persistent=True,
-        )
-        shared = (enc,)
-        cn = rms_norm(seg, ctx, hidden, "layer.1.layer_norm", h)
-        cq = linear(seg, ctx, cn, LinearSpec("EncDecAttention.q", h, inner, "q", bias=False))
-        ck = linear(seg, ctx, enc, LinearSpec("EncDecAttention.k", h, inner, "k", bias=False))
-        cv = linear(seg, ctx, enc, LinearSpec("EncDecAttention.v", h, inner, "v", bias=False))
-        ca = attention_core(
-            seg,
-            ctx,
-            cq,
-            ck,
-            cv,
-            num_heads=heads,
-            num_kv_heads=heads,
-            label="EncDecAttention",
-            kv_len=encoder_len,
-            dropout_p=spec.attention_dropout,
-            eager_only=True,
-        )
-        co = dropout(
-            seg,
-            ctx,
-            linear(seg, ctx, ca, LinearSpec("EncDecAttention.o", inner, h, "o", bias=False)),
-            p,
-            "layer.1.dropout",
-        )
-        hidden = residual_add(seg, hidden, co, "layer.1.residual")
-    fn = rms_norm(seg, ctx, hidden, "layer.-1.layer_norm", h)
-    i = spec.intermediate_size // tp
-    if spec.gated_mlp:  # T5DenseGatedActDense: act(wi_0 x) * wi_1 x
-        g = linear(seg, ctx, fn, LinearSpec("DenseReluDense.wi_0", h, i, "gate", bias=False))
-        a = activation(seg, g, spec.hidden_act, "DenseReluDense.act")
-        u = linear(seg, ctx, fn, LinearSpec("DenseReluDense.wi_1", h, i, "up", bias=False))
-        mid = seg.op("DenseReluDense.mul", [a, u], a.numel, a.dtype, saves=[a, u])
-    else:
-        up = linear(seg, ctx, fn, LinearSpec("DenseReluDense.wi", h, i, "up", bias=False))
-        mid = activation(seg, up, spec.hidden_act, "DenseReluDense.act")
-    mid = dropout(seg, ctx, mid, p, "DenseReluDense.dropout")
-    ff = linear(seg, ctx, mid, LinearSpec("DenseReluDense.wo", i, h, "down", bias=False))
-    ff = bottleneck_adapter(
-        seg, ctx, dropout(seg, ctx, ff, p, "layer.-1.dropout"), ctx.adapter_size, "adapter_mlp"
-    )
-    out = residual_add(seg, hidden, ff, "layer.-1.residual")
     return LayerGraph(seg, x, out, shared)

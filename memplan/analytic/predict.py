@@ -15,6 +15,8 @@ from memplan.analytic.weights import ModelState, TensorGroup, model_state
 from memplan.architecture import architecture
 from memplan.distributed import ShardPlan, shard_plan
 from memplan.dtypes import DType, dtype_bytes
+from memplan.errors import MemplanError
+from memplan.families import family
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import ParallelSetup
 from memplan.specs.training import Precision, TrainingSetup
@@ -109,6 +111,15 @@ def _decoder_context(
     return _symbolic(ctx, setup.target_seq_len or cast(int, SEQ_LEN))
 
 
+def check_applicable(spec: ModelSpec, setup: TrainingSetup) -> None:
+    """Raise MemplanError when the method (or the family) cannot run this setup."""
+    reason = setup.tuning.unsupported(spec, setup) or family(spec.family).unsupported(
+        spec, setup.method
+    )
+    if reason:
+        raise MemplanError(reason)
+
+
 def predict(
     spec: ModelSpec,
     setup: TrainingSetup,
@@ -124,6 +135,7 @@ def predict(
     ``target_seq_len`` stays a number); raises NotSymbolicError where the model needs numbers.
     """
     parallel = parallel or ParallelSetup()
+    check_applicable(spec, setup)
     requested = setup
     setup = effective_setup(setup, parallel)
     shard = shard_plan(spec, setup, parallel)
@@ -178,7 +190,7 @@ def predict(
     # int64 input_ids (saved by a trainable embedding for its backward) and labels.
     ids_bytes = allocation_bytes(ctx.num_tokens * 8)
     ids_category = (
-        Category.ACTIVATIONS if autograd and ctx.trains_embedding() else Category.TEMPORARIES
+        Category.ACTIVATIONS if autograd and ctx.trains_embedding else Category.TEMPORARIES
     )
     # One micro-batch's events (the first one creates .grad, later ones accumulate into it);
     # every step reuses them, marked with its step number.

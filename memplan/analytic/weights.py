@@ -11,18 +11,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from memplan.analytic.context import StepContext
-from memplan.architecture import Architecture, Block, ParamKind, ParamTensor
+from memplan.architecture import (
+    ROW_PARALLEL_ROLES,
+    Architecture,
+    Block,
+    ParamKind,
+    ParamTensor,
+    is_bias,
+)
 from memplan.dtypes import DType, Quantization, dtype_bytes, quantized_weight_bytes
-from memplan.errors import MemplanError
-from memplan.specs.training import Method, TrainingSetup
+from memplan.families import family
+from memplan.specs.training import TrainingSetup
 from memplan.trace import Category, Event, Phase, Repeat, TraceItem, allocation_bytes
 
 # Kinds that tensor parallelism splits across ranks (Megatron column/row-parallel linears and
 # vocab-parallel embeddings); norms, biases of row-parallel layers and routers are replicated.
 _TP_SPLIT = (ParamKind.LINEAR, ParamKind.EMBEDDING)
-# Megatron splits the output of column-parallel layers (their biases too) and the input of
-# row-parallel layers (attention output and MLP down projections, whose biases are whole).
-_ROW_PARALLEL = ("o", "down")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,21 +79,6 @@ class ModelState:
         return items
 
 
-def _is_bias(tensor: ParamTensor) -> bool:
-    """A bias term: of a linear layer, or a LayerNorm's (beta)."""
-    return tensor.kind is ParamKind.BIAS or (
-        tensor.kind is ParamKind.NORM and tensor.name.endswith(".bias")
-    )
-
-
-def _trainable_base(tensor: ParamTensor, method: Method) -> bool:
-    if method is Method.FULL:
-        return True
-    # BitFit trains every bias term, LayerNorm biases included (Ben Zaken et al. 2021: 0.08%
-    # of BERT-large's parameters), as the layer graphs' LayerNorm backward does.
-    return method is Method.BITFIT and _is_bias(tensor)
-
-
 def _quantized(tensor: ParamTensor, setup: TrainingSetup) -> bool:
     # bnb replaces every nn.Linear except the LM head (transformers keeps the output embedding
     # in 16-bit: get_keys_to_not_convert); memplan also keeps MoE routers in 16-bit.
@@ -99,7 +88,7 @@ def _quantized(tensor: ParamTensor, setup: TrainingSetup) -> bool:
 def _share(tensor: ParamTensor, numel: int, *, tp: int, shards: int, vocab: int) -> int:
     """This GPU's elements of ``tensor``: split by tensor parallelism, then by sharding."""
     column_bias = tensor.kind is ParamKind.BIAS and (
-        (tensor.role is not None and tensor.role not in _ROW_PARALLEL)
+        (tensor.role is not None and tensor.role not in ROW_PARALLEL_ROLES)
         or tensor.shape == (vocab,)  # the vocab-parallel LM head's output bias (BERT MLM)
     )
     if tensor.kind in _TP_SPLIT or column_bias:
@@ -111,19 +100,19 @@ def model_state(
     arch: Architecture, setup: TrainingSetup, ctx: StepContext, *, weight_divisor: int = 1
 ) -> ModelState:
     """Every parameter, quantization state and adapter this GPU holds."""
-    if setup.method is Method.BITFIT and not any(_is_bias(t) for _, t in arch.tensors()):
-        raise MemplanError(f"method=bitfit trains biases, and {arch.spec.name} has none")
     state = ModelState(num_params=arch.num_params)
     state.layer_params = max((sum(t.numel for t in b.params) for b in arch.blocks), default=0)
     for block in arch.blocks:
         for tensor in block.params:
             _add_base_tensor(state, block, tensor, setup, ctx, weight_divisor)
-            if ctx.has_lora(tensor.role) and tensor.kind is ParamKind.LINEAR and tensor.copies == 1:
-                _add_lora(state, block, tensor, ctx, weight_divisor)
-    _add_method_params(state, arch, setup, ctx, weight_divisor)
-    if arch.spec.position_embedding == "rope":
+    for added in ctx.method.added_params(arch, setup, ctx):
+        share = -(-added.numel // weight_divisor)
+        state.groups.append(
+            TensorGroup(added.label, share, added.dtype, added.count, shape=added.shape)
+        )
+        state.num_trainable_params += added.full_numel * added.count
+    if rotary := family(arch.spec.family).rotary_dim(arch.spec):
         # The rotary embedding module's inv_freq and original_inv_freq buffers (fp32).
-        rotary = int(arch.spec.layout.get("rotary_dim", arch.spec.head_dim))
         state.groups.append(
             TensorGroup("rotary_emb.inv_freq", rotary // 2, DType.FP32, 2, Category.FROZEN_WEIGHTS)
         )
@@ -159,65 +148,10 @@ def _add_base_tensor(
                 )
             )
         return
-    trainable = _trainable_base(tensor, setup.method)
+    trainable = ctx.method.trains(tensor.kind, bias=is_bias(tensor))
     category = Category.TRAINABLE_WEIGHTS if trainable else Category.FROZEN_WEIGHTS
     share = _share(tensor, numel, tp=tp, shards=shards, vocab=ctx.vocab_size)
     shape = tensor.shape if tensor.copies == 1 else tensor.shape[-2:]
     state.groups.append(TensorGroup(label, share, ctx.weight_dtype, count, category, shape))
     if trainable:
-        state.num_trainable_params += numel * count
-
-
-def _add_lora(
-    state: ModelState, block: Block, tensor: ParamTensor, ctx: StepContext, shards: int
-) -> None:
-    """peft LoRA: lora_A (r x in) and lora_B (out x r) per targeted linear.
-
-    Under tensor parallelism a column-parallel linear splits lora_B's rows, a row-parallel
-    one lora_A's columns; the other matrix is replicated (Megatron-style LoRA).
-    """
-    r, tp = ctx.lora_r, ctx.tensor_parallel_degree
-    row_parallel = tensor.role in _ROW_PARALLEL
-    in_share = -(-tensor.in_features // tp) if row_parallel else tensor.in_features
-    out_share = tensor.out_features if row_parallel else -(-tensor.out_features // tp)
-    parts = (
-        ("lora_A", r, in_share, tensor.in_features),
-        ("lora_B", out_share, r, tensor.out_features),
-    )
-    for part, rows, cols, full in parts:
-        share = -(-(rows * cols) // shards)
-        state.groups.append(
-            TensorGroup(
-                f"{block.name}.{tensor.name}.{part}",
-                share,
-                ctx.adapter_dtype,
-                block.repeat,
-                shape=(rows, cols),
-            )
-        )
-        state.num_trainable_params += r * full * block.repeat
-
-
-def _add_method_params(
-    state: ModelState, arch: Architecture, setup: TrainingSetup, ctx: StepContext, shards: int
-) -> None:
-    spec = arch.spec
-    layers = spec.num_layers
-    groups: list[tuple[str, int, int]] = []
-    if setup.method is Method.ADAPTER:
-        # Houlsby adapters after attention and after the MLP: down (h x m + m), up (m x h + h).
-        h, m = spec.hidden_size, setup.adapter_size
-        for name, numel in (
-            ("down.weight", h * m),
-            ("down.bias", m),
-            ("up.weight", m * h),
-            ("up.bias", h),
-        ):
-            groups.append((f"adapter.{name}", numel, 2 * layers))
-    elif setup.method is Method.PREFIX:
-        # peft PrefixTuning (no projection): an embedding of prefix_len x (layers * 2 * kv width).
-        kv_width = spec.num_key_value_heads * spec.head_dim
-        groups.append(("prefix_encoder.embedding", setup.prefix_len * layers * 2 * kv_width, 1))
-    for label, numel, count in groups:
-        state.groups.append(TensorGroup(label, -(-numel // shards), ctx.adapter_dtype, count))
         state.num_trainable_params += numel * count

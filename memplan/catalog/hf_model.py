@@ -9,28 +9,17 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
-from typing import Any, Final
-
-# Classes laid out from config.json 'architectures' (encoder and encoder-decoder families);
-# decoder-only families are built as their AutoModelForCausalLM class.
-_HEAD_FAMILIES: Final = ("bert", "t5", "mt5")
-_DEFAULT_CLASS: Final = {
-    "bert": "BertForMaskedLM",
-    "t5": "T5ForConditionalGeneration",
-    "mt5": "MT5ForConditionalGeneration",
-}
-# Class names transformers no longer has, by their current name.
-_RENAMED_CLASSES: Final = {"T5WithLMHeadModel": "T5ForConditionalGeneration"}
+from typing import Any
 
 
 def hf_class_name(config: Mapping[str, Any]) -> str:
-    """The transformers class whose parameters memplan counts for this config."""
-    model_type = str(config["model_type"])
-    if model_type in _HEAD_FAMILIES:
-        name = str((config.get("architectures") or [_DEFAULT_CLASS[model_type]])[0])
-        return _RENAMED_CLASSES.get(name, name)
-    auto = importlib.import_module("transformers.models.auto.modeling_auto")
-    return str(auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    """The transformers class whose parameters memplan counts for this config (its family's)."""
+    from memplan.families import family_for_model_type
+
+    fam = family_for_model_type(str(config["model_type"]))
+    if fam is None:
+        raise ValueError(f"no family reads model_type {config['model_type']!r}")
+    return fam.hf_class(config)
 
 
 def meta_model(config: Mapping[str, Any]) -> Any:

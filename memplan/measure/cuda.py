@@ -33,7 +33,6 @@ from memplan.catalog import load_model
 from memplan.errors import MemplanError
 from memplan.measure.records import Environment, MeasuredRun, OutOfMemory, PhaseSample
 from memplan.specs import (
-    Method,
     ModelSpec,
     Offload,
     Optimizer,
@@ -42,12 +41,7 @@ from memplan.specs import (
     TrainingSetup,
 )
 from memplan.torchsim.materialize import materialize
-from memplan.torchsim.methods import (
-    QuantizedLinearFactory,
-    apply_method,
-    lora_model,
-    quantize_linears,
-)
+from memplan.torchsim.methods import QuantizedLinearFactory, apply_method, quantize_linears
 from memplan.torchsim.models import COMPUTE_DTYPES, BuiltModel, build_meta_model
 from memplan.torchsim.optimizers import LEARNING_RATE, param_groups, torch_optimizer
 from memplan.torchsim.runner import third_party_warnings_muted
@@ -206,14 +200,15 @@ def build(spec: ModelSpec, setup: TrainingSetup, device: str) -> tuple[nn.Module
 
 def _build(spec: ModelSpec, setup: TrainingSetup, device: str) -> tuple[nn.Module, BuiltModel]:
     built = build_meta_model(spec, setup)
-    if setup.method is Method.QLORA or setup.quant.value != "none":
-        # bitsandbytes quantizes real weights, so the model is materialized before LoRA.
+    if setup.quant.value != "none":
+        # bitsandbytes quantizes real weights, so the model is materialized before the method
+        # adds its tensors.
         quantize_linears(built.model, setup, _bnb_linear_factory(setup))
         built.model.requires_grad_(False)
         weight_dtype = COMPUTE_DTYPES[setup.precision]
         take = _quantized_materializer(device, weight_dtype)
         materialize(built.model, fill=True, device=device, materialize_module=take)
-        model = lora_model(built, spec, setup) if setup.uses_lora else built.model
+        model = setup.tuning.apply(built, spec, setup)
     else:
         model = apply_method(built, spec, setup)
         materialize(model, fill=True, device=device)
@@ -536,7 +531,7 @@ def measure_cli(args: argparse.Namespace) -> int:
     from memplan.cli import parallel_from_args, setup_from_args
 
     spec = load_model(args.model)
-    setup = setup_from_args(args)
+    setup = setup_from_args(args, spec)
     parallel = parallel_from_args(args)
     # Under `accelerate launch` every rank runs this; WORLD_SIZE says how many there are.
     world = int(os.environ.get("WORLD_SIZE", "1"))

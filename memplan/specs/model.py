@@ -2,70 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    SerializeAsAny,
+    model_validator,
+)
 
-Family = Literal[
-    "llama",
-    "mistral",
-    "mixtral",
-    "qwen2",
-    "gemma2",
-    "phi3",
-    "gpt2",
-    "gpt_neox",
-    "falcon",
-    "bloom",
-    "opt",
-    "t5",
-    "bert",
-]
-"""Model families memplan can lay out; each maps 1:1 to a Hugging Face ``model_type``
-(``mt5`` is read as family ``t5``: same modules, other defaults)."""
+from memplan.families.base import Layout
 
-LAYOUT_KEYS: Final[dict[str, str]] = {
-    # Parameter layout (read by memplan.architecture).
-    "architecture": "Hugging Face class whose parameters are laid out (BERT and T5 heads), "
-    "from config.json 'architectures'; decoder-only families are laid out as *ForCausalLM.",
-    "num_labels": "Outputs of a BERT classification head (config num_labels or id2label).",
-    "type_vocab_size": "Rows of BERT's token-type (segment) embedding.",
-    "cross_attention": "GPT-2 / BERT layers attend to an encoder too (add_cross_attention).",
-    "relative_attention_num_buckets": "Rows of T5's relative position bias, one table per stack "
-    "(registered in layer 0, shared by all layers).",
-    "word_embed_proj_dim": "OPT token-embedding width; project_in / project_out map it to "
-    "hidden_size when they differ (opt-350m).",
-    "position_offset": "Extra rows of a learned position table (OPT: 2, for padding).",
-    "final_layer_norm": "OPT has a final LayerNorm (do_layer_norm_before and not "
-    "_remove_final_layer_norm).",
-    "layer_norm_affine": "OPT LayerNorms have weight and bias (layer_norm_elementwise_affine).",
-    "falcon_layer_norms": "Falcon LayerNorms per layer: 'input' (parallel attention, falcon-7b), "
-    "'ln_attn+ln_mlp' (new_decoder_architecture) or 'input+post_attention' (sequential).",
-    # Activation-relevant details (no parameters of their own).
-    "do_layer_norm_before": "OPT pre-LN (true) or post-LN (false, opt-350m).",
-    "scale_decoder_outputs": "T5 scales decoder outputs by d_model**-0.5 before the tied LM head "
-    "(config tie_word_embeddings not false: original T5).",
-    "rotary_dim": "Dimensions per head that get rotary embedding (GPT-NeoX rotary_pct * head_dim).",
-    "sliding_window": "Sliding-window attention span in tokens (Mistral, Gemma2, Phi-3, Qwen2).",
-    "query_pre_attn_scalar": "Gemma2 scales attention scores by query_pre_attn_scalar**-0.5.",
-    "attn_logit_softcapping": "Gemma2 soft-caps attention scores with tanh.",
-    "final_logit_softcapping": "Gemma2 soft-caps the output logits with tanh (a vocab-wide op).",
-}
-"""Keys ``ModelSpec.layout`` may hold, with their meaning; any other key is rejected."""
+Family = str
+"""A registered model family (:mod:`memplan.families`); by convention the Hugging Face
+``model_type`` it reads (``mt5`` is read by family ``t5``)."""
 
 
 class ModelSpec(BaseModel):
     """Shapes of a transformer that determine its parameters and activations.
 
     Field names follow Hugging Face ``config.json`` so a config maps onto a spec field by field;
-    the family-specific layout quirks (fused projections, extra norms) live in
-    :mod:`memplan.architecture`.
+    what is specific to one family (fused projections, extra norms, its typed ``layout``)
+    lives in its module, :mod:`memplan.families`.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str = Field(min_length=1, description="Catalog name, e.g. 'llama-2-7b'.")
-    family: Family = Field(description="Hugging Face model_type the layout follows.")
+    family: Family = Field(description="Registered model family (memplan.families).")
     vocab_size: PositiveInt = Field(description="Rows of the token embedding (and LM head).")
     hidden_size: PositiveInt = Field(description="Width of the residual stream (d_model).")
     num_encoder_layers: NonNegativeInt = Field(
@@ -115,10 +82,11 @@ class ModelSpec(BaseModel):
     attention_dropout: float = Field(
         default=0.0, ge=0.0, lt=1.0, description="Dropout on attention probabilities."
     )
-    layout: dict[str, int | bool | str] = Field(
-        default_factory=dict,
-        description="Family-specific details read from config.json (e.g. OPT's "
-        "word_embed_proj_dim, BERT's type_vocab_size); keys and meanings in LAYOUT_KEYS.",
+    layout: SerializeAsAny[Layout] = Field(
+        default_factory=Layout,
+        description="Family-specific details read from config.json (OPT's word_embed_proj_dim, "
+        "BERT's type_vocab_size, ...): an instance of the family's layout class; a dict is "
+        "read into it.",
     )
     num_params: PositiveInt | None = Field(
         default=None,
@@ -139,11 +107,38 @@ class ModelSpec(BaseModel):
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_layout(cls, data: Any) -> Any:
+        """Read ``layout`` into the family's layout class (unknown keys are refused there)."""
+        if not isinstance(data, dict):
+            return data
+        from memplan.families import families
+
+        fam = families().get(str(data.get("family")))
+        if fam is None:
+            raise ValueError(
+                f"unknown family {data.get('family')!r} (known: {', '.join(families())})"
+            )
+        layout = data.get("layout")
+        if layout is None or isinstance(layout, dict):
+            known = fam.layout_type.model_fields
+            unknown = sorted(set(layout or {}) - set(known))
+            if unknown:
+                raise ValueError(
+                    f"unknown layout key {unknown[0]!r} of family {fam.name} "
+                    f"(known: {', '.join(known) or 'none'})"
+                )
+            data = {**data, "layout": fam.layout_type(**(layout or {}))}
+        elif not isinstance(layout, fam.layout_type):
+            raise ValueError(
+                f"layout of family {fam.name} must be {fam.layout_type.__name__}, "
+                f"got {type(layout).__name__}"
+            )
+        return data
+
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelSpec:
-        unknown = sorted(set(self.layout) - set(LAYOUT_KEYS))
-        if unknown:
-            raise ValueError(f"unknown layout key {unknown[0]!r} (known: {', '.join(LAYOUT_KEYS)})")
         if self.num_layers == 0:
             raise ValueError("num_encoder_layers + num_decoder_layers must be at least 1")
         if self.num_attention_heads % self.num_key_value_heads:

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from memplan._compat import StrEnum
 from memplan.dtypes import DType, Quantization
 
+if TYPE_CHECKING:
+    from memplan.methods.base import TuningMethod
 
-class Method(StrEnum):
-    """How much of the model is trained."""
 
-    FULL = "full"  # every parameter
-    LORA = "lora"  # low-rank adapters on frozen 16/32-bit weights (peft LoraConfig)
-    QLORA = "qlora"  # LoRA on 4-bit frozen weights (QLoRA, arXiv:2305.14314)
-    ADAPTER = "adapter"  # bottleneck adapters after attention and MLP (Houlsby et al. 2019)
-    PREFIX = "prefix"  # trainable key/value prefixes per layer (Li & Liang 2021, peft)
-    BITFIT = "bitfit"  # biases only (Ben Zaken et al. 2021)
-    FROZEN = "frozen"  # forward pass only (inference / evaluation)
+Method = str
+"""A registered fine-tuning method (:mod:`memplan.methods`): full, lora, qlora, ..."""
 
 
 class Precision(StrEnum):
@@ -101,38 +96,15 @@ ALL_LINEAR: Final[tuple[LinearRole, ...]] = (
     "down",
 )
 
-# Typical setups per method, applied to fields the caller leaves out (reported as assumptions).
-METHOD_DEFAULTS: Final[dict[Method, dict[str, Any]]] = {
-    # Full fine-tuning with HF Trainer --bf16: fp32 weights under autocast, fused AdamW.
-    Method.FULL: {"precision": Precision.BF16_AMP, "optimizer": Optimizer.ADAMW},
-    # peft LoRA on a bf16 model: LoraConfig defaults (r=8, alpha=8, q and v projections).
-    Method.LORA: {"precision": Precision.BF16, "optimizer": Optimizer.ADAMW},
-    # QLoRA paper recipe (arXiv:2305.14314, qlora.py): NF4 + double quant, bf16 compute,
-    # paged AdamW 32-bit, r=64 alpha=16 on all linear layers, gradient checkpointing.
-    Method.QLORA: {
-        "precision": Precision.BF16,
-        "quant": Quantization.NF4,
-        "double_quant": True,
-        "optimizer": Optimizer.PAGED_ADAMW,
-        "grad_ckpt": True,
-        "lora_r": 64,
-        "lora_alpha": 16.0,
-        "lora_dropout": 0.05,
-        "lora_targets": ALL_LINEAR,
-    },
-    Method.ADAPTER: {"precision": Precision.BF16, "optimizer": Optimizer.ADAMW},
-    Method.PREFIX: {"precision": Precision.BF16, "optimizer": Optimizer.ADAMW},
-    Method.BITFIT: {"precision": Precision.BF16, "optimizer": Optimizer.ADAMW},
-    Method.FROZEN: {"precision": Precision.BF16, "optimizer": Optimizer.ADAMW},
-}
-
 
 class TrainingSetup(BaseModel):
     """One training step's configuration on one model replica."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
 
-    method: Method = Field(default=Method.FULL, description="What is trained.")
+    method: Method = Field(
+        default="full", description="What is trained: a registered method (memplan.methods)."
+    )
     precision: Precision = Field(
         default=Precision.BF16_AMP, description="Weight storage and compute regime."
     )
@@ -203,37 +175,44 @@ class TrainingSetup(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _fill_method_defaults(cls, data: Any) -> Any:
+        """Fields left out take the method's typical setup (reported as assumptions)."""
+        from memplan.methods import methods
+
         if not isinstance(data, dict) or data.get("defaults_from_method"):
             return data
-        try:
-            method = Method(data.get("method", Method.FULL))
-        except ValueError:
-            return data  # field validation reports the bad method
-        filled = {k: v for k, v in METHOD_DEFAULTS[method].items() if data.get(k) is None}
+        name = data.get("method", "full")
+        tuning = methods().get(name) if isinstance(name, str) else None
+        if tuning is None:
+            return data  # the field validator reports the unknown method
+        filled = {k: v for k, v in tuning.defaults.items() if data.get(k) is None}
         return {**data, **filled, "defaults_from_method": tuple(sorted(filled))}
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from memplan.methods import methods
+
+        if name not in methods():
+            raise ValueError(f"unknown method {name!r} (known: {', '.join(methods())})")
+        return name
 
     @model_validator(mode="after")
     def _check_combination(self) -> TrainingSetup:
-        quantized = self.quant is not Quantization.NONE
-        if self.method is Method.QLORA and self.quant not in (Quantization.NF4, Quantization.FP4):
-            raise ValueError(f"method=qlora needs quant nf4 or fp4, got quant={self.quant}")
-        if self.method is Method.QLORA and self.precision is Precision.FP32:
-            raise ValueError(
-                "method=qlora computes in 16-bit (bnb_4bit_compute_dtype): use precision bf16 or "
-                "fp16, not fp32"
-            )
-        if quantized and self.method in (Method.FULL, Method.BITFIT):
-            raise ValueError(
-                f"quant={self.quant} freezes the linear weights: method={self.method} cannot train "
-                "them (use lora/qlora/adapter/prefix)"
-            )
+        self.tuning.check_setup(self)
         if self.grad_ckpt_every > 1 and not self.grad_ckpt:
             raise ValueError("grad_ckpt_every > 1 needs grad_ckpt=True")
         return self
 
     @property
+    def tuning(self) -> TuningMethod:
+        """The method's definition (:mod:`memplan.methods`)."""
+        from memplan.methods import method
+
+        return method(self.method)
+
+    @property
     def uses_lora(self) -> bool:
-        return self.method in (Method.LORA, Method.QLORA)
+        return self.tuning.uses_lora
 
     @property
     def decoder_seq_len(self) -> int:
@@ -242,4 +221,4 @@ class TrainingSetup(BaseModel):
     @property
     def trains_weights(self) -> bool:
         """Whether any parameter gets a gradient (False for forward-only runs)."""
-        return self.method is not Method.FROZEN
+        return self.tuning.trains_weights

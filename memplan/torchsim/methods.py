@@ -1,109 +1,36 @@
-"""Apply a fine-tuning method to a model on the meta device: which weights train, which are
-quantized, which adapters are added.
+"""Prepare a model on the meta device for a setup: quantize its frozen linears, apply the method.
 
-- full: every parameter trains; frozen: none (forward only);
-- lora: peft ``LoraConfig`` on the roles' modules, ``get_peft_model`` defaults (adapters are
-  autocast to fp32, ``autocast_adapter_dtype=True``);
-- qlora: every linear except the LM head becomes an NF4 :class:`Linear4bit`, then LoRA with
-  peft's 4-bit LoRA forward (:class:`LoraLinear4bit`);
-- bitfit: biases of linear layers; without any, the norms' biases; without those, nothing;
-- adapter: bottleneck adapters after attention and MLP (:mod:`memplan.torchsim.adapters`);
-- prefix: peft ``PrefixTuningConfig`` with ``prefix_len`` virtual tokens.
+Quantization (``TrainingSetup.quant``) swaps every linear but the LM head for a quantized one
+(here memplan's NF4 :class:`~memplan.torchsim.quant.Linear4bit`, or bitsandbytes' layers in a
+measured run); the method's own module then decides what trains and what it adds
+(:meth:`memplan.methods.TuningMethod.apply`, through peft where peft has it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from memplan.dtypes import Quantization
 from memplan.errors import MemplanError
-from memplan.specs import Method, ModelSpec, TrainingSetup
-from memplan.specs.training import LinearRole
-from memplan.torchsim.adapters import add_bottleneck_adapters
+from memplan.specs import ModelSpec, TrainingSetup
 from memplan.torchsim.models import COMPUTE_DTYPES, BuiltModel, lm_head_of
 from memplan.torchsim.quant import Linear4bit
 
-# Module names of each role in transformers' Llama-style models (modeling_llama).
-_LLAMA_MODULES: dict[LinearRole, str] = {
-    "q": "q_proj",
-    "k": "k_proj",
-    "v": "v_proj",
-    "o": "o_proj",
-    "gate": "gate_proj",
-    "up": "up_proj",
-    "down": "down_proj",
-}
-# peft's default LoRA targets of Llama-style families
-# (peft.utils.constants.TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
-_DEFAULT_ROLES: tuple[LinearRole, ...] = ("q", "v")
-
-
-def lora_target_modules(spec: ModelSpec, roles: Sequence[LinearRole] | None) -> list[str] | None:
-    """peft ``target_modules`` for ``roles`` (None: peft's default for the family)."""
-    names = _role_module_names(spec)
-    if roles is None:
-        if spec.family not in ("llama", "mistral", "qwen2", "mixtral"):
-            return None  # peft picks its own per-model_type default
-        roles = _DEFAULT_ROLES
-    return sorted({names[r] for r in roles if r in names})
-
-
-def _role_module_names(spec: ModelSpec) -> dict[LinearRole, str]:
-    try:
-        from memplan.architecture import lora_module_names
-    except ImportError:
-        return dict(_LLAMA_MODULES)
-    try:
-        return dict(lora_module_names(spec))
-    except (NotImplementedError, KeyError, ValueError):
-        return dict(_LLAMA_MODULES)
-
 
 def apply_method(built: BuiltModel, spec: ModelSpec, setup: TrainingSetup) -> nn.Module:
-    """``built.model`` prepared for ``setup.method`` (possibly wrapped by peft)."""
-    model = built.model
-    method = setup.method
-    if method is Method.FULL:
-        model.requires_grad_(True)
-        return model
-    model.requires_grad_(False)
-    if method is Method.FROZEN:
-        return model
-    if method is Method.BITFIT:
-        _enable_biases(model, built.notes)
-        return model
-    if method is Method.ADAPTER:
-        add_bottleneck_adapters(model, setup, built.notes)
-        return model
-    if method is Method.PREFIX:
-        return _prefix_tuning(built, setup)
-    if method is Method.QLORA:
-        quantize_linears(model, setup)
-    return lora_model(built, spec, setup)
-
-
-def _enable_biases(model: nn.Module, notes: list[str]) -> None:
-    linear = [
-        m.bias for m in model.modules() if _is_linear(m) and getattr(m, "bias", None) is not None
-    ]
-    if linear:
-        for bias in linear:
-            bias.requires_grad_(True)
-        return
-    norm = [
-        m.bias
-        for m in model.modules()
-        if "Norm" in type(m).__name__ and isinstance(getattr(m, "bias", None), nn.Parameter)
-    ]
-    for bias in norm:
-        bias.requires_grad_(True)
-    if norm:
-        notes.append("bitfit: no linear biases, training the norms' biases")
-    else:
-        notes.append("bitfit: the model has no biases, so nothing trains (forward and loss only)")
+    """``built.model`` quantized as ``setup.quant`` says and prepared for ``setup.method``."""
+    if setup.quant is not Quantization.NONE:
+        if setup.quant is Quantization.INT8:
+            raise MemplanError(
+                "quant=int8 is traced with bitsandbytes' own layers only (memplan emulates 4-bit "
+                "weights); measure it on a GPU"
+            )
+        quantize_linears(built.model, setup)
+    model: nn.Module = setup.tuning.apply(built, spec, setup)
+    return model
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -148,42 +75,3 @@ def quantize_linears(
             out_f, in_f = weight.shape if isinstance(child, nn.Linear) else weight.shape[::-1]
             has_bias = getattr(child, "bias", None) is not None
             setattr(parent, name, make(int(in_f), int(out_f), has_bias, weight.dtype))
-
-
-def lora_model(built: BuiltModel, spec: ModelSpec, setup: TrainingSetup) -> nn.Module:
-    """``built.model`` wrapped by peft with ``setup``'s LoRA (on memplan's or bnb's 4-bit
-    layers)."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=setup.lora_r,
-        lora_alpha=setup.lora_alpha,  # type: ignore[arg-type]  # peft annotates int, takes float
-        lora_dropout=setup.lora_dropout,
-        target_modules=lora_target_modules(spec, setup.lora_targets),
-        # GPT-2's Conv1D stores (in, out): peft needs fan_in_fan_out=True for it.
-        fan_in_fan_out=any(type(m).__name__ == "Conv1D" for m in built.model.modules()),
-        bias="none",
-        task_type=_task_type(built),
-    )
-    if any(isinstance(m, Linear4bit) for m in built.model.modules()):
-        from memplan.torchsim.qlora import LoraLinear4bit
-
-        config._register_custom_module({Linear4bit: LoraLinear4bit})
-    peft_model: nn.Module = get_peft_model(built.model, config)
-    return peft_model
-
-
-def _task_type(built: BuiltModel) -> Any:
-    if not built.is_hf:
-        return None  # the reference decoder is called through PeftModel.forward as is
-    return "SEQ_2_SEQ_LM" if built.is_encoder_decoder else "CAUSAL_LM"
-
-
-def _prefix_tuning(built: BuiltModel, setup: TrainingSetup) -> nn.Module:
-    from peft import PrefixTuningConfig, get_peft_model
-
-    if not built.is_hf:
-        raise MemplanError("prefix tuning needs a transformers model (peft feeds past_key_values)")
-    config = PrefixTuningConfig(task_type=_task_type(built), num_virtual_tokens=setup.prefix_len)
-    peft_model: nn.Module = get_peft_model(built.model, config)
-    return peft_model

@@ -13,6 +13,7 @@ from torch import nn
 
 from memplan.catalog import catalog_names, catalog_record
 from memplan.errors import MemplanError
+from memplan.families import family
 from memplan.specs import Attention, ModelSpec, Precision, TrainingSetup
 from memplan.torchsim.reference_decoder import ReferenceDecoder
 
@@ -45,6 +46,7 @@ class BuiltModel:
     is_hf: bool
     is_encoder_decoder: bool
     notes: list[str] = field(default_factory=list)
+    causal_lm: bool = True  # a decoder trained on next-token prediction (peft task CAUSAL_LM)
 
 
 def has_transformers() -> bool:
@@ -113,11 +115,16 @@ def build_meta_model(
         return BuiltModel(model, spec.family, is_hf=False, is_encoder_decoder=False, notes=notes)
     config = dict(hf_config if hf_config is not None else hf_config_dict(spec))
     if num_layers is None and not spec.is_encoder_decoder:
-        num_layers = spec.num_decoder_layers
+        num_layers = spec.num_layers
     model = _hf_on_meta(config, implementation, WEIGHT_DTYPES[setup.precision], notes, num_layers)
     encdec = bool(getattr(model.config, "is_encoder_decoder", False))
     return BuiltModel(
-        model, str(config["model_type"]), is_hf=True, is_encoder_decoder=encdec, notes=notes
+        model,
+        str(config["model_type"]),
+        is_hf=True,
+        is_encoder_decoder=encdec,
+        notes=notes,
+        causal_lm=family(spec.family).causal and not encdec,
     )
 
 
@@ -138,9 +145,13 @@ def _hf_on_meta(
     notes: list[str],
     num_layers: int | None,
 ) -> nn.Module:
+    import transformers
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoConfig
 
+    from memplan.catalog.hf_model import hf_class_name
+
+    model_class = getattr(transformers, hf_class_name(config_dict))
     fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures")}
     config = AutoConfig.for_model(config_dict["model_type"], **fields)
     if num_layers is not None and config.num_hidden_layers != num_layers:
@@ -148,14 +159,9 @@ def _hf_on_meta(
         key = config.attribute_map.get("num_hidden_layers", "num_hidden_layers")
         fields = {k: v for k, v in fields.items() if k != "layer_types"} | {key: num_layers}
         config = AutoConfig.for_model(config_dict["model_type"], **fields)
-    auto = (
-        AutoModelForSeq2SeqLM
-        if getattr(config, "is_encoder_decoder", False)
-        else AutoModelForCausalLM
-    )
     with init_empty_weights(include_buffers=False):
         try:
-            model: nn.Module = auto.from_config(  # type: ignore[no-untyped-call]
+            model: nn.Module = model_class._from_config(
                 config, dtype=dtype, attn_implementation=implementation
             )
         except ValueError as exc:
@@ -165,9 +171,7 @@ def _hf_on_meta(
             notes.append(
                 f"{config_dict['model_type']} does not support {implementation}: traced eager"
             )
-            model = auto.from_config(  # type: ignore[no-untyped-call]
-                config, dtype=dtype, attn_implementation="eager"
-            )
+            model = model_class._from_config(config, dtype=dtype, attn_implementation="eager")
     # from_pretrained ties the output embedding to the input embedding; from_config on the
     # meta device leaves them apart, so tie them as a loaded model has them.
     tie: Any = getattr(model, "tie_weights", None)
@@ -186,6 +190,15 @@ def decoder_layer_stacks(model: nn.Module) -> list[list[nn.Module]]:
             if len(kinds) == 1 and ("Layer" in name or "Block" in name):
                 stacks.append(list(module))
     return stacks
+
+
+def peft_task_type(built: BuiltModel) -> str | None:
+    """peft's task type for the model (None: the reference decoder, called as is)."""
+    if not built.is_hf:
+        return None
+    if built.is_encoder_decoder:
+        return "SEQ_2_SEQ_LM"
+    return "CAUSAL_LM" if built.causal_lm else None
 
 
 def lm_head_of(model: nn.Module) -> nn.Module | None:

@@ -63,10 +63,9 @@ def test_built_lora_model_trains_exactly_the_predicted_parameters() -> None:
 
 
 def test_frozen_model_runs_forward_only() -> None:
-    run = cuda.run(load_model("tiny-llama"), cpu_setup(method="bitfit"), device="cpu", steps=1)
-    # Llama has no biases: BitFit leaves nothing to train, so no backward or optimizer.
+    run = cuda.run(load_model("tiny-llama"), cpu_setup(method="frozen"), device="cpu", steps=1)
+    # Nothing trains: no backward, no optimizer.
     assert {s.phase for s in run.samples} == {"load", "forward"}
-    assert any("nothing trains" in note for note in run.notes)
 
 
 def test_out_of_memory_is_recorded_not_raised(monkeypatch: pytest.MonkeyPatch) -> None:

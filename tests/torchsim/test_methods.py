@@ -9,9 +9,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from memplan.catalog import load_model  # noqa: E402
+from memplan.errors import MemplanError  # noqa: E402
 from memplan.specs import TrainingSetup  # noqa: E402
 from memplan.torchsim import TraceResult, trace_step  # noqa: E402
-from memplan.torchsim.methods import lora_target_modules  # noqa: E402
 from memplan.trace import Phase  # noqa: E402
 
 pytestmark = pytest.mark.torch
@@ -23,22 +23,36 @@ def _run(model: str, method: str, **fields: object) -> TraceResult:
 
 
 def test_lora_targets_come_from_roles() -> None:
-    llama, gpt2 = load_model("tiny-llama"), load_model("tiny-gpt2")
-    assert lora_target_modules(llama, None) == ["q_proj", "v_proj"]  # peft's Llama default
-    assert lora_target_modules(llama, ("o", "down")) == ["down_proj", "o_proj"]
-    assert lora_target_modules(gpt2, ("qkv", "o")) == ["attn.c_proj", "c_attn"]
+    def targets(model: str, **fields: object) -> set[str]:
+        from memplan.torchsim.runner import RunRequest, prepare_model
+
+        setup = TrainingSetup(method="lora", **fields)  # type: ignore[arg-type]
+        built, _ = prepare_model(RunRequest(load_model(model), setup))
+        return {
+            n.removesuffix(".lora_A").split(".layers.")[-1].split(".h.")[-1].split(".", 1)[-1]
+            for n, _ in built.named_modules()
+            if n.endswith(".lora_A")
+        }
+
+    assert targets("tiny-llama") == {"self_attn.q_proj", "self_attn.v_proj"}  # peft's default
+    assert targets("tiny-llama", lora_targets=("o", "down")) == {
+        "self_attn.o_proj",
+        "mlp.down_proj",
+    }
+    assert targets("tiny-gpt2", lora_targets=("qkv", "o")) == {"attn.c_attn", "attn.c_proj"}
+    # peft has no default for Phi-3: memplan passes the fused qkv_proj.
+    assert targets("tiny-phi3") == {"self_attn.qkv_proj"}
 
 
-def test_bitfit_without_biases_trains_nothing_and_says_so() -> None:
-    result = _run("tiny-llama", "bitfit")
-    assert result.num_trainable_params == 0
-    assert "no biases" in " ".join(result.notes)
-    assert {e.phase for e in result.trace.events()} == {Phase.LOAD, Phase.FORWARD, Phase.LOSS}
+def test_bitfit_without_biases_is_refused_by_the_tracer_too() -> None:
+    with pytest.raises(MemplanError, match="has none"):
+        _run("tiny-llama", "bitfit")
 
 
-def test_bitfit_trains_the_linear_biases() -> None:
-    # GPT-2 Conv1D biases per layer: c_attn 3h, attn.c_proj h, c_fc 4h, mlp.c_proj h (h=128)
-    assert _run("tiny-gpt2", "bitfit").num_trainable_params == 2 * 9 * 128
+def test_bitfit_trains_every_bias() -> None:
+    # GPT-2 per layer: Conv1D biases c_attn 3h, attn.c_proj h, c_fc 4h, mlp.c_proj h, and the
+    # biases of ln_1 and ln_2 (h each); then ln_f's bias (h = 128).
+    assert _run("tiny-gpt2", "bitfit").num_trainable_params == 2 * 11 * 128 + 128
 
 
 def test_frozen_runs_forward_and_loss_only() -> None:

@@ -70,7 +70,7 @@ def test_headline_is_the_65b_qlora_step_capped_to_an_a6000() -> None:
     assert case.model == "llama-65b"
     assert case.cap_to == "rtx-a6000"
     setup = TrainingSetup(**case.setup)
-    assert (setup.method.value, setup.lora_r, setup.optimizer.value) == ("qlora", 64, "paged-adamw")
+    assert (setup.method, setup.lora_r, setup.optimizer.value) == ("qlora", 64, "paged-adamw")
     assert setup.lora_targets == ALL_LINEAR
     assert (setup.micro_batch_size, setup.seq_len, setup.grad_ckpt) == (1, 512, True)
     assert setup.quant.value == "nf4"

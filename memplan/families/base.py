@@ -1,0 +1,143 @@
+"""What a model family is: one class that knows its config, parameters and step graph.
+
+A family module (``memplan/families/<name>.py``) defines a subclass of :class:`ModelFamily` and
+binds an instance to ``FAMILY``. The instance knows, for its Hugging Face ``model_type``\\ s:
+
+- how to read a ``config.json`` into :class:`memplan.specs.ModelSpec` fields, with the defaults
+  of the transformers configuration class (``read_config``) and its typed layout details
+  (``layout_type``);
+- every parameter tensor the transformers implementation registers (``blocks``);
+- the ops of its embedding, its layers, its final norm and its head, as the analytical model
+  replays them (``embedding``, ``layer``, ``final_norm``, ``head``), built from the shared op
+  builders of :mod:`memplan.analytic.blocks` and :mod:`memplan.analytic.layers`;
+- peft's default LoRA targets (``lora_roles``) and the transformers class a tracer builds
+  (``hf_class``);
+- a tiny catalog model the oracle grid traces (``tiny_model``).
+
+Nothing here imports torch: the tracer asks for class *names* and imports them itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from memplan.analytic.context import StepContext
+    from memplan.analytic.graph import ParamGrad, Segment, Tensor
+    from memplan.analytic.layers import LayerGraph
+    from memplan.analytic.model_graph import StackBuilder, Stacks
+    from memplan.architecture import Block
+    from memplan.specs.model import ModelSpec
+    from memplan.specs.training import LinearRole
+
+Config = Mapping[str, Any]
+"""A parsed ``config.json``."""
+
+
+class Layout(BaseModel):
+    """Family-specific details of a model, read from its config.json (none by default).
+
+    A family with details of its own subclasses this with typed, documented fields;
+    ``ModelSpec.layout`` holds an instance of its family's class.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelFamily:
+    """One model family; subclasses override what differs from a Llama-style causal LM."""
+
+    name: ClassVar[str]
+    """``ModelSpec.family``; by convention the transformers ``model_type``."""
+    model_types: ClassVar[tuple[str, ...]]
+    """config.json ``model_type`` values this family reads (mT5 is read by T5)."""
+    tiny_model: ClassVar[str]
+    """Catalog name of a tiny model of this family (traced on CPU by the oracle grid)."""
+    layout_type: ClassVar[type[Layout]] = Layout
+    lora_roles: ClassVar[tuple[LinearRole, ...]] = ("q", "v")
+    """peft's default LoRA targets as roles (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)."""
+    causal: ClassVar[bool] = True
+    """A decoder whose eager attention reads an additive causal mask (create_causal_mask)."""
+
+    # -- config.json -------------------------------------------------------------------------
+    def read_config(self, config: Config) -> dict[str, Any]:
+        """``ModelSpec`` fields from ``config`` (raises ValueError with a short message)."""
+        raise NotImplementedError
+
+    def layout(self, spec: ModelSpec) -> Any:
+        """``spec.layout``, typed as this family's layout class."""
+        return spec.layout
+
+    # -- parameters ---------------------------------------------------------------------------
+    def blocks(self, spec: ModelSpec) -> tuple[Block, ...]:
+        """Every parameter tensor, grouped into (repeated) blocks."""
+        raise NotImplementedError
+
+    def rotary_dim(self, spec: ModelSpec) -> int:
+        """Dimensions per head with rotary embeddings (0: no rotary; sizes inv_freq buffers)."""
+        return spec.head_dim if spec.position_embedding == "rope" else 0
+
+    def sliding_window(self, spec: ModelSpec) -> int | None:
+        """Span of sliding-window attention in tokens (None: every layer attends to all)."""
+        window = getattr(spec.layout, "sliding_window", None)
+        return window if isinstance(window, int) else None
+
+    # -- transformers ------------------------------------------------------------------------
+    hf_model_class: ClassVar[str]
+    """The transformers class of a training run (decoders: their *ForCausalLM class)."""
+
+    def hf_class(self, config: Config) -> str:
+        """The transformers class a config is built as: what memplan lays out, what the catalog
+        counts and what the tracer runs."""
+        return self.hf_model_class
+
+    # -- the step's graph ----------------------------------------------------------------------
+    def stacks(self, spec: ModelSpec, ctx: StepContext, build: StackBuilder) -> Stacks:
+        """The layer stacks of one forward: one decoder stack for decoder-only models."""
+        return build.single(spec, ctx, self.layer, spec.num_layers)
+
+    def embedding(
+        self,
+        spec: ModelSpec,
+        ctx: StepContext,
+        seg: Segment,
+        *,
+        output_requires_grad: bool,
+        stack: str = "model",
+    ) -> Tensor:
+        """The embedding ops of the model's forward (of ``stack``: encoder-decoder models have
+        two); returns the first layer's input."""
+        from memplan.analytic.head import token_embedding
+
+        return token_embedding(spec, ctx, seg, output_requires_grad=output_requires_grad)
+
+    def layer(self, spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -> LayerGraph:
+        raise NotImplementedError
+
+    def final_norm(
+        self, spec: ModelSpec, ctx: StepContext, x: Tensor, seg: Segment, *, stack: str = "model"
+    ) -> Tensor:
+        """The norm after the last layer of ``stack`` (``x`` itself when there is none)."""
+        from memplan.analytic.blocks import rms_norm
+
+        return rms_norm(seg, ctx, x, "norm", spec.hidden_size)
+
+    def head(
+        self, spec: ModelSpec, ctx: StepContext, x: Tensor, seg: Segment
+    ) -> tuple[Tensor, Tensor]:
+        """Output head and loss: (loss, logits)."""
+        from memplan.analytic.head import causal_lm_loss
+
+        return causal_lm_loss(spec, ctx, x, seg)
+
+    def tail_grads(self, spec: ModelSpec, ctx: StepContext) -> list[ParamGrad]:
+        """Gradients of parameters used outside the layer graphs, written as backward ends."""
+        return []
+
+    # -- methods ---------------------------------------------------------------------------------
+    def unsupported(self, spec: ModelSpec, method: str) -> str | None:
+        """Why ``method`` cannot run on ``spec`` (None: it can)."""
+        return None

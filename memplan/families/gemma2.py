@@ -1,0 +1,134 @@
+"""Gemma2 (transformers ``modeling_gemma2``): a Llama-style decoder with four norms per layer.
+
+Norms compute in fp32 and scale by (1 + weight); the embeddings are scaled by
+sqrt(hidden_size); attention scores and output logits are soft-capped with tanh; the head is
+tied to the embedding by default.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field, PositiveInt
+
+from memplan.families import _config as cfg
+from memplan.families.base import Config, Layout
+from memplan.families.llama import Llama
+
+if TYPE_CHECKING:
+    from memplan.analytic.context import StepContext
+    from memplan.analytic.graph import Segment, Tensor
+    from memplan.analytic.layers import RopeStyle
+    from memplan.architecture import Block
+    from memplan.specs.model import ModelSpec
+
+
+class Gemma2Layout(Layout):
+    sliding_window: PositiveInt | None = Field(
+        default=None, description="Sliding-window span of the local layers, in tokens."
+    )
+    query_pre_attn_scalar: PositiveInt = Field(
+        default=256, description="Attention scores are scaled by query_pre_attn_scalar**-0.5."
+    )
+    attn_logit_softcapping: bool = Field(
+        default=True, description="Attention scores are soft-capped with tanh."
+    )
+    final_logit_softcapping: bool = Field(
+        default=True, description="Output logits are soft-capped with tanh (a vocab-wide op)."
+    )
+
+
+class Gemma2(Llama):
+    name = "gemma2"
+    model_types = ("gemma2",)
+    tiny_model = "tiny-gemma2"
+    hf_model_class = "Gemma2ForCausalLM"
+    layout_type = Gemma2Layout
+
+    def layout(self, spec: ModelSpec) -> Gemma2Layout:
+        assert isinstance(spec.layout, Gemma2Layout)
+        return spec.layout
+
+    def read_config(self, config: Config) -> dict[str, Any]:
+        """Gemma2Config: head_dim defaults to 256 (not hidden / heads); embeddings tied."""
+        hidden = cfg.integer(config, "hidden_size")
+        heads = cfg.integer(config, "num_attention_heads")
+        bias = cfg.flag(config, "attention_bias", False)
+        kv_heads = cfg.integer(config, "num_key_value_heads", 4)
+        head_dim = cfg.integer(config, "head_dim", 256)
+        return {
+            **cfg.rope_decoder(config, hidden, heads, kv_heads, head_dim),
+            "hidden_act": cfg.text(
+                config, ("hidden_activation", "hidden_act"), "gelu_pytorch_tanh"
+            ),
+            "attention_bias": bias,
+            "attention_out_bias": bias,
+            "tie_word_embeddings": cfg.flag(config, "tie_word_embeddings", True),
+            "max_position_embeddings": cfg.integer(config, "max_position_embeddings", 8192),
+            "layout": {
+                "sliding_window": cfg.sliding_window(config),
+                "query_pre_attn_scalar": cfg.integer(config, "query_pre_attn_scalar", 256),
+                "attn_logit_softcapping": config.get("attn_logit_softcapping", 50.0) is not None,
+                "final_logit_softcapping": config.get("final_logit_softcapping", 30.0) is not None,
+            },
+        }
+
+    def blocks(self, spec: ModelSpec) -> tuple[Block, ...]:
+        from memplan.architecture import (
+            attention_params,
+            decoder_only_blocks,
+            gated_mlp_params,
+            norm_params,
+            token_embedding_param,
+        )
+
+        h = spec.hidden_size
+        norms = ("input", "post_attention", "pre_feedforward", "post_feedforward")
+        layer = [
+            *attention_params(spec, "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+            *gated_mlp_params(spec, "mlp.", ("gate_proj", "up_proj", "down_proj")),
+            *(t for n in norms for t in norm_params(f"{n}_layernorm", h, with_bias=False)),
+        ]
+        embeddings = [token_embedding_param("embed_tokens", spec)]
+        return decoder_only_blocks(spec, embeddings, layer, norm_params("norm", h, with_bias=False))
+
+    def style(self) -> RopeStyle:
+        from memplan.analytic.layers import RopeStyle
+
+        return RopeStyle(gemma_norms=True)
+
+    def embedding(
+        self,
+        spec: ModelSpec,
+        ctx: StepContext,
+        seg: Segment,
+        *,
+        output_requires_grad: bool,
+        stack: str = "model",
+    ) -> Tensor:
+        x = super().embedding(spec, ctx, seg, output_requires_grad=output_requires_grad)
+        return seg.op("embed_scale", [x], x.numel, x.dtype)  # inputs_embeds * sqrt(hidden_size)
+
+    def final_norm(
+        self, spec: ModelSpec, ctx: StepContext, x: Tensor, seg: Segment, *, stack: str = "model"
+    ) -> Tensor:
+        from memplan.analytic.blocks import rms_norm
+
+        return rms_norm(seg, ctx, x, "norm", spec.hidden_size, gemma=True)
+
+    def head(
+        self, spec: ModelSpec, ctx: StepContext, x: Tensor, seg: Segment
+    ) -> tuple[Tensor, Tensor]:
+        from memplan.analytic.head import cross_entropy, lm_head
+
+        logits = lm_head(spec, ctx, x, seg)
+        if self.layout(spec).final_logit_softcapping:  # tanh(logits / cap) * cap
+            scaled = seg.op("logits.softcap_div", [logits], logits.numel, logits.dtype)
+            th = seg.op(
+                "logits.softcap_tanh", [scaled], logits.numel, logits.dtype, saves_output=True
+            )
+            logits = seg.op("logits.softcap_mul", [th], logits.numel, logits.dtype)
+        return cross_entropy(ctx, seg, logits, x, shifted_fp32=ctx.logits_fp32), logits
+
+
+FAMILY = Gemma2()

@@ -1,0 +1,205 @@
+"""The oracle: the analytical model against real CPU training steps, for everything registered.
+
+The grid is generated from the registries, never hand-listed: every family
+(:mod:`memplan.families`, through its tiny catalog model) x every method
+(:mod:`memplan.methods`) it supports x checkpointing off/on x eager/SDPA attention x two batch
+shapes. A new family or method is covered by being registered. For each configuration the
+same step is measured on real CPU tensors (memplan.torchsim tracks every storage) and predicted
+with ``device="cpu"`` (CPU kernels: dropout masks in the input dtype, the math SDPA path when
+attention dropout is on, LayerNorm statistics in the input dtype).
+
+The analytical peak must be within 1% of the measured one, in total and per category. Per
+category means each category's bytes at the peak; when two moments of a step come within a
+percent of each other the measured and predicted peaks can land on different instants, and
+breakdowns taken at different instants compare nothing, so a category also passes when its
+high-water mark over the two steps agrees. A category's error is measured against the peak,
+so categories of a few hundred bytes (the loss scalar) need not agree to the byte.
+
+Combinations a real run refuses are not in the grid; ``test_refused_combinations_say_why``
+checks that the analytical model and the tracer refuse each of them in one line.
+The trainable tensors (names and sizes) must be the same in the analytical model and in the
+torch model the tracer builds, for every family and method.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections import Counter
+from functools import cache
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from memplan.analytic.context import StepContext  # noqa: E402
+from memplan.analytic.predict import check_applicable, predict  # noqa: E402
+from memplan.analytic.weights import model_state  # noqa: E402
+from memplan.architecture import architecture  # noqa: E402
+from memplan.catalog import load_model  # noqa: E402
+from memplan.errors import MemplanError  # noqa: E402
+from memplan.families import families  # noqa: E402
+from memplan.methods import method_names  # noqa: E402
+from memplan.specs import TrainingSetup  # noqa: E402
+from memplan.torchsim.runner import RunRequest, prepare_model  # noqa: E402
+from memplan.torchsim.step import trace_step  # noqa: E402
+from memplan.trace import ALLOCATED_CATEGORIES, Category, Peak  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+TOLERANCE = 0.01
+SHAPES = ((1, 32), (2, 64))  # (micro-batch, sequence length)
+ATTENTION = ("eager", "sdpa")
+TINY = {name: fam.tiny_model for name, fam in families().items()}
+
+
+def _setup(method: str, ckpt: bool, batch: int, seq: int, attention: str) -> TrainingSetup:
+    fields: dict[str, Any] = {"method": method, "micro_batch_size": batch, "seq_len": seq}
+    fields |= {"grad_ckpt": ckpt, "attention": attention, "device": "cpu"}
+    return TrainingSetup(**fields)
+
+
+def _refusal(family: str, method: str, ckpt: bool) -> str | None:
+    """Why a real run refuses this combination (None: it runs)."""
+    try:
+        setup = _setup(method, ckpt, 1, 32, "sdpa")
+    except ValidationError as exc:
+        return str(exc.errors()[0]["msg"])
+    try:
+        check_applicable(load_model(TINY[family]), setup)
+    except MemplanError as exc:
+        return str(exc)
+    return None
+
+
+def _grid() -> list[Any]:
+    cases = []
+    for family, method, ckpt in itertools.product(TINY, method_names(), (False, True)):
+        if _refusal(family, method, ckpt):
+            continue
+        if ckpt and not TrainingSetup(method=method).trains_weights:
+            continue  # checkpointing changes only a step that records a graph
+        for attention, (batch, seq) in itertools.product(ATTENTION, SHAPES):
+            label = (
+                f"{TINY[family]}-{method}-{'ckpt' if ckpt else 'nockpt'}-{attention}-b{batch}s{seq}"
+            )
+            cases.append(pytest.param(family, method, ckpt, attention, batch, seq, id=label))
+    return cases
+
+
+@cache
+def _peaks(
+    family: str, method: str, ckpt: bool, attention: str, batch: int, seq: int
+) -> tuple[tuple[Peak, dict[Category, int]], tuple[Peak, dict[Category, int]]]:
+    torch.set_num_threads(1)
+    spec = load_model(TINY[family])
+    setup = _setup(method, ckpt, batch, seq, attention)
+    measured = trace_step(spec, setup, mode="cpu").trace
+    analytical = predict(spec, setup).trace
+    return (
+        (measured.peak(), measured.category_peaks()),
+        (analytical.peak(), analytical.category_peaks()),
+    )
+
+
+@pytest.mark.parametrize(("family", "method", "ckpt", "attention", "batch", "seq"), _grid())
+def test_analytical_equals_measured_within_one_percent(
+    family: str, method: str, ckpt: bool, attention: str, batch: int, seq: int
+) -> None:
+    (measured, measured_most), (analytical, analytical_most) = _peaks(
+        family, method, ckpt, attention, batch, seq
+    )
+    assert analytical.peak_bytes == pytest.approx(measured.peak_bytes, rel=TOLERANCE), (
+        f"predicted {analytical.peak_bytes:,} B in {analytical.phase.value}, measured "
+        f"{measured.peak_bytes:,} B in {measured.phase.value}"
+    )
+    allowed = TOLERANCE * measured.peak_bytes
+    for category in ALLOCATED_CATEGORIES:
+        at_peak = abs(analytical.breakdown_bytes[category] - measured.breakdown_bytes[category])
+        most = abs(analytical_most[category] - measured_most[category])
+        assert at_peak <= allowed or most <= allowed, (
+            f"{category.value}: predicted {analytical.breakdown_bytes[category]:,} B at the "
+            f"peak and at most {analytical_most[category]:,} B; measured "
+            f"{measured.breakdown_bytes[category]:,} B and {measured_most[category]:,} B "
+            f"(peak {measured.peak_bytes:,} B)"
+        )
+
+
+# -- what is refused ------------------------------------------------------------------------
+
+
+def _refused() -> list[Any]:
+    return [
+        pytest.param(family, method, ckpt, id=f"{TINY[family]}-{method}-{'ckpt' if ckpt else ''}")
+        for family, method, ckpt in itertools.product(TINY, method_names(), (False, True))
+        if _refusal(family, method, ckpt)
+    ]
+
+
+@pytest.mark.parametrize(("family", "method", "ckpt"), _refused())
+def test_refused_combinations_say_why(family: str, method: str, ckpt: bool) -> None:
+    reason = _refusal(family, method, ckpt)
+    assert reason is not None
+    assert "\n" not in reason
+    # The tracer refuses the same setups (it checks the same method and family modules).
+    try:
+        setup = _setup(method, ckpt, 1, 32, "sdpa")
+    except ValidationError:
+        return  # refused before any model is built
+    with pytest.raises(MemplanError, match=re.escape(reason)):
+        prepare_model(RunRequest(load_model(TINY[family]), setup))
+
+
+# -- trainable tensors ----------------------------------------------------------------------
+
+
+def _analytical_key(label: str) -> str:
+    """A trainable tensor's name as the leaf of its module path: 'q_proj.lora_A',
+    'ln_1.bias', 'down.weight' (memplan labels are block.tensor[.part])."""
+    parts = label.split(".")
+    if parts[-1] in ("lora_A", "lora_B"):  # block.module.weight.lora_X
+        return f"{parts[-3]}.{parts[-1]}"
+    return ".".join(parts[-2:])
+
+
+def _torch_key(name: str) -> str:
+    """The same key for a torch parameter name (peft adds '.default' and '.weight')."""
+    parts = [p for p in name.split(".") if p != "default"]
+    for part in ("lora_A", "lora_B"):
+        if part in parts:
+            i = parts.index(part)
+            return f"{parts[i - 1]}.{part}"
+    return ".".join(parts[-2:])
+
+
+def _trainable_cases() -> list[Any]:
+    return [
+        pytest.param(family, method, id=f"{TINY[family]}-{method}")
+        for family, method in itertools.product(TINY, method_names())
+        if not _refusal(family, method, False) and TrainingSetup(method=method).trains_weights
+    ]
+
+
+@pytest.mark.parametrize(("family", "method"), _trainable_cases())
+def test_trainable_tensors_are_the_ones_the_torch_model_trains(family: str, method: str) -> None:
+    spec = load_model(TINY[family])
+    setup = _setup(method, False, 1, 32, "sdpa")
+    ctx = StepContext.build(spec, setup)
+    state = model_state(architecture(spec), setup, ctx)
+    # Elements per tensor name (MoE experts are one 3-D tensor in torch, copies in memplan).
+    ours: Counter[str] = Counter()
+    for group in state.trainable:
+        ours[_analytical_key(group.label)] += group.numel * group.count
+    model, _ = prepare_model(RunRequest(spec, setup))
+    theirs: Counter[str] = Counter()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            theirs[_torch_key(name)] += param.numel()
+    assert ours == theirs
+    assert state.num_trainable_params == sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
