@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from memplan.accuracy import relative_error
 from memplan.analytic.predict import predict
 from memplan.catalog import load_model
 from memplan.errors import MemplanError
@@ -353,7 +354,7 @@ class ValidationPoint:
     @property
     def error_fraction(self) -> float:
         """(predicted - measured) / measured."""
-        return (self.predicted_bytes - self.measured_bytes) / self.measured_bytes
+        return relative_error(self.predicted_bytes, self.measured_bytes)
 
 
 _PREDICTED_KEYS: Final = ("predicted_bytes", "prediction_bytes", "predicted_peak_bytes")

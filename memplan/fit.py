@@ -1,15 +1,11 @@
 """``fit``: the largest micro-batch and sequence length that fit one device, as plan() judges.
 
-Searching with full ``plan()`` calls would replay the caching allocator for every candidate (tens
-to hundreds of ms each), so the search runs on cheap predictions and confirms with ``plan()``:
+The search runs on cheap predictions and confirms with ``plan()`` (:class:`memplan.judge.Judge`):
 
-1. ``predict()`` gives the allocated peak in milliseconds. plan() reserves at least that much
-   (reserved >= allocated), so ``peak + CUDA context > capacity`` proves a candidate cannot fit:
-   this bounds the search from above without any replay.
-2. Inside that bound, reserved memory is estimated as ``peak * reserved / peak`` of the nearest
-   configuration plan() has judged so far (the allocator overhead ratio there; 1 before the
-   first plan() call), and the estimated boundary is tested with plan().
-3. Each plan() verdict narrows the interval (largest known fit, smallest known miss) until they
+1. the allocated peak alone bounds the search from above without any replay;
+2. inside that bound the estimated boundary (reserved memory from the latest plan()'s overhead
+   ratio) is tested with plan();
+3. each plan() verdict narrows the interval (largest known fit, smallest known miss) until they
    are adjacent: the reported largest value fits by plan() and the next one does not.
 
 Sequence lengths are multiples of ``SEQ_STEP_TOKENS``; learned position tables cap them at the
@@ -23,12 +19,11 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from memplan.analytic.predict import predict
 from memplan.catalog import load_model
 from memplan.errors import MemplanError
 from memplan.hardware import load_profile
-from memplan.overheads import CUDA_CONTEXT_BYTES
-from memplan.plan import GpuTarget, PlanResult, plan, resolve_gpu
+from memplan.judge import Judge
+from memplan.plan import GpuTarget, PlanResult, resolve_gpu
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import ParallelSetup
 from memplan.specs.training import TrainingSetup
@@ -88,65 +83,6 @@ def capacity(target: GpuTarget) -> Capacity:
     )
 
 
-def device_verdict(reserved_bytes: int, paged_bytes: int, target: GpuTarget) -> tuple[int, bool]:
-    """(device bytes, fits) by plan()'s rule, for a reservation judged on ``target``.
-
-    device = reserved + CUDA context + paged optimizer state; it fits when the device bytes are
-    within capacity, or would be once the paged state moves to host memory (bnb paged optimizers).
-    """
-    device = reserved_bytes + (target.context_bytes or CUDA_CONTEXT_BYTES) + paged_bytes
-    margin = target.capacity_bytes - device
-    return device, margin >= 0 or margin + paged_bytes >= 0
-
-
-class Judge:
-    """Cheap predictions and plan() verdicts of one model on one device, both cached.
-
-    ``plan_calls`` counts the replays actually run; the allocator overhead ratio of the latest
-    one estimates reserved memory for the configurations not yet planned.
-    """
-
-    def __init__(self, spec: ModelSpec, parallel: ParallelSetup, target: GpuTarget) -> None:
-        self.spec, self.parallel, self.target = spec, parallel, target
-        self._peaks: dict[TrainingSetup, tuple[int, int]] = {}
-        self._plans: dict[TrainingSetup, PlanResult] = {}
-        self._ratio: tuple[int, int] = (1, 1)  # reserved, peak of the latest plan()
-        self.plan_calls = 0
-
-    def peak(self, setup: TrainingSetup) -> tuple[int, int]:
-        """(allocated peak, paged optimizer bytes) from predict(): milliseconds."""
-        if setup not in self._peaks:
-            prediction = predict(self.spec, setup, self.parallel)
-            self._peaks[setup] = (prediction.trace.peak().peak_bytes, prediction.paged_bytes)
-        return self._peaks[setup]
-
-    def cannot_fit(self, setup: TrainingSetup) -> bool:
-        """Proof without a replay: plan() reserves at least the allocated peak."""
-        peak, paged = self.peak(setup)
-        return not device_verdict(peak, paged, self.target)[1]
-
-    def likely_fits(self, setup: TrainingSetup) -> bool:
-        """Estimate: reserved = peak x (reserved / peak of the latest plan())."""
-        peak, paged = self.peak(setup)
-        reserved = max(peak, peak * self._ratio[0] // self._ratio[1])
-        return device_verdict(reserved, paged, self.target)[1]
-
-    def plan(self, setup: TrainingSetup) -> PlanResult:
-        if setup not in self._plans:
-            result = plan(self.spec, setup, self.parallel, gpu=self.target)
-            self._plans[setup] = result
-            self._ratio = (result.reserved_bytes, result.peak_bytes)
-            self.plan_calls += 1
-        return self._plans[setup]
-
-    def fits(self, setup: TrainingSetup) -> bool:
-        return bool(self.plan(setup).fits)
-
-    def planned(self, setup: TrainingSetup) -> bool:
-        """Whether plan() has judged ``setup`` already."""
-        return setup in self._plans
-
-
 def last_true(test: Callable[[int], bool], first: int, last: int) -> int:
     """Largest k in [first, last] with test(k), for a test true up to some k and false after.
 
@@ -167,17 +103,24 @@ def last_true(test: Callable[[int], bool], first: int, last: int) -> int:
     return good
 
 
-def boundary_index(judge: Judge, at: Callable[[int], TrainingSetup], limit: int) -> int:
+def boundary_index(
+    judge: Judge,
+    at: Callable[[int], TrainingSetup],
+    limit: int,
+    parallel: ParallelSetup,
+    target: GpuTarget | None = None,
+) -> int:
     """Largest k in [1, limit] that fits by plan() while k + 1 does not (0: even 1 fails).
 
     k + 1 is either judged by plan() or proven too large by the allocated peak alone.
+    ``target``: the device (default: the judge's).
     """
     good = 0
-    bad = last_true(lambda k: not judge.cannot_fit(at(k)), 1, limit) + 1
+    bad = last_true(lambda k: not judge.cannot_fit(at(k), parallel, target), 1, limit) + 1
     while bad - good > 1:
-        guess = last_true(lambda k: judge.likely_fits(at(k)), good + 1, bad - 1)
+        guess = last_true(lambda k: judge.likely_fits(at(k), parallel, target), good + 1, bad - 1)
         guess = min(max(guess, good + 1), bad - 1)
-        good, bad = (guess, bad) if judge.fits(at(guess)) else (good, guess)
+        good, bad = (guess, bad) if judge.fits(at(guess), parallel, target) else (good, guess)
     return good
 
 
@@ -219,20 +162,27 @@ class Boundary(BaseModel):
     next: Point | None = Field(description="plan() one step further (does not fit).")
 
 
-def _search(judge: Judge, axis: Axis, base: TrainingSetup, step: int, limit: int) -> Boundary:
+def _search(
+    judge: Judge,
+    axis: Axis,
+    base: TrainingSetup,
+    parallel: ParallelSetup,
+    step: int,
+    limit: int,
+) -> Boundary:
     def at(k: int) -> TrainingSetup:
         return base.model_copy(update={axis: k * step})
 
     count = limit // step
-    k = boundary_index(judge, at, count)
+    k = boundary_index(judge, at, count, parallel)
     return Boundary(
         axis=axis,
         largest=k * step if k else None,
         step=step,
         limit=count * step,
         at_limit=k == count,
-        fitting=point(judge.plan(at(k))) if k else None,
-        next=point(judge.plan(at(k + 1))) if k < count else None,
+        fitting=point(judge.plan(at(k), parallel)) if k else None,
+        next=point(judge.plan(at(k + 1), parallel)) if k < count else None,
     )
 
 
@@ -296,16 +246,19 @@ def _powers(start: int, stop: int) -> list[int]:
     return out
 
 
-def _table(judge: Judge, base: TrainingSetup, seq_cap: int) -> FitTable:
+def _table(judge: Judge, base: TrainingSetup, parallel: ParallelSetup, seq_cap: int) -> FitTable:
     """Powers-of-two batches and sequences around the boundary (the given values included)."""
 
     def at(batch: int, seq: int) -> TrainingSetup:
         return base.model_copy(update={"micro_batch_size": batch, "seq_len": seq})
 
+    def bounded(setup: TrainingSetup) -> bool:
+        return judge.cannot_fit(setup, parallel)
+
     seqs = _powers(TABLE_FIRST_SEQ_TOKENS, seq_cap)
-    fits_1 = last_true(lambda i: not judge.cannot_fit(at(1, seqs[i - 1])), 1, len(seqs))
+    fits_1 = last_true(lambda i: not bounded(at(1, seqs[i - 1])), 1, len(seqs))
     seqs = sorted({*seqs[: fits_1 + 1], base.seq_len})[-TABLE_MAX_COLUMNS:]
-    most = last_true(lambda b: not judge.cannot_fit(at(b, seqs[0])), 1, BATCH_SEARCH_LIMIT)
+    most = last_true(lambda b: not bounded(at(b, seqs[0])), 1, BATCH_SEARCH_LIMIT)
     batches = _powers(1, max(2 * most, 1))[:TABLE_MAX_ROWS]
     batches = sorted({*batches, base.micro_batch_size})
     rows = []
@@ -314,14 +267,14 @@ def _table(judge: Judge, base: TrainingSetup, seq_cap: int) -> FitTable:
         def along_row(i: int, batch: int = batch) -> TrainingSetup:
             return at(batch, seqs[i - 1])
 
-        k = boundary_index(judge, along_row, len(seqs))
+        k = boundary_index(judge, along_row, len(seqs), parallel)
         row = []
         for i, seq in enumerate(seqs, start=1):
             setup = at(batch, seq)
             basis: Literal["plan", "bound", "row"] = (
-                "plan" if judge.planned(setup) else "bound" if judge.cannot_fit(setup) else "row"
+                "plan" if judge.planned(setup, parallel) else "bound" if bounded(setup) else "row"
             )
-            peak = judge.peak(setup)[0]
+            peak = judge.cheap(setup, parallel).peak_bytes
             row.append(
                 Cell(micro_batch_size=batch, seq_len=seq, peak_bytes=peak, fits=i <= k, basis=basis)
             )
@@ -347,19 +300,19 @@ def fit(
     setup = setup or TrainingSetup()
     parallel = parallel or ParallelSetup()
     target = resolve_gpu(gpu) if isinstance(gpu, str) else gpu
-    judge = Judge(spec, parallel, target)
+    judge = Judge(spec, target)
     cap, reason = seq_limit(spec)
     if cap < SEQ_STEP_TOKENS:
         raise MemplanError(
             f"{spec.name} takes at most {cap} tokens, below the {SEQ_STEP_TOKENS} step"
         )
-    given = point(judge.plan(setup))  # first: its overhead ratio seeds the estimates
-    seq = _search(judge, "seq_len", setup, SEQ_STEP_TOKENS, cap)
-    batch = _search(judge, "micro_batch_size", setup, 1, BATCH_SEARCH_LIMIT)
+    given = point(judge.plan(setup, parallel))  # first: its overhead ratio seeds the estimates
+    seq = _search(judge, "seq_len", setup, parallel, SEQ_STEP_TOKENS, cap)
+    batch = _search(judge, "micro_batch_size", setup, parallel, 1, BATCH_SEARCH_LIMIT)
     smallest = None
     if batch.largest is None and seq.largest is None:  # does anything fit at all?
         tiny = setup.model_copy(update={"micro_batch_size": 1, "seq_len": SEQ_STEP_TOKENS})
-        smallest = point(judge.plan(tiny))
+        smallest = point(judge.plan(tiny, parallel))
     return FitResult(
         model=spec.name,
         gpu=capacity(target),
@@ -371,6 +324,6 @@ def fit(
         seq_limit_reason=reason,
         max_position_embeddings=spec.max_position_embeddings,
         smallest=smallest,
-        table=_table(judge, setup, cap) if table else None,
+        table=_table(judge, setup, parallel, cap) if table else None,
         plan_calls=judge.plan_calls,
     )

@@ -48,6 +48,18 @@ def resolve_gpu(text: str) -> GpuTarget:
     )
 
 
+def device_verdict(reserved_bytes: int, paged_bytes: int, target: GpuTarget) -> tuple[int, bool]:
+    """(device bytes, fits): plan()'s rule for a reservation judged on ``target``.
+
+    device = reserved + CUDA context + paged optimizer state; it fits when the device bytes are
+    within capacity, or would be once the paged state moves to host memory (bnb paged optimizers
+    may evict their state under pressure).
+    """
+    device = reserved_bytes + (target.context_bytes or CUDA_CONTEXT_BYTES) + paged_bytes
+    margin = target.capacity_bytes - device
+    return device, margin >= 0 or margin + paged_bytes >= 0
+
+
 class PlanResult(BaseModel):
     """Per-GPU memory of one training step, as ``memplan plan --json`` prints it."""
 
@@ -163,17 +175,11 @@ def result_from_trace(
         replay(trace.events(collapse_balanced=True, relabel=False)).peak_reserved_bytes,
         peak.peak_bytes,
     )
-    context = target.context_bytes if target else 0
-    context = context or CUDA_CONTEXT_BYTES
+    context = (target.context_bytes if target else 0) or CUDA_CONTEXT_BYTES
     device = reserved + context + paged_bytes
-    fits = margin = None
-    if target is not None:
-        margin = target.capacity_bytes - device
-        # Paged optimizer state can be evicted to host memory under pressure (bnb paged optimizers).
-        fits = margin >= 0 or margin + paged_bytes >= 0
     state_bytes = sum(peak.breakdown_bytes[c] for c in MODEL_STATE_CATEGORIES) + paged_bytes
     phase_peaks = {f"{step}:{phase.value}": v for (step, phase), v in trace.phase_peaks().items()}
-    return PlanResult(
+    result = PlanResult(
         source=trace.source,
         model=spec.name,
         params=num_params,
@@ -193,11 +199,23 @@ def result_from_trace(
         model_state_bytes_per_param=state_bytes / num_params,
         phase_peaks_bytes=phase_peaks,
         final_bytes={c.value: v for c, v in trace.final_bytes().items() if v},
-        gpu=target.name if target else None,
-        gpu_capacity_bytes=target.capacity_bytes if target else None,
-        fits=fits,
-        margin_bytes=margin,
         setup=setup.model_dump(mode="json"),
         parallel=parallel.model_dump(mode="json"),
         assumptions=assumptions,
+    )
+    return judged(result, target) if target is not None else result
+
+
+def judged(result: PlanResult, target: GpuTarget) -> PlanResult:
+    """``result`` judged on ``target``: its device bytes, verdict and margin there."""
+    device, fits = device_verdict(result.reserved_bytes, result.paged_bytes, target)
+    return result.model_copy(
+        update={
+            "cuda_context_bytes": target.context_bytes or CUDA_CONTEXT_BYTES,
+            "device_bytes": device,
+            "gpu": target.name,
+            "gpu_capacity_bytes": target.capacity_bytes,
+            "fits": fits,
+            "margin_bytes": target.capacity_bytes - device,
+        }
     )

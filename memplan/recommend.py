@@ -24,10 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from memplan.analytic.predict import predict
 from memplan.catalog import load_model
-from memplan.fit import SEQ_STEP_TOKENS, Capacity, Judge, boundary_index, capacity, device_verdict
+from memplan.fit import SEQ_STEP_TOKENS, Capacity, boundary_index, capacity
 from memplan.hardware import HardwareProfile, list_profiles
+from memplan.judge import Judge
 from memplan.methods.lora import lora_roles
-from memplan.plan import GpuTarget, PlanResult, plan, resolve_gpu
+from memplan.plan import GpuTarget, PlanResult, resolve_gpu
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import Offload, ParallelSetup, Sharding
 from memplan.specs.training import Method, Optimizer, TrainingSetup
@@ -94,69 +95,6 @@ def layouts(count: int) -> Iterator[tuple[Layout, ParallelSetup]]:
             )
 
 
-@dataclass(frozen=True, slots=True)
-class _Cheap:
-    """What predict() tells about one layout in milliseconds."""
-
-    peak_bytes: int  # allocated peak
-    paged_bytes: int  # paged optimizer state
-    cpu_bytes: int  # offloaded state in host memory
-
-
-class _Layouts:
-    """Predictions and plan() results of one setup under many layouts, cached.
-
-    ``confirm=False`` skips plan(): candidates are judged by the estimate alone (used to time the
-    search by itself).
-    """
-
-    def __init__(self, spec: ModelSpec, setup: TrainingSetup, *, confirm: bool) -> None:
-        self.spec, self.setup, self.confirm = spec, setup, confirm
-        self._cheap: dict[ParallelSetup, _Cheap] = {}
-        self._plans: dict[ParallelSetup, PlanResult] = {}
-        self.ratio: tuple[int, int] = (1, 1)
-        self.plan_calls = 0
-
-    def cheap(self, parallel: ParallelSetup) -> _Cheap:
-        if parallel not in self._cheap:
-            p = predict(self.spec, self.setup, parallel)
-            self._cheap[parallel] = _Cheap(p.trace.peak().peak_bytes, p.paged_bytes, p.cpu_bytes)
-        return self._cheap[parallel]
-
-    def plan(self, parallel: ParallelSetup) -> PlanResult:
-        if parallel not in self._plans:
-            self._plans[parallel] = plan(self.spec, self.setup, parallel)
-            self.plan_calls += 1
-        return self._plans[parallel]
-
-    def estimated_reserved(self, parallel: ParallelSetup) -> int:
-        peak = self.cheap(parallel).peak_bytes
-        return max(peak, peak * self.ratio[0] // self.ratio[1])
-
-    def cannot_fit(self, parallel: ParallelSetup, target: GpuTarget) -> bool:
-        c = self.cheap(parallel)
-        return not device_verdict(c.peak_bytes, c.paged_bytes, target)[1]
-
-    def likely_fits(self, parallel: ParallelSetup, target: GpuTarget) -> bool:
-        reserved = self.estimated_reserved(parallel)
-        return device_verdict(reserved, self.cheap(parallel).paged_bytes, target)[1]
-
-    def fits(self, parallel: ParallelSetup, target: GpuTarget) -> bool:
-        if not self.confirm:
-            return self.likely_fits(parallel, target)
-        result = self.plan(parallel)
-        return device_verdict(result.reserved_bytes, result.paged_bytes, target)[1]
-
-    def device_and_host_bytes(self, parallel: ParallelSetup, target: GpuTarget) -> tuple[int, int]:
-        """plan()'s device bytes and host bytes (estimated device bytes without confirmation)."""
-        if not self.confirm:
-            reserved, c = self.estimated_reserved(parallel), self.cheap(parallel)
-            return device_verdict(reserved, c.paged_bytes, target)[0], c.cpu_bytes
-        result = self.plan(parallel)
-        device = device_verdict(result.reserved_bytes, result.paged_bytes, target)[0]
-        return device, result.cpu_bytes
-
-
 class Pick(BaseModel):
     """A device count and layout that fits, judged by plan(), with its price."""
 
@@ -199,25 +137,29 @@ class Recommendation(BaseModel):
 
 
 def _pick(
-    ev: _Layouts, target: GpuTarget, candidates: list[tuple[int, Layout, ParallelSetup]]
+    judge: Judge,
+    setup: TrainingSetup,
+    target: GpuTarget,
+    candidates: list[tuple[int, Layout, ParallelSetup]],
 ) -> tuple[int, Layout, ParallelSetup] | None:
     for count, layout, parallel in candidates:
         # The allocated peak alone rules a candidate out without a replay; anything else is
         # judged like plan() judges it (by the estimate only when confirm=False).
-        if not ev.cannot_fit(parallel, target) and ev.fits(parallel, target):
+        if not judge.cannot_fit(setup, parallel, target) and judge.fits(setup, parallel, target):
             return count, layout, parallel
     return None
 
 
 def _priced(
-    ev: _Layouts,
+    judge: Judge,
+    setup: TrainingSetup,
     profile: HardwareProfile,
     target: GpuTarget,
     picked: tuple[int, Layout, ParallelSetup],
     estimate: Callable[[int], TrainingEstimate | None],
 ) -> Pick:
     count, layout, parallel = picked
-    device, host = ev.device_and_host_bytes(parallel, target)
+    device, host = judge.device_and_host_bytes(setup, parallel, target)
     price, purchase = profile.cheapest_usd_per_gpu_hour, profile.purchase_price_usd
     return Pick(
         num_devices=count,
@@ -226,7 +168,7 @@ def _priced(
         device_bytes=device,
         margin_bytes=target.capacity_bytes - device,
         host_bytes=host,
-        confirmed=ev.confirm,
+        confirmed=judge.confirm,
         usd_per_hour=None if price is None else count * price,
         purchase_usd=None if purchase is None else count * purchase,
         estimate=estimate(count),
@@ -242,7 +184,8 @@ def _usable(profile: HardwareProfile, layout: Layout, count: int) -> bool:
 
 
 def _recommendation(
-    ev: _Layouts,
+    judge: Judge,
+    setup: TrainingSetup,
     profile: HardwareProfile,
     candidates: list[tuple[int, Layout, ParallelSetup]],
     flops: FlopsPerToken,
@@ -250,25 +193,26 @@ def _recommendation(
 ) -> Recommendation:
     target = resolve_gpu(profile.name)
     own = [c for c in candidates if _usable(profile, c[1], c[0])]
-    dtype = compute_dtype(ev.setup, profile)
+    dtype = compute_dtype(setup, profile)
 
     def estimate(count: int) -> TrainingEstimate | None:
         if tokens is None or dtype is None:
             return None
         return training_estimate(flops, tokens, profile, count, dtype)
 
-    fewest = _pick(ev, target, own)
+    fewest = _pick(judge, setup, target, own)
     alternative = None
     if fewest is not None and fewest[1].offload is not Offload.NONE:
-        alternative = _pick(ev, target, [c for c in own if c[1].offload is Offload.NONE])
+        no_offload = [c for c in own if c[1].offload is Offload.NONE]
+        alternative = _pick(judge, setup, target, no_offload)
     return Recommendation(
         gpu=profile.name,
         display_name=profile.display_name,
         capacity=capacity(target),
         dtype=dtype,
-        floor_bytes=min(ev.cheap(p).peak_bytes for _, _, p in own) + target.context_bytes,
-        fewest=_priced(ev, profile, target, fewest, estimate) if fewest else None,
-        without_offload=_priced(ev, profile, target, alternative, estimate)
+        floor_bytes=min(judge.cheap(setup, p).peak_bytes for _, _, p in own) + target.context_bytes,
+        fewest=_priced(judge, setup, profile, target, fewest, estimate) if fewest else None,
+        without_offload=_priced(judge, setup, profile, target, alternative, estimate)
         if alternative
         else None,
     )
@@ -343,28 +287,27 @@ def recommend(
     """
     spec = load_model(model) if isinstance(model, str) else model
     setup = setup or TrainingSetup()
-    ev = _Layouts(spec, setup, confirm=confirm)
-    base = ev.plan(ParallelSetup())  # the one replay whose overhead ratio ranks the candidates
-    ev.ratio = (base.reserved_bytes, base.peak_bytes)
+    judge = Judge(spec, confirm=confirm)
+    # The one replay whose overhead ratio ranks the candidates.
+    base = judge.plan(setup, ParallelSetup())
     candidates = [(c, layout, p) for c in DEVICE_COUNTS for layout, p in layouts(c)]
     # Fewest devices first; then least traffic; then the smallest allocated peak.
-    candidates.sort(key=lambda c: (c[0], c[1].traffic_rank, ev.cheap(c[2]).peak_bytes))
+    candidates.sort(key=lambda c: (c[0], c[1].traffic_rank, judge.cheap(setup, c[2]).peak_bytes))
     flops = flops_per_token(spec, setup, base.trainable_params)
-    rows = [_recommendation(ev, p, candidates, flops, tokens) for p in list_profiles()]
+    rows = [_recommendation(judge, setup, p, candidates, flops, tokens) for p in list_profiles()]
     rows.sort(key=_order_by_usd_per_hour)
     priced = sorted((_purchase(r) or 0.0, r.gpu) for r in rows if _purchase(r) is not None)
     gpu_plan, found = None, []
     if gpu is not None:
         target = resolve_gpu(gpu)
         layout = parallel or ParallelSetup()
-        result = plan(spec, setup, layout, gpu=target)
-        ev.plan_calls += 1
+        result = judge.plan(setup, layout, target)
         gpu_plan = result.model_dump(mode="json")
         if not result.fits:
             row = next((r for r in rows if r.gpu == target.profile), None)
             picks = (row.fewest, row.without_offload) if row is not None else ()
             scale_out = tuple(p for p in picks if p is not None)
-            found = changes(spec, setup, layout, target, result, scale_out=scale_out)
+            found = changes(spec, setup, layout, target, result, scale_out=scale_out, judge=judge)
     return RecommendResult(
         model=spec.name,
         setup=setup.model_dump(mode="json"),
@@ -377,7 +320,7 @@ def recommend(
         gpu=resolve_gpu(gpu).name if gpu is not None else None,
         gpu_plan=gpu_plan,
         changes=found,
-        plan_calls=ev.plan_calls,
+        plan_calls=judge.plan_calls,
     )
 
 
@@ -562,7 +505,9 @@ def _edits(
     return edits
 
 
-def _smaller_batch(judge: Judge, setup: TrainingSetup) -> _Edit | None:
+def _smaller_batch(
+    judge: Judge, setup: TrainingSetup, parallel: ParallelSetup, target: GpuTarget
+) -> _Edit | None:
     """Largest divisor of the micro-batch that fits, accumulating to the same effective batch."""
     batch = setup.micro_batch_size
     divisors = [d for d in range(batch - 1, 0, -1) if batch % d == 0]
@@ -571,7 +516,11 @@ def _smaller_batch(judge: Judge, setup: TrainingSetup) -> _Edit | None:
         for d in divisors
     ]
     choice = next(
-        (s for s in tried if not judge.cannot_fit(s) and judge.fits(s)),
+        (
+            s
+            for s in tried
+            if not judge.cannot_fit(s, parallel, target) and judge.fits(s, parallel, target)
+        ),
         tried[-1] if tried else None,
     )
     if choice is None:
@@ -580,13 +529,15 @@ def _smaller_batch(judge: Judge, setup: TrainingSetup) -> _Edit | None:
         f"micro-batch {choice.micro_batch_size} x {choice.grad_accum_steps} accumulation steps "
         f"(same {batch * setup.grad_accum_steps} sequences per step)",
         choice,
-        judge.parallel,
+        parallel,
         "smaller matmuls use the device less efficiently; same math per optimizer step",
         "none (same effective batch)",
     )
 
 
-def _shorter_seq(judge: Judge, setup: TrainingSetup) -> _Edit | None:
+def _shorter_seq(
+    judge: Judge, setup: TrainingSetup, parallel: ParallelSetup, target: GpuTarget
+) -> _Edit | None:
     """Longest multiple of SEQ_STEP_TOKENS below the given length that fits."""
     count = (setup.seq_len - 1) // SEQ_STEP_TOKENS
     if count < 1:
@@ -595,11 +546,11 @@ def _shorter_seq(judge: Judge, setup: TrainingSetup) -> _Edit | None:
     def at(k: int) -> TrainingSetup:
         return setup.model_copy(update={"seq_len": k * SEQ_STEP_TOKENS})
 
-    k = boundary_index(judge, at, count) or 1
+    k = boundary_index(judge, at, count, parallel, target) or 1
     return _Edit(
         f"sequence length {k * SEQ_STEP_TOKENS} (from {setup.seq_len})",
         at(k),
-        judge.parallel,
+        parallel,
         "fewer tokens per sequence; more sequences for the same tokens",
         f"examples longer than {k * SEQ_STEP_TOKENS} tokens must be truncated or split",
     )
@@ -613,6 +564,7 @@ def changes(
     before: PlanResult,
     *,
     scale_out: tuple[Pick, ...] = (),
+    judge: Judge | None = None,
 ) -> list[Change]:
     """Single changes to a run that does not fit on ``target``, ranked by device bytes saved
     (changes that free nothing are left out).
@@ -621,9 +573,16 @@ def changes(
     above the given one. A chunked loss is not offered: the analytical model has no chunked
     cross-entropy to judge it with.
     """
-    judge = Judge(spec, parallel, target)
+    judge = judge or Judge(spec)
     edits = _edits(spec, setup, parallel, before.trainable_params)
-    edits += [e for e in (_smaller_batch(judge, setup), _shorter_seq(judge, setup)) if e]
+    edits += [
+        e
+        for e in (
+            _smaller_batch(judge, setup, parallel, target),
+            _shorter_seq(judge, setup, parallel, target),
+        )
+        if e
+    ]
     for pick in scale_out:
         if pick.num_devices > parallel.num_gpus:
             edits.append(
@@ -638,11 +597,7 @@ def changes(
     required = before.device_bytes - before.paged_bytes
     out = []
     for edit in edits:
-        result = (
-            judge.plan(edit.setup)
-            if edit.parallel == parallel
-            else plan(spec, edit.setup, edit.parallel, gpu=target)
-        )
+        result = judge.plan(edit.setup, edit.parallel, target)
         out.append(
             Change(
                 change=edit.change,

@@ -29,6 +29,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from memplan.accuracy import relative_error
 from memplan.architecture import count_params
 from memplan.catalog import load_model
 from memplan.errors import MemplanError
@@ -239,7 +240,7 @@ def evaluate_case(
     if simulate:
         sim_bytes, status = simulated_bytes(case, result, directory)
         if sim_bytes is not None:
-            sim_error = (sim_bytes - measured) / measured
+            sim_error = relative_error(sim_bytes, measured)
     return CaseResult(
         id=case.id,
         source=case.source,
@@ -251,7 +252,7 @@ def evaluate_case(
         suspect=case.suspect,
         measured_bytes=measured,
         predicted_bytes=predicted,
-        error_fraction=(predicted - measured) / measured,
+        error_fraction=relative_error(predicted, measured),
         dominant_category=max(breakdown, key=lambda c: breakdown[c]),
         breakdown_bytes=breakdown,
         peak_phase=result.peak_phase,

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from memplan.accuracy import relative_error
 from memplan.catalog import load_model
 from memplan.errors import MemplanError
 from memplan.measure.records import MeasuredRun, ResultsFile
@@ -38,7 +39,7 @@ class Check(BaseModel):
     @property
     def error(self) -> float:
         """(predicted - measured) / measured."""
-        return (self.predicted_bytes - self.measured_bytes) / max(self.measured_bytes, 1)
+        return relative_error(self.predicted_bytes, self.measured_bytes)
 
 
 class RunVerification(BaseModel):

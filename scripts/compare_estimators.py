@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
+from memplan.accuracy import relative_error
 from memplan.architecture import architecture, count_params
 from memplan.catalog import catalog_record
 from memplan.specs import ModelSpec, TrainingSetup
@@ -61,7 +62,7 @@ class Estimate:
     how: str
 
     def to_json(self, measured: int) -> dict[str, Any]:
-        err = None if self.bytes is None else (self.bytes - measured) / measured
+        err = None if self.bytes is None else relative_error(self.bytes, measured)
         return {"bytes": self.bytes, "error_fraction": err, "how": self.how}
 
 

@@ -15,12 +15,11 @@ from memplan.fit import (
     SEQ_STEP_TOKENS,
     FitResult,
     capacity,
-    device_verdict,
     fit,
     last_true,
     seq_limit,
 )
-from memplan.plan import plan, resolve_gpu
+from memplan.plan import device_verdict, plan, resolve_gpu
 from memplan.specs import ParallelSetup, TrainingSetup
 from memplan.units import GiB
 

@@ -10,9 +10,8 @@ import pytest
 from memplan.analytic.predict import predict
 from memplan.catalog import load_model
 from memplan.cli import main
-from memplan.fit import device_verdict
 from memplan.hardware import list_profiles, load_profile
-from memplan.plan import PlanResult, plan, resolve_gpu
+from memplan.plan import PlanResult, device_verdict, plan, resolve_gpu
 from memplan.recommend import (
     DEVICE_COUNTS,
     LAYOUTS,
