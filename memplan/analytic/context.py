@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan.analytic.graph import ParamGrad
+from memplan.analytic.symbolic import Count
 from memplan.architecture import ParamKind
 from memplan.dtypes import DType, Quantization, dtype_bytes
 from memplan.methods import TuningMethod, method
@@ -18,8 +19,8 @@ from memplan.trace import Category
 class StepContext:
     """Resolved facts of one micro-batch step, shared by every op builder."""
 
-    batch: int
-    seq_len: int
+    batch: Count  # micro-batch size (a Size in a symbolic trace)
+    seq_len: Count  # tokens per sequence (a Size in a symbolic trace)
     vocab_size: int
     weight_dtype: DType  # storage dtype of unquantized parameters
     compute_dtype: DType  # matmul dtype (autocast target under AMP)
@@ -45,7 +46,7 @@ class StepContext:
     trains_embedding: bool = False  # embeddings, the LM head and other tables
 
     @property
-    def num_tokens(self) -> int:
+    def num_tokens(self) -> Count:
         return self.batch * self.seq_len
 
     @property

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from memplan.analytic.symbolic import Count
 from memplan.dtypes import DType, dtype_bytes
 from memplan.trace import Category, Event, Phase, allocation_bytes
 
@@ -23,7 +24,7 @@ from memplan.trace import Category, Event, Phase, allocation_bytes
 class Tensor:
     """A symbolic tensor: its size, whether it requires grad, and whose storage it uses."""
 
-    numel: int
+    numel: Count
     dtype: DType
     requires_grad: bool
     label: str
@@ -36,7 +37,7 @@ class Tensor:
         self.storage = self.base.storage if self.base is not None else self
 
     @property
-    def nbytes(self) -> int:
+    def nbytes(self) -> Count:
         return self.numel * dtype_bytes(self.dtype)
 
 
@@ -45,7 +46,7 @@ class ParamGrad:
     """A trainable parameter used by an op: its ``.grad`` appears in the op's backward."""
 
     label: str
-    grad_bytes: int  # this GPU's share of .grad
+    grad_bytes: Count  # this GPU's share of .grad
     # Shared with an op that runs earlier in backward (tied LM head): adds into that .grad.
     accumulates: bool = False
     # Under sharded gradients (ZeRO-2/3, FSDP) the full gradient exists until reduce-scatter.

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import cast
 
 from memplan.analytic.context import StepContext
 from memplan.analytic.model_graph import build_model_graph
 from memplan.analytic.optimizer import OptimizerBytes, optimizer_bytes
 from memplan.analytic.step import StepComposer
-from memplan.analytic.symbolic import BATCH, SEQ_LEN
+from memplan.analytic.symbolic import BATCH, SEQ_LEN, Count
 from memplan.analytic.weights import ModelState, TensorGroup, model_state
 from memplan.architecture import architecture
 from memplan.distributed import ShardPlan, shard_plan
@@ -85,9 +84,9 @@ def effective_setup(setup: TrainingSetup, parallel: ParallelSetup) -> TrainingSe
     return setup.model_copy(update={"precision": _HALF[setup.precision], "master_weights": master})
 
 
-def _symbolic(ctx: StepContext, seq_len: int) -> StepContext:
+def _symbolic(ctx: StepContext, seq_len: Count) -> StepContext:
     """``ctx`` with a symbolic micro-batch and the given (symbolic or fixed) length."""
-    return dataclasses.replace(ctx, batch=cast(int, BATCH), seq_len=seq_len)
+    return dataclasses.replace(ctx, batch=BATCH, seq_len=seq_len)
 
 
 def _decoder_context(
@@ -108,7 +107,7 @@ def _decoder_context(
     if not symbolic:
         return ctx
     # Without a target length the decoder runs as many tokens as the encoder.
-    return _symbolic(ctx, setup.target_seq_len or cast(int, SEQ_LEN))
+    return _symbolic(ctx, setup.target_seq_len or SEQ_LEN)
 
 
 def check_applicable(spec: ModelSpec, setup: TrainingSetup) -> None:
@@ -147,7 +146,7 @@ def predict(
         grad_divisor=shard.grad_divisor,
     )
     if symbolic:
-        ctx = _symbolic(ctx, cast(int, SEQ_LEN))
+        ctx = _symbolic(ctx, SEQ_LEN)
     state = model_state(arch, setup, ctx, weight_divisor=shard.weight_divisor)
     trace = Trace("analytical")
     autograd = setup.trains_weights

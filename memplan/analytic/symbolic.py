@@ -15,7 +15,7 @@ numbers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple, cast
 
 if TYPE_CHECKING:
     import numpy as np
@@ -207,5 +207,9 @@ def term_values(term: Term, batch: Numbers, seq_len: Numbers) -> Numbers:
     return batch**b * seq_len**s
 
 
-BATCH: Final = Size({(1, 0): 1})
-SEQ_LEN: Final = Size({(0, 1): 1})
+Count = int
+"""An element or byte count in the step model's signatures. In a symbolic trace it holds a
+:class:`Size` instead (the builders' arithmetic is the same); only :mod:`.sweep` evaluates it."""
+
+BATCH: Final[Count] = cast(Count, Size({(1, 0): 1}))
+SEQ_LEN: Final[Count] = cast(Count, Size({(0, 1): 1}))

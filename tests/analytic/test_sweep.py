@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from memplan.analytic import sweep as sweep_module
 from memplan.analytic.predict import predict
 from memplan.analytic.sweep import sweep_peaks, trace_peaks
-from memplan.catalog import load_model
+from memplan.catalog import catalog_names, load_model
 from memplan.errors import MemplanError
 from memplan.specs import ParallelSetup, TrainingSetup
 
@@ -88,3 +91,27 @@ def test_every_family_traces_symbolically(name: str) -> None:
         predict(load_model(name), _with_shape(setup, b, s)).trace.peak()
         for b, s in [(1, 512), (3, 77)]
     ]
+
+
+@pytest.mark.parametrize("name", catalog_names())
+def test_no_catalog_model_falls_back_to_one_by_one(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every catalog model traces symbolically for the setups people sweep."""
+    numeric: list[TrainingSetup] = []
+    real_predict = sweep_module.predict
+
+    def spy(spec: Any, setup: TrainingSetup, parallel: Any = None, **kwargs: Any) -> Any:
+        if not kwargs.get("symbolic"):
+            numeric.append(setup)
+        return real_predict(spec, setup, parallel, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "predict", spy)
+    setups = [
+        TrainingSetup(method=method, grad_ckpt=ckpt, micro_batch_size=b, seq_len=s)
+        for method in ("full", "lora", "qlora")
+        for ckpt in (False, True)
+        for b, s in ((1, 512), (4, 2048))
+    ]
+    assert len(sweep_peaks(load_model(name), setups)) == len(setups)
+    assert numeric == []
