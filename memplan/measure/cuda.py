@@ -31,6 +31,7 @@ from torch import nn
 from memplan import __version__
 from memplan.catalog import load_model
 from memplan.errors import MemplanError
+from memplan.loop import TrainingLoop
 from memplan.measure.records import Environment, MeasuredRun, OutOfMemory, PhaseSample
 from memplan.specs import (
     ModelSpec,
@@ -289,9 +290,10 @@ def _step(
     where: list[str],
     accelerator: Any = None,
 ) -> None:
-    """One optimizer step as Hugging Face Trainer runs it, sampled at every phase end."""
+    """One optimizer step of :class:`memplan.loop.TrainingLoop`, sampled at every phase end."""
     trains = optimizer is not None
-    for micro in range(setup.grad_accum_steps):
+    loop = TrainingLoop.of(setup)
+    for micro in range(loop.micro_batches):
         where[0] = "forward"
         batch = synthetic_batch(
             model, setup, encoder_decoder=built.is_encoder_decoder, device=device
@@ -306,7 +308,7 @@ def _step(
             # Under accelerate, prepare() wrapped the forward in autocast already.
             autocast=accelerator is None,
         )
-        loss = loss / setup.grad_accum_steps  # Trainer scales each micro-batch's loss
+        loss = loss / loop.micro_batches  # Trainer scales each micro-batch's loss
         probe.sample(step, "forward", micro)
         if trains:
             where[0] = "backward"

@@ -1,10 +1,8 @@
 """One training setup made runnable: the model materialized, classified and ready to step.
 
 ``load_session`` is the LOAD phase (materialize, apply checkpointing, build the optimizer);
-``train_step`` is one optimizer step as Hugging Face Trainer runs it: for each micro-batch a
-forward with ``labels`` (the model computes logits and the shifted cross-entropy itself), the
-output object dropped so only the loss survives, ``loss.backward()``; then
-``optimizer.step()`` and ``optimizer.zero_grad(set_to_none=True)``.
+``train_step`` is one optimizer step of :class:`memplan.loop.TrainingLoop`, the loop the
+analytical model and the measured runner follow too.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer as TorchOptimizer
 
+from memplan.loop import TrainingLoop
 from memplan.specs import TrainingSetup
 from memplan.torchsim.materialize import materialize
 from memplan.torchsim.models import COMPUTE_DTYPES, BuiltModel
@@ -202,7 +201,7 @@ def _micro_step(session: Session, step: int) -> None:
 
 
 def train_step(session: Session, step: int) -> None:
-    for _ in range(session.setup.grad_accum_steps):
+    for _ in range(TrainingLoop.of(session.setup).micro_batches):
         _micro_step(session, step)
     optimizer = session.optimizer
     if optimizer is None:

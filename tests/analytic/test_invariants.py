@@ -16,7 +16,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from memplan.analytic.predict import Prediction, effective_setup, predict
+from memplan.analytic.predict import Prediction, predict
+from memplan.analytic.sharding import effective_setup
 from memplan.architecture import ParamKind, architecture
 from memplan.catalog import catalog_names, load_model
 from memplan.distributed import check_layout

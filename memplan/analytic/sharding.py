@@ -1,0 +1,138 @@
+"""Sharding as a transform of one GPU's step: what ZeRO, FSDP, offload and TP change.
+
+The single-GPU step (:mod:`memplan.analytic.step`) knows nothing of data parallelism. This
+module takes a :class:`memplan.distributed.ShardPlan` and turns it into trace items around that
+step:
+
+- at load: this rank's parameter shard (or nothing, when parameters are offloaded), the fp32
+  master weights, DeepSpeed's flat gradient reduce bucket; host bytes for what is offloaded;
+- around each micro-batch: DeepSpeed ZeRO-3's live gathered parameters;
+- under gradient accumulation: FSDP ``no_sync()``'s unsharded gradients;
+- the optimizer: on the device or not (ZeRO-Offload steps on the host).
+
+Per-layer all-gather buffers are a size handed to the step composer (``gather_bytes``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.analytic.context import StepContext
+from memplan.analytic.optimizer import OptimizerBytes
+from memplan.analytic.weights import ModelState, TensorGroup
+from memplan.distributed import ShardPlan
+from memplan.dtypes import DType, dtype_bytes
+from memplan.specs.parallel import ParallelSetup
+from memplan.specs.training import Precision, TrainingSetup
+from memplan.trace import Category, Event, Phase, TraceItem, allocation_bytes
+
+_HALF = {Precision.BF16_AMP: Precision.BF16, Precision.FP16_AMP: Precision.FP16}
+
+
+def effective_setup(setup: TrainingSetup, parallel: ParallelSetup) -> TrainingSetup:
+    """The regime a sharded run really uses for an AMP precision request.
+
+    DeepSpeed's bf16/fp16 modes convert the model to 16-bit and step fp32 master weights;
+    FSDP's MixedPrecision gathers 16-bit copies of fp32 shards. Neither runs torch.autocast
+    over fp32 weights, so neither keeps per-op weight casts: both become 16-bit weights with
+    fp32 master weights (for FSDP this counts the 16-bit copy as a shard, 2 bytes/param/N).
+    """
+    sharded = parallel.uses_deepspeed or (
+        parallel.sharding.value == "fsdp" and parallel.zero_stage >= 2
+    )
+    if not (sharded and setup.precision in _HALF):
+        return setup
+    master = True if setup.master_weights is None else setup.master_weights
+    return setup.model_copy(update={"precision": _HALF[setup.precision], "master_weights": master})
+
+
+@dataclass(frozen=True)
+class Sharded:
+    """A ShardPlan applied to one rank's model state and step."""
+
+    shard: ShardPlan
+    parallel: ParallelSetup
+    ctx: StepContext
+
+    def optimizer_groups(self, state: ModelState) -> list[TensorGroup]:
+        """Trainable tensors as the optimizer sees them: its shard, in fp32 with masters."""
+        # ``state`` already holds this GPU's parameter shard under ZeRO-3 / FULL_SHARD
+        # (weight_divisor), so only the remaining factor of the optimizer's sharding applies.
+        divisor = self.shard.optimizer_divisor // self.shard.weight_divisor
+        dtype_of = (lambda _: DType.FP32) if self.shard.master_weights else (lambda g: g.dtype)
+        return [
+            TensorGroup(g.label, -(-g.numel // divisor), dtype_of(g), g.count, shape=g.shape)
+            for g in state.trainable
+        ]
+
+    def master_bytes(self, groups: list[TensorGroup]) -> int:
+        """fp32 master weights of the optimizer's shard (none without mixed-precision masters)."""
+        return sum(g.allocated_bytes for g in groups) if self.shard.master_weights else 0
+
+    def load_items(
+        self, state: ModelState, groups: list[TensorGroup], opt: OptimizerBytes, *, trains: bool
+    ) -> tuple[list[TraceItem], int]:
+        """Allocations before the first step, and the host bytes of what is offloaded."""
+        items: list[TraceItem] = []
+        cpu_bytes = 0
+        if self.shard.offload_params:  # parameters live in host memory, gathered per layer
+            cpu_bytes += sum(g.allocated_bytes for g in state.groups)
+        else:
+            items += state.load_items()
+        master = self.master_bytes(groups)
+        if self.shard.offload_optimizer:  # ZeRO-Offload: fp32 master, states, grads on the host
+            cpu_bytes += master + opt.state_bytes + opt.paged_bytes
+            cpu_bytes += sum(allocation_bytes(g.numel * 4) * g.count for g in groups)
+        elif master:
+            items.append(
+                Event(master, Category.MASTER_WEIGHTS, Phase.LOAD, 0, "fp32 master weights")
+            )
+        if self.shard.reduce_bucket_elements and trains:
+            # DeepSpeed's flat gradient buffer, in the dtype gradients are reduced in.
+            nbytes = self.shard.reduce_bucket_elements * dtype_bytes(self.ctx.weight_dtype)
+            items.append(
+                Event(
+                    allocation_bytes(nbytes),
+                    Category.TEMPORARIES,
+                    Phase.LOAD,
+                    0,
+                    "DeepSpeed reduce bucket",
+                )
+            )
+        return items, cpu_bytes
+
+    def gather_bytes(self, state: ModelState) -> int:
+        """ZeRO-3 / FULL_SHARD: each layer's parameters all-gathered (current + prefetched)."""
+        gather = self.shard.gather_layers * state.layer_params * dtype_bytes(self.ctx.compute_dtype)
+        return gather // self.parallel.tensor_parallel_degree
+
+    def around_micro_batch(self, items: list[TraceItem], *, trains: bool) -> list[TraceItem]:
+        """DeepSpeed ZeRO-3 keeps up to max_live_parameters gathered around the turn from
+        forward to backward."""
+        resident = allocation_bytes(
+            self.shard.resident_gathered_params
+            * dtype_bytes(self.ctx.compute_dtype)
+            // self.parallel.tensor_parallel_degree
+        )
+        if not resident:
+            return items
+        end = Phase.BACKWARD if trains else Phase.LOSS
+        live = "ZeRO-3 live gathered parameters"
+        return [
+            Event(resident, Category.TEMPORARIES, Phase.FORWARD, 0, live),
+            *items,
+            Event(-resident, Category.TEMPORARIES, end, 0, live),
+        ]
+
+    def accumulation_bytes(self, state: ModelState) -> int:
+        """FSDP no_sync(): the non-final micro-batches accumulate unsharded gradients of every
+        wrapped unit (0 when no_sync does not run)."""
+        if not self.shard.unsharded_accumulation:
+            return 0
+        nbytes = state.num_params * dtype_bytes(self.ctx.weight_dtype)
+        return allocation_bytes(nbytes // self.parallel.tensor_parallel_degree)
+
+    @property
+    def optimizer_on_device(self) -> bool:
+        """False under ZeRO-Offload: the optimizer steps on the host."""
+        return not self.shard.offload_optimizer
