@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -36,9 +37,10 @@ class _Parser(argparse.ArgumentParser):
         _fail(f"{self.prog}: {message}")
 
 
-def _fail(message: str) -> NoReturn:
-    print(f"memplan: error: {message}", file=sys.stderr)
-    raise SystemExit(EXIT_BAD_INPUT)
+def _fail(message: str, status: int = EXIT_BAD_INPUT) -> NoReturn:
+    line = " ".join(message.split()) if not message.isprintable() else message
+    print(f"memplan: error: {line}", file=sys.stderr)
+    raise SystemExit(status)
 
 
 def _add_setup_flags(p: argparse.ArgumentParser) -> None:
@@ -163,10 +165,24 @@ _PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def _plot_path(text: str) -> str:
-    if not text.lower().endswith(_PLOT_SUFFIXES):
-        raise argparse.ArgumentTypeError(
-            f"cannot write a picture to {text!r}: end the name in {', '.join(_PLOT_SUFFIXES)}"
-        )
+    """A picture file that can be written (checked before any work starts)."""
+    from memplan.files import check_writable
+
+    try:
+        check_writable(text, what="picture", suffixes=_PLOT_SUFFIXES)
+    except MemplanError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("picture: ")) from exc
+    return text
+
+
+def _json_path(text: str) -> str:
+    """A JSON output file that can be written (checked before any work starts)."""
+    from memplan.files import check_writable
+
+    try:
+        check_writable(text, what="output", suffixes=(".json",))
+    except MemplanError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("output: ")) from exc
     return text
 
 
@@ -475,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     meas.add_argument("--model", required=True, help="catalog name or a path to a config.json")
     _add_setup_flags(meas)
     meas.add_argument("--steps", type=int, default=2, help="optimizer steps to run (default 2)")
-    meas.add_argument("--out", help="write the measured run as JSON to this file")
+    meas.add_argument(
+        "--out", type=_json_path, metavar="PATH", help="write the measured run to this .json file"
+    )
     meas.add_argument("--gpu", help="hardware profile or capacity to judge the measured step on")
     meas.add_argument("--json", action="store_true", help="print one JSON object")
     meas.set_defaults(func=_cmd_measure)
@@ -536,15 +554,15 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     spec = load_model(args.model)
     comparison = trace_and_compare(spec, setup_from_args(args, spec), mode="cpu", gpu=args.gpu)
     if args.out:
-        from pathlib import Path
-
         record = {
             "traced": comparison.traced.model_dump(mode="json"),
             "analytical": comparison.analytical.model_dump(mode="json"),
             "trace": comparison.trace.to_json(),
             "wall_time_s": comparison.wall_time_s,
         }
-        Path(args.out).write_text(json.dumps(record, indent=2))
+        from memplan.files import write_atomic
+
+        write_atomic(args.out, json.dumps(record, indent=2), what="--out")
     return _print_traced(comparison, args)
 
 
@@ -615,18 +633,58 @@ def _validation_message(exc: ValidationError) -> str:
     return f"invalid {flag}: {message}{shown}"
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+EXIT_INTERNAL = 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
+    """Run one command; every failure ends in one line on stderr, never a traceback."""
+    _tolerant_streams()
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except MemplanError as exc:
         _fail(str(exc))
     except ValidationError as exc:
         _fail(_validation_message(exc))
-    except BrokenPipeError:  # e.g. `memplan models | head`
+    except KeyboardInterrupt:
+        _fail("interrupted", EXIT_INTERRUPTED)
+    except BrokenPipeError:  # e.g. `memplan models | head`: the reader left
+        _silence_stdout()
         return 0
+    except (RecursionError, MemoryError, OverflowError) as exc:
+        _fail(f"input too large to handle ({type(exc).__name__})")
+    except OSError as exc:  # a full disk or a closed terminal while writing the output
+        _fail(f"cannot write the output: {exc.strerror or exc}", EXIT_INTERNAL)
+    except Exception as exc:
+        if os.environ.get("MEMPLAN_DEBUG"):
+            raise
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        _fail(
+            f"internal error ({type(exc).__name__}: {text[:200]}); set MEMPLAN_DEBUG=1 for "
+            "the traceback",
+            EXIT_INTERNAL,
+        )
+
+
+def _tolerant_streams() -> None:
+    """Characters the terminal's encoding lacks (PYTHONIOENCODING=ascii) are escaped, not an
+    error."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if callable(reconfigure):
+            reconfigure(errors="backslashreplace")
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

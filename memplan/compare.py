@@ -20,6 +20,7 @@ from memplan.accuracy import relative_error
 from memplan.analytic.predict import predict
 from memplan.catalog import load_model
 from memplan.errors import MemplanError
+from memplan.files import read_json, shown
 from memplan.plan import GpuTarget, PlanResult, plan, resolve_gpu
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import ParallelSetup, Sharding
@@ -407,13 +408,13 @@ def _points_in(data: Any, source: str, estimator: str) -> list[ValidationPoint]:
 
 
 def _records(path: Path) -> Any:
-    text = path.read_text()
+    if path.suffix != ".jsonl":
+        return read_json(path, what="results file")
     try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise MemplanError(f"{path}: not valid JSON ({exc.msg})") from exc
+        text = path.read_text(encoding="utf-8")
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, ValueError, RecursionError) as exc:
+        raise MemplanError(f"{shown(path)}: not valid JSON lines ({exc})") from exc
 
 
 def _measured_points(path: Path, source: str) -> list[ValidationPoint]:

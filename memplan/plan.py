@@ -11,7 +11,7 @@ from memplan.analytic.predict import Prediction, predict
 from memplan.assumptions import assumptions
 from memplan.catalog import load_model
 from memplan.errors import MemplanError
-from memplan.hardware import HardwareProfile, load_profile
+from memplan.hardware import HardwareProfile, has_profile, load_profile
 from memplan.overheads import CUDA_CONTEXT_BYTES
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import ParallelSetup
@@ -32,8 +32,9 @@ class GpuTarget(BaseModel):
 
 
 def resolve_gpu(text: str) -> GpuTarget:
-    """A GPU name (hardware profile or alias) or a capacity such as ``48GB`` / ``24GiB``."""
-    if text and text[0].isdigit():
+    """A GPU name (hardware profile or alias, such as ``4090``) or a capacity such as ``48GB``
+    / ``24GiB`` (a number needs its unit)."""
+    if text and text.strip()[:1].isdigit() and not has_profile(text):
         return GpuTarget(
             name=text, capacity_bytes=parse_capacity(text), context_bytes=CUDA_CONTEXT_BYTES
         )

@@ -42,6 +42,7 @@ UTILISATION_FRACTION: Final = 0.40
 # Token counts as people write them: 50M, 1.5B, 2T (decimal, as in "trained on 2T tokens"); the
 # decimal prefixes are memplan.units' (KB = 10**3 ... TB = 10**12).
 _TOKEN_SUFFIXES: Final = {"": 1, "k": KB, "m": MB, "b": GB, "t": TB}
+MAX_TOKENS: Final = 10**18  # training tokens accepted: a million times the largest runs
 _TOKENS_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmbtKMBT]?)\s*$")
 _SECONDS_PER_HOUR: Final = 3600
 _TERA: Final = TB  # TFLOP/s -> FLOP/s
@@ -57,7 +58,10 @@ def parse_tokens(text: str) -> int:
     match = _TOKENS_RE.match(text)
     if match is None:
         raise MemplanError(f"cannot read token count {text!r}: expected e.g. 50M, 1.5B or 2000000")
-    tokens = round(float(match.group(1)) * _TOKEN_SUFFIXES[match.group(2).lower()])
+    value = float(match.group(1)) * _TOKEN_SUFFIXES[match.group(2).lower()]
+    if value > MAX_TOKENS:
+        raise MemplanError(f"token count {text!r} is too large (at most 10^18)")
+    tokens = round(value)
     if tokens <= 0:
         raise MemplanError(f"token count {text!r} must be positive")
     return tokens

@@ -31,6 +31,8 @@ _UNITS: Final = {
     "gib": GiB,
     "tib": TiB,
 }
+# Largest device capacity accepted: far beyond any accelerator (1 PiB).
+MAX_CAPACITY_BYTES: Final = 2**50
 _CAPACITY_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*$")
 
 
@@ -71,4 +73,6 @@ def parse_capacity(text: str) -> int:
     value = float(match.group(1)) * _UNITS[match.group(2).lower()]
     if value <= 0:
         raise MemplanError(f"memory size {text!r} must be positive")
+    if value > MAX_CAPACITY_BYTES:
+        raise MemplanError(f"memory size {text!r} is beyond any device (at most 1 PiB)")
     return round(value)

@@ -9,7 +9,6 @@ phase, and the model state left after loading and after a full step. Torch-free.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from memplan.accuracy import relative_error
 from memplan.catalog import load_model
 from memplan.errors import MemplanError
+from memplan.files import read_json, shown
 from memplan.measure.records import MeasuredRun, ResultsFile
 from memplan.plan import GpuTarget, PlanResult, plan
 from memplan.specs import ParallelSetup, TrainingSetup
@@ -195,19 +195,16 @@ def summarize(verifications: list[RunVerification], device: str) -> Summary:
 
 def load_runs(path: Path) -> tuple[list[MeasuredRun], int | None, str]:
     """Runs from a results file (many runs) or a single-run file (``memplan measure --out``)."""
-    try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise MemplanError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise MemplanError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno})") from exc
+    data = read_json(path, what="run file")
+    if not isinstance(data, dict):
+        raise MemplanError(f"{shown(path)}: not a memplan measured run or results file")
     try:
         if isinstance(data, dict) and "runs" in data:
             results = ResultsFile(**data)
             return results.runs, results.nvml_baseline_bytes, results.environment.device_name
         run = MeasuredRun(**{k: v for k, v in data.items() if k in MeasuredRun.model_fields})
     except (ValidationError, TypeError) as exc:
-        raise MemplanError(f"{path}: not a memplan measured run or results file") from exc
+        raise MemplanError(f"{shown(path)}: not a memplan measured run or results file") from exc
     return [run], None, run.environment.device_name
 
 

@@ -14,11 +14,13 @@ from collections.abc import Iterator
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from memplan.catalog.hf_config import spec_from_hf_config
 from memplan.errors import MemplanError
+from memplan.files import read_json, shown
 from memplan.specs.model import ModelSpec
+from memplan.units import MiB
 
 __all__ = ["catalog_names", "catalog_record", "load_model", "spec_from_hf_config"]
 
@@ -62,10 +64,33 @@ def catalog_record(name: str) -> dict[str, Any]:
     return data
 
 
+@cache
+def hub_ids() -> dict[str, str]:
+    """Hugging Face repository id (lower case) -> catalog name, for every record that has one."""
+    ids = {}
+    for name in catalog_names():
+        hf_id = json.loads(_record_files()[name].read_text()).get("hf_id")
+        if isinstance(hf_id, str):
+            ids[hf_id.lower()] = name
+    return ids
+
+
+def catalog_name(text: str) -> str | None:
+    """The catalog name ``text`` refers to: a catalog name or a Hugging Face id (any case),
+    or None."""
+    lowered = text.strip().lower()
+    if lowered in catalog_names():
+        return lowered
+    return hub_ids().get(lowered)
+
+
 def _unknown_model_message(name: str) -> str:
-    close = difflib.get_close_matches(name.lower(), catalog_names(), n=3, cutoff=0.5)
+    shown_name = name if len(name) <= 80 else f"{name[:77]}..."
+    candidates = [*catalog_names(), *hub_ids()]
+    close = difflib.get_close_matches(name.lower(), candidates, n=3, cutoff=0.5)
+    close = list(dict.fromkeys(hub_ids().get(c, c) for c in close))
     hint = f"; did you mean {', '.join(close)}?" if close else "; see `memplan models`"
-    return f"unknown model {name!r}{hint} (or pass a path to a config.json)"
+    return f"unknown model {shown_name!r}{hint} (or pass a path to a config.json)"
 
 
 @cache
@@ -80,36 +105,41 @@ def _load_catalog_model(name: str) -> ModelSpec:
     )
 
 
+# A config.json is a few kilobytes; a much larger file is not one.
+MAX_CONFIG_BYTES: Final = 16 * MiB
+
+
 def load_config_file(path: Path) -> ModelSpec:
     """A ModelSpec from a Hugging Face config.json on disk (a file or a model folder)."""
-    if path.is_dir():
+    if _is_dir(path):
         path = path / "config.json"
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise MemplanError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise MemplanError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno})") from exc
+    config = read_json(path, what="config file", max_bytes=MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
-        raise MemplanError(f"{path}: expected a JSON object, got {type(config).__name__}")
+        raise MemplanError(f"{shown(path)}: expected a JSON object, got {type(config).__name__}")
     name = path.parent.name if path.name == "config.json" and path.parent.name else path.stem
-    return spec_from_hf_config(config, name=name, source=str(path))
+    return spec_from_hf_config(config, name=name, source=shown(path))
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def load_model(name_or_path: str | Path) -> ModelSpec:
     """A catalog model by name, or a local config.json (or a folder holding one) by path."""
     text = str(name_or_path)
-    if (
-        isinstance(name_or_path, Path)
-        or text.endswith(".json")
-        or "/" in text
-        or Path(text).is_dir()
-    ):
-        path = Path(text).expanduser()
-        if path.exists():
-            return load_config_file(path)
-        if text.endswith(".json"):
-            raise MemplanError(f"no such config file: {text}")
-    return _load_catalog_model(text)
+    if isinstance(name_or_path, Path) or text.endswith(".json") or _is_dir(Path(text)):
+        return load_config_file(Path(text).expanduser())
+    path = Path(text).expanduser()
+    if "/" in text and _exists(path):
+        return load_config_file(path)
+    return _load_catalog_model(catalog_name(text) or text)

@@ -3,9 +3,17 @@
 from memplan.hardware.profiles import (
     CloudOffer,
     HardwareProfile,
+    has_profile,
     list_profiles,
     load_profile,
     profile_files,
 )
 
-__all__ = ["CloudOffer", "HardwareProfile", "list_profiles", "load_profile", "profile_files"]
+__all__ = [
+    "CloudOffer",
+    "HardwareProfile",
+    "has_profile",
+    "list_profiles",
+    "load_profile",
+    "profile_files",
+]

@@ -254,7 +254,22 @@ def load_profile(name_or_alias: str) -> HardwareProfile:
     key = name_or_alias.strip().lower()
     profile = _index().get(key)
     if profile is None:
-        close = difflib.get_close_matches(key, _index().keys(), n=3, cutoff=0.6)
+        close = suggestions(key)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `memplan gpus`"
         raise MemplanError(f"unknown hardware {name_or_alias!r}{hint}")
     return profile
+
+
+def has_profile(name_or_alias: str) -> bool:
+    """Whether a profile has this name or alias."""
+    return name_or_alias.strip().lower() in _index()
+
+
+def suggestions(key: str, limit: int = 4) -> list[str]:
+    """Profile names a mistyped name most likely means: those that contain it as a part
+    (a100 -> a100-40gb-pcie, a100-80gb-sxm, ...), else the closest spellings."""
+    names = sorted({p.name for p in _index().values()})
+    parts = [n for n in names if (key and key in n.split("-")) or n.startswith(f"{key}-")]
+    if parts:
+        return parts[:limit]
+    return difflib.get_close_matches(key, names, n=3, cutoff=0.6)

@@ -30,7 +30,6 @@ class QLoRA(LoRA):
         "lora_dropout": 0.05,
         "lora_targets": ("q", "k", "v", "o", "qkv", "gate", "up", "gate_up", "down"),
     }
-    setting_fields = (*LoRA.setting_fields, "quant", "double_quant")
 
     def check_setup(self, setup: TrainingSetup) -> None:
         from memplan.dtypes import Quantization

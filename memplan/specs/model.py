@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import (
     BaseModel,
@@ -15,6 +15,8 @@ from pydantic import (
 )
 
 from memplan.families.base import Layout
+
+MAX_LAYERS: Final = 1024  # transformer blocks of one model
 
 Family = str
 """A registered model family (:mod:`memplan.families`); by convention the Hugging Face
@@ -141,6 +143,11 @@ class ModelSpec(BaseModel):
     def _check_shapes(self) -> ModelSpec:
         if self.num_layers == 0:
             raise ValueError("num_encoder_layers + num_decoder_layers must be at least 1")
+        if self.num_layers > MAX_LAYERS:
+            raise ValueError(
+                f"{self.num_layers} layers: memplan plans models of at most {MAX_LAYERS} layers "
+                "(the deepest published ones have under 200)"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "

@@ -13,6 +13,12 @@ if TYPE_CHECKING:
     from memplan.methods.base import TuningMethod
 
 
+# Bounds of what a setup may ask for: far beyond any real run, low enough that every size stays
+# an exact integer and every prediction finishes in milliseconds.
+MAX_MICRO_BATCH: Final = 1 << 20  # sequences per micro-batch (and micro-batches per step)
+MAX_SEQ_LEN: Final = 1 << 24  # 16M tokens per sequence
+MAX_RANK: Final = 1 << 16  # LoRA rank, adapter width
+
 Method = str
 """A registered fine-tuning method (:mod:`memplan.methods`): full, lora, qlora, ..."""
 
@@ -124,13 +130,19 @@ class TrainingSetup(BaseModel):
     optimizer_impl: OptimizerImpl = Field(
         default=OptimizerImpl.FUSED, description="Loop strategy of torch optimizers."
     )
-    micro_batch_size: PositiveInt = Field(default=1, description="Sequences per forward pass.")
-    seq_len: PositiveInt = Field(default=512, description="Tokens per sequence (padded length).")
+    micro_batch_size: PositiveInt = Field(
+        default=1, le=MAX_MICRO_BATCH, description="Sequences per forward pass."
+    )
+    seq_len: PositiveInt = Field(
+        default=512, le=MAX_SEQ_LEN, description="Tokens per sequence (padded length)."
+    )
     target_seq_len: PositiveInt | None = Field(
         default=None, description="Decoder length of encoder-decoder models (None: seq_len)."
     )
     grad_accum_steps: PositiveInt = Field(
-        default=1, description="Micro-batches accumulated into one optimizer step."
+        le=MAX_MICRO_BATCH,
+        default=1,
+        description="Micro-batches accumulated into one optimizer step.",
     )
     grad_ckpt: bool = Field(default=False, description="Activation (gradient) checkpointing.")
     grad_ckpt_every: PositiveInt = Field(
@@ -152,8 +164,10 @@ class TrainingSetup(BaseModel):
         description="Where the step runs: decides kernel workspaces (flash backward's fp32 dQ "
         "accumulator), SDPA fallbacks and whether optimizer step counters live on the device.",
     )
-    lora_r: PositiveInt = Field(default=8, description="LoRA rank r.")
-    lora_alpha: float = Field(default=8.0, gt=0, description="LoRA scaling numerator alpha.")
+    lora_r: PositiveInt = Field(default=8, le=MAX_RANK, description="LoRA rank r.")
+    lora_alpha: float = Field(
+        default=8.0, gt=0, allow_inf_nan=False, description="LoRA scaling numerator alpha."
+    )
     lora_dropout: float = Field(
         default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input (saves a mask)."
     )
@@ -165,8 +179,12 @@ class TrainingSetup(BaseModel):
         default=DType.FP32,
         description="Dtype of LoRA/adapter weights (peft autocasts adapters to fp32).",
     )
-    adapter_size: PositiveInt = Field(default=64, description="Bottleneck width of adapters.")
-    prefix_len: PositiveInt = Field(default=30, description="Virtual tokens of prefix tuning.")
+    adapter_size: PositiveInt = Field(
+        default=64, le=MAX_RANK, description="Bottleneck width of adapters."
+    )
+    prefix_len: PositiveInt = Field(
+        default=30, le=MAX_SEQ_LEN, description="Virtual tokens of prefix tuning."
+    )
     defaults_from_method: tuple[str, ...] = Field(
         default=(),
         description="Fields filled from the method's typical setup (reported as assumptions).",
@@ -199,9 +217,27 @@ class TrainingSetup(BaseModel):
     @model_validator(mode="after")
     def _check_combination(self) -> TrainingSetup:
         self.tuning.check_setup(self)
+        self._check_settings_apply()
         if self.grad_ckpt_every > 1 and not self.grad_ckpt:
             raise ValueError("grad_ckpt_every > 1 needs grad_ckpt=True")
         return self
+
+    def _check_settings_apply(self) -> None:
+        """A method's setting changed for a method that has no use for it is a mistake
+        (``--lora-r 16 --method full``), not something to ignore silently."""
+        from memplan.methods import methods
+
+        own = set(self.tuning.setting_fields)
+        for tuning in methods().values():
+            for field in tuning.setting_fields:
+                if field in own or field not in self.model_fields_set:
+                    continue
+                if getattr(self, field) != type(self).model_fields[field].default:
+                    users = [n for n, m in methods().items() if field in m.setting_fields]
+                    raise ValueError(
+                        f"{field} configures method {'/'.join(users)}; method={self.method} "
+                        "does not use it"
+                    )
 
     @property
     def tuning(self) -> TuningMethod:
