@@ -217,7 +217,7 @@ def test_validation_points_read_committed_pairs(tmp_path: Path) -> None:
     assert (summary.num_points, summary.within_band, summary.worst) == (2, 1, "case-1")
     assert summary.median_abs_error == pytest.approx(0.075)
     (tmp_path / "results" / "broken.json").write_text("{")
-    with pytest.raises(MemplanError, match=r"broken\.json: not valid JSON"):
+    with pytest.raises(MemplanError, match=r"broken\.json: malformed JSON"):
         compare.validation_points(tmp_path)
 
 

@@ -268,9 +268,17 @@ def test_full_fine_tuning_default_is_bf16_autocast_with_adamw() -> None:
     assert setup.precision.compute_dtype.value == "bf16"
 
 
+def test_a_setting_of_another_method_is_refused() -> None:
+    with pytest.raises(ValidationError) as exc:
+        TrainingSetup(method="full", lora_r=16)
+    assert "lora_r configures method lora/qlora; method=full does not use it" in str(exc.value)
+    assert TrainingSetup(method="full", lora_r=8).lora_r == 8  # the default changes nothing
+
+
 @pytest.mark.parametrize("method", ["full", "lora", "qlora"])
 def test_setup_round_trips_through_json_without_refilling_defaults(method: str) -> None:
-    setup = TrainingSetup(method=method, lora_r=32, micro_batch_size=4)
+    lora = {"lora_r": 32} if method != "full" else {}
+    setup = TrainingSetup(method=method, micro_batch_size=4, **lora)
     again = TrainingSetup.model_validate(setup.model_dump(mode="json"))
     assert again == setup
     assert again.defaults_from_method == setup.defaults_from_method

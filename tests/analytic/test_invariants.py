@@ -474,14 +474,15 @@ def test_qlora_below_lora_below_full_fine_tuning(
         "micro_batch_size": batch,
         "seq_len": seq,
         "grad_ckpt": ckpt,
-        "lora_targets": targets,
-        "lora_r": r,
-        "lora_alpha": 16.0,
-        "lora_dropout": 0.0,
         "attention": attention,
     }
+    adapters = {"lora_targets": targets, "lora_r": r, "lora_alpha": 16.0, "lora_dropout": 0.0}
     peaks = {
-        method: _predict(name, TrainingSetup(method=method, **common)).trace.peak().peak_bytes
+        method: _predict(
+            name, TrainingSetup(method=method, **common, **(adapters if method != "full" else {}))
+        )
+        .trace.peak()
+        .peak_bytes
         for method in ("qlora", "lora", "full")
     }
     assert peaks["qlora"] < peaks["lora"] < peaks["full"]

@@ -88,8 +88,16 @@ def test_unknown_name_is_a_one_line_error_with_suggestions() -> None:
     with pytest.raises(MemplanError) as excinfo:
         load_profile("h100-sxn")
     message = str(excinfo.value)
-    assert message == "unknown hardware 'h100-sxn'; did you mean h100-sxm, h100-sxm5, h200-sxm?"
+    assert message == "unknown hardware 'h100-sxn'; did you mean h100-sxm, h100-nvl?"
     assert "\n" not in message
+
+
+def test_a_family_name_suggests_its_variants() -> None:
+    with pytest.raises(MemplanError) as excinfo:
+        load_profile("a100")
+    message = str(excinfo.value)
+    assert message.startswith("unknown hardware 'a100'; did you mean a100-40gb-pcie, ")
+    assert "a100-80gb-sxm" in message and "a10," not in message
 
 
 def test_unknown_name_without_close_match_points_to_the_listing() -> None:
