@@ -208,7 +208,8 @@ def test_unsupported_model_type(run_cli: Run, tmp_path: Path) -> None:
 
 def test_missing_config_file(run_cli: Run, tmp_path: Path) -> None:
     line = _bad(run_cli, "plan", str(tmp_path / "nope.json"))
-    assert "cannot read config file" in line and "No such file" in line
+    assert "cannot read config file" in line
+    assert "No such file" in line
 
 
 @pytest.mark.parametrize(

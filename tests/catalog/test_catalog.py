@@ -211,7 +211,7 @@ def test_bad_t5_feed_forward_proj(tmp_path: Path) -> None:
 
 
 def test_missing_config_file(tmp_path: Path) -> None:
-    with pytest.raises(MemplanError, match="cannot read config file .*No such file"):
+    with pytest.raises(MemplanError, match=r"cannot read config file .*No such file"):
         load_model(tmp_path / "absent.json")
 
 
