@@ -521,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument(
         "--references",
-        help="folder holding cases/ and configs/ (default: validation/references of this checkout)",
+        help="folder holding cases/ and configs/ (default: memplan/references of this checkout)",
     )
     v.set_defaults(func=_cmd_validate)
     return parser

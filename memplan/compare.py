@@ -371,7 +371,7 @@ def _int_field(record: dict[str, Any], keys: Sequence[str]) -> int | None:
 
 def _predicted(record: dict[str, Any], estimator: str) -> int | None:
     """The estimator's prediction in a record: ``{estimator: {"bytes": n}}`` (the estimator
-    comparison of ``validation/references/estimators.json``), or, for memplan, a top-level
+    comparison of ``memplan/references/estimators.json``), or, for memplan, a top-level
     ``predicted_bytes`` (``memplan validate --json`` rows)."""
     nested = record.get(estimator)
     if isinstance(nested, dict) and isinstance(nested.get("bytes"), int):
@@ -438,12 +438,15 @@ def validation_points(
     verify`` input) give memplan's allocated, reserved and NVML points. Records with a
     measurement only are skipped. Empty when nothing has been committed.
     """
+    from memplan.validate import REFERENCES_DIR
+
     folder = Path(root) if root is not None else VALIDATION_DIR
+    references = folder / "references" if root is not None else REFERENCES_DIR
     points: list[ValidationPoint] = []
-    for sub in ("results", "references"):
-        for path in sorted((folder / sub).rglob("*.json*")):
+    for where_from in (folder / "results", references):
+        for path in sorted(where_from.rglob("*.json*")):
             if path.suffix in (".json", ".jsonl"):
-                where = str(path.relative_to(folder))
+                where = str(path.relative_to(where_from.parent))
                 records = _records(path)
                 if isinstance(records, dict) and {"runs", "environment"} <= records.keys():
                     # A measured-runs file (validation/gpu): memplan predicts each run now.

@@ -1,6 +1,6 @@
 """``memplan validate``: predict published peak-memory measurements and report the error.
 
-Each case under ``validation/references/cases/`` is one published fine-tuning run: the
+Each case under ``memplan/references/cases/`` is one published fine-tuning run: the
 publisher's record verbatim (``reference``: source, configuration, measured number, metric,
 confidence), memplan's reading of it (``memplan``: model, TrainingSetup and ParallelSetup
 fields, and which number of a :class:`~memplan.plan.PlanResult` to compare), the assumptions
@@ -39,8 +39,8 @@ from memplan.plan import GpuTarget, PlanResult, plan
 from memplan.specs import ModelSpec, ParallelSetup, TrainingSetup
 from memplan.units import GB
 
-REFERENCES_DIR: Final = Path(__file__).resolve().parents[1] / "validation" / "references"
-"""Reference records of this source checkout (not shipped in the wheel)."""
+REFERENCES_DIR: Final = Path(__file__).resolve().parent / "references"
+"""The published reference cases and their configs (shipped with the package)."""
 
 Compared = Literal["peak_bytes", "reserved_bytes", "device_bytes"]
 

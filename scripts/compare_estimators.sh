@@ -8,7 +8,7 @@
 #   scripts/compare_estimators.sh            # install (once) and compare
 #   ESTIMATORS_SKIP_INSTALL=1 scripts/...    # reuse the environment as it is
 #
-# Writes docs/accuracy.md and validation/references/estimators.json.
+# Writes docs/accuracy.md and memplan/references/estimators.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=build/estimators-venv

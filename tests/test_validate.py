@@ -1,6 +1,6 @@
 """Published peak-memory measurements: every reference case predicted, the error bounded.
 
-The records live in validation/references/cases (one per published run); the acceptance bar
+The records live in memplan/references/cases (one per published run); the acceptance bar
 of issue 7: median absolute error <= 10%, and no case off by more than 30% without a written
 mechanism in its record.
 """
