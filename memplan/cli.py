@@ -231,9 +231,9 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.model_dump(mode="json"), indent=2))
     else:
-        from rich.console import Console
+        from memplan.report import stdout_console
 
-        Console().print(comparison_table(result))
+        stdout_console().print(comparison_table(result))
     if args.plot:
         from memplan.plot import breakdown_figure
 
@@ -267,8 +267,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
         ]
         print(json.dumps(rows, indent=2))
         return 0
-    from rich.console import Console
     from rich.table import Table
+
+    from memplan.report import stdout_console
 
     table = Table(title="memplan model catalog")
     for col in (
@@ -295,7 +296,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
             f"{s.vocab_size:,}",
             s.hf_id or "",
         )
-    Console().print(table)
+    stdout_console().print(table)
     return 0
 
 
@@ -306,9 +307,9 @@ def _cmd_gpus(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([p.model_dump(mode="json") for p in profiles], indent=2))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
+    from memplan.report import stdout_console
     from memplan.units import gib
 
     table = Table(title="memplan hardware profiles (usable memory as the device reports it)")
@@ -335,7 +336,7 @@ def _cmd_gpus(args: argparse.Namespace) -> int:
             f"{cheapest:.2f}" if cheapest else "-",
             f"{p.purchase_price_usd:,.0f}" if p.purchase_price_usd else "-",
         )
-    Console().print(table)
+    stdout_console().print(table)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Final
 
 from rich.console import Console, Group, RenderableType
@@ -11,6 +12,18 @@ from rich.text import Text
 
 from memplan.plan import PlanResult
 from memplan.units import format_bytes, gib
+
+# Width of tables written to a pipe or a file: wide enough that no name is ever cut.
+PIPED_WIDTH: Final = 400
+
+
+def stdout_console() -> Console:
+    """The console output goes to: the terminal's width, or (piped, redirected) a wide one
+    without colours, so tables never truncate names."""
+    if sys.stdout.isatty():
+        return Console()
+    return Console(width=PIPED_WIDTH, color_system=None, soft_wrap=True)
+
 
 CATEGORY_LABELS: Final = {
     "frozen_weights": "frozen weights",
@@ -123,7 +136,7 @@ def render_plan(result: PlanResult) -> RenderableType:
 
 
 def print_plan(result: PlanResult, console: Console | None = None) -> None:
-    (console or Console()).print(render_plan(result))
+    (console or stdout_console()).print(render_plan(result))
 
 
 def comparison_table(traced: PlanResult, analytical: PlanResult) -> Table:
@@ -156,7 +169,7 @@ def print_comparison(comparison: Any, console: Console | None = None) -> None:
     traced: PlanResult = comparison.traced
     analytical: PlanResult = comparison.analytical
     wall = getattr(comparison, "wall_time_s", 0.0)
-    out = console or Console()
+    out = console or stdout_console()
     out.print(verdict(traced))
     out.print(
         Text(
@@ -171,7 +184,7 @@ def print_verification(
     verifications: list[Any], summary: Any, console: Console | None = None
 ) -> None:
     """Measured against predicted, one table per run, then the summary."""
-    out = console or Console()
+    out = console or stdout_console()
     for v in verifications:
         table = Table(title=f"{v.label} ({v.model})", title_justify="left")
         for col in ("quantity", "measured", "predicted", "error %"):

@@ -12,6 +12,7 @@ from rich.text import Text
 
 from memplan.fit import Boundary, Capacity, FitResult, FitTable, Point
 from memplan.recommend import LAYOUT_LEGEND, Change, Pick, Recommendation, RecommendResult
+from memplan.report import stdout_console
 from memplan.units import gib
 
 
@@ -127,7 +128,7 @@ def render_fit(result: FitResult) -> RenderableType:
 
 
 def print_fit(result: FitResult, console: Console | None = None) -> None:
-    (console or Console()).print(render_fit(result))
+    (console or stdout_console()).print(render_fit(result))
 
 
 # ------------------------------------------------------------------------------ recommend
@@ -298,4 +299,4 @@ def render_recommend(result: RecommendResult) -> RenderableType:
 
 
 def print_recommend(result: RecommendResult, console: Console | None = None) -> None:
-    (console or Console()).print(render_recommend(result))
+    (console or stdout_console()).print(render_recommend(result))

@@ -378,9 +378,9 @@ def validate(directory: Path | None = None, *, simulate: bool = False) -> Valida
 
 def print_report(report: ValidationReport, *, simulate: bool = False) -> None:
     """The accuracy table and its summary, rendered with rich (display only)."""
-    from rich.console import Console
     from rich.table import Table
 
+    from memplan.report import stdout_console
     from memplan.units import gb
 
     table = Table(title="memplan vs published peak-memory measurements (decimal GB, 10^9 bytes)")
@@ -409,7 +409,7 @@ def print_report(report: ValidationReport, *, simulate: bool = False) -> None:
             row.dominant_category,
             simulated,
         )
-    console = Console()
+    console = stdout_console()
     console.print(table)
     summary = report.summary
     for key, label in (("all", "all cases"), ("without_suspect", "without SUSPECT cases")):
