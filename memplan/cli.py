@@ -49,12 +49,39 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
     from memplan.methods import method_names
     from memplan.specs import Attention, Offload, Optimizer, OptimizerImpl, Precision
 
-    g.add_argument("--method", default="full", choices=method_names())
-    g.add_argument("--precision", choices=[p.value for p in Precision])
-    g.add_argument("--quant", choices=[q.value for q in Quantization])
-    g.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--optimizer", choices=[o.value for o in Optimizer])
-    g.add_argument("--optimizer-impl", choices=[i.value for i in OptimizerImpl])
+    g.add_argument(
+        "--method",
+        default="full",
+        choices=method_names(),
+        help="what trains (default full); qlora = LoRA on NF4 weights with the QLoRA recipe",
+    )
+    g.add_argument(
+        "--precision",
+        choices=[p.value for p in Precision],
+        help="weights and compute: fp32, AMP over fp32 weights (bf16-amp, fp16-amp) or pure "
+        "16-bit (bf16, fp16); default: the method's",
+    )
+    g.add_argument(
+        "--quant",
+        choices=[q.value for q in Quantization],
+        help="bitsandbytes quantization of the frozen linear weights (default none)",
+    )
+    g.add_argument(
+        "--double-quant",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="quantize the 4-bit scales too (QLoRA double quantization)",
+    )
+    g.add_argument(
+        "--optimizer",
+        choices=[o.value for o in Optimizer],
+        help="optimizer (default adamw; qlora: paged-adamw)",
+    )
+    g.add_argument(
+        "--optimizer-impl",
+        choices=[i.value for i in OptimizerImpl],
+        help="torch optimizer loop: fused (default), foreach or for-loop (their temporaries)",
+    )
     g.add_argument(
         "--master-weights",
         action=argparse.BooleanOptionalAction,
@@ -65,7 +92,7 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch", type=int, help="micro-batch size (default 1)")
     g.add_argument("--seq", type=int, help="sequence length in tokens (default 512)")
     g.add_argument("--target-seq", type=int, help="decoder length of encoder-decoder models")
-    g.add_argument("--grad-accum", type=int)
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
     g.add_argument(
         "--grad-ckpt",
         action=argparse.BooleanOptionalAction,
@@ -73,25 +100,40 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
         help="activation checkpointing",
     )
     g.add_argument("--grad-ckpt-every", type=int, help="checkpoint every k-th layer")
-    g.add_argument("--attn", choices=[a.value for a in Attention])
-    g.add_argument("--lora-r", type=int)
-    g.add_argument("--lora-alpha", type=float)
-    g.add_argument("--lora-dropout", type=float)
+    g.add_argument(
+        "--attn",
+        choices=[a.value for a in Attention],
+        help="attention implementation: sdpa (default), eager or flash",
+    )
+    g.add_argument("--lora-r", type=int, help="LoRA rank (default 8; qlora 64)")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 8; qlora 16)")
+    g.add_argument(
+        "--lora-dropout", type=float, help="dropout on the LoRA input (default 0; qlora 0.05)"
+    )
     g.add_argument(
         "--lora-targets",
         help="all-linear, attn, mlp, or a comma list of roles (q,v) or the model's module names "
         "(q_proj,v_proj)",
     )
-    g.add_argument("--adapter-size", type=int)
-    g.add_argument("--prefix-len", type=int)
-    g.add_argument("--device", choices=["cuda", "cpu"])
+    g.add_argument("--adapter-size", type=int, help="bottleneck width of adapters (default 64)")
+    g.add_argument("--prefix-len", type=int, help="virtual tokens of prefix tuning (default 30)")
+    g.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        help="kernels the step runs (default cuda; cpu: what a CPU step allocates)",
+    )
     q = p.add_argument_group("parallel layout")
-    q.add_argument("--gpus", type=int, default=1)
+    q.add_argument("--gpus", type=int, default=1, help="GPUs of the run (default 1)")
     q.add_argument("--zero", type=int, default=0, help="ZeRO stage 0-3")
     q.add_argument(
         "--fsdp", action="store_true", help="shard with PyTorch FSDP instead of DeepSpeed"
     )
-    q.add_argument("--offload", default="none", choices=[o.value for o in Offload])
+    q.add_argument(
+        "--offload",
+        default="none",
+        choices=[o.value for o in Offload],
+        help="ZeRO-Offload of optimizer state (and parameters) to host memory",
+    )
     q.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
 
 
@@ -405,6 +447,51 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+# Two examples per command, shown at the end of its --help.
+EXAMPLES: dict[str, tuple[str, str]] = {
+    "plan": (
+        "memplan plan llama-65b --method qlora --gpu rtx-a6000",
+        "memplan plan meta-llama/Llama-3.1-8B --method lora --batch 4 --seq 2048 --json",
+    ),
+    "compare": (
+        "memplan compare llama-2-7b --gpu rtx-4090",
+        "memplan compare llama-2-7b --models llama-65b --methods lora,qlora --plot cmp.png",
+    ),
+    "models": ("memplan models", "memplan models --json"),
+    "gpus": ("memplan gpus", "memplan gpus --json"),
+    "fit": (
+        "memplan fit llama-3.1-8b --method lora --gpu rtx-4090",
+        "memplan fit llama-65b --method qlora --gpu rtx-a6000 --table --plot fit.png",
+    ),
+    "recommend": (
+        "memplan recommend llama-3.1-70b --method full --tokens 50M",
+        "memplan recommend llama-3.1-8b --method qlora --gpu rtx-4090",
+    ),
+    "simulate": (
+        "memplan simulate llama-2-7b --method lora",
+        "memplan simulate path/to/config.json --method qlora --batch 2 --seq 1024 --json",
+    ),
+    "measure": (
+        "memplan measure --model tiny-llama --method lora --out run.json",
+        "memplan measure --model llama-3.2-1b --method qlora --device cuda --out run.json",
+    ),
+    "verify": (
+        "memplan verify run.json",
+        "memplan verify validation/results/h100.json --plot v.png",
+    ),
+    "validate": ("memplan validate", "memplan validate --json"),
+}
+
+
+def _with_examples(parser: argparse.ArgumentParser) -> None:
+    """End every command's --help with its two examples."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                sub.formatter_class = argparse.RawDescriptionHelpFormatter
+                sub.epilog = "examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES[name])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="memplan", description="GPU memory planner for training and fine-tuning LLMs."
@@ -442,11 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_compare)
 
     m = sub.add_parser("models", help="list the built-in model catalog")
-    m.add_argument("--json", action="store_true")
+    m.add_argument("--json", action="store_true", help="print one JSON object")
     m.set_defaults(func=_cmd_models)
 
     g = sub.add_parser("gpus", help="list hardware profiles")
-    g.add_argument("--json", action="store_true")
+    g.add_argument("--json", action="store_true", help="print one JSON object")
     g.set_defaults(func=_cmd_gpus)
 
     f = sub.add_parser("fit", help="largest micro-batch and sequence length that fit a device")
@@ -525,6 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder holding cases/ and configs/ (default: memplan/references of this checkout)",
     )
     v.set_defaults(func=_cmd_validate)
+    _with_examples(parser)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -326,3 +327,25 @@ def test_installed_script_runs_a_plan() -> None:
     )
     assert bad.returncode == 2
     assert len(bad.stderr.splitlines()) == 1
+
+
+def _commands() -> dict[str, argparse.ArgumentParser]:
+    from memplan.cli import build_parser
+
+    parser = build_parser()
+    found = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(found.choices)
+
+
+@pytest.mark.parametrize("name", sorted(_commands()))
+def test_every_flag_has_help_and_the_help_ends_with_two_examples(name: str) -> None:
+    command = _commands()[name]
+    undocumented = [
+        a.option_strings[0] if a.option_strings else a.dest
+        for a in command._actions
+        if not a.help and not isinstance(a, argparse._HelpAction)
+    ]
+    assert undocumented == []
+    examples = command.format_help().split("examples:\n")[1].strip().splitlines()
+    assert len(examples) == 2
+    assert all(e.strip().startswith(f"memplan {name}") for e in examples)
