@@ -156,10 +156,22 @@ def _unpacked_sequences() -> Iterator[None]:
 
 @contextlib.contextmanager
 def third_party_warnings_muted() -> Iterator[None]:
-    """transformers and peft deprecate their own internals between releases; not ours to fix."""
+    """transformers and peft deprecate their own internals between releases and log advice
+    meant for their users (caching under checkpointing, ...): not ours to show."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        hf_logging = None
+    verbosity = hf_logging.get_verbosity() if hf_logging is not None else None
+    if hf_logging is not None:
+        hf_logging.set_verbosity_error()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
         # bitsandbytes on a CPU: "Paged optimizers are not supported on CPU" (falls back).
         warnings.filterwarnings("ignore", category=UserWarning, module="bitsandbytes")
-        yield
+        try:
+            yield
+        finally:
+            if hf_logging is not None and verbosity is not None:
+                hf_logging.set_verbosity(verbosity)
