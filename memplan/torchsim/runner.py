@@ -158,10 +158,11 @@ def _unpacked_sequences() -> Iterator[None]:
 def third_party_warnings_muted() -> Iterator[None]:
     """transformers and peft deprecate their own internals between releases and log advice
     meant for their users (caching under checkpointing, ...): not ours to show."""
+    hf_logging: Any = None
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:
-        hf_logging = None
+        pass
     verbosity = hf_logging.get_verbosity() if hf_logging is not None else None
     if hf_logging is not None:
         hf_logging.set_verbosity_error()
