@@ -435,9 +435,24 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from memplan.validate import validate
+    from memplan.progress import note, status
+    from memplan.validate import CaseResult, validate
 
-    report = validate(Path(args.references) if args.references else None, simulate=args.simulate)
+    def streamed(index: int, count: int, row: CaseResult) -> None:
+        """Simulating takes minutes: each case is reported as it finishes."""
+        simulated = (
+            f", simulated {row.simulated_error_fraction:+.1%}"
+            if row.simulated_error_fraction is not None
+            else f", {row.simulated_status}"
+        )
+        note(f"[{index}/{count}] {row.id}: predicted {row.error_fraction:+.1%}{simulated}")
+
+    with status("predicting the reference cases"):
+        report = validate(
+            Path(args.references) if args.references else None,
+            simulate=args.simulate,
+            on_row=streamed if args.simulate else None,
+        )
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 0
@@ -624,8 +639,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         raise MemplanError(
             "simulate traces one GPU without sharding; plan covers ZeRO/FSDP/TP layouts"
         )
+    from memplan.progress import status
+
     spec = load_model(args.model)
-    comparison = trace_and_compare(spec, setup_from_args(args, spec), mode="fake", gpu=args.gpu)
+    setup = setup_from_args(args, spec)
+    with status(f"tracing {spec.name} ({setup.method}) on fake tensors"):
+        comparison = trace_and_compare(spec, setup, mode="fake", gpu=args.gpu)
     return _print_traced(comparison, args)
 
 
@@ -640,8 +659,12 @@ def _cmd_measure(args: argparse.Namespace) -> int:
 
     if args.steps != 2:
         raise MemplanError("a CPU measurement traces two steps (creation and steady state)")
+    from memplan.progress import status
+
     spec = load_model(args.model)
-    comparison = trace_and_compare(spec, setup_from_args(args, spec), mode="cpu", gpu=args.gpu)
+    setup = setup_from_args(args, spec)
+    with status(f"running {spec.name} ({setup.method}) on CPU tensors"):
+        comparison = trace_and_compare(spec, setup, mode="cpu", gpu=args.gpu)
     if args.out:
         record = {
             "traced": comparison.traced.model_dump(mode="json"),

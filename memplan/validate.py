@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -368,10 +368,22 @@ def summarize(rows: Iterable[CaseResult]) -> dict[str, Any]:
     }
 
 
-def validate(directory: Path | None = None, *, simulate: bool = False) -> ValidationReport:
-    """Predict every reference case (and simulate it where asked and possible)."""
+def validate(
+    directory: Path | None = None,
+    *,
+    simulate: bool = False,
+    on_row: Callable[[int, int, CaseResult], None] | None = None,
+) -> ValidationReport:
+    """Predict every reference case (and simulate it where asked and possible).
+
+    ``on_row(index, count, row)`` is called as each case finishes (progress reports).
+    """
     cases = load_cases(directory)
-    rows = [evaluate_case(c, directory, simulate=simulate) for c in cases]
+    rows = []
+    for index, case in enumerate(cases, start=1):
+        rows.append(evaluate_case(case, directory, simulate=simulate))
+        if on_row is not None:
+            on_row(index, len(cases), rows[-1])
     status = simulator_status() if simulate else "not run"
     return ValidationReport(rows=rows, simulator=status or "available")
 

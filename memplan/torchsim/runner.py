@@ -159,10 +159,8 @@ def third_party_warnings_muted() -> Iterator[None]:
     """transformers and peft deprecate their own internals between releases and log advice
     meant for their users (caching under checkpointing, ...): not ours to show."""
     hf_logging: Any = None
-    try:
+    with contextlib.suppress(ImportError):
         from transformers.utils import logging as hf_logging
-    except ImportError:
-        pass
     verbosity = hf_logging.get_verbosity() if hf_logging is not None else None
     if hf_logging is not None:
         hf_logging.set_verbosity_error()
