@@ -217,6 +217,19 @@ def _plot_path(text: str) -> str:
     return text
 
 
+def _fraction(text: str) -> float:
+    """A finite number in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction such as 0.05, got {text!r}"
+        ) from None
+    if not 0 <= value < 1:  # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
 def _json_path(text: str) -> str:
     """A JSON output file that can be written (checked before any work starts)."""
     from memplan.files import check_writable
@@ -605,12 +618,14 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("results", help="JSON from `memplan measure --out` or validation/results/")
     ver.add_argument(
         "--tolerance",
-        type=float,
+        type=_fraction,
         default=0.05,
         help="allowed |error| of the allocated peak (fraction, default 0.05)",
     )
     ver.add_argument("--json", action="store_true", help="print one JSON object")
-    ver.add_argument("--plot", metavar="PATH", help="predicted vs measured scatter (PNG)")
+    ver.add_argument(
+        "--plot", type=_plot_path, metavar="PATH", help="predicted vs measured scatter (PNG)"
+    )
     ver.set_defaults(func=_cmd_verify)
 
     v = sub.add_parser(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt
 
 
 class Environment(BaseModel):
@@ -16,7 +16,9 @@ class Environment(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     device_name: str = Field(description="torch.cuda.get_device_name(), or 'cpu'.")
-    total_memory_bytes: int = Field(description="torch.cuda.get_device_properties().total_memory.")
+    total_memory_bytes: NonNegativeInt = Field(
+        description="torch.cuda.get_device_properties().total_memory."
+    )
     driver: str | None = Field(default=None, description="NVIDIA driver version (NVML).")
     cuda: str | None = Field(default=None, description="torch.version.cuda.")
     torch: str
@@ -35,11 +37,19 @@ class PhaseSample(BaseModel):
     step: int = Field(description="Optimizer step (warm-up steps are negative).")
     micro_batch: int = Field(default=0, description="Micro-batch within the step.")
     phase: str = Field(description="load, forward (incl. loss), backward, optimizer, zero_grad.")
-    allocated_bytes: int = Field(description="torch.cuda.memory_allocated() at the phase end.")
-    max_allocated_bytes: int = Field(description="torch.cuda.max_memory_allocated() in the phase.")
-    reserved_bytes: int = Field(description="torch.cuda.memory_reserved() at the phase end.")
-    max_reserved_bytes: int = Field(description="torch.cuda.max_memory_reserved() in the phase.")
-    nvml_used_bytes: int | None = Field(
+    allocated_bytes: NonNegativeInt = Field(
+        description="torch.cuda.memory_allocated() at the phase end."
+    )
+    max_allocated_bytes: NonNegativeInt = Field(
+        description="torch.cuda.max_memory_allocated() in the phase."
+    )
+    reserved_bytes: NonNegativeInt = Field(
+        description="torch.cuda.memory_reserved() at the phase end."
+    )
+    max_reserved_bytes: NonNegativeInt = Field(
+        description="torch.cuda.max_memory_reserved() in the phase."
+    )
+    nvml_used_bytes: NonNegativeInt | None = Field(
         default=None, description="NVML device memory used at the phase end (all processes)."
     )
 
@@ -51,7 +61,9 @@ class OutOfMemory(BaseModel):
 
     step: int
     phase: str
-    requested_bytes: int | None = Field(description="What the failing allocation asked for.")
+    requested_bytes: NonNegativeInt | None = Field(
+        description="What the failing allocation asked for."
+    )
     message: str
 
 
@@ -63,21 +75,25 @@ class MeasuredRun(BaseModel):
     model: str = Field(description="Catalog name (or config path) of the model.")
     setup: dict[str, Any] = Field(description="TrainingSetup.model_dump(mode='json').")
     parallel: dict[str, Any] = Field(description="ParallelSetup.model_dump(mode='json').")
-    rank: int = 0
+    rank: NonNegativeInt = 0
     environment: Environment
-    cuda_context_bytes: int | None = Field(
+    cuda_context_bytes: NonNegativeInt | None = Field(
         default=None, description="NVML used after CUDA init minus before, minus torch's reserve."
     )
     memory_fraction: float | None = Field(
-        default=None, description="torch.cuda.set_per_process_memory_fraction cap, if any."
+        default=None,
+        gt=0,
+        le=1,
+        allow_inf_nan=False,
+        description="torch.cuda.set_per_process_memory_fraction cap, if any.",
     )
-    allocated_at_start_bytes: int = Field(
+    allocated_at_start_bytes: NonNegativeInt = Field(
         default=0,
         description="memory_allocated() before the model was built (e.g. cuBLAS workspaces).",
     )
     samples: list[PhaseSample] = Field(default_factory=list)
     oom: OutOfMemory | None = None
-    wall_time_s: float = 0.0
+    wall_time_s: NonNegativeFloat = 0.0
     notes: list[str] = Field(default_factory=list)
     label: str = Field(default="", description="Free-form name of the case in a matrix.")
 
@@ -107,8 +123,8 @@ class ResultsFile(BaseModel):
 
     created: str = Field(description="ISO date and time the file was written.")
     environment: Environment
-    nvml_baseline_bytes: int | None = Field(
+    nvml_baseline_bytes: NonNegativeInt | None = Field(
         default=None, description="NVML used before the process initialised CUDA."
     )
     runs: list[MeasuredRun]
-    wall_time_s: float = 0.0
+    wall_time_s: NonNegativeFloat = 0.0
