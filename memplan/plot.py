@@ -15,33 +15,51 @@ GiB (2**30) and labelled so. One colour per category, the same in every picture
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Final, Literal
+import os
+import sys
 
-import numpy as np
-from matplotlib.artist import Artist
-from matplotlib.axes import Axes
-from matplotlib.axis import Axis
-from matplotlib.collections import FillBetweenPolyCollection, LineCollection, PathCollection
-from matplotlib.colorbar import Colorbar
-from matplotlib.colors import ListedColormap, Normalize
-from matplotlib.container import BarContainer
-from matplotlib.figure import Figure
-from matplotlib.image import AxesImage
-from matplotlib.legend import Legend
-from matplotlib.lines import Line2D
-from matplotlib.patches import Patch, Rectangle
-from matplotlib.text import Annotation, Text
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-from matplotlib.transforms import blended_transform_factory
 
-from memplan.compare import Comparison, PeakGrid, ValidationPoint, capacities, gpu_label
-from memplan.plan import PlanResult
-from memplan.report import CATEGORY_LABELS
-from memplan.trace import Category, Event, Phase, Trace
-from memplan.units import GiB, gib
+def _import_matplotlib() -> None:
+    """A bad MPLBACKEND makes importing matplotlib fail; memplan renders with Agg alone (it
+    never opens a window), so the setting is dropped rather than fatal."""
+    try:
+        import matplotlib
+    except ValueError:
+        os.environ.pop("MPLBACKEND", None)
+        for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+            del sys.modules[name]  # the failed import's half-initialized modules
+        import matplotlib  # noqa: F401
+
+
+_import_matplotlib()
+
+from collections.abc import Mapping, Sequence  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Final, Literal  # noqa: E402
+
+import numpy as np  # noqa: E402
+from matplotlib.artist import Artist  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.axis import Axis  # noqa: E402
+from matplotlib.collections import FillBetweenPolyCollection, LineCollection, PathCollection  # noqa: E402
+from matplotlib.colorbar import Colorbar  # noqa: E402
+from matplotlib.colors import ListedColormap, Normalize  # noqa: E402
+from matplotlib.container import BarContainer  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.image import AxesImage  # noqa: E402
+from matplotlib.legend import Legend  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.patches import Patch, Rectangle  # noqa: E402
+from matplotlib.text import Annotation, Text  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+from matplotlib.transforms import blended_transform_factory  # noqa: E402
+
+from memplan.compare import Comparison, PeakGrid, ValidationPoint, capacities, gpu_label  # noqa: E402
+from memplan.plan import PlanResult  # noqa: E402
+from memplan.report import CATEGORY_LABELS  # noqa: E402
+from memplan.trace import Category, Event, Phase, Trace  # noqa: E402
+from memplan.units import GiB, gib  # noqa: E402
 
 PAGED_OPTIMIZER_STATE: Final = "paged_optimizer_state"  # bnb paged state in unified memory
 
