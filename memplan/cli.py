@@ -43,6 +43,15 @@ def _fail(message: str, status: int = EXIT_BAD_INPUT) -> NoReturn:
     raise SystemExit(status)
 
 
+_SAFETY_ARGS = ("--safety",)
+_SAFETY_KWARGS: dict[str, Any] = {
+    "type": lambda text: _fraction(text),
+    "metavar": "FRACTION",
+    "help": "a fit with less spare memory than this fraction of the device bytes is "
+    "'borderline' (default: memplan's largest underestimate on published runs of the method)",
+}
+
+
 def _add_setup_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training setup (unset flags take the method's typical values)")
     from memplan.dtypes import Quantization
@@ -188,13 +197,23 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     spec = load_model(args.model)
     setup, parallel = setup_from_args(args, spec), parallel_from_args(args)
-    result = plan(spec, setup, parallel, gpu=args.gpu)
+    result = plan(spec, setup, parallel, gpu=args.gpu, safety=args.safety)
+    fixes = []
+    if result.verdict == "does not fit" and args.gpu:
+        from memplan.plan import resolve_gpu
+        from memplan.recommend import changes, cheapest_fixes
+
+        target = resolve_gpu(args.gpu)
+        fixes = cheapest_fixes(changes(spec, setup, parallel, target, result))
     if args.json:
-        print(json.dumps(result.model_dump(mode="json"), indent=2))
+        payload = result.model_dump(mode="json")
+        if result.verdict == "does not fit":
+            payload["fixes"] = [c.model_dump(mode="json") for c in fixes]
+        print(json.dumps(payload, indent=2))
     else:
         from memplan.report import print_plan
 
-        print_plan(result)
+        print_plan(result, fixes=fixes)
     if args.plot:
         from memplan.analytic.predict import predict
         from memplan.plot import plan_figure
@@ -282,7 +301,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         for spec in specs
         for method in dict.fromkeys(methods)
     ]
-    result = compare_cases(cases, gpu=args.gpu)
+    result = compare_cases(cases, gpu=args.gpu, safety=args.safety)
     if args.json:
         print(json.dumps(result.model_dump(mode="json"), indent=2))
     else:
@@ -403,7 +422,12 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     # The picture is the batch x sequence table: --plot computes it, --table prints it.
     table = args.table or args.plot is not None
     result = fit(
-        spec, setup_from_args(args, spec), parallel_from_args(args), gpu=args.gpu, table=table
+        spec,
+        setup_from_args(args, spec),
+        parallel_from_args(args),
+        gpu=args.gpu,
+        table=table,
+        safety=args.safety,
     )
     shown = result if args.table else result.model_copy(update={"table": None})
     if args.json:
@@ -533,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gpu", help="hardware profile (memplan gpus) or a capacity such as 48GB / 24GiB"
     )
+    p.add_argument(*_SAFETY_ARGS, **_SAFETY_KWARGS)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
         "--plot", type=_plot_path, metavar="PATH", help="also draw the breakdown and timeline"
@@ -550,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--gpu", help="hardware profile or capacity to judge against (also drawn as a line)"
     )
+    c.add_argument(*_SAFETY_ARGS, **_SAFETY_KWARGS)
     c.add_argument(
         "--plot", type=_plot_path, metavar="PATH", help="stacked bars with 24/48/80 GB lines"
     )
@@ -572,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="hardware profile (memplan gpus) or a capacity such as 48GB / 24GiB",
     )
+    f.add_argument(*_SAFETY_ARGS, **_SAFETY_KWARGS)
     f.add_argument("--table", action="store_true", help="also a micro-batch x sequence table")
     f.add_argument(
         "--plot", type=_plot_path, metavar="PATH", help="draw the batch x sequence table"

@@ -81,12 +81,16 @@ def _target(gpu: str | GpuTarget | None) -> GpuTarget | None:
     return resolve_gpu(gpu) if isinstance(gpu, str) else gpu
 
 
-def compare_cases(cases: Iterable[Case], *, gpu: str | GpuTarget | None = None) -> Comparison:
+def compare_cases(
+    cases: Iterable[Case], *, gpu: str | GpuTarget | None = None, safety: float | None = None
+) -> Comparison:
     """Plan every case against ``gpu``."""
     target = _target(gpu)
     rows = [
         ComparisonRow(
-            label=c.label, group=c.group, result=plan(c.model, c.setup, c.parallel, gpu=target)
+            label=c.label,
+            group=c.group,
+            result=plan(c.model, c.setup, c.parallel, gpu=target, safety=safety),
         )
         for c in cases
     ]
@@ -243,6 +247,8 @@ class PeakGrid:
     capacity_bytes: int | None
     gpu: str | None
     fits: tuple[tuple[bool, ...], ...] | None  # plan()'s verdict per cell (paging included)
+    # The cells of ``fits`` that fit only once paged optimizer state moves to host memory.
+    paging: tuple[tuple[bool, ...], ...] | None = None
     # "device": what nvidia-smi would show (plan().device_bytes); "allocated": the allocated
     # peak (plan().peak_bytes), as ``memplan fit``'s table holds it.
     quantity: Literal["device", "allocated"] = "device"
@@ -274,7 +280,12 @@ def peak_grid(
         cell_bytes=tuple(tuple(r.device_bytes for r in row) for row in results),
         capacity_bytes=target.capacity_bytes if target else None,
         gpu=target.name if target else None,
-        fits=tuple(tuple(bool(r.fits) for r in row) for row in results) if target else None,
+        fits=tuple(tuple(r.verdict != "does not fit" for r in row) for row in results)
+        if target
+        else None,
+        paging=tuple(tuple(r.verdict == "fits only by paging" for r in row) for row in results)
+        if target
+        else None,
     )
 
 
@@ -294,7 +305,8 @@ def grid_from_fit(result: FitResult) -> PeakGrid:
         cell_bytes=tuple(tuple(c.peak_bytes for c in row) for row in table.rows),
         capacity_bytes=result.gpu.capacity_bytes,
         gpu=result.gpu.name,
-        fits=tuple(tuple(c.fits for c in row) for row in table.rows),
+        fits=tuple(tuple(c.fits or c.by_paging for c in row) for row in table.rows),
+        paging=tuple(tuple(c.by_paging for c in row) for row in table.rows),
         quantity="allocated",
     )
 
@@ -626,10 +638,13 @@ def _stack_value(result: PlanResult, key: str) -> int:
     return result.breakdown_bytes.get(key, 0)
 
 
+_VERDICT_CELLS: Final = {
+    "fits": "yes",
+    "borderline": "borderline",
+    "fits only by paging": "by paging",  # the shortfall moves to host memory (bnb paged)
+    "does not fit": "no",
+}
+
+
 def _verdict(result: PlanResult) -> str:
-    if result.fits is None:
-        return "-"
-    if (result.margin_bytes or 0) >= 0:
-        return "yes"
-    # The shortfall can move to host memory (bnb paged optimizers).
-    return "by paging" if result.fits else "no"
+    return _VERDICT_CELLS.get(result.verdict or "", "-")

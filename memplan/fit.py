@@ -109,18 +109,28 @@ def boundary_index(
     limit: int,
     parallel: ParallelSetup,
     target: GpuTarget | None = None,
+    *,
+    paging: bool = False,
 ) -> int:
     """Largest k in [1, limit] that fits by plan() while k + 1 does not (0: even 1 fails).
 
     k + 1 is either judged by plan() or proven too large by the allocated peak alone.
-    ``target``: the device (default: the judge's).
+    ``target``: the device (default: the judge's); ``paging``: paged optimizer state may move
+    to host memory.
     """
+
+    def bounded(k: int) -> bool:
+        return judge.cannot_fit(at(k), parallel, target, paging=paging)
+
+    def likely(k: int) -> bool:
+        return judge.likely_fits(at(k), parallel, target, paging=paging)
+
     good = 0
-    bad = last_true(lambda k: not judge.cannot_fit(at(k), parallel, target), 1, limit) + 1
+    bad = last_true(lambda k: not bounded(k), 1, limit) + 1
     while bad - good > 1:
-        guess = last_true(lambda k: judge.likely_fits(at(k), parallel, target), good + 1, bad - 1)
-        guess = min(max(guess, good + 1), bad - 1)
-        good, bad = (guess, bad) if judge.fits(at(guess), parallel, target) else (good, guess)
+        guess = min(max(last_true(likely, good + 1, bad - 1), good + 1), bad - 1)
+        fits = judge.fits(at(guess), parallel, target, paging=paging)
+        good, bad = (guess, bad) if fits else (good, guess)
     return good
 
 
@@ -134,7 +144,9 @@ class Point(BaseModel):
     peak_bytes: int = Field(description="Allocated peak (plan().peak_bytes).")
     device_bytes: int = Field(description="plan().device_bytes: reserved + context + paged.")
     margin_bytes: int = Field(description="Capacity minus device bytes (negative: short).")
-    fits: bool
+    fits: bool = Field(description="Fits without paging anything to host memory.")
+    verdict: str = Field(description="plan()'s verdict: fits, borderline, paging, does not fit.")
+    paged_out_bytes: int = Field(default=0, description="Paged state that must leave the device.")
 
 
 def point(result: PlanResult) -> Point:
@@ -145,6 +157,8 @@ def point(result: PlanResult) -> Point:
         device_bytes=result.device_bytes,
         margin_bytes=result.margin_bytes or 0,
         fits=bool(result.fits),
+        verdict=result.verdict or "",
+        paged_out_bytes=result.paged_out_bytes,
     )
 
 
@@ -169,12 +183,14 @@ def _search(
     parallel: ParallelSetup,
     step: int,
     limit: int,
+    *,
+    paging: bool = False,
 ) -> Boundary:
     def at(k: int) -> TrainingSetup:
         return base.model_copy(update={axis: k * step})
 
     count = limit // step
-    k = boundary_index(judge, at, count, parallel)
+    k = boundary_index(judge, at, count, parallel, paging=paging)
     return Boundary(
         axis=axis,
         largest=k * step if k else None,
@@ -201,7 +217,10 @@ class Cell(BaseModel):
     micro_batch_size: int
     seq_len: int
     peak_bytes: int = Field(description="Allocated peak from predict() (equals plan().peak_bytes).")
-    fits: bool
+    fits: bool = Field(description="Fits without paging.")
+    by_paging: bool = Field(
+        default=False, description="Does not fit as is, but fits once paged state moves out."
+    )
     basis: Literal["plan", "bound", "row"] = Field(
         description="plan: judged by plan(); bound: the allocated peak alone exceeds capacity; "
         "row: follows from a plan() verdict in the same row (memory grows with sequence length)."
@@ -226,8 +245,18 @@ class FitResult(BaseModel):
     setup: dict[str, Any]
     parallel: dict[str, Any]
     given: Point = Field(description="plan() at the given micro-batch and sequence length.")
-    batch: Boundary = Field(description="Largest micro-batch at the given sequence length.")
+    batch: Boundary = Field(
+        description="Largest micro-batch at the given sequence length (without paging)."
+    )
     seq: Boundary = Field(description="Largest sequence length at the given micro-batch.")
+    batch_paging: Boundary | None = Field(
+        default=None,
+        description="Largest micro-batch when paged optimizer state may move to host memory "
+        "(only with a paged optimizer).",
+    )
+    seq_paging: Boundary | None = Field(
+        default=None, description="Largest sequence length with paging (paged optimizers)."
+    )
     seq_limit_reason: str
     max_position_embeddings: int = Field(description="The model's trained context length.")
     smallest: Point | None = Field(
@@ -252,8 +281,11 @@ def _table(judge: Judge, base: TrainingSetup, parallel: ParallelSetup, seq_cap: 
     def at(batch: int, seq: int) -> TrainingSetup:
         return base.model_copy(update={"micro_batch_size": batch, "seq_len": seq})
 
+    # With a paged optimizer the table also spans what fits once the paged state moves out.
+    paged_opt = bool(judge.plan(base, parallel).paged_bytes)
+
     def bounded(setup: TrainingSetup) -> bool:
-        return judge.cannot_fit(setup, parallel)
+        return judge.cannot_fit(setup, parallel, paging=paged_opt)
 
     seqs = _powers(TABLE_FIRST_SEQ_TOKENS, seq_cap)
     fits_1 = last_true(lambda i: not bounded(at(1, seqs[i - 1])), 1, len(seqs))
@@ -268,6 +300,9 @@ def _table(judge: Judge, base: TrainingSetup, parallel: ParallelSetup, seq_cap: 
             return at(batch, seqs[i - 1])
 
         k = boundary_index(judge, along_row, len(seqs), parallel)
+        k_paging = (
+            boundary_index(judge, along_row, len(seqs), parallel, paging=True) if paged_opt else k
+        )
         row = []
         for i, seq in enumerate(seqs, start=1):
             setup = at(batch, seq)
@@ -275,8 +310,16 @@ def _table(judge: Judge, base: TrainingSetup, parallel: ParallelSetup, seq_cap: 
                 "plan" if judge.planned(setup, parallel) else "bound" if bounded(setup) else "row"
             )
             peak = judge.cheap(setup, parallel).peak_bytes
+            paged = i > k and i <= k_paging
             row.append(
-                Cell(micro_batch_size=batch, seq_len=seq, peak_bytes=peak, fits=i <= k, basis=basis)
+                Cell(
+                    micro_batch_size=batch,
+                    seq_len=seq,
+                    peak_bytes=peak,
+                    fits=i <= k,
+                    by_paging=paged,
+                    basis=basis,
+                )
             )
         rows.append(row)
     return FitTable(batch_sizes=batches, seq_lens=seqs, rows=rows)
@@ -289,6 +332,7 @@ def fit(
     *,
     gpu: str | GpuTarget,
     table: bool = False,
+    safety: float | None = None,
 ) -> FitResult:
     """Largest micro-batch (at ``setup.seq_len``) and sequence (at its micro-batch) on ``gpu``.
 
@@ -300,7 +344,7 @@ def fit(
     setup = setup or TrainingSetup()
     parallel = parallel or ParallelSetup()
     target = resolve_gpu(gpu) if isinstance(gpu, str) else gpu
-    judge = Judge(spec, target)
+    judge = Judge(spec, target, safety=safety)
     cap, reason = seq_limit(spec)
     if cap < SEQ_STEP_TOKENS:
         raise MemplanError(
@@ -309,6 +353,12 @@ def fit(
     given = point(judge.plan(setup, parallel))  # first: its overhead ratio seeds the estimates
     seq = _search(judge, "seq_len", setup, parallel, SEQ_STEP_TOKENS, cap)
     batch = _search(judge, "micro_batch_size", setup, parallel, 1, BATCH_SEARCH_LIMIT)
+    seq_paging = batch_paging = None
+    if judge.plan(setup, parallel).paged_bytes:  # a paged optimizer: also what fits by paging
+        seq_paging = _search(judge, "seq_len", setup, parallel, SEQ_STEP_TOKENS, cap, paging=True)
+        batch_paging = _search(
+            judge, "micro_batch_size", setup, parallel, 1, BATCH_SEARCH_LIMIT, paging=True
+        )
     smallest = None
     if batch.largest is None and seq.largest is None:  # does anything fit at all?
         tiny = setup.model_copy(update={"micro_batch_size": 1, "seq_len": SEQ_STEP_TOKENS})
@@ -321,6 +371,8 @@ def fit(
         given=given,
         batch=batch,
         seq=seq,
+        batch_paging=batch_paging,
+        seq_paging=seq_paging,
         seq_limit_reason=reason,
         max_position_embeddings=spec.max_position_embeddings,
         smallest=smallest,

@@ -10,6 +10,8 @@ searches over micro-batches, sequence lengths or parallel layouts judge most can
   (its allocator overhead ratio; 1 before the first) (``likely_fits``);
 - the verdict that is reported is plan()'s (``fits``), unless the judge was made with
   ``confirm=False`` (the estimate alone, for timing the search by itself).
+
+Each verdict takes ``paging``: whether paged optimizer state may move to host memory to fit.
 """
 
 from __future__ import annotations
@@ -41,9 +43,14 @@ class Judge:
     """
 
     def __init__(
-        self, spec: ModelSpec, target: GpuTarget | None = None, *, confirm: bool = True
+        self,
+        spec: ModelSpec,
+        target: GpuTarget | None = None,
+        *,
+        confirm: bool = True,
+        safety: float | None = None,
     ) -> None:
-        self.spec, self.target, self.confirm = spec, target, confirm
+        self.spec, self.target, self.confirm, self.safety = spec, target, confirm, safety
         self._cheap: dict[Key, Cheap] = {}
         self._plans: dict[Key, PlanResult] = {}
         self._ratio: tuple[int, int] = (1, 1)  # reserved, peak of the latest plan()
@@ -73,7 +80,9 @@ class Judge:
             self._ratio = (result.reserved_bytes, result.peak_bytes)
             self.plan_calls += 1
         device = target or self.target
-        return judged(self._plans[key], device) if device else self._plans[key]
+        if device is None:
+            return self._plans[key]
+        return judged(self._plans[key], device, safety=self.safety)
 
     def planned(self, setup: TrainingSetup, parallel: ParallelSetup) -> bool:
         """Whether plan() has judged this configuration already."""
@@ -84,28 +93,45 @@ class Judge:
         return max(peak, peak * self._ratio[0] // self._ratio[1])
 
     def cannot_fit(
-        self, setup: TrainingSetup, parallel: ParallelSetup, target: GpuTarget | None = None
+        self,
+        setup: TrainingSetup,
+        parallel: ParallelSetup,
+        target: GpuTarget | None = None,
+        *,
+        paging: bool = False,
     ) -> bool:
         """Proof without a replay: plan() reserves at least the allocated peak."""
         c = self.cheap(setup, parallel)
-        return not device_verdict(c.peak_bytes, c.paged_bytes, self._device(target))[1]
+        device = self._device(target)
+        return not device_verdict(c.peak_bytes, c.paged_bytes, device, paging=paging)[1]
 
     def likely_fits(
-        self, setup: TrainingSetup, parallel: ParallelSetup, target: GpuTarget | None = None
+        self,
+        setup: TrainingSetup,
+        parallel: ParallelSetup,
+        target: GpuTarget | None = None,
+        *,
+        paging: bool = False,
     ) -> bool:
         """Estimate: reserved = peak x (reserved / peak of the latest plan())."""
         reserved = self.estimated_reserved(setup, parallel)
         paged = self.cheap(setup, parallel).paged_bytes
-        return device_verdict(reserved, paged, self._device(target))[1]
+        return device_verdict(reserved, paged, self._device(target), paging=paging)[1]
 
     def fits(
-        self, setup: TrainingSetup, parallel: ParallelSetup, target: GpuTarget | None = None
+        self,
+        setup: TrainingSetup,
+        parallel: ParallelSetup,
+        target: GpuTarget | None = None,
+        *,
+        paging: bool = False,
     ) -> bool:
         """plan()'s verdict (the estimate alone when the judge does not confirm)."""
         if not self.confirm:
-            return self.likely_fits(setup, parallel, target)
+            return self.likely_fits(setup, parallel, target, paging=paging)
         result = self.plan(setup, parallel)
-        return device_verdict(result.reserved_bytes, result.paged_bytes, self._device(target))[1]
+        device = self._device(target)
+        return device_verdict(result.reserved_bytes, result.paged_bytes, device, paging=paging)[1]
 
     def device_and_host_bytes(
         self, setup: TrainingSetup, parallel: ParallelSetup, target: GpuTarget | None = None

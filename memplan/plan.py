@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from memplan._compat import StrEnum
+from memplan.accuracy import error_band
 from memplan.allocator import replay
 from memplan.analytic.predict import Prediction, predict
 from memplan.assumptions import assumptions
@@ -49,16 +51,27 @@ def resolve_gpu(text: str) -> GpuTarget:
     )
 
 
-def device_verdict(reserved_bytes: int, paged_bytes: int, target: GpuTarget) -> tuple[int, bool]:
+class Verdict(StrEnum):
+    """What a plan says about a device."""
+
+    FITS = "fits"
+    BORDERLINE = "borderline"  # fits, by less than memplan's error on runs of this kind
+    PAGING = "fits only by paging"  # paged optimizer state must move to host memory
+    NO = "does not fit"
+
+
+def device_verdict(
+    reserved_bytes: int, paged_bytes: int, target: GpuTarget, *, paging: bool = False
+) -> tuple[int, bool]:
     """(device bytes, fits): plan()'s rule for a reservation judged on ``target``.
 
     device = reserved + CUDA context + paged optimizer state; it fits when the device bytes are
-    within capacity, or would be once the paged state moves to host memory (bnb paged optimizers
-    may evict their state under pressure).
+    within capacity. ``paging``: it also fits when it would once the paged state moves to host
+    memory (bnb paged optimizers evict their state under pressure, at a cost in speed).
     """
     device = reserved_bytes + (target.context_bytes or CUDA_CONTEXT_BYTES) + paged_bytes
     margin = target.capacity_bytes - device
-    return device, margin >= 0 or margin + paged_bytes >= 0
+    return device, margin >= 0 or (paging and margin + paged_bytes >= 0)
 
 
 class PlanResult(BaseModel):
@@ -101,7 +114,22 @@ class PlanResult(BaseModel):
     gpu: str | None = Field(default=None, description="The device judged against.")
     gpu_capacity_bytes: int | None = Field(default=None, description="Its usable memory.")
     fits: bool | None = Field(
-        default=None, description="device_bytes <= capacity (paged state may spill)."
+        default=None, description="device_bytes <= capacity: fits without paging anything out."
+    )
+    verdict: str | None = Field(
+        default=None,
+        description="fits, borderline (fits by less than the safety margin), fits only by "
+        "paging (paged optimizer state must move to host memory), or does not fit.",
+    )
+    paged_out_bytes: int = Field(
+        default=0, description="Paged optimizer state that must leave the device to fit."
+    )
+    safety_fraction: float | None = Field(
+        default=None,
+        description="Margin below which a fit is borderline, as a fraction of device_bytes.",
+    )
+    accuracy: str | None = Field(
+        default=None, description="memplan's error on published runs of this kind."
     )
     margin_bytes: int | None = Field(
         default=None, description="Capacity minus device_bytes (negative: short)."
@@ -117,8 +145,10 @@ def plan(
     parallel: ParallelSetup | None = None,
     *,
     gpu: str | GpuTarget | None = None,
+    safety: float | None = None,
 ) -> PlanResult:
-    """Predict the per-GPU memory of ``setup`` on ``model`` and judge it against ``gpu``.
+    """Predict the per-GPU memory of ``setup`` on ``model`` and judge it against ``gpu``
+    (``safety``: see :func:`judged`).
 
     >>> result = plan("llama-2-7b", TrainingSetup(method="qlora"), gpu="rtx-4090")
     >>> result.fits, result.peak_phase
@@ -129,7 +159,8 @@ def plan(
     parallel = parallel or ParallelSetup()
     target = resolve_gpu(gpu) if isinstance(gpu, str) else gpu
     prediction = predict(spec, setup, parallel)
-    return _result(spec, setup, parallel, prediction, target)
+    result = _result(spec, setup, parallel, prediction, None)
+    return judged(result, target, safety=safety) if target is not None else result
 
 
 def _result(
@@ -207,9 +238,23 @@ def result_from_trace(
     return judged(result, target) if target is not None else result
 
 
-def judged(result: PlanResult, target: GpuTarget) -> PlanResult:
-    """``result`` judged on ``target``: its device bytes, verdict and margin there."""
+def judged(result: PlanResult, target: GpuTarget, *, safety: float | None = None) -> PlanResult:
+    """``result`` judged on ``target``: its device bytes, verdict and margin there.
+
+    ``safety``: the margin, as a fraction of the device bytes, below which a fit is borderline
+    (default: the largest underestimate memplan made on published runs of the method).
+    """
     device, fits = device_verdict(result.reserved_bytes, result.paged_bytes, target)
+    margin = target.capacity_bytes - device
+    band = error_band(str(result.setup["method"]))
+    if safety is None:
+        safety = band[1].underestimate if band else 0.0
+    if fits:
+        verdict = Verdict.BORDERLINE if margin < safety * device else Verdict.FITS
+    elif margin + result.paged_bytes >= 0:
+        verdict = Verdict.PAGING
+    else:
+        verdict = Verdict.NO
     return result.model_copy(
         update={
             "cuda_context_bytes": target.context_bytes or CUDA_CONTEXT_BYTES,
@@ -217,6 +262,10 @@ def judged(result: PlanResult, target: GpuTarget) -> PlanResult:
             "gpu": target.name,
             "gpu_capacity_bytes": target.capacity_bytes,
             "fits": fits,
-            "margin_bytes": target.capacity_bytes - device,
+            "verdict": verdict.value,
+            "paged_out_bytes": -margin if verdict is Verdict.PAGING else 0,
+            "margin_bytes": margin,
+            "safety_fraction": safety,
+            "accuracy": band[1].describe(band[0]) if band else None,
         }
     )

@@ -677,10 +677,9 @@ def peak_heatmap(
     ax.set_yticks(range(len(grid.batch_sizes)), [str(b) for b in grid.batch_sizes], fontsize=8)
     ax.set_xlabel("sequence length (tokens)")
     ax.set_ylabel("micro-batch size")
-    capacity = grid.capacity_bytes
-    if grid.quantity == "device" and capacity is not None:
-        paged_only = fits & (np.array(grid.cell_bytes) > capacity)
-    else:  # allocated peaks cannot tell which cells fit only by paging
+    if grid.paging is not None:
+        paged_only = np.array(grid.paging, dtype=bool)
+    else:
         paged_only = np.zeros(values.shape, bool)
     texts: list[list[Text]] = []
     if annotate:
@@ -919,10 +918,11 @@ def _plan_title(result: PlanResult) -> str:
     )
     if result.gpu is None:
         return title
-    if result.fits and (result.margin_bytes or 0) < 0:
-        verdict = "fits only by paging optimizer state to the host"
-    else:
-        verdict = "fits" if result.fits else "does NOT fit"
+    verdict = {
+        "fits only by paging": "fits only by paging optimizer state to the host",
+        "borderline": "fits, within memplan's error (borderline)",
+        "does not fit": "does NOT fit",
+    }.get(result.verdict or "", "fits")
     return f"{title} on {gpu_label(result.gpu)}: {verdict}"
 
 

@@ -237,6 +237,19 @@ class Change(BaseModel):
     parallel: dict[str, Any]
 
 
+def cheapest_fixes(found: list[Change], count: int = 3) -> list[Change]:
+    """The ``count`` cheapest changes that make a run fit: those that leave the model's
+    quality alone first, then those on the same devices, then the smallest change that
+    suffices (fewest bytes saved beyond what is needed)."""
+    fitting = [c for c in found if c.fits]
+
+    def cost(change: Change) -> tuple[bool, int, int]:
+        devices = int(change.parallel.get("num_gpus", 1))
+        return (not change.accuracy.startswith("none"), devices, change.saved_bytes)
+
+    return sorted(fitting, key=cost)[:count]
+
+
 class RecommendResult(BaseModel):
     """What ``memplan recommend`` prints."""
 

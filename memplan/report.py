@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any, Final
 
 from rich.console import Console, Group, RenderableType
@@ -10,7 +11,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from memplan.plan import PlanResult
+from memplan.plan import PlanResult, Verdict
 from memplan.units import format_bytes, gib
 
 # Width of tables written to a pipe or a file: wide enough that no name is ever cut.
@@ -43,27 +44,32 @@ def _gib(num_bytes: int) -> str:
 
 
 def verdict(result: PlanResult) -> Text:
-    """One line: fits or not, with the margin."""
-    if result.fits is None:
+    """The verdict with its margin, and how that margin compares with memplan's error."""
+    if result.verdict is None:
         return Text(f"per-GPU peak {_gib(result.device_bytes)} GiB (no --gpu given)", style="bold")
     margin = result.margin_bytes or 0
-    if margin >= 0:
-        return Text(
-            f"FITS on {result.gpu}: {_gib(result.device_bytes)} of "
-            f"{_gib(result.gpu_capacity_bytes or 0)} GiB, {_gib(margin)} GiB to spare",
-            style="bold green",
-        )
-    if result.fits:
-        return Text(
-            f"FITS on {result.gpu} only by paging optimizer state to host memory: "
-            f"{_gib(-margin)} GiB over, {_gib(result.paged_bytes)} GiB pageable",
+    of = f"{_gib(result.device_bytes)} of {_gib(result.gpu_capacity_bytes or 0)} GiB"
+    if result.verdict == Verdict.FITS:
+        line = Text(f"FITS on {result.gpu}: {of}, {_gib(margin)} GiB to spare", style="bold green")
+    elif result.verdict == Verdict.BORDERLINE:
+        safety = result.safety_fraction or 0.0
+        line = Text(
+            f"BORDERLINE on {result.gpu}: {of}, {_gib(margin)} GiB to spare, less than the "
+            f"{safety:.0%} safety margin",
             style="bold yellow",
         )
-    return Text(
-        f"DOES NOT FIT on {result.gpu}: needs {_gib(result.device_bytes)} of "
-        f"{_gib(result.gpu_capacity_bytes or 0)} GiB, {_gib(-margin)} GiB short",
-        style="bold red",
-    )
+    elif result.verdict == Verdict.PAGING:
+        line = Text(
+            f"FITS ONLY BY PAGING on {result.gpu}: {of}; {_gib(result.paged_out_bytes)} of "
+            f"{_gib(result.paged_bytes)} GiB paged optimizer state must move to host memory",
+            style="bold yellow",
+        )
+    else:
+        line = Text(f"DOES NOT FIT on {result.gpu}: needs {of}, {_gib(-margin)} GiB short")
+        line.stylize("bold red")
+    if result.accuracy:
+        line.append(f"\n{result.accuracy}", style="dim")
+    return line
 
 
 def breakdown_table(result: PlanResult) -> Table:
@@ -125,18 +131,36 @@ def summary_lines(result: PlanResult) -> Text:
     return Text("\n".join(lines))
 
 
-def render_plan(result: PlanResult) -> RenderableType:
+def fixes_text(result: PlanResult, fixes: Sequence[Any]) -> Text:
+    """What would make a run that does not fit fit (recommend's cheapest changes)."""
+    if not fixes:
+        return Text(f"no single change makes it fit on {result.gpu}: see memplan recommend")
+    text = Text(f"cheapest changes that make it fit on {result.gpu}:\n", style="bold")
+    for fix in fixes:
+        text.append(
+            f"- {fix.change}: {_gib(fix.device_bytes)} GiB; speed: {fix.speed}; "
+            f"quality: {fix.accuracy}\n"
+        )
+    return text
+
+
+def render_plan(result: PlanResult, fixes: Sequence[Any] = ()) -> RenderableType:
     assumptions = Text("\n".join(f"- {a}" for a in result.assumptions), style="dim")
+    parts: list[RenderableType] = [verdict(result)]
+    if result.verdict == Verdict.NO:
+        parts.append(fixes_text(result, fixes))
     return Group(
-        verdict(result),
+        *parts,
         summary_lines(result),
         breakdown_table(result),
         Panel(assumptions, title="assumptions", title_align="left"),
     )
 
 
-def print_plan(result: PlanResult, console: Console | None = None) -> None:
-    (console or stdout_console()).print(render_plan(result))
+def print_plan(
+    result: PlanResult, console: Console | None = None, *, fixes: Sequence[Any] = ()
+) -> None:
+    (console or stdout_console()).print(render_plan(result, fixes))
 
 
 def comparison_table(traced: PlanResult, analytical: PlanResult) -> Table:

@@ -3,7 +3,7 @@ FitResult or RecommendResult)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from rich import box
 from rich.console import Console, Group, RenderableType
@@ -47,13 +47,17 @@ def capacity_lines(cap: Capacity) -> Text:
 
 def _verdict(p: Point) -> str:
     if p.margin_bytes >= 0:
-        return f"{_gib(p.device_bytes)} GiB on the device, {_gib(p.margin_bytes)} GiB to spare"
-    if p.fits:
+        spare = f"{_gib(p.device_bytes)} GiB on the device, {_gib(p.margin_bytes)} GiB to spare"
+        return spare + (" (borderline)" if p.verdict == "borderline" else "")
+    if p.verdict == "fits only by paging":
         return (
             f"{_gib(p.device_bytes)} GiB, {_gib(-p.margin_bytes)} GiB over: fits only by paging "
-            "optimizer state to the host"
+            f"{_gib(p.paged_out_bytes)} GiB of optimizer state to the host"
         )
     return f"needs {_gib(p.device_bytes)} GiB, {_gib(-p.margin_bytes)} GiB short"
+
+
+_CELL_MARK: Final = {(True, False): "+", (False, True): "~", (False, False): "-"}
 
 
 def _boundary_lines(b: Boundary, other: str) -> list[str]:
@@ -77,7 +81,7 @@ def _table(table: FitTable) -> Table:
     for batch, row in zip(table.batch_sizes, table.rows, strict=True):
         out.add_row(
             str(batch),
-            *(Text(f"{gib(c.peak_bytes):,.1f} {'+' if c.fits else '-'}") for c in row),
+            *(Text(f"{gib(c.peak_bytes):,.1f} {_CELL_MARK[(c.fits, c.by_paging)]}") for c in row),
         )
     return out
 
@@ -88,9 +92,15 @@ def render_fit(result: FitResult) -> RenderableType:
     given = result.given
     lines = [
         f"given micro-batch {given.micro_batch_size} x seq {given.seq_len}: "
-        f"{'FITS' if given.fits else 'DOES NOT FIT'}, {_verdict(given)}",
+        f"{given.verdict.upper()}, {_verdict(given)}",
         *_boundary_lines(result.batch, seq_of),
         *_boundary_lines(result.seq, batch_of),
+        *(
+            line
+            for b, other in ((result.batch_paging, seq_of), (result.seq_paging, batch_of))
+            if b is not None
+            for line in _boundary_lines(b, f"{other}, paging optimizer state to the host")
+        ),
         f"sequence lengths: multiples of {result.seq.step} up to {result.seq.limit}, "
         f"{result.seq_limit_reason}; trained context {result.max_position_embeddings}",
     ]
@@ -112,13 +122,13 @@ def render_fit(result: FitResult) -> RenderableType:
         parts.append(
             Text(
                 "Allocated peak GiB by micro-batch (rows) x sequence length (columns); "
-                "+ fits, - does not:"
+                "+ fits, ~ fits only by paging optimizer state to the host, - does not:"
             )
         )
         parts.append(_table(result.table))
         parts.append(
             Text(
-                "+/- as plan() judges it (reserved memory + CUDA context): by plan() itself at "
+                "+/~/- as plan() judges it (reserved memory + CUDA context): by plan() itself at "
                 "each row's boundary, elsewhere following from it (memory grows with sequence "
                 "length) or from the allocated peak alone exceeding capacity.",
                 style="dim",

@@ -29,7 +29,7 @@ from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from memplan.accuracy import relative_error
+from memplan.accuracy import ErrorBand, relative_error
 from memplan.architecture import count_params
 from memplan.catalog import load_model
 from memplan.errors import MemplanError
@@ -184,6 +184,7 @@ class CaseResult(BaseModel):
     id: str
     source: str
     model: str
+    method: str = Field(default="full", description="The case's fine-tuning method.")
     metric: str = Field(description="What the publisher measured.")
     compared: Compared = Field(description="The memplan number set against it.")
     compared_because: str
@@ -245,6 +246,7 @@ def evaluate_case(
         id=case.id,
         source=case.source,
         model=result.model,
+        method=str(result.setup["method"]),
         metric=case.metric,
         compared=compared,
         compared_because=because,
@@ -365,6 +367,25 @@ def summarize(rows: Iterable[CaseResult]) -> dict[str, Any]:
         "per_source": {s: _source_summary(rs).model_dump() for s, rs in sorted(by_source.items())},
         "over_10_percent": misses,
         "over_30_percent_unexplained": unexplained,
+    }
+
+
+def error_bands(rows: Iterable[CaseResult]) -> dict[str, ErrorBand]:
+    """Signed error range of the published cases per method, and over all of them ("all");
+    SUSPECT cases left out."""
+    reliable = [r for r in rows if not r.suspect]
+    groups: dict[str, list[CaseResult]] = {"all": reliable}
+    for r in reliable:
+        groups.setdefault(r.method, []).append(r)
+    return {
+        name: ErrorBand(
+            cases=len(group),
+            lowest_error=min(r.error_fraction for r in group),
+            highest_error=max(r.error_fraction for r in group),
+            median_abs_error=statistics.median(r.abs_error for r in group),
+        )
+        for name, group in sorted(groups.items())
+        if group
     }
 
 

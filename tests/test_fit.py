@@ -83,23 +83,31 @@ def test_reported_points_are_plan_results(case: Case) -> None:
     assert result.given.margin_bytes == direct.margin_bytes
 
 
-def test_paged_state_counts_as_spillable_like_plan() -> None:
-    # QLoRA's paged AdamW state is in device_bytes, but plan() lets it spill to host memory: on a
-    # device half a paged state short at seq 1024, seq 1024 still fits.
+def test_paged_state_is_its_own_verdict_and_search() -> None:
+    # QLoRA's paged AdamW state is in device_bytes; on a device half a paged state short at seq
+    # 1024, seq 1024 fits only by paging: plan() says so, and fit reports the largest sequence
+    # with and without paging.
     model, setup = "qwen2.5-0.5b", TrainingSetup(method="qlora", seq_len=512)
     at_1024 = plan(model, setup.model_copy(update={"seq_len": 1024}))
     assert at_1024.paged_bytes > 0
     gpu = f"{at_1024.device_bytes - at_1024.paged_bytes // 2}B"
     judged = plan(model, setup.model_copy(update={"seq_len": 1024}), gpu=gpu)
-    assert judged.fits
+    assert not judged.fits
+    assert judged.verdict == "fits only by paging"
     assert judged.margin_bytes is not None
-    assert judged.margin_bytes < 0
+    assert judged.paged_out_bytes == -judged.margin_bytes > 0
     result = fit(model, setup, gpu=gpu)
-    seq = result.seq.largest
-    assert seq is not None
-    assert seq >= 1024
-    assert _fits(model, setup, ParallelSetup(), gpu, seq_len=seq)
-    assert not _fits(model, setup, ParallelSetup(), gpu, seq_len=seq + SEQ_STEP_TOKENS)
+    assert result.seq_paging is not None
+    without, paging = result.seq.largest, result.seq_paging.largest
+    assert without is not None
+    assert paging is not None
+    assert without < 1024 <= paging
+    assert _fits(model, setup, ParallelSetup(), gpu, seq_len=without)
+    assert not _fits(model, setup, ParallelSetup(), gpu, seq_len=without + SEQ_STEP_TOKENS)
+    at_paging = plan(model, setup.model_copy(update={"seq_len": paging}), gpu=gpu)
+    assert at_paging.verdict == "fits only by paging"
+    beyond = plan(model, setup.model_copy(update={"seq_len": paging + SEQ_STEP_TOKENS}), gpu=gpu)
+    assert beyond.verdict == "does not fit"
 
 
 def test_learned_positions_cap_the_sequence_search() -> None:

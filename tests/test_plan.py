@@ -70,7 +70,7 @@ def test_reserved_bytes_come_from_the_allocator_replay(llama_2_7b: ModelSpec) ->
     )
 
 
-def test_paged_state_may_spill_so_a_tight_card_still_fits(qlora_65b: PlanResult) -> None:
+def test_paged_state_may_spill_so_a_tight_card_fits_only_by_paging(qlora_65b: PlanResult) -> None:
     # A card short by less than the paged optimizer state: bnb pages it to host memory.
     short = GpuTarget(
         name="tight",
@@ -79,12 +79,32 @@ def test_paged_state_may_spill_so_a_tight_card_still_fits(qlora_65b: PlanResult)
     )
     result = plan("llama-65b", TrainingSetup(method="qlora"), gpu=short)
     assert result.margin_bytes == -(qlora_65b.paged_bytes // 2)
-    assert result.fits is True
+    assert result.fits is False
+    assert result.verdict == "fits only by paging"
+    assert result.paged_out_bytes == qlora_65b.paged_bytes // 2
     # Short by more than the paged state: no.
     too_small = short.model_copy(
         update={"capacity_bytes": qlora_65b.device_bytes - qlora_65b.paged_bytes - 1}
     )
-    assert plan("llama-65b", TrainingSetup(method="qlora"), gpu=too_small).fits is False
+    beyond = plan("llama-65b", TrainingSetup(method="qlora"), gpu=too_small)
+    assert beyond.verdict == "does not fit"
+    assert beyond.paged_out_bytes == 0
+
+
+def test_a_fit_within_the_safety_margin_is_borderline(qlora_65b: PlanResult) -> None:
+    spare = GpuTarget(
+        name="roomy",
+        capacity_bytes=qlora_65b.device_bytes * 11 // 10,
+        context_bytes=CUDA_CONTEXT_BYTES,
+    )
+    setup = TrainingSetup(method="qlora")
+    assert plan("llama-65b", setup, gpu=spare, safety=0.05).verdict == "fits"
+    close = plan("llama-65b", setup, gpu=spare, safety=0.2)
+    assert close.verdict == "borderline"
+    assert close.fits is True
+    assert close.safety_fraction == 0.2
+    assert close.accuracy is not None
+    assert close.accuracy.startswith("published qlora runs")
 
 
 def test_full_fine_tuning_of_65b_does_not_fit(qlora_65b: PlanResult) -> None:

@@ -273,6 +273,7 @@ def test_heatmap_hatches_cells_that_fit_only_by_paging() -> None:
         capacity_bytes=48 * GiB,
         gpu="48GiB",
         fits=((True,), (True,)),
+        paging=((False,), (True,)),
     )
     drawn = plot.peak_heatmap(plot.new_figure().add_subplot(), grid)
     assert drawn.boundary is None
