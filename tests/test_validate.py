@@ -142,3 +142,13 @@ def test_cli_validate_json_on_a_small_reference_folder(
     assert phi["compared"] == "peak_bytes"
     assert phi["measured_bytes"] == 4_820_000_000
     assert out["simulator"] == "not run"
+
+
+def test_committed_error_bands_are_what_validate_computes(report: ValidationReport) -> None:
+    """Verdicts compare their margin with these bands: they must follow the model
+    (regenerate with `python scripts/error_bands.py`)."""
+    from memplan.accuracy import error_bands as committed
+    from memplan.validate import error_bands
+
+    assert error_bands(report.rows) == committed()
+    assert set(committed()) >= {"all", "full", "lora", "qlora"}
