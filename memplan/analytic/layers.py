@@ -40,6 +40,7 @@ def self_attention(
     dropout_p: float,
     softmax_fp32: bool = True,
     eager_only: bool = False,
+    softcap: bool = False,
 ) -> Tensor:
     """Prefix keys/values, autocast's casts, attention over the sequence, output projection.
 
@@ -62,6 +63,7 @@ def self_attention(
         dropout_p=dropout_p,
         softmax_fp32=softmax_fp32,
         eager_only=eager_only,
+        softcap=softcap,
         kv_len=ctx.seq_len + ctx.prefix_len,
     )
     return linear(seg, ctx, attn, out)
@@ -94,6 +96,7 @@ class RopeStyle:
     fused_mlp: bool = False  # one gate_up_proj whose output is split (Phi-3)
     # Gemma2: norms in fp32 times (1 + weight), and norms after attention and after the MLP.
     gemma_norms: bool = False
+    attn_softcap: bool = False  # Gemma2: attention scores soft-capped with tanh
 
 
 def rope_decoder_layer(
@@ -127,6 +130,7 @@ def rope_decoder_layer(
         kv_heads=kv_heads,
         label="self_attn",
         dropout_p=spec.attention_dropout,
+        softcap=style.attn_softcap,
     )
     o = ctx.method.branch_output(seg, ctx, o, "adapter_attn")
     seg.hold(hn)  # `hidden_states` still names the norm output until self_attn returns
