@@ -113,6 +113,31 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
     return ctx.method.linear(seg, ctx, x, out, spec, quantized=quantized)
 
 
+def grouped_linear(
+    seg: Segment, ctx: StepContext, x: Tensor, offsets: Tensor, spec: LinearSpec
+) -> Tensor:
+    """transformers' ``_grouped_linear`` (integrations/moe.py): one ``torch._grouped_mm`` of
+    rows sorted by expert with the experts' 3-D weight (``spec.copies`` experts).
+
+    grouped_mm is not autocast: the input is cast to the weight dtype, and the product is in
+    the weights' storage dtype (fp32 under AMP). Its backward keeps the input (for the weight
+    gradient) and the offsets; no bitsandbytes or peft layer wraps the 3-D weight.
+    """
+    rows = x.numel // spec.in_features
+    trainable = ctx.trains_linear if spec.trainable is None else spec.trainable
+    numel_w = spec.in_features * spec.out_features * spec.copies
+    grad = ctx.param_grad(spec.label, numel_w, trainable=trainable)
+    xin = cast(seg, x, ctx.weight_dtype, f"{spec.label}.input_cast")
+    return seg.op(
+        spec.label,
+        [xin, offsets],
+        rows * spec.out_features,
+        ctx.weight_dtype,
+        saves=[xin if trainable else None, offsets],
+        param_grads=[grad],
+    )
+
+
 def rms_norm(
     seg: Segment, ctx: StepContext, x: Tensor, label: str, size: int, *, gemma: bool = False
 ) -> Tensor:
