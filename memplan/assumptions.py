@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from memplan.analytic.predict import Prediction
 from memplan.dtypes import Quantization
+from memplan.families import family
 from memplan.overheads import CUDA_CONTEXT_BYTES
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import Offload, ParallelSetup
@@ -89,7 +90,7 @@ def _value(value: object) -> str:
 
 
 def _method_lines(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
-    lines = setup.tuning.assumptions(spec, setup)
+    lines = family(spec.family).assumptions(spec, setup) + setup.tuning.assumptions(spec, setup)
     if setup.quant is not Quantization.NONE:
         dq = (
             " with double quantization"

@@ -23,6 +23,7 @@ class DType(StrEnum):
     INT8 = "int8"
     UINT8 = "uint8"
     BOOL = "bool"
+    INT32 = "int32"
     INT64 = "int64"
 
 
@@ -35,6 +36,7 @@ DTYPE_BYTES: Final[dict[DType, int]] = {
     DType.INT8: 1,
     DType.UINT8: 1,
     DType.BOOL: 1,  # torch.bool is one byte per element (dropout masks)
+    DType.INT32: 4,  # grouped-matmul offsets (MoE experts)
     DType.INT64: 8,  # token ids and labels
 }
 

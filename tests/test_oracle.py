@@ -190,7 +190,7 @@ def test_trainable_tensors_are_the_ones_the_torch_model_trains(family: str, meth
     setup = _setup(method, False, 1, 32, "sdpa")
     ctx = StepContext.build(spec, setup)
     state = model_state(architecture(spec), setup, ctx)
-    # Elements per tensor name (MoE experts are one 3-D tensor in torch, copies in memplan).
+    # Elements per tensor name (MoE experts: one 3-D tensor per layer and projection).
     ours: Counter[str] = Counter()
     for group in state.trainable:
         ours[_analytical_key(group.label)] += group.numel * group.count

@@ -113,6 +113,31 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
     return ctx.method.linear(seg, ctx, x, out, spec, quantized=quantized)
 
 
+def grouped_linear(
+    seg: Segment, ctx: StepContext, x: Tensor, offsets: Tensor, spec: LinearSpec
+) -> Tensor:
+    """transformers' ``_grouped_linear`` (integrations/moe.py): one ``torch._grouped_mm`` of
+    rows sorted by expert with the experts' 3-D weight (``spec.copies`` experts).
+
+    grouped_mm is not autocast: the input is cast to the weight dtype, and the product is in
+    the weights' storage dtype (fp32 under AMP). Its backward keeps the input (for the weight
+    gradient) and the offsets; no bitsandbytes or peft layer wraps the 3-D weight.
+    """
+    rows = x.numel // spec.in_features
+    trainable = ctx.trains_linear if spec.trainable is None else spec.trainable
+    numel_w = spec.in_features * spec.out_features * spec.copies
+    grad = ctx.param_grad(spec.label, numel_w, trainable=trainable)
+    xin = cast(seg, x, ctx.weight_dtype, f"{spec.label}.input_cast")
+    return seg.op(
+        spec.label,
+        [xin, offsets],
+        rows * spec.out_features,
+        ctx.weight_dtype,
+        saves=[xin if trainable else None, offsets],
+        param_grads=[grad],
+    )
+
+
 def rms_norm(
     seg: Segment, ctx: StepContext, x: Tensor, label: str, size: int, *, gemma: bool = False
 ) -> Tensor:
@@ -147,13 +172,23 @@ def rms_norm(
     )
     grad = _param_grad(ctx, f"{label}.weight", size, trainable)
     if gemma:  # (normed * (1 + w.float())).type_as(x)
+        # 1 + w.float(): an fp32 vector (the cast of a 16-bit weight is freed after the add),
+        # kept by the product for the gradient of ``normed``.
+        one_plus = seg.op(
+            f"{label}.one_plus_weight",
+            [],
+            size,
+            DType.FP32,
+            param_grads=[grad],
+            requires_grad=trainable,
+            fwd_workspace_bytes=size * 4 if ctx.weight_dtype is not DType.FP32 else 0,
+        )
         scaled = seg.op(
             label,
-            [normed],
+            [normed, one_plus],
             normed.numel,
             DType.FP32,
-            saves=[normed if trainable else None],
-            param_grads=[grad],
+            saves=[normed if trainable else None, one_plus if normed.requires_grad else None],
             bwd_workspace_bytes=normed.nbytes if trainable else 0,
         )
         return cast(seg, scaled, x.dtype, f"{label}.downcast")
@@ -212,11 +247,14 @@ def attention_core(
     dropout_p: float = 0.0,
     softmax_fp32: bool = True,
     eager_only: bool = False,
+    softcap: bool = False,
 ) -> Tensor:
     """Scaled dot-product attention over (batch, heads, seq, head_dim) tensors.
 
     Returns the attention output laid out (batch, seq, heads, head_dim), ready for the output
-    projection. ``eager_only`` for models whose scores need an explicit bias (ALiBi, T5).
+    projection. ``eager_only`` for models whose scores need an explicit bias (ALiBi, T5);
+    ``softcap``: scores soft-capped with tanh before the mask (Gemma2; flash-attn does it in
+    its kernel).
     """
     b, s = ctx.batch, ctx.seq_len
     kv_len = kv_len or s
@@ -239,6 +277,7 @@ def attention_core(
             kv_len=kv_len,
             dropout_p=dropout_p,
             softmax_fp32=softmax_fp32,
+            softcap=softcap,
         )
     # Flash / memory-efficient SDPA (and flash-attn 2) save q, k, v, the output and the fp32
     # log-sum-exp per (batch, head, query); the output is already (b, s, heads, d) in memory.
@@ -306,6 +345,7 @@ def _eager_attention(
     kv_len: int,
     dropout_p: float,
     softmax_fp32: bool,
+    softcap: bool = False,
 ) -> Tensor:
     """eager_attention_forward: repeat_kv, q @ k^T * scale, softmax, dropout, @ v, transpose."""
     b, s = ctx.batch, ctx.seq_len
@@ -316,6 +356,10 @@ def _eager_attention(
     scores_numel = b * num_heads * s * kv_len
     scores = seg.op(f"{label}.qk", [q, k], scores_numel, q.dtype, saves=[q, k])
     scaled = seg.op(f"{label}.scale", [scores], scores_numel, q.dtype)
+    if softcap:  # Gemma2's eager_attention_forward: tanh(scores / cap) * cap, tanh saves its output
+        capped = seg.op(f"{label}.softcap_div", [scaled], scores_numel, q.dtype)
+        th = seg.op(f"{label}.softcap_tanh", [capped], scores_numel, q.dtype, saves_output=True)
+        scaled = seg.op(f"{label}.softcap_mul", [th], scores_numel, q.dtype)
     masked = seg.op(f"{label}.mask", [scaled], scores_numel, q.dtype, passthrough_grad=True)
     probs_dtype = DType.FP32 if softmax_fp32 else q.dtype
     # softmax(x, dtype=float32) first casts its 16-bit input to an fp32 copy.

@@ -8,6 +8,7 @@ from memplan.analytic.graph import ParamGrad
 from memplan.analytic.symbolic import Count
 from memplan.architecture import ParamKind
 from memplan.dtypes import DType, Quantization, dtype_bytes
+from memplan.families import family
 from memplan.methods import TuningMethod, method
 from memplan.methods.lora import lora_roles
 from memplan.specs.model import ModelSpec
@@ -81,7 +82,7 @@ class StepContext:
             lora_roles=lora_roles(spec, setup) if tuning.uses_lora else frozenset(),
             lora_r=setup.lora_r,
             lora_dropout=setup.lora_dropout,
-            attention=setup.attention,
+            attention=family(spec.family).attention(setup.attention),
             adapter_size=setup.adapter_size,
             prefix_len=tuning.kv_prefix_len(setup),
             quant_matmul_saves_input=setup.quant_matmul_saves_input,

@@ -263,6 +263,26 @@ class _GradBuffer:
 GradBytes = tuple[int, Category]  # bytes of a gradient buffer and the category it was made in
 
 
+def _split_of(op: Op) -> Tensor | None:
+    """The tensor ``op`` takes a part of (a passthrough view with fewer elements), if any."""
+    base = op.output.base
+    if op.passthrough_grad and base is not None and op.output.numel != base.numel:
+        return base
+    return None
+
+
+def _split_parts(segment: Segment) -> dict[int, int]:
+    """For each split tensor, the number of its parts some later op reads (their gradients
+    all arrive before SplitBackward runs)."""
+    read = {id(t) for op in segment.ops for t in op.inputs}
+    counts: dict[int, int] = {}
+    for op in segment.ops:
+        base = _split_of(op)
+        if base is not None and id(op.output) in read:
+            counts[id(base)] = counts.get(id(base), 0) + 1
+    return counts
+
+
 def backward_events(
     segment: Segment,
     *,
@@ -310,6 +330,8 @@ def backward_events(
             storages[id(t.storage)] = t.storage
 
     produced = {id(op.output) for op in segment.ops}
+    num_parts = _split_parts(segment)
+    split_grads: dict[int, list[int]] = {}  # tensor id -> gradient buffers of its parts
     for op in reversed(segment.ops):
         out_buffer = grad_of.pop(id(op.output), None)
         if out_buffer is None:
@@ -350,6 +372,16 @@ def backward_events(
                 ledger.free(storage.nbytes, _category(segment, storage, saved=True), storage.label)
         release(out_buffer)
         for t, buffer in new_grads:
+            if _split_of(op) is t:
+                # The gradient of one part of a split (chunk, split): SplitBackward concatenates
+                # the parts' gradients into one of the whole's size once all of them are in.
+                parts = split_grads.setdefault(id(t), [])
+                parts.append(buffer)
+                if len(parts) < num_parts[id(t)]:
+                    continue
+                buffer = new_buffer(t.nbytes, category, allocate=True)
+                for part in split_grads.pop(id(t)):
+                    release(part)
             if id(t) in grad_of:  # InputBuffer::accumulate: old + new, out of place
                 ledger.transient(t.nbytes, category, "grad accumulation")
                 release(buffer)

@@ -15,6 +15,7 @@ from memplan.analytic.blocks import (
     attention_core,
     cast,
     dropout,
+    grouped_linear,
     layer_norm,
     linear,
     residual_add,
@@ -40,6 +41,7 @@ def self_attention(
     dropout_p: float,
     softmax_fp32: bool = True,
     eager_only: bool = False,
+    softcap: bool = False,
 ) -> Tensor:
     """Prefix keys/values, autocast's casts, attention over the sequence, output projection.
 
@@ -62,6 +64,7 @@ def self_attention(
         dropout_p=dropout_p,
         softmax_fp32=softmax_fp32,
         eager_only=eager_only,
+        softcap=softcap,
         kv_len=ctx.seq_len + ctx.prefix_len,
     )
     return linear(seg, ctx, attn, out)
@@ -94,6 +97,7 @@ class RopeStyle:
     fused_mlp: bool = False  # one gate_up_proj whose output is split (Phi-3)
     # Gemma2: norms in fp32 times (1 + weight), and norms after attention and after the MLP.
     gemma_norms: bool = False
+    attn_softcap: bool = False  # Gemma2: attention scores soft-capped with tanh
 
 
 def rope_decoder_layer(
@@ -127,6 +131,7 @@ def rope_decoder_layer(
         kv_heads=kv_heads,
         label="self_attn",
         dropout_p=spec.attention_dropout,
+        softcap=style.attn_softcap,
     )
     o = ctx.method.branch_output(seg, ctx, o, "adapter_attn")
     seg.hold(hn)  # `hidden_states` still names the norm output until self_attn returns
@@ -157,83 +162,161 @@ def gated_mlp(
     x: Tensor,
     *,
     intermediate: int,
-    rows_label: str = "mlp",
     fused: bool = False,
-    copies: int = 1,
 ) -> Tensor:
     """LlamaMLP: down_proj(act_fn(gate_proj(x)) * up_proj(x)); the activation saves its input.
 
     Phi-3's gate_up_proj computes both halves in one matmul and splits the output (views of
-    one storage); so do transformers' fused MoE experts (``copies`` of them).
+    one storage).
     """
     h = spec.hidden_size
     bias = spec.mlp_bias
     if fused:
         gu = linear(
-            seg,
-            ctx,
-            x,
-            LinearSpec(
-                f"{rows_label}.gate_up_proj",
-                h,
-                2 * intermediate,
-                "gate_up",
-                bias=bias,
-                copies=copies,
-            ),
+            seg, ctx, x, LinearSpec("mlp.gate_up_proj", h, 2 * intermediate, "gate_up", bias=bias)
         )
-        g = seg.op(
-            f"{rows_label}.gate", [gu], gu.numel // 2, gu.dtype, view_of=gu, passthrough_grad=True
-        )
-        a = activation(seg, g, spec.hidden_act, f"{rows_label}.act_fn")
-        u = seg.op(
-            f"{rows_label}.up", [gu], gu.numel // 2, gu.dtype, view_of=gu, passthrough_grad=True
-        )
+        g = seg.op("mlp.gate", [gu], gu.numel // 2, gu.dtype, view_of=gu, passthrough_grad=True)
+        a = activation(seg, g, spec.hidden_act, "mlp.act_fn")
+        u = seg.op("mlp.up", [gu], gu.numel // 2, gu.dtype, view_of=gu, passthrough_grad=True)
     else:
-        g = linear(
-            seg, ctx, x, LinearSpec(f"{rows_label}.gate_proj", h, intermediate, "gate", bias=bias)
-        )
-        a = activation(seg, g, spec.hidden_act, f"{rows_label}.act_fn")
-        u = linear(
-            seg, ctx, x, LinearSpec(f"{rows_label}.up_proj", h, intermediate, "up", bias=bias)
-        )
-    p = seg.op(f"{rows_label}.mul", [a, u], a.numel, a.dtype, saves=[a, u])
-    return linear(
-        seg,
-        ctx,
-        p,
-        LinearSpec(f"{rows_label}.down_proj", intermediate, h, "down", bias=bias, copies=copies),
-    )
+        g = linear(seg, ctx, x, LinearSpec("mlp.gate_proj", h, intermediate, "gate", bias=bias))
+        a = activation(seg, g, spec.hidden_act, "mlp.act_fn")
+        u = linear(seg, ctx, x, LinearSpec("mlp.up_proj", h, intermediate, "up", bias=bias))
+    p = seg.op("mlp.mul", [a, u], a.numel, a.dtype, saves=[a, u])
+    return linear(seg, ctx, p, LinearSpec("mlp.down_proj", intermediate, h, "down", bias=bias))
 
 
 def moe_mlp(seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor) -> Tensor:
-    """MixtralSparseMoeBlock: a router, top-k experts per token, weighted sum of their outputs.
+    """A sparse MoE block as transformers >= 5 runs it (MixtralSparseMoeBlock): the top-k
+    router, then the experts' default implementation, ``grouped_mm_experts_forward``
+    (integrations/moe.py; ``get_correct_experts_implementation`` picks "grouped_mm", on CUDA
+    and on CPU alike).
 
-    Tokens are gathered per expert; summed over experts the expert MLPs see
-    tokens x top_k rows, as if one dense MLP ran on the routed copies.
+    The tokens x top-k (token, expert) pairs are sorted by expert; the routed copies of the
+    tokens run through the experts' two grouped matmuls, are scaled by their fp32 routing
+    weight, put back in token order and summed over the top-k.
     """
-    n = ctx.num_tokens
-    h = spec.hidden_size
+    n, h = ctx.num_tokens, spec.hidden_size
+    pairs = n * spec.num_experts_per_token
+    weights, index, router_locals = topk_router(seg, ctx, spec, x)
+    # torch.sort(expert_ids): the sorted ids (a local) and the permutation (kept by gathers).
+    ids = seg.op("mlp.experts.sorted_ids", [index], pairs, DType.INT64, requires_grad=False)
+    perm = seg.op("mlp.experts.perm", [index], pairs, DType.INT64, requires_grad=False)
+    tokens = seg.op("mlp.experts.token_ids", [perm], pairs, DType.INT64, requires_grad=False)
+    # hidden_states[perm // top_k]: index backward scatters into a zero-filled (tokens, h).
+    routed = seg.op(
+        "mlp.experts.gather",
+        [x, tokens],
+        pairs * h,
+        x.dtype,
+        saves=[tokens],
+        bwd_workspace_bytes=x.nbytes,
+    )
+    pair_weights = seg.op(
+        "mlp.experts.gather_weights",
+        [weights, perm],
+        pairs,
+        DType.FP32,
+        saves=[perm],
+        bwd_workspace_bytes=pairs * 4,
+    )
+    # histc over the sorted ids (as fp32 on CPU, int32 on CUDA: 4 bytes), cumsum to offsets.
+    histc_in = seg.op("mlp.experts.histc_input", [ids], pairs, DType.FP32, requires_grad=False)
+    counts = seg.op(
+        "mlp.experts.histc", [histc_in], spec.num_experts, DType.FP32, requires_grad=False
+    )
+    offsets = seg.op(
+        "mlp.experts.offsets", [counts], spec.num_experts, DType.INT32, requires_grad=False
+    )
+    y = _grouped_experts(seg, ctx, spec, routed, offsets)
+    # proj_out * sample_weights: the fp32 weights promote the product to fp32. Backward
+    # computes proj_out's gradient in fp32 too; the engine casts it to proj_out's dtype after
+    # the node released its saved tensors (validate_outputs), and sums grad * proj_out over
+    # the hidden dimension for the weights' gradient.
+    if y.dtype is not DType.FP32:
+        y = seg.op("mlp.experts.promote", [y], y.numel, DType.FP32, view_of=y)
+    weighted = seg.op(
+        "mlp.experts.route_weight",
+        [y, pair_weights],
+        pairs * h,
+        DType.FP32,
+        saves=[
+            y if pair_weights.requires_grad else None,
+            pair_weights if y.requires_grad else None,
+        ],
+        bwd_workspace_bytes=pairs * h * 4,
+    )
+    # inv_perm = empty_like(perm); inv_perm[perm] = arange(pairs): back to token order.
+    inverse = seg.op(
+        "mlp.experts.inverse_perm",
+        [perm],
+        pairs,
+        DType.INT64,
+        requires_grad=False,
+        fwd_workspace_bytes=pairs * 8,
+    )
+    ordered = seg.op(
+        "mlp.experts.unpermute",
+        [weighted, inverse],
+        pairs * h,
+        DType.FP32,
+        saves=[inverse],
+        bwd_workspace_bytes=pairs * h * 4,
+    )
+    # .view(tokens, top_k, h).sum(dim=1), then .to(hidden_states.dtype).
+    summed = seg.op("mlp.experts.sum", [ordered], n * h, DType.FP32)
+    out = cast(seg, summed, x.dtype, "mlp.experts.output_cast")
+    # Locals of the experts' forward and the block's (the router logits) until they return.
+    seg.hold(ids, histc_in, counts, *router_locals, label="mlp.locals")
+    return out
+
+
+def topk_router(
+    seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """MixtralTopKRouter: F.linear to expert logits, fp32 softmax, top-k, the top-k weights
+    renormalized in place. Returns the weights, the expert indices and the block's locals.
+    """
+    n, h = ctx.num_tokens, spec.hidden_size
     e, k = spec.num_experts, spec.num_experts_per_token
-    router = linear(
+    logits = linear(
         seg, ctx, x, LinearSpec("mlp.gate", h, e, "router", bias=False, quantizable=False)
     )
-    probs = seg.op("mlp.router_softmax", [router], n * e, DType.FP32, saves_output=True)
-    weights = seg.op("mlp.topk", [probs], n * k, DType.FP32, saves=[probs])
-    routed = seg.op("mlp.dispatch", [x], n * k * h, x.dtype)
-    # transformers' fused experts: gate_up_proj (E, 2i, h) and down_proj (E, h, i) tensors.
-    y = gated_mlp(
-        seg,
-        ctx,
-        spec,
-        routed,
-        intermediate=spec.intermediate_size // ctx.tensor_parallel_degree,
-        rows_label="mlp.experts",
-        fused=True,
-        copies=e,
+    logits32 = cast(seg, logits, DType.FP32, "mlp.gate.logits_float")
+    probs = seg.op("mlp.gate.softmax", [logits32], n * e, DType.FP32, saves_output=True)
+    index = seg.op("mlp.gate.topk_indices", [probs], n * k, DType.INT64, requires_grad=False)
+    top = seg.op("mlp.gate.topk", [probs, index], n * k, DType.FP32, saves=[index])
+    total = seg.op("mlp.gate.sum", [top], n, DType.FP32)
+    # An in-place division keeps a copy of its original input for the divisor's gradient,
+    # -grad * self / other**2 (three temporaries of the weights' size).
+    original = seg.op("mlp.gate.topk_clone", [top], n * k, DType.FP32, requires_grad=False)
+    weights = seg.op(
+        "mlp.gate.renormalize",
+        [top, total, original],
+        n * k,
+        DType.FP32,
+        view_of=top,
+        saves=[original, total],
+        bwd_workspace_bytes=3 * top.nbytes,
     )
-    scaled = seg.op("mlp.route_weight", [y, weights], y.numel, y.dtype, saves=[y, weights])
-    return seg.op("mlp.combine", [scaled], n * h, x.dtype)
+    return weights, index, (logits, top)
+
+
+def _grouped_experts(
+    seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor, offsets: Tensor
+) -> Tensor:
+    """The experts' gated MLP on the sorted rows: grouped gate_up_proj (E, 2i, h), its halves
+    through act_fn(gate) * up (views of one storage), grouped down_proj (E, h, i)."""
+    h, i = spec.hidden_size, spec.intermediate_size // ctx.tensor_parallel_degree
+    e = spec.num_experts
+    gate_up = LinearSpec("mlp.experts.gate_up_proj", h, 2 * i, "gate_up", bias=False, copies=e)
+    gu = grouped_linear(seg, ctx, x, offsets, gate_up)
+    g = seg.op("mlp.experts.gate", [gu], gu.numel // 2, gu.dtype, view_of=gu, passthrough_grad=True)
+    a = activation(seg, g, spec.hidden_act, "mlp.experts.act_fn")
+    u = seg.op("mlp.experts.up", [gu], gu.numel // 2, gu.dtype, view_of=gu, passthrough_grad=True)
+    p = seg.op("mlp.experts.mul", [a, u], a.numel, a.dtype, saves=[a, u])
+    down = LinearSpec("mlp.experts.down_proj", i, h, "down", bias=False, copies=e)
+    return grouped_linear(seg, ctx, p, offsets, down)
 
 
 def qkv_projections(

@@ -37,6 +37,7 @@ class Stack:
     norm_out: Tensor  # equals norm_in when the family has no final norm
     cross_input: Tensor | None = None  # encoder output read by every layer (T5 decoder)
     mask_bytes: int = 0  # eager attention's (batch, 1, seq, seq) causal mask, built once
+    num_masks: int = 0  # such masks (Gemma2: the full and the sliding-window one)
 
 
 @dataclass
@@ -110,6 +111,7 @@ class StackBuilder:
             stack.mask_bytes = (
                 ctx.batch * ctx.seq_len * ctx.seq_len * dtype_bytes(ctx.activation_dtype)
             )
+            stack.num_masks = fam.num_eager_masks
         return stack
 
     def _layers(

@@ -52,11 +52,12 @@ def _state_dtype(optimizer: Optimizer, param_dtype: DType, numel: int) -> tuple[
 
 def _adafactor_numel(group: TensorGroup) -> int:
     # torch.optim.Adafactor (and transformers' Adafactor): row and column second-moment
-    # factors for matrices, a full variance for vectors; no first moment (beta1 off).
+    # factors over the last two dimensions (per leading index of a 3-D tensor), a full
+    # variance for vectors; no first moment (beta1 off).
     shape = group.shape
     if len(shape) < 2 or group.numel != _prod(shape):  # vectors, or a shard of a matrix
         return group.numel
-    rows, cols = group.numel // shape[-1], shape[-1]
+    rows, cols = group.numel // shape[-1], group.numel // shape[-2]
     return rows + cols
 
 

@@ -194,10 +194,8 @@ class StepComposer:
             saved = self.autograd and any(_saves(g.segment, g.shared[i]) for g in graphs)
             life = "saved" if saved else "held" if held else "forward"
             out.append((tensor.label, allocation_bytes(tensor.nbytes), life))
-        if stack.mask_bytes:
-            out.append(
-                ("causal mask", allocation_bytes(stack.mask_bytes), "held" if held else "forward")
-            )
+        size = allocation_bytes(stack.mask_bytes)
+        out += [("causal mask", size, "held" if held else "forward")] * stack.num_masks
         return out
 
     def _shared_events(self, stack: Stack, step: int, when: str) -> list[Event]:

@@ -80,9 +80,15 @@ class ModelState:
 
 
 def _quantized(tensor: ParamTensor, setup: TrainingSetup) -> bool:
-    # bnb replaces every nn.Linear except the LM head (transformers keeps the output embedding
-    # in 16-bit: get_keys_to_not_convert); memplan also keeps MoE routers in 16-bit.
-    return setup.quant is not Quantization.NONE and tensor.kind is ParamKind.LINEAR
+    # replace_with_bnb_linear swaps every nn.Linear except the LM head (transformers keeps the
+    # output embedding in 16-bit: get_keys_to_not_convert). MoE routers and the 3-D expert
+    # tensors (copies > 1) are parameters of other modules: they stay in 16-bit
+    # (transformers integrations/bitsandbytes.py, quantizers/quantizer_bnb_4bit.py).
+    return (
+        setup.quant is not Quantization.NONE
+        and tensor.kind is ParamKind.LINEAR
+        and tensor.copies == 1
+    )
 
 
 def _share(tensor: ParamTensor, numel: int, *, tp: int, shards: int, vocab: int) -> int:
@@ -127,8 +133,9 @@ def _add_base_tensor(
     ctx: StepContext,
     shards: int,
 ) -> None:
-    count = block.repeat * tensor.copies
-    numel = tensor.numel // tensor.copies
+    # MoE experts are one 3-D parameter of every expert's matrix (transformers >= 5).
+    count = block.repeat
+    numel = tensor.numel
     label = f"{block.name}.{tensor.name}"
     tp = ctx.tensor_parallel_degree
     if _quantized(tensor, setup):
@@ -151,7 +158,7 @@ def _add_base_tensor(
     trainable = ctx.method.trains(tensor.kind, bias=is_bias(tensor))
     category = Category.TRAINABLE_WEIGHTS if trainable else Category.FROZEN_WEIGHTS
     share = _share(tensor, numel, tp=tp, shards=shards, vocab=ctx.vocab_size)
-    shape = tensor.shape if tensor.copies == 1 else tensor.shape[-2:]
+    shape = tensor.shape if tensor.copies == 1 else (tensor.copies, *tensor.shape)
     state.groups.append(TensorGroup(label, share, ctx.weight_dtype, count, category, shape))
     if trainable:
         state.num_trainable_params += numel * count

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from memplan.analytic.model_graph import StackBuilder, Stacks
     from memplan.architecture import Block
     from memplan.specs.model import ModelSpec
-    from memplan.specs.training import LinearRole
+    from memplan.specs.training import Attention, LinearRole, TrainingSetup
 
 Config = Mapping[str, Any]
 """A parsed ``config.json``."""
@@ -61,6 +61,8 @@ class ModelFamily:
     """peft's default LoRA targets as roles (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)."""
     causal: ClassVar[bool] = True
     """A decoder whose eager attention reads an additive causal mask (create_causal_mask)."""
+    num_eager_masks: ClassVar[int] = 1
+    """Additive (batch, 1, seq, seq) masks a causal model's forward builds for eager attention."""
 
     # -- config.json -------------------------------------------------------------------------
     def read_config(self, config: Config) -> dict[str, Any]:
@@ -93,6 +95,10 @@ class ModelFamily:
         """The transformers class a config is built as: what memplan lays out, what the catalog
         counts and what the tracer runs."""
         return self.hf_model_class
+
+    def attention(self, requested: Attention) -> Attention:
+        """The attention implementation transformers runs when ``requested`` is asked for."""
+        return requested
 
     # -- the step's graph ----------------------------------------------------------------------
     def stacks(self, spec: ModelSpec, ctx: StepContext, build: StackBuilder) -> Stacks:
@@ -141,3 +147,8 @@ class ModelFamily:
     def unsupported(self, spec: ModelSpec, method: str) -> str | None:
         """Why ``method`` cannot run on ``spec`` (None: it can)."""
         return None
+
+    # -- words -----------------------------------------------------------------------------------
+    def assumptions(self, spec: ModelSpec, setup: TrainingSetup) -> list[str]:
+        """Lines this family adds to a plan's assumptions."""
+        return []

@@ -2,7 +2,10 @@
 
 Norms compute in fp32 and scale by (1 + weight); the embeddings are scaled by
 sqrt(hidden_size); attention scores and output logits are soft-capped with tanh; the head is
-tied to the embedding by default.
+tied to the embedding by default. transformers has no SDPA path for Gemma2
+(``Gemma2PreTrainedModel._supports_sdpa = False``: SDPA cannot soft-cap), so a run that asks for
+SDPA gets eager attention, and ``Gemma2Model.forward`` builds two masks for it (full and
+sliding-window, ``masking_utils``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ if TYPE_CHECKING:
     from memplan.analytic.layers import RopeStyle
     from memplan.architecture import Block
     from memplan.specs.model import ModelSpec
+    from memplan.specs.training import Attention, TrainingSetup
 
 
 class Gemma2Layout(Layout):
@@ -44,6 +48,7 @@ class Gemma2(Llama):
     tiny_model = "tiny-gemma2"
     hf_model_class = "Gemma2ForCausalLM"
     layout_type = Gemma2Layout
+    num_eager_masks = 2  # create_causal_mask and create_sliding_window_causal_mask
 
     def layout(self, spec: ModelSpec) -> Gemma2Layout:
         assert isinstance(spec.layout, Gemma2Layout)
@@ -92,10 +97,16 @@ class Gemma2(Llama):
         embeddings = [token_embedding_param("embed_tokens", spec)]
         return decoder_only_blocks(spec, embeddings, layer, norm_params("norm", h, with_bias=False))
 
-    def style(self) -> RopeStyle:
+    def attention(self, requested: Attention) -> Attention:
+        """SDPA is refused (``_supports_sdpa = False``): the model trains with eager attention."""
+        from memplan.specs.training import Attention
+
+        return Attention.EAGER if requested is Attention.SDPA else requested
+
+    def style(self, spec: ModelSpec) -> RopeStyle:
         from memplan.analytic.layers import RopeStyle
 
-        return RopeStyle(gemma_norms=True)
+        return RopeStyle(gemma_norms=True, attn_softcap=self.layout(spec).attn_logit_softcapping)
 
     def embedding(
         self,
@@ -129,6 +140,17 @@ class Gemma2(Llama):
             )
             logits = seg.op("logits.softcap_mul", [th], logits.numel, logits.dtype)
         return cross_entropy(ctx, seg, logits, x, shifted_fp32=ctx.logits_fp32), logits
+
+    def assumptions(self, spec: ModelSpec, setup: TrainingSetup) -> list[str]:
+        from memplan.specs.training import Attention
+
+        if setup.attention is not Attention.SDPA:
+            return []
+        return [
+            "gemma2: transformers has no SDPA path (Gemma2PreTrainedModel._supports_sdpa = False, "
+            "for the soft-capped scores): attention=sdpa trains with eager attention, "
+            "(batch, heads, seq, seq) scores and two masks"
+        ]
 
 
 FAMILY = Gemma2()

@@ -81,7 +81,7 @@ class Llama(ModelFamily):
         return gated_mlp_params(spec, "mlp.", ("gate_proj", "up_proj", "down_proj"))
 
     # -- the step ------------------------------------------------------------------------------
-    def style(self) -> RopeStyle:
+    def style(self, spec: ModelSpec) -> RopeStyle:
         from memplan.analytic.layers import RopeStyle
 
         return RopeStyle()
@@ -90,7 +90,7 @@ class Llama(ModelFamily):
         from memplan.analytic.layers import rope_decoder_layer
 
         return rope_decoder_layer(
-            spec, ctx, input_requires_grad=input_requires_grad, style=self.style()
+            spec, ctx, input_requires_grad=input_requires_grad, style=self.style(spec)
         )
 
 

@@ -1,17 +1,26 @@
 """Mixtral (transformers ``modeling_mixtral``): Mistral's attention, a sparse MoE MLP.
 
-MixtralSparseMoeBlock: a router (``mlp.gate``) and the experts stored as two 3-D parameters
-(transformers >= 5 ``MixtralExperts``: gate_up_proj experts x 2*ffn x hidden, down_proj
-experts x hidden x ffn), top-k experts per token.
+MixtralSparseMoeBlock: a router (``mlp.gate``, MixtralTopKRouter) and the experts stored as two
+3-D parameters (transformers >= 5 ``MixtralExperts``: gate_up_proj experts x 2*ffn x hidden,
+down_proj experts x hidden x ffn), top-k experts per token, run by transformers' grouped_mm
+experts implementation (:func:`memplan.analytic.layers.moe_mlp`).
+
+Neither the router nor the experts is an ``nn.Linear``: bitsandbytes quantization
+(``replace_with_bnb_linear`` swaps ``nn.Linear`` modules only) leaves them in 16-bit, and peft's
+``target_modules`` (``all-linear`` too) put LoRA adapters on the attention projections only.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memplan.families import _config as cfg
 from memplan.families.base import Config
 from memplan.families.mistral import Mistral
+
+if TYPE_CHECKING:
+    from memplan.specs.model import ModelSpec
+    from memplan.specs.training import TrainingSetup
 
 
 class Mixtral(Mistral):
@@ -38,6 +47,32 @@ class Mixtral(Mistral):
             ),
             ParamTensor("mlp.experts.down_proj", (h, i), ParamKind.LINEAR, "down", copies=e),
         ]
+
+    def assumptions(self, spec: ModelSpec, setup: TrainingSetup) -> list[str]:
+        from memplan.architecture import architecture
+        from memplan.dtypes import Quantization
+
+        lines = [
+            "mixtral: experts run transformers' grouped_mm implementation "
+            "(integrations/moe.py): top-k routed copies of each token sorted by expert, the "
+            "grouped matmuls in the weights' dtype (not autocast)"
+        ]
+        if setup.quant is not Quantization.NONE:
+            arch = architecture(spec)
+            experts = sum(b.repeat * t.numel for b, t in arch.tensors() if t.copies > 1)
+            lines.append(
+                f"mixtral: {setup.quant.value} replaces nn.Linear modules only (transformers "
+                "replace_with_bnb_linear): the experts' 3-D gate_up_proj/down_proj "
+                f"({experts:,} of {arch.num_params:,} parameters) and the router stay "
+                f"{setup.precision.weight_dtype.value}"
+            )
+        if setup.tuning.uses_lora:
+            lines.append(
+                "mixtral: peft target_modules (all-linear too) match nn.Linear modules: "
+                "gate_up_proj and down_proj are 3-D parameters of MixtralExperts and get no "
+                "adapter, nor does the router; LoRA sits on the attention projections"
+            )
+        return lines
 
 
 FAMILY = Mixtral()

@@ -61,7 +61,7 @@ class Phi3(Llama):
         embeddings = [token_embedding_param("embed_tokens", spec)]
         return decoder_only_blocks(spec, embeddings, layer, norm_params("norm", h, with_bias=False))
 
-    def style(self) -> RopeStyle:
+    def style(self, spec: ModelSpec) -> RopeStyle:
         from memplan.analytic.layers import RopeStyle
 
         return RopeStyle(qkv=("self_attn.qkv_proj",), fused_mlp=True)

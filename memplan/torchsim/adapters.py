@@ -42,13 +42,15 @@ def _apply_to_output(adapter: BottleneckAdapter, output: Any) -> Any:
 
 
 def _hidden_size(block: nn.Module) -> int:
-    """Input width of the block's first projection (Conv1D stores its weight as (in, out))."""
+    """Input width of the block's first projection (Conv1D stores its weight as (in, out); a
+    MoE router, e.g. MixtralTopKRouter, is a module with an (experts, in) weight)."""
     for module in block.modules():
         if isinstance(module, nn.Linear):
             return int(module.in_features)
         weight = getattr(module, "weight", None)
-        if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor):
-            return int(weight.shape[0])
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        return int(weight.shape[0] if type(module).__name__ == "Conv1D" else weight.shape[1])
     raise MemplanError(f"cannot find the hidden size of {type(block).__name__}")
 
 

@@ -5,6 +5,11 @@ Fake tensors carry shapes and dtypes but no values. A program that reads one bac
 them; such a read returns 1 here and is counted, so the caller can say so. Only a read that
 decides an allocation's size or a branch could change the trace; the optimizers' scalar reads
 do neither.
+
+torch's meta kernel for ``_grouped_mm`` (the MoE experts' grouped matmul) checks the dtype of
+CUDA's CUTLASS fast path (bf16 only); the CPU kernel and CUDA's fallback
+(``aten/src/ATen/native/cuda/GroupedBlas.cpp``: ``_grouped_mm_fallback``) take any float
+dtype, so fake tensors get the same output for every dtype.
 """
 
 from __future__ import annotations
@@ -14,10 +19,29 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._meta_registrations import _create_grouped_mm_output_tensor
+from torch._subclasses.fake_impls import register_op_impl
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, in_kernel_invocation_manager
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _READ = torch.ops.aten._local_scalar_dense.default
+
+
+@register_op_impl(torch.ops.aten._grouped_mm.default)
+def _grouped_mm(
+    fake_mode: FakeTensorMode,
+    func: Any,
+    mat_a: FakeTensor,
+    mat_b: FakeTensor,
+    offs: FakeTensor | None = None,
+    bias: FakeTensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> FakeTensor:
+    """The output ``_grouped_mm`` allocates (``create_grouped_gemm_output_tensor``)."""
+    dtype = out_dtype or mat_a.dtype
+    with in_kernel_invocation_manager(fake_mode):
+        out = _create_grouped_mm_output_tensor(mat_a, mat_b, offs, dtype)  # type: ignore[no-untyped-call]
+    return FakeTensor(fake_mode, out, mat_a.device)
 
 
 class PlaceholderReads(TorchDispatchMode):  # type: ignore[no-untyped-call]

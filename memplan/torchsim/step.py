@@ -120,11 +120,14 @@ def _folded(request: RunRequest, start: float) -> TraceResult:
         if _signature(Trace("check", check)) != _signature(longer.tracker.trace("check")):
             continue
         items = fold_events(keyed, short_layers, target, first_repeated=first, period=period)
-        counts = _full_depth_counts(short, longer, period, target - short_layers)
+        extra = target - short_layers
+        counts = _full_depth_counts(short, longer, period, extra)
         short.notes.append(
             f"traced {short_layers} and {short_layers + period} layers, folded to {target}"
         )
-        return _result(short, Trace(SOURCES["fake"], items), start, counts, short_layers)
+        result = _result(short, Trace(SOURCES["fake"], items), start, counts, short_layers)
+        result.outside_allocator_bytes = _full_depth_outside(short, longer, period, extra)
+        return result
     raise FoldError("its layers do not emit identical events")
 
 
@@ -136,6 +139,15 @@ def _full_depth_counts(
     more = _param_counts(longer.session.model)
     per_layer = [(b - a) // period for a, b in zip(counts, more, strict=True)]
     return counts[0] + per_layer[0] * extra_layers, counts[1] + per_layer[1] * extra_layers
+
+
+def _full_depth_outside(
+    short: TracedRun, longer: TracedRun, period: int, extra_layers: int
+) -> dict[Placement, int]:
+    """Bytes held outside the allocator (paged optimizer states, host step counters) by the
+    full model, from two shorter ones (``period`` layers apart)."""
+    held, more = _outside_bytes(short.tracker), _outside_bytes(longer.tracker)
+    return {p: held[p] + (more[p] - held[p]) // period * extra_layers for p in held}
 
 
 def _keyed(traced: TracedRun) -> list[tuple[Any, int | None]]:

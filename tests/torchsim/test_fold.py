@@ -44,6 +44,8 @@ def test_folded_trace_equals_the_traced_one(fields: dict[str, Any]) -> None:
     assert any(isinstance(item, Repeat) for item in folded.trace.items)
     assert _signature(folded) == _signature(traced)
     assert folded.peak_bytes == traced.peak_bytes
+    # Host step counters and paged optimizer states of the full depth, outside the trace.
+    assert folded.outside_allocator_bytes == traced.outside_allocator_bytes
     assert (folded.num_params, folded.num_trainable_params) == (
         traced.num_params,
         traced.num_trainable_params,

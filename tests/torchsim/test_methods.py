@@ -80,3 +80,17 @@ def test_flash_attention_is_traced_as_sdpa_and_noted() -> None:
 
 def test_families_without_sdpa_fall_back_to_eager() -> None:
     assert any("eager" in note for note in _run("tiny-gemma2", "lora").notes)
+
+
+def test_qlora_leaves_the_experts_3d_parameters_and_the_router_in_16_bit() -> None:
+    from memplan.torchsim.quant import Linear4bit
+    from memplan.torchsim.runner import RunRequest, prepare_model
+
+    setup = TrainingSetup(method="qlora")
+    model, _ = prepare_model(RunRequest(load_model("tiny-mixtral"), setup))
+    moe = next(m for m in model.modules() if type(m).__name__ == "MixtralSparseMoeBlock")
+    assert {p.dtype for p in moe.parameters()} == {torch.bfloat16}
+    assert not any(isinstance(m, Linear4bit) for m in moe.modules())
+    names = [n for n, _ in model.named_parameters() if ".lora_A" in n]
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in names}
+    assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}  # no adapter on the experts
