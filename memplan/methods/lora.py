@@ -266,10 +266,9 @@ class LoRA(TuningMethod):
         return get_peft_model(built.model, config)
 
     def assumptions(self, spec: ModelSpec, setup: TrainingSetup) -> list[str]:
-        from memplan.architecture import lora_module_names
-
-        names = lora_module_names(spec)
-        modules = sorted({names[r] for r in lora_roles(spec, setup) if r in names})
+        # The modules that really get adapters: nn.Linear layers of the targeted roles (fused
+        # 3-D expert tensors are no nn.Linear, so peft's target_modules never select them).
+        modules = sorted({name.rsplit(".", 2)[-2] for name in targeted_linears(spec, setup)})
         dropout = (
             f"; dropout {setup.lora_dropout} saves a mask per targeted input"
             if setup.lora_dropout
