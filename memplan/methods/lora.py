@@ -268,7 +268,16 @@ class LoRA(TuningMethod):
     def assumptions(self, spec: ModelSpec, setup: TrainingSetup) -> list[str]:
         # The modules that really get adapters: nn.Linear layers of the targeted roles (fused
         # 3-D expert tensors are no nn.Linear, so peft's target_modules never select them).
-        modules = sorted({name.rsplit(".", 2)[-2] for name in targeted_linears(spec, setup)})
+        from memplan.architecture import ParamKind, architecture, lora_module_names
+
+        roles = lora_roles(spec, setup)
+        targeted = {
+            t.role
+            for _, t in architecture(spec).tensors()
+            if t.kind is ParamKind.LINEAR and t.role in roles and t.copies == 1
+        }
+        names = lora_module_names(spec)
+        modules = sorted(names[r] for r in targeted if r is not None)
         dropout = (
             f"; dropout {setup.lora_dropout} saves a mask per targeted input"
             if setup.lora_dropout
