@@ -109,6 +109,7 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
             out_dtype,
             saves=[x if trainable else None],
             param_grads=grads,
+            saves_params=x.requires_grad,  # mm keeps the weight for the input's gradient
         )
     return ctx.method.linear(seg, ctx, x, out, spec, quantized=quantized)
 
@@ -168,6 +169,7 @@ def rms_norm(
         param_grads=[grad],
         # The weight's gradient (grad * normed).sum() materializes the product first.
         bwd_workspace_bytes=normed.numel * dtype_bytes(out_dtype) if trainable else 0,
+        saves_params=normed.requires_grad,  # mul keeps the weight for the input's gradient
     )
 
 

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from memplan.analytic.graph import GradBytes, Segment, Tensor, backward_events, forward_events
+from memplan.analytic.graph import (
+    GradBytes,
+    Segment,
+    Tensor,
+    backward_events,
+    forward_events,
+    recompute_stop,
+)
 from memplan.analytic.model_graph import LayerPlan, ModelGraph, Stack
 from memplan.trace import Category, Event, Phase, Repeat, TraceItem, allocation_bytes
 
@@ -386,18 +393,27 @@ class StepComposer:
         # A checkpointed layer's input is held by the checkpoint until its backward is done.
         lg.input.persistent = plan.checkpointed
         try:
-            if plan.checkpointed:  # non-reentrant checkpoint: recompute the layer, then backward
-                events += forward_events(
-                    lg.segment, phase=Phase.BACKWARD, step=step, keep_saved=True
-                ).events
+            recompute = None
+            if plan.checkpointed:  # non-reentrant checkpoint: recomputed at the first unpack
+                recompute = (
+                    recompute_stop(lg.segment)[0],
+                    forward_events(
+                        lg.segment,
+                        phase=Phase.BACKWARD,
+                        step=step,
+                        keep_saved=True,
+                        early_stop=True,
+                    ).events,
+                )
             if grad is None:
-                return events, None, None
+                return (recompute[1] if recompute else []), None, None
             bwd, grads = backward_events(
                 lg.segment,
                 phase=Phase.BACKWARD,
                 step=step,
                 output_grads={id(lg.output): grad},
                 accumulate=accumulate,
+                recompute=recompute,
             )
         finally:
             lg.input.persistent = False
