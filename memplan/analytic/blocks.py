@@ -316,7 +316,9 @@ def _eager_attention(
         k = seg.op(f"{label}.repeat_k", [k], full_kv, k.dtype)
         v = seg.op(f"{label}.repeat_v", [v], full_kv, v.dtype)
     scores_numel = b * num_heads * s * kv_len
-    scores = seg.op(f"{label}.qk", [q, k], scores_numel, q.dtype, saves=[q, k])
+    q = _bmm_operand(seg, q, f"{label}.q_contiguous")
+    k = _bmm_operand(seg, k, f"{label}.k_contiguous")
+    scores = seg.op(f"{label}.qk", [q, k], scores_numel, q.dtype, saves=_bmm_saves(q, k))
     scaled = seg.op(f"{label}.scale", [scores], scores_numel, q.dtype)
     masked = seg.op(f"{label}.mask", [scaled], scores_numel, q.dtype, passthrough_grad=True)
     probs_dtype = DType.FP32 if softmax_fp32 else q.dtype
@@ -332,8 +334,22 @@ def _eager_attention(
     )
     probs = cast(seg, probs, q.dtype, f"{label}.probs_cast")
     probs = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
-    out = seg.op(f"{label}.pv", [probs, v], q.numel, q.dtype, saves=[probs, v])
+    v = _bmm_operand(seg, v, f"{label}.v_contiguous")
+    out = seg.op(f"{label}.pv", [probs, v], q.numel, q.dtype, saves=_bmm_saves(probs, v))
     return seg.op(f"{label}.transpose", [out], q.numel, q.dtype, passthrough_grad=True)
+
+
+def _bmm_operand(seg: Segment, x: Tensor, label: str) -> Tensor:
+    """torch.matmul folds batch and heads into one dimension with reshape, which copies a
+    strided view (a slice of a fused projection's output); the bmm then saves the copy."""
+    if x.base is None:
+        return x
+    return seg.op(label, [x], x.numel, x.dtype, passthrough_grad=True)
+
+
+def _bmm_saves(a: Tensor, b: Tensor) -> list[Tensor | None]:
+    """bmm saves each operand only for the other's gradient (derivatives.yaml)."""
+    return [a if b.requires_grad else None, b if a.requires_grad else None]
 
 
 def layer_norm(
