@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from memplan.analytic.graph import ParamGrad
 from memplan.architecture import ParamKind
 from memplan.dtypes import DType, Quantization, dtype_bytes
+from memplan.families import family
 from memplan.methods import TuningMethod, method
 from memplan.methods.lora import lora_roles
 from memplan.specs.model import ModelSpec
@@ -33,6 +34,8 @@ class StepContext:
     attention: Attention
     adapter_size: int = 0  # bottleneck width of adapters (method=adapter)
     prefix_len: int = 0  # virtual tokens prepended to keys/values (method=prefix)
+    causal: bool = True  # the family builds a causal mask (create_causal_mask)
+    sdpa_window: int | None = None  # sliding window of every layer's mask (families' sdpa_window)
     quant_matmul_saves_input: bool = False  # bitsandbytes < 0.43.2 MatMul4Bit
     logits_fp32: bool = True  # ForCausalLMLoss upcasts logits
     device: str = "cuda"  # "cuda" or "cpu": decides kernel workspaces and fallbacks
@@ -53,6 +56,20 @@ class StepContext:
         """Dtype of the residual stream (fp32 under AMP: embeddings and norms run in fp32)."""
         return self.weight_dtype
 
+    @property
+    def sdpa_mask(self) -> bool:
+        """Whether SDPA is handed a materialized mask rather than ``is_causal=True``.
+
+        masking_utils._ignore_causal_mask_sdpa skips the mask only when the queries are all
+        the keys (no cached prefix) and no sliding window is reached (kv_length >= window).
+        """
+        if self.attention is not Attention.SDPA or not self.causal:
+            return False
+        window = self.sdpa_window
+        return self.prefix_len > 0 or (
+            window is not None and self.seq_len + self.prefix_len >= window
+        )
+
     def has_lora(self, role: LinearRole | None) -> bool:
         return role is not None and role in self.lora_roles
 
@@ -67,6 +84,7 @@ class StepContext:
         grad_divisor: int = 1,
     ) -> StepContext:
         tuning = method(setup.method)
+        fam = family(spec.family)
         return cls(
             batch=setup.micro_batch_size,
             vocab_size=spec.vocab_size,
@@ -83,6 +101,8 @@ class StepContext:
             attention=setup.attention,
             adapter_size=setup.adapter_size,
             prefix_len=tuning.kv_prefix_len(setup),
+            causal=fam.causal,
+            sdpa_window=fam.sdpa_window(spec),
             quant_matmul_saves_input=setup.quant_matmul_saves_input,
             logits_fp32=setup.logits_fp32,
             device=setup.device,

@@ -276,7 +276,8 @@ def forward_events(
     if stop < len(ops) - 1 or not stop_output:
         for sid, storage in live.items():
             if not (storage.persistent or sid in keep_ids or sid in saved):
-                ledger.free(storage.nbytes, storage.category, f"{storage.label} (recompute stopped)")
+                label = f"{storage.label} (recompute stopped)"
+                ledger.free(storage.nbytes, storage.category, label)
     return ForwardResult(ledger.events, list(saved.values()), list(deferred.values()))
 
 

@@ -36,7 +36,7 @@ class Stack:
     norm_in: Tensor
     norm_out: Tensor  # equals norm_in when the family has no final norm
     cross_input: Tensor | None = None  # encoder output read by every layer (T5 decoder)
-    mask_bytes: int = 0  # eager attention's (batch, 1, seq, seq) causal mask, built once
+    mask_bytes: int = 0  # the causal mask the model's forward builds once for every layer
 
 
 @dataclass
@@ -104,12 +104,15 @@ class StackBuilder:
         )
         norm_out = fam.final_norm(spec, ctx, norm_in, norm, stack=label)
         stack = Stack(embed, embed_out, layers, norm, norm_in, norm_out)
+        kv_len = ctx.seq_len + ctx.prefix_len
         if ctx.attention is Attention.EAGER and fam.causal:
             # create_causal_mask: an additive float mask in the embeddings' dtype for eager
             # attention (SDPA and flash attention run is_causal=True without one).
-            stack.mask_bytes = (
-                ctx.batch * ctx.seq_len * ctx.seq_len * dtype_bytes(ctx.activation_dtype)
-            )
+            stack.mask_bytes = ctx.batch * ctx.seq_len * kv_len * dtype_bytes(ctx.activation_dtype)
+        elif ctx.sdpa_mask:
+            # masking_utils.sdpa_mask: one boolean (1, 1, seq, kv_len) mask, expanded (a view)
+            # over the batch.
+            stack.mask_bytes = ctx.seq_len * kv_len
         return stack
 
     def _layers(
