@@ -359,18 +359,12 @@ def _eager_attention(
     scores = seg.op(f"{label}.qk", [q, k], scores_numel, q.dtype, saves=_bmm_saves(q, k))
     scaled = seg.op(f"{label}.scale", [scores], scores_numel, q.dtype)
     masked = seg.op(f"{label}.mask", [scaled], scores_numel, q.dtype, passthrough_grad=True)
-    probs_dtype = DType.FP32 if softmax_fp32 else q.dtype
-    # softmax(x, dtype=float32) first casts its 16-bit input to an fp32 copy.
-    upcast = scores_numel * 4 if softmax_fp32 and q.dtype is not DType.FP32 else 0
-    probs = seg.op(
-        f"{label}.softmax",
-        [masked],
-        scores_numel,
-        probs_dtype,
-        saves_output=True,
-        fwd_workspace_bytes=upcast,
-    )
+    # softmax(x, dtype=float32) first casts its 16-bit input to an fp32 copy (an autograd op:
+    # the backward computes the scores' gradient in fp32 and casts it back).
+    upcast = cast(seg, masked, DType.FP32, f"{label}.softmax_upcast") if softmax_fp32 else masked
+    probs = seg.op(f"{label}.softmax", [upcast], scores_numel, upcast.dtype, saves_output=True)
     probs = cast(seg, probs, q.dtype, f"{label}.probs_cast")
+    seg.hold(masked)  # `attn_weights` names the masked scores until the softmax replaces them
     probs = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
     v = _bmm_operand(seg, v, f"{label}.v_contiguous")
     out = seg.op(f"{label}.pv", [probs, v], q.numel, q.dtype, saves=_bmm_saves(probs, v))

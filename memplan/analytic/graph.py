@@ -86,6 +86,9 @@ class Segment:
     # Tensors a caller's local variables keep until its forward returns (the model's
     # inputs_embeds): kept past their last use here and released by the composer.
     model_locals: list[Tensor] = field(default_factory=list)
+    # Tensors a KV cache holds (peft's prefix DynamicCache) until the model's output is
+    # dropped after the loss: kept past their last use and released by the composer.
+    cache_held: list[Tensor] = field(default_factory=list)
 
     def saved_storage_ids(self) -> frozenset[int]:
         """ids of the storages any op of the segment saves for backward (cached)."""

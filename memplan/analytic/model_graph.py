@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -12,6 +13,7 @@ from memplan.analytic.head import loss_segment
 from memplan.analytic.layers import LayerGraph
 from memplan.dtypes import dtype_bytes
 from memplan.families import family
+from memplan.methods.base import Step
 from memplan.specs.model import ModelSpec
 from memplan.specs.training import Attention
 
@@ -51,8 +53,9 @@ class ModelGraph:
     # Gradients of parameters used outside the layer graphs, written when backward ends: the
     # prefix encoder's table, T5's relative position bias tables.
     tail_grads: list[ParamGrad] = field(default_factory=list)
-    # Prefix tuning: the prompt encoder's keys/values for every layer, held forward to backward.
-    prefix_bytes: int = 0
+    # What the method runs outside the layers (TuningMethod.outside_forward/_backward).
+    outside_forward: list[Step] = field(default_factory=list)
+    outside_backward: Callable[[Sequence[int]], tuple[list[Step], list[Step]]] | None = None
 
 
 class Stacks(NamedTuple):
@@ -160,7 +163,8 @@ def build_model_graph(
     )
     loss_out, logits = fam.head(spec, head_ctx, loss_in, loss)
     graph = ModelGraph(stacks, loss, loss_in, loss_out, logits, autograd, links)
-    graph.prefix_bytes, method_grads = ctx.method.tail(spec, ctx)
-    graph.tail_grads += method_grads
+    graph.outside_forward = ctx.method.outside_forward(spec, ctx)
+    graph.outside_backward = functools.partial(ctx.method.outside_backward, spec, ctx)
+    graph.tail_grads += ctx.method.tail_grads(spec, ctx)
     graph.tail_grads += fam.tail_grads(spec, ctx)
     return graph
