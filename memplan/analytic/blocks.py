@@ -159,7 +159,7 @@ def rms_norm(
         )
         return cast(seg, scaled, x.dtype, f"{label}.downcast")
     normed = cast(seg, normed, x.dtype, f"{label}.downcast")
-    out_dtype = _promote(ctx.weight_dtype, normed.dtype)
+    out_dtype = promote(ctx.weight_dtype, normed.dtype)
     return seg.op(
         label,
         [normed],
@@ -173,7 +173,8 @@ def rms_norm(
     )
 
 
-def _promote(a: DType, b: DType) -> DType:
+def promote(a: DType, b: DType) -> DType:
+    """The dtype torch's type promotion gives a binary op (or cat) of ``a`` and ``b``."""
     if a is b:
         return a
     return DType.FP32 if DType.FP32 in (a, b) else a
@@ -181,7 +182,7 @@ def _promote(a: DType, b: DType) -> DType:
 
 def residual_add(seg: Segment, a: Tensor, b: Tensor, label: str) -> Tensor:
     """``a + b``: a new tensor; the gradient passes to both inputs unchanged."""
-    dtype = _promote(a.dtype, b.dtype)
+    dtype = promote(a.dtype, b.dtype)
     return seg.op(label, [a, b], a.numel, dtype, passthrough_grad=True)
 
 
@@ -194,7 +195,7 @@ def rotary(
     contiguous tensor (clone) before the projection's backward. ``cat``: the result is
     concatenated with the dimensions left unrotated (Phi-3), a copy.
     """
-    dtype = _promote(x.dtype, cos.dtype)
+    dtype = promote(x.dtype, cos.dtype)
     xc = seg.op(f"{label}.mul_cos", [x], x.numel, dtype, saves=[cos], bwd_workspace_bytes=x.nbytes)
     neg = seg.op(f"{label}.neg", [x], x.numel // 2, x.dtype)
     # rotate_half backward: slice_backward zero-fills a full-width gradient per half.

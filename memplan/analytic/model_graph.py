@@ -19,6 +19,8 @@ from memplan.specs.training import Attention
 
 LayerBuilder = Callable[..., LayerGraph]
 """(spec, ctx, *, input_requires_grad, **kwargs) -> one layer's graph."""
+OutsideBackward = Callable[[Sequence[Sequence[int]]], tuple[list[Step], list[Step]]]
+"""(bytes of the gradients each layer left the method) -> its backward steps (TuningMethod)."""
 
 
 @dataclass
@@ -55,7 +57,7 @@ class ModelGraph:
     tail_grads: list[ParamGrad] = field(default_factory=list)
     # What the method runs outside the layers (TuningMethod.outside_forward/_backward).
     outside_forward: list[Step] = field(default_factory=list)
-    outside_backward: Callable[[Sequence[int]], tuple[list[Step], list[Step]]] | None = None
+    outside_backward: OutsideBackward | None = None
 
 
 class Stacks(NamedTuple):

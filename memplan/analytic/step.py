@@ -294,7 +294,7 @@ class StepComposer:
         items += events
         grad = grads.get(id(g.loss_in))
         cross_grad: GradBytes | None = None
-        held: list[int] = []
+        held: list[list[int]] = []
         for index in reversed(range(len(g.stacks))):
             stack = g.stacks[index]
             if index < len(g.stacks) - 1:
@@ -316,10 +316,10 @@ class StepComposer:
         items += self._tail_items(step, accumulate, held)
         return items
 
-    def _tail_items(self, step: int, accumulate: bool, held: list[int]) -> list[TraceItem]:
+    def _tail_items(self, step: int, accumulate: bool, held: list[list[int]]) -> list[TraceItem]:
         """The method's backward outside the layers (releasing the gradients the layers left
         it, ``held``) and the gradients written when backward ends."""
-        before: list[Step] = [(-nbytes, "grad") for nbytes in held]
+        before: list[Step] = [(-nbytes, "grad") for layer in held for nbytes in layer]
         after: list[Step] = []
         if self.graph.outside_backward is not None:
             before, after = self.graph.outside_backward(held)
@@ -342,7 +342,7 @@ class StepComposer:
         grad: GradBytes | None,
         step: int,
         accumulate: bool,
-        held: list[int],
+        held: list[list[int]],
     ) -> tuple[list[TraceItem], GradBytes | None, GradBytes | None]:
         """Backward of one stack; ``held`` gathers the gradients its layers leave the method."""
         bounds = self.boundaries[index]
@@ -358,7 +358,7 @@ class StepComposer:
             items += events
             grad = grads.get(id(stack.norm_in))
         cross: GradBytes | None = None
-        cache: dict[tuple[object, ...], tuple[list[Event], list[int]]] = {}
+        cache: dict[tuple[object, ...], tuple[list[Event], list[list[int]]]] = {}
         keys = []
         for i in reversed(range(len(stack.layers))):
             plan = stack.layers[i]
@@ -404,7 +404,7 @@ class StepComposer:
         step: int,
         accumulate: bool,
         cross: GradBytes | None,
-    ) -> tuple[list[Event], GradBytes | None, GradBytes | None, list[int]]:
+    ) -> tuple[list[Event], GradBytes | None, GradBytes | None, list[list[int]]]:
         """Events of one layer's backward, the gradients of its input and of the encoder
         output it reads, and the bytes of gradients it leaves the method's own inputs."""
         lg = plan.graph
@@ -450,7 +450,8 @@ class StepComposer:
             )
         # Gradients of the method's inputs (prefix keys/values) wait for its own backward.
         known = {id(lg.input), *(id(t) for t in lg.shared)}
-        held = [nbytes for tensor_id, (nbytes, _) in grads.items() if tensor_id not in known]
+        left = [nbytes for tid, (nbytes, _) in grads.items() if tid not in known]
+        held = [left] if left else []
         new_cross = None
         for shared in lg.shared:
             got = grads.get(id(shared))

@@ -133,12 +133,12 @@ class TuningMethod:
         return []
 
     def outside_backward(
-        self, spec: ModelSpec, ctx: StepContext, held: Sequence[int]
+        self, spec: ModelSpec, ctx: StepContext, held: Sequence[Sequence[int]]
     ) -> tuple[list[Step], list[Step]]:
         """Temporaries of the method's backward once the layers' is done: the steps before its
         ``tail_grads`` are written and those after. ``held``: bytes of the gradients each layer
-        left for the method's inputs (in backward order), which these steps release."""
-        return [(-nbytes, "grad") for nbytes in held], []
+        left for the method's inputs, per layer in backward order; these steps release them."""
+        return [(-nbytes, "grad") for layer in held for nbytes in layer], []
 
     def tail_grads(self, spec: ModelSpec, ctx: StepContext) -> list[ParamGrad]:
         """Gradients the method's own tensors outside the layers get when backward ends."""

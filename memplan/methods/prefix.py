@@ -26,6 +26,12 @@ def _table_numel(spec: ModelSpec, prefix_len: int) -> int:
     return prefix_len * spec.num_layers * 2 * spec.num_key_value_heads * spec.head_dim
 
 
+def _cache_numel(spec: ModelSpec, ctx: StepContext) -> int:
+    """Elements of one layer's cached prefix keys (or values) on this tensor-parallel rank."""
+    kv_width = spec.num_key_value_heads // ctx.tensor_parallel_degree * spec.head_dim
+    return ctx.batch * ctx.prefix_len * kv_width
+
+
 class Prefix(TuningMethod):
     name = "prefix"
     summary = "trainable key/value prefixes in every layer (Li & Liang 2021, peft)"
@@ -57,12 +63,16 @@ class Prefix(TuningMethod):
         """DynamicLayer.update: the layer's keys and values concatenated after the cached
         prefix (``torch.cat``), which they replace in the cache; the cache holds the results
         until the model's output is dropped (cache_utils.py)."""
+        from memplan.analytic.blocks import promote
+
         prefix = ctx.batch * ctx.prefix_len * kv_width
         out = []
         for t, name in ((k, "key"), (v, "value")):
-            cached = seg.input(prefix, t.dtype, f"prefix.{name}", requires_grad=True)
+            # The cache holds the prefix in the model's dtype; cat promotes (fp32 under AMP).
+            cached = seg.input(prefix, ctx.weight_dtype, f"prefix.{name}", requires_grad=True)
+            dtype = promote(cached.dtype, t.dtype)
             joined = seg.op(
-                f"prefix_cat_{name}", [cached, t], t.numel + prefix, t.dtype, passthrough_grad=True
+                f"prefix_cat_{name}", [cached, t], t.numel + prefix, dtype, passthrough_grad=True
             )
             seg.cache_held.append(joined)
             out.append(joined)
@@ -79,24 +89,26 @@ class Prefix(TuningMethod):
             cast = looked_up * dtype_bytes(ctx.weight_dtype)
             steps += [(cast, "prompt to model dtype"), (-rows, "prompt_encoder")]
             rows = cast
-        per_layer = looked_up // (2 * spec.num_layers) * dtype_bytes(ctx.weight_dtype)
+        per_layer = _cache_numel(spec, ctx) * dtype_bytes(ctx.weight_dtype)
         steps += [(per_layer, "prefix cache key/value")] * (2 * spec.num_layers)
         return [*steps, (-rows, "prompt released")]
 
     def outside_backward(
-        self, spec: ModelSpec, ctx: StepContext, held: Sequence[int]
+        self, spec: ModelSpec, ctx: StepContext, held: Sequence[Sequence[int]]
     ) -> tuple[list[Step], list[Step]]:
         """The prompt encoder's backward runs after every layer's (its nodes were recorded
-        first): each layer's key and value gradients, held until then, are stacked
-        (UnbindBackward) and sliced back (SliceBackward); the layers' are concatenated
-        (SplitBackward), made contiguous (ViewBackward), cast back to the table's dtype, and
-        the embedding's backward writes the table's gradient."""
-        looked_up = ctx.batch * _table_numel(spec, ctx.prefix_len)
+        first, and autograd runs the latest first): each layer's key and value gradients,
+        held until then (``held``: their bytes per layer), are stacked (UnbindBackward) and
+        sliced back (SliceBackward); the layers' are concatenated (SplitBackward), made
+        contiguous (ViewBackward), cast back to the table's dtype, and the embedding's
+        backward writes the table's gradient."""
+        looked_up = 2 * spec.num_layers * _cache_numel(spec, ctx)
         model_bytes = looked_up * dtype_bytes(ctx.weight_dtype)
-        layer_bytes = model_bytes // spec.num_layers
+        layer_bytes = 2 * _cache_numel(spec, ctx) * dtype_bytes(ctx.weight_dtype)
         steps: list[Step] = []
-        for nbytes in held:
-            steps += [(layer_bytes, "UnbindBackward"), (-nbytes, "prefix key/value grads")]
+        for layer in held:
+            steps.append((layer_bytes, "UnbindBackward"))
+            steps += [(-nbytes, "prefix key/value grad") for nbytes in layer]
             steps += [(layer_bytes, "SliceBackward"), (-layer_bytes, "UnbindBackward")]
         steps.append((model_bytes, "SplitBackward"))
         steps += [(-layer_bytes, "SliceBackward")] * len(held)
