@@ -355,8 +355,8 @@ def _eager_attention(
         k = repeat_kv(seg, k, num_heads // num_kv_heads, f"{label}.repeat_k")
         v = repeat_kv(seg, v, num_heads // num_kv_heads, f"{label}.repeat_v")
     scores_numel = b * num_heads * s * kv_len
-    q = _bmm_operand(seg, q, f"{label}.q_contiguous")
-    k = _bmm_operand(seg, k, f"{label}.k_contiguous")
+    q = _bmm_operand(seg, ctx, q, f"{label}.q_contiguous")
+    k = _bmm_operand(seg, ctx, k, f"{label}.k_contiguous")
     scores = seg.op(f"{label}.qk", [q, k], scores_numel, q.dtype, saves=_bmm_saves(q, k))
     scaled = seg.op(f"{label}.scale", [scores], scores_numel, q.dtype)
     masked = seg.op(f"{label}.mask", [scaled], scores_numel, q.dtype, passthrough_grad=True)
@@ -367,15 +367,16 @@ def _eager_attention(
     probs = cast(seg, probs, q.dtype, f"{label}.probs_cast")
     seg.hold(masked)  # `attn_weights` names the masked scores until the softmax replaces them
     probs = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
-    v = _bmm_operand(seg, v, f"{label}.v_contiguous")
+    v = _bmm_operand(seg, ctx, v, f"{label}.v_contiguous")
     out = seg.op(f"{label}.pv", [probs, v], q.numel, q.dtype, saves=_bmm_saves(probs, v))
     return seg.op(f"{label}.transpose", [out], q.numel, q.dtype, passthrough_grad=True)
 
 
-def _bmm_operand(seg: Segment, x: Tensor, label: str) -> Tensor:
+def _bmm_operand(seg: Segment, ctx: StepContext, x: Tensor, label: str) -> Tensor:
     """torch.matmul folds batch and heads into one dimension with reshape, which copies a
-    strided view (a slice of a fused projection's output); the bmm then saves the copy."""
-    if x.base is None:
+    strided view (a slice of a fused projection's output) when the batch is more than one
+    sequence; the bmm then saves the copy (one sequence folds into a view of the slice)."""
+    if x.base is None or not ctx.batched:
         return x
     return seg.op(label, [x], x.numel, x.dtype, passthrough_grad=True)
 

@@ -74,7 +74,7 @@ class Adapter(TuningMethod):
         from memplan.torchsim.adapters import add_bottleneck_adapters
 
         built.model.requires_grad_(False)
-        add_bottleneck_adapters(built.model, setup, built.notes)
+        add_bottleneck_adapters(built.model, spec.hidden_size, setup, built.notes)
         return built.model
 
     def assumptions(self, spec: ModelSpec, setup: TrainingSetup) -> list[str]:
