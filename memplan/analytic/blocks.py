@@ -324,10 +324,10 @@ def _math_sdpa(
     k = seg.op(f"{label}.k_scaled", [k], k.numel, DType.FP32)
     upcast += [q, k]
     scores_numel = ctx.batch * num_heads * ctx.seq_len * kv_len
-    scores = seg.op(f"{label}.qk", [q, k], scores_numel, DType.FP32, saves=[q, k])
+    scores = seg.op(f"{label}.qk", [q, k], scores_numel, DType.FP32, saves=_bmm_saves(q, k))
     probs = seg.op(f"{label}.softmax", [scores], scores_numel, DType.FP32, saves_output=True)
     probs = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
-    out = seg.op(f"{label}.pv", [probs, v], q.numel, DType.FP32, saves=[probs, v])
+    out = seg.op(f"{label}.pv", [probs, v], q.numel, DType.FP32, saves=_bmm_saves(probs, v))
     out = cast(seg, out, out_dtype, f"{label}.output_cast")
     # C++ locals live until the function returns, and the caller's q/k/v views until it does.
     mask = [float_mask] if float_mask else []
