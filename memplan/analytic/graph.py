@@ -285,8 +285,10 @@ def forward_events(
 
 
 def _tied_sum(ledger: _Ledger, g: ParamGrad, *, accumulate: bool) -> None:
-    """The embedding's gradient, summed with the buffered LM-head one into .grad."""
-    ledger.alloc(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
+    """The embedding's gradient, summed with the buffered LM-head one into .grad.
+
+    AccumulateGrad runs after the embedding's node has released its incoming gradient.
+    """
     if accumulate:  # the sum is added into the existing .grad in place
         ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad (tied sum)")
     else:
@@ -382,8 +384,8 @@ def backward_events(
                 ledger.alloc(g.grad_bytes, category, f"{g.label} grad (tied, buffered)")
             elif g.tie == "middle":  # added into the buffered gradient in place
                 ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
-            elif g.tie == "last":
-                _tied_sum(ledger, g, accumulate=accumulate)
+            elif g.tie == "last":  # the node's contribution; summed once the node is done
+                ledger.alloc(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
             elif accumulate or g.accumulates:  # AccumulateGrad adds into the existing .grad
                 ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
             else:  # the first gradient is stolen into .grad without a copy
@@ -397,6 +399,9 @@ def backward_events(
                 storage = storages[sid]
                 ledger.free(storage.nbytes, _category(segment, storage, saved=True), storage.label)
         release(out_buffer)
+        for g in op.param_grads:
+            if g.tie == "last":
+                _tied_sum(ledger, g, accumulate=accumulate)
         for t, buffer in new_grads:
             if id(t) in grad_of:  # InputBuffer::accumulate: old + new, out of place
                 ledger.transient(t.nbytes, category, "grad accumulation")
