@@ -109,6 +109,7 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
             out_dtype,
             saves=[x if trainable else None],
             param_grads=grads,
+            saves_params=x.requires_grad,  # mm keeps the weight for the input's gradient
         )
     return ctx.method.linear(seg, ctx, x, out, spec, quantized=quantized)
 
@@ -193,7 +194,7 @@ def rms_norm(
         )
         return cast(seg, scaled, x.dtype, f"{label}.downcast")
     normed = cast(seg, normed, x.dtype, f"{label}.downcast")
-    out_dtype = _promote(ctx.weight_dtype, normed.dtype)
+    out_dtype = promote(ctx.weight_dtype, normed.dtype)
     return seg.op(
         label,
         [normed],
@@ -203,10 +204,12 @@ def rms_norm(
         param_grads=[grad],
         # The weight's gradient (grad * normed).sum() materializes the product first.
         bwd_workspace_bytes=normed.numel * dtype_bytes(out_dtype) if trainable else 0,
+        saves_params=normed.requires_grad,  # mul keeps the weight for the input's gradient
     )
 
 
-def _promote(a: DType, b: DType) -> DType:
+def promote(a: DType, b: DType) -> DType:
+    """The dtype torch's type promotion gives a binary op (or cat) of ``a`` and ``b``."""
     if a is b:
         return a
     return DType.FP32 if DType.FP32 in (a, b) else a
@@ -214,23 +217,29 @@ def _promote(a: DType, b: DType) -> DType:
 
 def residual_add(seg: Segment, a: Tensor, b: Tensor, label: str) -> Tensor:
     """``a + b``: a new tensor; the gradient passes to both inputs unchanged."""
-    dtype = _promote(a.dtype, b.dtype)
+    dtype = promote(a.dtype, b.dtype)
     return seg.op(label, [a, b], a.numel, dtype, passthrough_grad=True)
 
 
-def rotary(seg: Segment, x: Tensor, cos: Tensor, sin: Tensor, label: str) -> Tensor:
+def rotary(
+    seg: Segment, x: Tensor, cos: Tensor, sin: Tensor, label: str, *, cat: bool = False
+) -> Tensor:
     """apply_rotary_pos_emb: (x * cos) + (rotate_half(x) * sin); saves only cos and sin.
 
     x arrives as a transposed view of the projection output, so its gradient is copied to a
-    contiguous tensor (clone) before the projection's backward.
+    contiguous tensor (clone) before the projection's backward. ``cat``: the result is
+    concatenated with the dimensions left unrotated (Phi-3), a copy.
     """
-    dtype = _promote(x.dtype, cos.dtype)
+    dtype = promote(x.dtype, cos.dtype)
     xc = seg.op(f"{label}.mul_cos", [x], x.numel, dtype, saves=[cos], bwd_workspace_bytes=x.nbytes)
     neg = seg.op(f"{label}.neg", [x], x.numel // 2, x.dtype)
     # rotate_half backward: slice_backward zero-fills a full-width gradient per half.
     rot = seg.op(f"{label}.rotate_half", [x, neg], x.numel, x.dtype, bwd_workspace_bytes=x.nbytes)
     rs = seg.op(f"{label}.mul_sin", [rot], x.numel, dtype, saves=[sin])
-    return seg.op(label, [xc, rs], x.numel, dtype, passthrough_grad=True)
+    out = seg.op(label, [xc, rs], x.numel, dtype, passthrough_grad=True)
+    if cat:
+        out = seg.op(f"{label}.cat", [out], x.numel, dtype, passthrough_grad=True)
+    return out
 
 
 def attention_core(
@@ -248,21 +257,38 @@ def attention_core(
     softmax_fp32: bool = True,
     eager_only: bool = False,
     softcap: bool = False,
+    mask: bool = False,
+    head_major_q: bool = False,
 ) -> Tensor:
     """Scaled dot-product attention over (batch, heads, seq, head_dim) tensors.
 
     Returns the attention output laid out (batch, seq, heads, head_dim), ready for the output
     projection. ``eager_only`` for models whose scores need an explicit bias (ALiBi, T5);
     ``softcap``: scores soft-capped with tanh before the mask (Gemma2; flash-attn does it in
-    its kernel).
+    its kernel). ``mask``: SDPA gets transformers' boolean (batch, 1, seq, kv_len) mask
+    instead of ``is_causal``; scaled_dot_product_attention converts it to an additive mask in
+    the query's dtype (convert_boolean_attn_mask), one per layer. ``head_major_q``: q is laid
+    out (batch, heads, seq, head_dim) in memory (Phi-3's rotary cat).
     """
     b, s = ctx.batch, ctx.seq_len
     kv_len = kv_len or s
+    float_mask = None
+    if mask and ctx.attention is not Attention.EAGER and not eager_only:
+        float_mask = seg.op(f"{label}.float_mask", [], b * s * kv_len, q.dtype, requires_grad=False)
     # CPU SDPA has no fused kernel with dropout and falls back to the math (eager-like) path.
     math_fallback = dropout_p > 0 and ctx.device == "cpu"
     if math_fallback and ctx.attention is not Attention.EAGER and not eager_only:
         return _math_sdpa(
-            seg, ctx, q, k, v, num_heads=num_heads, label=label, kv_len=kv_len, dropout_p=dropout_p
+            seg,
+            ctx,
+            q,
+            k,
+            v,
+            num_heads=num_heads,
+            label=label,
+            kv_len=kv_len,
+            dropout_p=dropout_p,
+            float_mask=float_mask,
         )
     if ctx.attention is Attention.EAGER or eager_only:
         return _eager_attention(
@@ -280,19 +306,31 @@ def attention_core(
             softcap=softcap,
         )
     # Flash / memory-efficient SDPA (and flash-attn 2) save q, k, v, the output and the fp32
-    # log-sum-exp per (batch, head, query); the output is already (b, s, heads, d) in memory.
+    # log-sum-exp per (batch, head, query), and the mask they were given; the output is
+    # already (b, s, heads, d) in memory.
     lse = seg.op(f"{label}.logsumexp", [], b * num_heads * s, DType.FP32, requires_grad=False)
     # CUDA flash backward accumulates dQ in fp32 (dq_accum) before casting to q's dtype.
     workspace = q.numel * 4 if ctx.device == "cuda" else 0
-    return seg.op(
+    inputs = [q, k, v, lse] + ([float_mask] if float_mask else [])
+    out = seg.op(
         f"{label}.sdpa",
-        [q, k, v, lse],
+        inputs,
         q.numel,
         q.dtype,
-        saves=[q, k, v, lse],
+        saves=inputs,
         saves_output=True,
         bwd_workspace_bytes=workspace,
     )
+    if head_major_q:
+        # The kernel's output follows q's layout, so sdpa_attention_forward's
+        # transpose(1, 2).contiguous() copies it.
+        out = seg.op(f"{label}.transpose", [out], q.numel, q.dtype, passthrough_grad=True)
+    return out
+
+
+def repeat_kv(seg: Segment, x: Tensor, groups: int, label: str) -> Tensor:
+    """transformers' repeat_kv: expand + reshape copies each key/value head ``groups`` times."""
+    return seg.op(label, [x], x.numel * groups, x.dtype)
 
 
 def _math_sdpa(
@@ -306,10 +344,12 @@ def _math_sdpa(
     label: str,
     kv_len: int,
     dropout_p: float,
+    float_mask: Tensor | None = None,
 ) -> Tensor:
     """_scaled_dot_product_attention_math (the CPU path with dropout): 16-bit inputs are
     upcast to fp32; q and k are scaled by sqrt(scale) into copies kept for backward with v;
-    softmax, dropout and the product run in fp32; the output is cast back.
+    softmax, dropout and the product run in fp32; the output is cast back. An additive mask
+    is added to the scores in place.
     """
     out_dtype = q.dtype
     views = [q, k, v]
@@ -322,13 +362,14 @@ def _math_sdpa(
     k = seg.op(f"{label}.k_scaled", [k], k.numel, DType.FP32)
     upcast += [q, k]
     scores_numel = ctx.batch * num_heads * ctx.seq_len * kv_len
-    scores = seg.op(f"{label}.qk", [q, k], scores_numel, DType.FP32, saves=[q, k])
+    scores = seg.op(f"{label}.qk", [q, k], scores_numel, DType.FP32, saves=_bmm_saves(q, k))
     probs = seg.op(f"{label}.softmax", [scores], scores_numel, DType.FP32, saves_output=True)
     probs = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
-    out = seg.op(f"{label}.pv", [probs, v], q.numel, DType.FP32, saves=[probs, v])
+    out = seg.op(f"{label}.pv", [probs, v], q.numel, DType.FP32, saves=_bmm_saves(probs, v))
     out = cast(seg, out, out_dtype, f"{label}.output_cast")
     # C++ locals live until the function returns, and the caller's q/k/v views until it does.
-    seg.hold(*upcast, *views, label=f"{label}.locals")
+    mask = [float_mask] if float_mask else []
+    seg.hold(*upcast, *views, *mask, label=f"{label}.locals")
     return out
 
 
@@ -349,33 +390,43 @@ def _eager_attention(
 ) -> Tensor:
     """eager_attention_forward: repeat_kv, q @ k^T * scale, softmax, dropout, @ v, transpose."""
     b, s = ctx.batch, ctx.seq_len
-    full_kv = q.numel // s * kv_len
-    if num_kv_heads != num_heads:  # repeat_kv: expand + reshape materializes full heads
-        k = seg.op(f"{label}.repeat_k", [k], full_kv, k.dtype)
-        v = seg.op(f"{label}.repeat_v", [v], full_kv, v.dtype)
+    if num_kv_heads != num_heads:
+        k = repeat_kv(seg, k, num_heads // num_kv_heads, f"{label}.repeat_k")
+        v = repeat_kv(seg, v, num_heads // num_kv_heads, f"{label}.repeat_v")
     scores_numel = b * num_heads * s * kv_len
-    scores = seg.op(f"{label}.qk", [q, k], scores_numel, q.dtype, saves=[q, k])
+    q = _bmm_operand(seg, ctx, q, f"{label}.q_contiguous")
+    k = _bmm_operand(seg, ctx, k, f"{label}.k_contiguous")
+    scores = seg.op(f"{label}.qk", [q, k], scores_numel, q.dtype, saves=_bmm_saves(q, k))
     scaled = seg.op(f"{label}.scale", [scores], scores_numel, q.dtype)
     if softcap:  # Gemma2's eager_attention_forward: tanh(scores / cap) * cap, tanh saves its output
         capped = seg.op(f"{label}.softcap_div", [scaled], scores_numel, q.dtype)
         th = seg.op(f"{label}.softcap_tanh", [capped], scores_numel, q.dtype, saves_output=True)
         scaled = seg.op(f"{label}.softcap_mul", [th], scores_numel, q.dtype)
     masked = seg.op(f"{label}.mask", [scaled], scores_numel, q.dtype, passthrough_grad=True)
-    probs_dtype = DType.FP32 if softmax_fp32 else q.dtype
-    # softmax(x, dtype=float32) first casts its 16-bit input to an fp32 copy.
-    upcast = scores_numel * 4 if softmax_fp32 and q.dtype is not DType.FP32 else 0
-    probs = seg.op(
-        f"{label}.softmax",
-        [masked],
-        scores_numel,
-        probs_dtype,
-        saves_output=True,
-        fwd_workspace_bytes=upcast,
-    )
+    # softmax(x, dtype=float32) first casts its 16-bit input to an fp32 copy (an autograd op:
+    # the backward computes the scores' gradient in fp32 and casts it back).
+    upcast = cast(seg, masked, DType.FP32, f"{label}.softmax_upcast") if softmax_fp32 else masked
+    probs = seg.op(f"{label}.softmax", [upcast], scores_numel, upcast.dtype, saves_output=True)
     probs = cast(seg, probs, q.dtype, f"{label}.probs_cast")
+    seg.hold(masked)  # `attn_weights` names the masked scores until the softmax replaces them
     probs = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
-    out = seg.op(f"{label}.pv", [probs, v], q.numel, q.dtype, saves=[probs, v])
+    v = _bmm_operand(seg, ctx, v, f"{label}.v_contiguous")
+    out = seg.op(f"{label}.pv", [probs, v], q.numel, q.dtype, saves=_bmm_saves(probs, v))
     return seg.op(f"{label}.transpose", [out], q.numel, q.dtype, passthrough_grad=True)
+
+
+def _bmm_operand(seg: Segment, ctx: StepContext, x: Tensor, label: str) -> Tensor:
+    """torch.matmul folds batch and heads into one dimension with reshape, which copies a
+    strided view (a slice of a fused projection's output) when the batch is more than one
+    sequence; the bmm then saves the copy (one sequence folds into a view of the slice)."""
+    if x.base is None or not ctx.batched:
+        return x
+    return seg.op(label, [x], x.numel, x.dtype, passthrough_grad=True)
+
+
+def _bmm_saves(a: Tensor, b: Tensor) -> list[Tensor | None]:
+    """bmm saves each operand only for the other's gradient (derivatives.yaml)."""
+    return [a if b.requires_grad else None, b if a.requires_grad else None]
 
 
 def layer_norm(

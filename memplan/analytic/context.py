@@ -35,6 +35,9 @@ class StepContext:
     attention: Attention
     adapter_size: int = 0  # bottleneck width of adapters (method=adapter)
     prefix_len: int = 0  # virtual tokens prepended to keys/values (method=prefix)
+    # Decisions the kernels make on the shape (a symbolic trace holds for one regime):
+    batched: bool = True  # micro-batch > 1: matmul's batch-and-heads reshape copies views
+    sdpa_mask: bool = False  # SDPA is handed a materialized mask (see _sdpa_mask)
     quant_matmul_saves_input: bool = False  # bitsandbytes < 0.43.2 MatMul4Bit
     logits_fp32: bool = True  # ForCausalLMLoss upcasts logits
     device: str = "cuda"  # "cuda" or "cpu": decides kernel workspaces and fallbacks
@@ -69,10 +72,12 @@ class StepContext:
         grad_divisor: int = 1,
     ) -> StepContext:
         tuning = method(setup.method)
+        seq_len = seq_len or setup.seq_len
+        prefix_len = tuning.kv_prefix_len(setup)
         return cls(
             batch=setup.micro_batch_size,
             vocab_size=spec.vocab_size,
-            seq_len=seq_len or setup.seq_len,
+            seq_len=seq_len,
             weight_dtype=setup.precision.weight_dtype,
             compute_dtype=setup.precision.compute_dtype,
             amp=setup.precision.is_amp,
@@ -84,7 +89,9 @@ class StepContext:
             lora_dropout=setup.lora_dropout,
             attention=family(spec.family).attention(setup.attention),
             adapter_size=setup.adapter_size,
-            prefix_len=tuning.kv_prefix_len(setup),
+            prefix_len=prefix_len,
+            batched=setup.micro_batch_size > 1,
+            sdpa_mask=_sdpa_mask(spec, setup, seq_len + prefix_len, prefix_len),
             quant_matmul_saves_input=setup.quant_matmul_saves_input,
             logits_fp32=setup.logits_fp32,
             device=setup.device,
@@ -114,3 +121,16 @@ class StepContext:
         share = -(-numel // self.grad_divisor)
         full = numel * itemsize if self.grad_divisor > 1 else 0
         return ParamGrad(label, share * itemsize, accumulates, full, tie, buffered_in)
+
+
+def _sdpa_mask(spec: ModelSpec, setup: TrainingSetup, kv_len: int, prefix_len: int) -> bool:
+    """Whether SDPA is handed a materialized mask rather than ``is_causal=True``.
+
+    masking_utils._ignore_causal_mask_sdpa skips the mask only when the queries are all the
+    keys (no cached prefix) and no sliding window is reached (kv_length >= window).
+    """
+    fam = family(spec.family)
+    if setup.attention is not Attention.SDPA or not fam.causal:
+        return False
+    window = fam.sdpa_window(spec)
+    return prefix_len > 0 or (window is not None and kv_len >= window)

@@ -68,6 +68,9 @@ class Op:
     passthrough_grad: bool = False  # input grads are views of the output grad (add, view, split)
     fwd_workspace_bytes: int = 0  # transient inside the forward kernel
     bwd_workspace_bytes: int = 0  # transient inside the backward (e.g. re-dequantized weight)
+    # Autograd also saves a parameter (resident, no memory of its own): a frozen linear's
+    # weight kept for its input's gradient. It counts for checkpointing's early stop.
+    saves_params: bool = False
 
 
 @dataclass
@@ -84,6 +87,9 @@ class Segment:
     # Tensors a caller's local variables keep until its forward returns (the model's
     # inputs_embeds): kept past their last use here and released by the composer.
     model_locals: list[Tensor] = field(default_factory=list)
+    # Tensors a KV cache holds (peft's prefix DynamicCache) until the model's output is
+    # dropped after the loss: kept past their last use and released by the composer.
+    cache_held: list[Tensor] = field(default_factory=list)
 
     def saved_storage_ids(self) -> frozenset[int]:
         """ids of the storages any op of the segment saves for backward (cached)."""
@@ -120,8 +126,10 @@ class Segment:
         fwd_workspace_bytes: int = 0,
         bwd_workspace_bytes: int = 0,
         category: Category | None = None,
+        saves_params: bool = False,
     ) -> Tensor:
-        """Record an op. ``saves`` is what autograd keeps when the output requires grad."""
+        """Record an op. ``saves`` is what autograd keeps when the output requires grad;
+        ``saves_params``: it also keeps a parameter."""
         ins = tuple(inputs)
         grads = tuple(g for g in param_grads if g.grad_bytes)
         if requires_grad is None:
@@ -147,6 +155,7 @@ class Segment:
                 passthrough_grad,
                 fwd_workspace_bytes,
                 bwd_workspace_bytes,
+                saves_params and requires_grad,
             )
         )
         return out
@@ -185,6 +194,22 @@ def _category(segment: Segment, storage: Tensor, *, saved: bool) -> Category:
     return storage.category
 
 
+def recompute_stop(segment: Segment) -> tuple[int, bool]:
+    """Where a checkpoint's recomputation stops: the index of the last op whose autograd node
+    saves anything, and whether that op's output exists by then.
+
+    Non-reentrant checkpointing raises _StopRecomputationError once the last saved tensor is
+    repacked (torch/utils/checkpoint.py, early_stop=True). Autograd packs an op's saved inputs
+    before its kernel runs and its saved output after, so the recomputation ends before the
+    output of an op that saves only inputs.
+    """
+    for index in reversed(range(len(segment.ops))):
+        op = segment.ops[index]
+        if op.saved or op.saves_params:
+            return index, any(t is op.output for t in op.saved)
+    return -1, False
+
+
 def forward_events(
     segment: Segment,
     *,
@@ -193,13 +218,16 @@ def forward_events(
     keep_saved: bool,
     keep: Iterable[Tensor] = (),
     defer: Iterable[Tensor] = (),
+    early_stop: bool = False,
 ) -> ForwardResult:
     """Events of running ``segment`` forward.
 
     ``keep_saved``: autograd records the graph (training without checkpointing): saved
     tensors stay allocated, tagged with the segment's saved category. ``keep``: storages that
     outlive the segment (its output). ``defer``: storages freed only when the whole forward
-    ends rather than after their last use (the autocast weight cache).
+    ends rather than after their last use (the autocast weight cache). ``early_stop``: a
+    checkpoint's recomputation, which stops after the last op that saves a tensor; the
+    unsaved tensors its locals still hold are then dropped.
     """
     ledger = _Ledger(phase, step)
     keep_ids = {id(t.storage) for t in keep}
@@ -215,8 +243,16 @@ def forward_events(
                 saved.setdefault(id(t.storage), t.storage)
     deferred: dict[int, Tensor] = {}
     temp, saved_category = segment.temp_category, segment.saved_category
-    for index, op in enumerate(segment.ops):
+    ops = segment.ops
+    stop, stop_output = len(ops) - 1, True
+    if early_stop:
+        stop, stop_output = recompute_stop(segment)
+    live: dict[int, Tensor] = {}  # storages the recomputation's locals hold at its stop
+    for index, op in enumerate(ops[: stop + 1]):
         out = op.output
+        if index == stop and not stop_output:
+            live.update((id(t.storage), t.storage) for t in op.inputs)
+            break
         if out.base is None:
             category = out.category
             if category is temp and id(out) in saved:
@@ -231,20 +267,29 @@ def forward_events(
             if sid in done:
                 continue
             done.add(sid)
-            if last_use.get(sid, index) > index or storage.persistent:
+            if storage.persistent or sid in keep_ids or sid in saved:
                 continue
-            if sid in keep_ids or sid in saved:
+            if last_use.get(sid, index) > index:
+                live[sid] = storage
                 continue
+            live.pop(sid, None)
             if sid in defer_ids:
                 deferred[sid] = storage
                 continue
             ledger.free(storage.numel * dtype_bytes(storage.dtype), storage.category, storage.label)
+    if stop < len(ops) - 1 or not stop_output:
+        for sid, storage in live.items():
+            if not (storage.persistent or sid in keep_ids or sid in saved):
+                label = f"{storage.label} (recompute stopped)"
+                ledger.free(storage.nbytes, storage.category, label)
     return ForwardResult(ledger.events, list(saved.values()), list(deferred.values()))
 
 
 def _tied_sum(ledger: _Ledger, g: ParamGrad, *, accumulate: bool) -> None:
-    """The embedding's gradient, summed with the buffered LM-head one into .grad."""
-    ledger.alloc(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
+    """The embedding's gradient, summed with the buffered LM-head one into .grad.
+
+    AccumulateGrad runs after the embedding's node has released its incoming gradient.
+    """
     if accumulate:  # the sum is added into the existing .grad in place
         ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad (tied sum)")
     else:
@@ -290,6 +335,7 @@ def backward_events(
     step: int,
     output_grads: dict[int, GradBytes],
     accumulate: bool = False,
+    recompute: tuple[int, list[Event]] | None = None,
 ) -> tuple[list[Event], dict[int, GradBytes]]:
     """Events of the segment's backward, given the gradients of its outputs.
 
@@ -297,7 +343,9 @@ def backward_events(
     segment above; freed here once consumed). Returns the events and the gradients of the
     segment's external inputs (by ``id``), left allocated for the segment below. With
     ``accumulate`` (a later micro-batch of gradient accumulation) parameter gradients are
-    computed into a temporary and added into the existing ``.grad``.
+    computed into a temporary and added into the existing ``.grad``. ``recompute``: a
+    checkpoint's recomputation (op index, events), run when backward first unpacks a saved
+    tensor, at that op; the ops after it have run their backward by then.
     """
     ledger = _Ledger(phase, step)
     category = segment.temp_category
@@ -332,7 +380,10 @@ def backward_events(
     produced = {id(op.output) for op in segment.ops}
     num_parts = _split_parts(segment)
     split_grads: dict[int, list[int]] = {}  # tensor id -> gradient buffers of its parts
-    for op in reversed(segment.ops):
+    for index in reversed(range(len(segment.ops))):
+        op = segment.ops[index]
+        if recompute is not None and index == recompute[0]:
+            ledger.events += recompute[1]
         out_buffer = grad_of.pop(id(op.output), None)
         if out_buffer is None:
             continue
@@ -356,8 +407,8 @@ def backward_events(
                 ledger.alloc(g.grad_bytes, category, f"{g.label} grad (tied, buffered)")
             elif g.tie == "middle":  # added into the buffered gradient in place
                 ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
-            elif g.tie == "last":
-                _tied_sum(ledger, g, accumulate=accumulate)
+            elif g.tie == "last":  # the node's contribution; summed once the node is done
+                ledger.alloc(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
             elif accumulate or g.accumulates:  # AccumulateGrad adds into the existing .grad
                 ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
             else:  # the first gradient is stolen into .grad without a copy
@@ -371,6 +422,9 @@ def backward_events(
                 storage = storages[sid]
                 ledger.free(storage.nbytes, _category(segment, storage, saved=True), storage.label)
         release(out_buffer)
+        for g in op.param_grads:
+            if g.tie == "last":
+                _tied_sum(ledger, g, accumulate=accumulate)
         for t, buffer in new_grads:
             if _split_of(op) is t:
                 # The gradient of one part of a split (chunk, split): SplitBackward concatenates

@@ -18,6 +18,7 @@ from memplan.analytic.blocks import (
     grouped_linear,
     layer_norm,
     linear,
+    repeat_kv,
     residual_add,
     rms_norm,
     rotary,
@@ -42,6 +43,7 @@ def self_attention(
     softmax_fp32: bool = True,
     eager_only: bool = False,
     softcap: bool = False,
+    head_major_q: bool = False,
 ) -> Tensor:
     """Prefix keys/values, autocast's casts, attention over the sequence, output projection.
 
@@ -50,6 +52,13 @@ def self_attention(
     """
     q, k, v = qkv
     k, v = ctx.method.attention_kv(seg, ctx, k, v, kv_heads * spec.head_dim)
+    masked = ctx.sdpa_mask and not eager_only
+    if masked and kv_heads != heads:
+        # sdpa_attention_forward turns enable_gqa off when it passes a mask, so repeat_kv
+        # copies the key/value heads (transformers integrations/sdpa_attention.py).
+        k = repeat_kv(seg, k, heads // kv_heads, f"{label}.repeat_k")
+        v = repeat_kv(seg, v, heads // kv_heads, f"{label}.repeat_v")
+        kv_heads = heads
     if ctx.amp:
         q, k, v = (cast(seg, t, ctx.compute_dtype, f"{t.label}.autocast") for t in (q, k, v))
     attn = attention_core(
@@ -66,6 +75,8 @@ def self_attention(
         eager_only=eager_only,
         softcap=softcap,
         kv_len=ctx.seq_len + ctx.prefix_len,
+        mask=masked,
+        head_major_q=head_major_q,
     )
     return linear(seg, ctx, attn, out)
 
@@ -95,6 +106,9 @@ class RopeStyle:
     # q, k, v projections; one name: a fused projection whose output is split (Phi-3).
     qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     fused_mlp: bool = False  # one gate_up_proj whose output is split (Phi-3)
+    # apply_rotary_pos_emb ends with torch.cat([rotated, pass-through]) (Phi-3): q and k are
+    # new tensors laid out (batch, heads, seq, head_dim).
+    rotary_cat: bool = False
     # Gemma2: norms in fp32 times (1 + weight), and norms after attention and after the MLP.
     gemma_norms: bool = False
     attn_softcap: bool = False  # Gemma2: attention scores soft-capped with tanh
@@ -119,8 +133,8 @@ def rope_decoder_layer(
 
     hn = rms_norm(seg, ctx, x, "input_layernorm", h, gemma=gemma)
     q, k, v = qkv_projections(seg, ctx, spec, hn, names=style.qkv)
-    q = rotary(seg, q, cos, sin, "q_rope")
-    k = rotary(seg, k, cos, sin, "k_rope")
+    q = rotary(seg, q, cos, sin, "q_rope", cat=style.rotary_cat)
+    k = rotary(seg, k, cos, sin, "k_rope", cat=style.rotary_cat)
     o = self_attention(
         seg,
         ctx,
@@ -132,6 +146,7 @@ def rope_decoder_layer(
         label="self_attn",
         dropout_p=spec.attention_dropout,
         softcap=style.attn_softcap,
+        head_major_q=style.rotary_cat,
     )
     o = ctx.method.branch_output(seg, ctx, o, "adapter_attn")
     seg.hold(hn)  # `hidden_states` still names the norm output until self_attn returns

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -12,11 +13,14 @@ from memplan.analytic.head import loss_segment
 from memplan.analytic.layers import LayerGraph
 from memplan.dtypes import dtype_bytes
 from memplan.families import family
+from memplan.methods.base import Step
 from memplan.specs.model import ModelSpec
 from memplan.specs.training import Attention
 
 LayerBuilder = Callable[..., LayerGraph]
 """(spec, ctx, *, input_requires_grad, **kwargs) -> one layer's graph."""
+OutsideBackward = Callable[[Sequence[Sequence[int]]], tuple[list[Step], list[Step]]]
+"""(bytes of the gradients each layer left the method) -> its backward steps (TuningMethod)."""
 
 
 @dataclass
@@ -36,8 +40,8 @@ class Stack:
     norm_in: Tensor
     norm_out: Tensor  # equals norm_in when the family has no final norm
     cross_input: Tensor | None = None  # encoder output read by every layer (T5 decoder)
-    mask_bytes: int = 0  # eager attention's (batch, 1, seq, seq) causal mask, built once
-    num_masks: int = 0  # such masks (Gemma2: the full and the sliding-window one)
+    mask_bytes: int = 0  # the causal mask the model's forward builds once for every layer
+    num_masks: int = 1  # such masks (Gemma2's eager path: the full and the sliding-window one)
 
 
 @dataclass
@@ -52,8 +56,9 @@ class ModelGraph:
     # Gradients of parameters used outside the layer graphs, written when backward ends: the
     # prefix encoder's table, T5's relative position bias tables.
     tail_grads: list[ParamGrad] = field(default_factory=list)
-    # Prefix tuning: the prompt encoder's keys/values for every layer, held forward to backward.
-    prefix_bytes: int = 0
+    # What the method runs outside the layers (TuningMethod.outside_forward/_backward).
+    outside_forward: list[Step] = field(default_factory=list)
+    outside_backward: OutsideBackward | None = None
 
 
 class Stacks(NamedTuple):
@@ -105,13 +110,16 @@ class StackBuilder:
         )
         norm_out = fam.final_norm(spec, ctx, norm_in, norm, stack=label)
         stack = Stack(embed, embed_out, layers, norm, norm_in, norm_out)
+        kv_len = ctx.seq_len + ctx.prefix_len
         if ctx.attention is Attention.EAGER and fam.causal:
             # create_causal_mask: an additive float mask in the embeddings' dtype for eager
             # attention (SDPA and flash attention run is_causal=True without one).
-            stack.mask_bytes = (
-                ctx.batch * ctx.seq_len * ctx.seq_len * dtype_bytes(ctx.activation_dtype)
-            )
+            stack.mask_bytes = ctx.batch * ctx.seq_len * kv_len * dtype_bytes(ctx.activation_dtype)
             stack.num_masks = fam.num_eager_masks
+        elif ctx.sdpa_mask:
+            # masking_utils.sdpa_mask: one boolean (1, 1, seq, kv_len) mask, expanded (a view)
+            # over the batch.
+            stack.mask_bytes = ctx.seq_len * kv_len
         return stack
 
     def _layers(
@@ -159,7 +167,8 @@ def build_model_graph(
     )
     loss_out, logits = fam.head(spec, head_ctx, loss_in, loss)
     graph = ModelGraph(stacks, loss, loss_in, loss_out, logits, autograd, links)
-    graph.prefix_bytes, method_grads = ctx.method.tail(spec, ctx)
-    graph.tail_grads += method_grads
+    graph.outside_forward = ctx.method.outside_forward(spec, ctx)
+    graph.outside_backward = functools.partial(ctx.method.outside_backward, spec, ctx)
+    graph.tail_grads += ctx.method.tail_grads(spec, ctx)
     graph.tail_grads += fam.tail_grads(spec, ctx)
     return graph

@@ -13,8 +13,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from memplan.analytic.graph import GradBytes, Segment, Tensor, backward_events, forward_events
+from memplan.analytic.graph import (
+    GradBytes,
+    Segment,
+    Tensor,
+    backward_events,
+    forward_events,
+    recompute_stop,
+)
 from memplan.analytic.model_graph import LayerPlan, ModelGraph, Stack
+from memplan.methods.base import Step
 from memplan.trace import Category, Event, Phase, Repeat, TraceItem, allocation_bytes
 
 _ACT: Final = Category.ACTIVATIONS
@@ -62,11 +70,7 @@ class StepComposer:
     # -- forward ---------------------------------------------------------------------------
     def forward_items(self, step: int) -> tuple[list[TraceItem], int]:
         """Events of every stack's forward, and the bytes deferred to the end of the forward."""
-        items: list[TraceItem] = []
-        if self.graph.prefix_bytes:
-            category = _ACT if self.autograd else _TMP
-            size = allocation_bytes(self.graph.prefix_bytes)
-            items.append(Event(size, category, Phase.FORWARD, step, "prefix key/values"))
+        items: list[TraceItem] = _steps(self.graph.outside_forward, Phase.FORWARD, step)
         deferred = 0
         for index, stack in enumerate(self.graph.stacks):
             stack_items, stack_deferred = self._stack_forward(index, stack, step)
@@ -156,6 +160,7 @@ class StepComposer:
         lg = plan.graph
         lg.input.category, lg.output.category = in_cat, out_cat
         keep = [lg.output, lg.input] if plan.checkpointed else [lg.output]
+        keep += self._cache_held(lg.segment)
         result = forward_events(
             lg.segment,
             phase=Phase.FORWARD,
@@ -166,6 +171,11 @@ class StepComposer:
         )
         deferred = sum(allocation_bytes(t.nbytes) for t in result.deferred)
         return _LayerForward(self._gathered(result.events, Phase.FORWARD, step), deferred)
+
+    def _cache_held(self, seg: Segment) -> list[Tensor]:
+        """Tensors of ``seg`` a KV cache holds past the layer (those autograd saves live on
+        until the layer's backward instead)."""
+        return [t for t in seg.cache_held if not (self.autograd and _saves(seg, t))]
 
     def _gathered(self, events: list[Event], phase: Phase, step: int) -> list[Event]:
         if not self.gather_bytes:
@@ -223,8 +233,14 @@ class StepComposer:
             keep=[g.logits, g.loss_out],
         )
         items: list[TraceItem] = list(result.events)
-        # The training loop drops the model output (and the logits it holds) before backward;
-        # the autocast weight cache is cleared when the forward's autocast context exits.
+        # The training loop drops the model output before backward: its KV cache (peft's
+        # prefix DynamicCache) and the logits; the autocast weight cache is cleared when the
+        # forward's autocast context exits.
+        for stack in g.stacks:
+            for plan in stack.layers:
+                for t in self._cache_held(plan.graph.segment):
+                    size = allocation_bytes(t.nbytes)
+                    items.append(Event(-size, _TMP, Phase.LOSS, step, "KV cache dropped"))
         if g.logits.storage is not g.loss_out.storage and not _saves(g.loss, g.logits):
             items.append(
                 Event(
@@ -247,9 +263,6 @@ class StepComposer:
             )
         if deferred_bytes:
             items.append(Event(-deferred_bytes, _TMP, Phase.LOSS, step, "autocast cache cleared"))
-        if g.prefix_bytes and not self.autograd:
-            size = allocation_bytes(g.prefix_bytes)
-            items.append(Event(-size, _TMP, Phase.LOSS, step, "prefix key/values"))
         for index, stack in enumerate(g.stacks[:-1]):
             if (
                 self._stack_output_category(index) is _TMP
@@ -279,6 +292,7 @@ class StepComposer:
         items += events
         grad = grads.get(id(g.loss_in))
         cross_grad: GradBytes | None = None
+        held: list[list[int]] = []
         for index in reversed(range(len(g.stacks))):
             stack = g.stacks[index]
             if index < len(g.stacks) - 1:
@@ -294,15 +308,20 @@ class StepComposer:
                         )
                     )
             stack_items, grad, cross_grad = self._stack_backward(
-                index, stack, grad, step, accumulate
+                index, stack, grad, step, accumulate, held
             )
             items += stack_items
-        items += self._tail_items(step, accumulate)
+        items += self._tail_items(step, accumulate, held)
         return items
 
-    def _tail_items(self, step: int, accumulate: bool) -> list[TraceItem]:
-        """Gradients written when backward ends, and the prefix key/values released."""
-        items: list[TraceItem] = []
+    def _tail_items(self, step: int, accumulate: bool, held: list[list[int]]) -> list[TraceItem]:
+        """The method's backward outside the layers (releasing the gradients the layers left
+        it, ``held``) and the gradients written when backward ends."""
+        before: list[Step] = [(-nbytes, "grad") for layer in held for nbytes in layer]
+        after: list[Step] = []
+        if self.graph.outside_backward is not None:
+            before, after = self.graph.outside_backward(held)
+        items: list[TraceItem] = _steps(before, Phase.BACKWARD, step)
         for g in self.graph.tail_grads:
             size = allocation_bytes(g.grad_bytes)
             if accumulate or g.accumulates:
@@ -312,14 +331,18 @@ class StepComposer:
                 items.append(
                     Event(size, Category.GRADIENTS, Phase.BACKWARD, step, f"{g.label}.grad")
                 )
-        if self.graph.prefix_bytes:
-            size = allocation_bytes(self.graph.prefix_bytes)
-            items.append(Event(-size, _ACT, Phase.BACKWARD, step, "prefix key/values"))
-        return items
+        return items + _steps(after, Phase.BACKWARD, step)
 
     def _stack_backward(
-        self, index: int, stack: Stack, grad: GradBytes | None, step: int, accumulate: bool
+        self,
+        index: int,
+        stack: Stack,
+        grad: GradBytes | None,
+        step: int,
+        accumulate: bool,
+        held: list[list[int]],
     ) -> tuple[list[TraceItem], GradBytes | None, GradBytes | None]:
+        """Backward of one stack; ``held`` gathers the gradients its layers leave the method."""
         bounds = self.boundaries[index]
         items: list[TraceItem] = []
         if stack.norm_out is not stack.norm_in:
@@ -333,7 +356,7 @@ class StepComposer:
             items += events
             grad = grads.get(id(stack.norm_in))
         cross: GradBytes | None = None
-        cache: dict[tuple[object, ...], list[Event]] = {}
+        cache: dict[tuple[object, ...], tuple[list[Event], list[list[int]]]] = {}
         keys = []
         for i in reversed(range(len(stack.layers))):
             plan = stack.layers[i]
@@ -346,12 +369,14 @@ class StepComposer:
                 grad,
             )
             if key not in cache:
-                cache[key], grad, layer_cross = self._layer_backward(
+                events, grad, layer_cross, layer_held = self._layer_backward(
                     plan, key[2], key[3], grad, step, accumulate, cross
                 )
+                cache[key] = events, layer_held
                 cross = cross or layer_cross
             keys.append(key)
-        items += _compress([cache[k] for k in keys], keys)
+            held += cache[key][1]
+        items += _compress([cache[k][0] for k in keys], keys)
         # The rotary tables die with the last layer that saved them, before the embedding's
         # backward runs.
         items += self._shared_events(stack, step, "backward")
@@ -377,25 +402,36 @@ class StepComposer:
         step: int,
         accumulate: bool,
         cross: GradBytes | None,
-    ) -> tuple[list[Event], GradBytes | None, GradBytes | None]:
+    ) -> tuple[list[Event], GradBytes | None, GradBytes | None, list[list[int]]]:
+        """Events of one layer's backward, the gradients of its input and of the encoder
+        output it reads, and the bytes of gradients it leaves the method's own inputs."""
         lg = plan.graph
         lg.input.category, lg.output.category = in_cat, out_cat
         events: list[Event] = []
         # A checkpointed layer's input is held by the checkpoint until its backward is done.
         lg.input.persistent = plan.checkpointed
         try:
-            if plan.checkpointed:  # non-reentrant checkpoint: recompute the layer, then backward
-                events += forward_events(
-                    lg.segment, phase=Phase.BACKWARD, step=step, keep_saved=True
-                ).events
+            recompute = None
+            if plan.checkpointed:  # non-reentrant checkpoint: recomputed at the first unpack
+                recompute = (
+                    recompute_stop(lg.segment)[0],
+                    forward_events(
+                        lg.segment,
+                        phase=Phase.BACKWARD,
+                        step=step,
+                        keep_saved=True,
+                        early_stop=True,
+                    ).events,
+                )
             if grad is None:
-                return events, None, None
+                return (recompute[1] if recompute else []), None, None, []
             bwd, grads = backward_events(
                 lg.segment,
                 phase=Phase.BACKWARD,
                 step=step,
                 output_grads={id(lg.output): grad},
                 accumulate=accumulate,
+                recompute=recompute,
             )
         finally:
             lg.input.persistent = False
@@ -410,12 +446,10 @@ class StepComposer:
                     "checkpointed layer input",
                 )
             )
+        # Gradients of the method's inputs (prefix keys/values) wait for its own backward.
         known = {id(lg.input), *(id(t) for t in lg.shared)}
-        for tensor_id, (nbytes, cat) in grads.items():
-            if (
-                tensor_id not in known
-            ):  # e.g. prefix-tuning keys/values: consumed by the prompt encoder
-                events.append(Event(-allocation_bytes(nbytes), cat, Phase.BACKWARD, step, "grad"))
+        left = [nbytes for tid, (nbytes, _) in grads.items() if tid not in known]
+        held = [left] if left else []
         new_cross = None
         for shared in lg.shared:
             got = grads.get(id(shared))
@@ -433,7 +467,15 @@ class StepComposer:
                         "encoder output grad accumulated",
                     )
                 )
-        return events, grads.get(id(lg.input)), new_cross
+        return events, grads.get(id(lg.input)), new_cross, held
+
+
+def _steps(steps: Sequence[Step], phase: Phase, step: int) -> list[TraceItem]:
+    """Events of a method's steps outside the layers (temporaries)."""
+    return [
+        Event(allocation_bytes(n) if n > 0 else -allocation_bytes(-n), _TMP, phase, step, label)
+        for n, label in steps
+    ]
 
 
 def _compress(chunks: list[list[Event]], keys: Sequence[object]) -> list[TraceItem]:

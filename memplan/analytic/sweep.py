@@ -1,7 +1,8 @@
 """Allocated peaks of many setups at once: one symbolic trace per setup shape.
 
 Setups that differ only in micro-batch and sequence length run the same ops on tensors of
-different sizes. :func:`sweep_peaks` traces each such group once with symbolic sizes
+different sizes (within one :func:`shape_regime`: a single sequence, or an SDPA mask, changes
+which ops run). :func:`sweep_peaks` traces each such group once with symbolic sizes
 (:mod:`memplan.analytic.symbolic`) and evaluates the trace for every member with numpy: each
 repeated body is summarized once for all members (prefix sums, first maximum), exactly as
 :meth:`memplan.trace.Trace.peak` does for one. Groups the symbolic trace cannot express
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from memplan.analytic.context import StepContext
 from memplan.analytic.predict import predict
 from memplan.analytic.symbolic import NotSymbolicError, Size, Term, term_values
 from memplan.specs.model import ModelSpec
@@ -34,19 +36,26 @@ _CATEGORY_INDEX = {c: i for i, c in enumerate(_CATEGORIES)}
 _INT64_SAFE = float(2**52)
 
 
+def shape_regime(spec: ModelSpec, setup: TrainingSetup) -> tuple[bool, ...]:
+    """The decisions a step takes on its micro-batch and length (StepContext: ``batched``,
+    ``sdpa_mask``): one symbolic trace holds for the shapes of one regime."""
+    ctx = StepContext.build(spec, setup)
+    return ctx.batched, ctx.sdpa_mask
+
+
 def sweep_peaks(
     spec: ModelSpec, setups: Sequence[TrainingSetup], parallel: ParallelSetup | None = None
 ) -> list[Peak]:
     """``predict(spec, s, parallel).trace.peak()`` for every ``s`` in ``setups``, in order."""
     parallel = parallel or ParallelSetup()
-    groups: dict[TrainingSetup, list[int]] = {}
+    groups: dict[tuple[TrainingSetup, tuple[bool, ...]], list[int]] = {}
     for index, setup in enumerate(setups):
         shape = setup.model_copy(update={"micro_batch_size": 1, "seq_len": 1})
-        groups.setdefault(shape, []).append(index)
+        groups.setdefault((shape, shape_regime(spec, setup)), []).append(index)
     peaks: list[Peak | None] = [None] * len(setups)
-    for shape, members in groups.items():
+    for members in groups.values():
         try:
-            trace = predict(spec, shape, parallel, symbolic=True).trace
+            trace = predict(spec, setups[members[0]], parallel, symbolic=True).trace
             found = trace_peaks(
                 trace,
                 [setups[i].micro_batch_size for i in members],

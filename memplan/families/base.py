@@ -87,6 +87,11 @@ class ModelFamily:
         window = getattr(spec.layout, "sliding_window", None)
         return window if isinstance(window, int) else None
 
+    def sdpa_window(self, spec: ModelSpec) -> int | None:
+        """The sliding window every layer's SDPA mask applies (None: a plain causal mask,
+        which SDPA replaces by ``is_causal=True`` when it can)."""
+        return None
+
     # -- transformers ------------------------------------------------------------------------
     hf_model_class: ClassVar[str]
     """The transformers class of a training run (decoders: their *ForCausalLM class)."""

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, PositiveInt
 
 from memplan.families import _config as cfg
 from memplan.families.base import Config, Layout
 from memplan.families.llama import Llama
+
+if TYPE_CHECKING:
+    from memplan.specs.model import ModelSpec
 
 
 class WindowLayout(Layout):
@@ -31,6 +34,10 @@ class Mistral(Llama):
 
     def extra_fields(self, config: Config) -> dict[str, Any]:
         return {"layout": {"sliding_window": cfg.sliding_window(config)}}
+
+    def sdpa_window(self, spec: ModelSpec) -> int | None:
+        # create_sliding_window_causal_mask in every layer when config.sliding_window is set.
+        return self.sliding_window(spec)
 
 
 FAMILY = Mistral()

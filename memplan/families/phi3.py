@@ -41,6 +41,10 @@ class Phi3(Llama):
     def extra_fields(self, config: Config) -> dict[str, Any]:
         return {"layout": {"sliding_window": cfg.sliding_window(config)}}
 
+    def sdpa_window(self, spec: ModelSpec) -> int | None:
+        # create_sliding_window_causal_mask in every layer when config.sliding_window is set.
+        return self.sliding_window(spec)
+
     def blocks(self, spec: ModelSpec) -> tuple[Block, ...]:
         from memplan.architecture import (
             decoder_only_blocks,
@@ -64,7 +68,7 @@ class Phi3(Llama):
     def style(self, spec: ModelSpec) -> RopeStyle:
         from memplan.analytic.layers import RopeStyle
 
-        return RopeStyle(qkv=("self_attn.qkv_proj",), fused_mlp=True)
+        return RopeStyle(qkv=("self_attn.qkv_proj",), fused_mlp=True, rotary_cat=True)
 
 
 FAMILY = Phi3()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memplan.families import _config as cfg
 from memplan.families.base import Config
 from memplan.families.llama import Llama
 from memplan.families.mistral import WindowLayout
+
+if TYPE_CHECKING:
+    from memplan.specs.model import ModelSpec
 
 
 class Qwen2(Llama):
@@ -24,6 +27,10 @@ class Qwen2(Llama):
 
     def extra_fields(self, config: Config) -> dict[str, Any]:
         return {"layout": {"sliding_window": cfg.sliding_window(config)}}
+
+    def sdpa_window(self, spec: ModelSpec) -> int | None:
+        # create_sliding_window_causal_mask in every layer when config.sliding_window is set.
+        return self.sliding_window(spec)
 
 
 FAMILY = Qwen2()

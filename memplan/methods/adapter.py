@@ -1,6 +1,6 @@
 """Bottleneck adapters (Houlsby et al. 2019) after every attention and MLP branch.
 
-``h <- h + up(act(down(h)))`` with down: hidden -> adapter_size and up: adapter_size -> hidden,
+``h <- h + up(relu(down(h)))`` with down: hidden -> adapter_size and up: adapter_size -> hidden,
 in the adapter dtype (the input cast to it and the output cast back), as
 :mod:`memplan.torchsim.adapters` attaches them to a torch model.
 """
@@ -43,8 +43,8 @@ class Adapter(TuningMethod):
         ]
 
     def branch_output(self, seg: Segment, ctx: StepContext, x: Tensor, label: str) -> Tensor:
-        """x + up(act(down(x))), trainable, in the adapter dtype."""
-        from memplan.analytic.blocks import cast, residual_add
+        """x + up(relu(down(x))), trainable, in the adapter dtype."""
+        from memplan.analytic.blocks import activation, cast, residual_add
 
         size = ctx.adapter_size
         rows = ctx.num_tokens
@@ -61,7 +61,8 @@ class Adapter(TuningMethod):
             saves=[xa],
             param_grads=[down_grad],
         )
-        a = seg.op(f"{label}.act", [d], d.numel, d.dtype, saves=[d])
+        # torch.relu saves its output, not its input (memplan.torchsim.adapters).
+        a = activation(seg, d, "relu", f"{label}.act")
         up_grad = ctx.param_grad(
             f"{label}.up", size * h + h, trainable=True, dtype=ctx.adapter_dtype
         )
@@ -73,7 +74,7 @@ class Adapter(TuningMethod):
         from memplan.torchsim.adapters import add_bottleneck_adapters
 
         built.model.requires_grad_(False)
-        add_bottleneck_adapters(built.model, setup, built.notes)
+        add_bottleneck_adapters(built.model, spec.hidden_size, setup, built.notes)
         return built.model
 
     def assumptions(self, spec: ModelSpec, setup: TrainingSetup) -> list[str]:

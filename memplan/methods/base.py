@@ -10,7 +10,7 @@ and binds an instance to ``METHOD``. The instance knows:
   (``added_params``);
 - what it does to the step: to a linear layer's forward (``linear``), to the output of an
   attention or MLP branch (``branch_output``), to the keys and values (``attention_kv``), and
-  what it holds from forward to backward outside the layers (``tail``);
+  what it runs outside the layers (``outside_forward``, ``outside_backward``, ``tail_grads``);
 - how it is applied to a torch model (``apply``, through peft where peft has it);
 - the lines it adds to a plan's assumptions (``assumptions``).
 
@@ -20,7 +20,7 @@ any method that leaves the linear weights frozen.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     from memplan.architecture import Architecture, ParamKind
     from memplan.specs.model import ModelSpec
     from memplan.specs.training import TrainingSetup
+
+
+Step = tuple[int, str]
+"""Bytes allocated (positive) or freed (negative) outside the layers, and a label."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,10 +127,22 @@ class TuningMethod:
         """Key/value positions added in front of the sequence in every attention layer."""
         return 0
 
-    def tail(self, spec: ModelSpec, ctx: StepContext) -> tuple[int, list[ParamGrad]]:
-        """Bytes the method holds from forward to backward outside the layers, and the
-        gradients its own tensors get when backward ends."""
-        return 0, []
+    def outside_forward(self, spec: ModelSpec, ctx: StepContext) -> list[Step]:
+        """Temporaries the method allocates (+bytes) and frees (-bytes) before the layers run,
+        in order; what stays allocated is the layers' input (``attention_kv``), freed there."""
+        return []
+
+    def outside_backward(
+        self, spec: ModelSpec, ctx: StepContext, held: Sequence[Sequence[int]]
+    ) -> tuple[list[Step], list[Step]]:
+        """Temporaries of the method's backward once the layers' is done: the steps before its
+        ``tail_grads`` are written and those after. ``held``: bytes of the gradients each layer
+        left for the method's inputs, per layer in backward order; these steps release them."""
+        return [(-nbytes, "grad") for layer in held for nbytes in layer], []
+
+    def tail_grads(self, spec: ModelSpec, ctx: StepContext) -> list[ParamGrad]:
+        """Gradients the method's own tensors outside the layers get when backward ends."""
+        return []
 
     # -- torch ------------------------------------------------------------------------------------
     def apply(self, built: Any, spec: ModelSpec, setup: TrainingSetup) -> Any:

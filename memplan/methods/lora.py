@@ -183,8 +183,8 @@ class LoRA(TuningMethod):
         a_dtype = ctx.adapter_dtype
         label = spec.label
         # peft casts x to the adapter weights' dtype (_cast_input_dtype) before lora_A.
-        xa = cast(seg, x, a_dtype, f"{label}.lora_input_cast")
-        xa = dropout(seg, ctx, xa, ctx.lora_dropout, f"{label}.lora_dropout")
+        xa_cast = cast(seg, x, a_dtype, f"{label}.lora_input_cast")
+        xa = dropout(seg, ctx, xa_cast, ctx.lora_dropout, f"{label}.lora_dropout")
         lin_dtype = ctx.compute_dtype if ctx.amp else a_dtype
         a_grad = _adapter_grad(ctx, f"{label}.lora_A", r * spec.in_features)
         b_grad = _adapter_grad(ctx, f"{label}.lora_B", r * spec.out_features)
@@ -235,7 +235,9 @@ class LoRA(TuningMethod):
                 f"{label}.lora_add", [base, scaled], base.numel, wide, passthrough_grad=True
             )
             result = cast(seg, result, base.dtype, f"{label}.lora_output_cast")
-        seg.hold(x, label=f"{label}.input")  # the caller's variable holds the input until we return
+        # The caller's variable holds the input, and peft's `x` (rebound to the cast input by
+        # _cast_input_dtype) the cast, until the forward returns (peft lora.Linear.forward).
+        seg.hold(x, xa_cast, label=f"{label}.input")
         return result
 
     def apply(self, built: Any, spec: ModelSpec, setup: TrainingSetup) -> Any:

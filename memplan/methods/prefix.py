@@ -7,10 +7,11 @@ model as ``past_key_values`` and concatenated in front of each layer's own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from memplan.dtypes import dtype_bytes
-from memplan.methods.base import AddedParam, TuningMethod
+from memplan.methods.base import AddedParam, Step, TuningMethod
 
 if TYPE_CHECKING:
     from memplan.analytic.context import StepContext
@@ -23,6 +24,12 @@ if TYPE_CHECKING:
 def _table_numel(spec: ModelSpec, prefix_len: int) -> int:
     # peft PrefixEncoder: prefix_len x (num_layers * 2 * kv width).
     return prefix_len * spec.num_layers * 2 * spec.num_key_value_heads * spec.head_dim
+
+
+def _cache_numel(spec: ModelSpec, ctx: StepContext) -> int:
+    """Elements of one layer's cached prefix keys (or values) on this tensor-parallel rank."""
+    kv_width = spec.num_key_value_heads // ctx.tensor_parallel_degree * spec.head_dim
+    return ctx.batch * ctx.prefix_len * kv_width
 
 
 class Prefix(TuningMethod):
@@ -53,23 +60,73 @@ class Prefix(TuningMethod):
     def attention_kv(
         self, seg: Segment, ctx: StepContext, k: Tensor, v: Tensor, kv_width: int
     ) -> tuple[Tensor, Tensor]:
-        """Each layer's keys and values are the prefix concatenated in front of its own."""
-        extra = ctx.batch * ctx.prefix_len * kv_width
-        pk = seg.input(extra, k.dtype, "prefix.key", requires_grad=True, persistent=True)
-        pv = seg.input(extra, v.dtype, "prefix.value", requires_grad=True, persistent=True)
-        k = seg.op("prefix_cat_k", [pk, k], k.numel + extra, k.dtype, passthrough_grad=True)
-        v = seg.op("prefix_cat_v", [pv, v], v.numel + extra, v.dtype, passthrough_grad=True)
-        return k, v
+        """DynamicLayer.update: the layer's keys and values concatenated after the cached
+        prefix (``torch.cat``), which they replace in the cache; the cache holds the results
+        until the model's output is dropped (cache_utils.py)."""
+        from memplan.analytic.blocks import promote
 
-    def tail(self, spec: ModelSpec, ctx: StepContext) -> tuple[int, list[ParamGrad]]:
-        """The prompt encoder's keys/values for every layer (looked up for every sequence of
-        the batch), held from forward to backward; its table's gradient at the end."""
+        prefix = ctx.batch * ctx.prefix_len * kv_width
+        out = []
+        for t, name in ((k, "key"), (v, "value")):
+            # The cache holds the prefix in the model's dtype; cat promotes (fp32 under AMP).
+            cached = seg.input(prefix, ctx.weight_dtype, f"prefix.{name}", requires_grad=True)
+            dtype = promote(cached.dtype, t.dtype)
+            joined = seg.op(
+                f"prefix_cat_{name}", [cached, t], t.numel + prefix, dtype, passthrough_grad=True
+            )
+            seg.cache_held.append(joined)
+            out.append(joined)
+        return out[0], out[1]
+
+    def outside_forward(self, spec: ModelSpec, ctx: StepContext) -> list[Step]:
+        """peft ``get_prompt``: the prompt encoder's rows for every sequence, cast to the
+        model's dtype, viewed as each layer's keys and values and copied into a DynamicCache
+        (``torch.cat`` onto an empty cache)."""
+        looked_up = ctx.batch * _table_numel(spec, ctx.prefix_len)
+        rows = looked_up * dtype_bytes(ctx.adapter_dtype)
+        steps: list[Step] = [(rows, "prompt_encoder")]
+        if ctx.adapter_dtype is not ctx.weight_dtype:
+            cast = looked_up * dtype_bytes(ctx.weight_dtype)
+            steps += [(cast, "prompt to model dtype"), (-rows, "prompt_encoder")]
+            rows = cast
+        per_layer = _cache_numel(spec, ctx) * dtype_bytes(ctx.weight_dtype)
+        steps += [(per_layer, "prefix cache key/value")] * (2 * spec.num_layers)
+        return [*steps, (-rows, "prompt released")]
+
+    def outside_backward(
+        self, spec: ModelSpec, ctx: StepContext, held: Sequence[Sequence[int]]
+    ) -> tuple[list[Step], list[Step]]:
+        """The prompt encoder's backward runs after every layer's (its nodes were recorded
+        first, and autograd runs the latest first): each layer's key and value gradients,
+        held until then (``held``: their bytes per layer), are stacked (UnbindBackward) and
+        sliced back (SliceBackward); the layers' are concatenated (SplitBackward), made
+        contiguous (ViewBackward), cast back to the table's dtype, and the embedding's
+        backward writes the table's gradient."""
+        looked_up = 2 * spec.num_layers * _cache_numel(spec, ctx)
+        model_bytes = looked_up * dtype_bytes(ctx.weight_dtype)
+        layer_bytes = 2 * _cache_numel(spec, ctx) * dtype_bytes(ctx.weight_dtype)
+        steps: list[Step] = []
+        for layer in held:
+            steps.append((layer_bytes, "UnbindBackward"))
+            steps += [(-nbytes, "prefix key/value grad") for nbytes in layer]
+            steps += [(layer_bytes, "SliceBackward"), (-layer_bytes, "UnbindBackward")]
+        steps.append((model_bytes, "SplitBackward"))
+        steps += [(-layer_bytes, "SliceBackward")] * len(held)
+        steps += [(model_bytes, "ViewBackward"), (-model_bytes, "SplitBackward")]
+        last = (model_bytes, "ViewBackward")
+        if ctx.adapter_dtype is not ctx.weight_dtype:
+            last = (looked_up * dtype_bytes(ctx.adapter_dtype), "ToCopyBackward")
+            steps += [last, (-model_bytes, "ViewBackward")]
+        return steps, [(-last[0], last[1])]
+
+    def tail_grads(self, spec: ModelSpec, ctx: StepContext) -> list[ParamGrad]:
+        """The prompt encoder table's gradient (embedding backward)."""
         table = _table_numel(spec, ctx.prefix_len)
-        held = ctx.batch * table * dtype_bytes(ctx.adapter_dtype)
-        grad = ctx.param_grad(
-            "prefix_encoder.embedding.weight", table, trainable=True, dtype=ctx.adapter_dtype
-        )
-        return held, [grad]
+        return [
+            ctx.param_grad(
+                "prefix_encoder.embedding.weight", table, trainable=True, dtype=ctx.adapter_dtype
+            )
+        ]
 
     def apply(self, built: Any, spec: ModelSpec, setup: TrainingSetup) -> Any:
         from peft import PrefixTuningConfig, get_peft_model

@@ -41,21 +41,11 @@ def _apply_to_output(adapter: BottleneckAdapter, output: Any) -> Any:
     return adapter(output)
 
 
-def _hidden_size(block: nn.Module) -> int:
-    """Input width of the block's first projection (Conv1D stores its weight as (in, out); a
-    MoE router, e.g. MixtralTopKRouter, is a module with an (experts, in) weight)."""
-    for module in block.modules():
-        if isinstance(module, nn.Linear):
-            return int(module.in_features)
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            continue
-        return int(weight.shape[0] if type(module).__name__ == "Conv1D" else weight.shape[1])
-    raise MemplanError(f"cannot find the hidden size of {type(block).__name__}")
-
-
-def add_bottleneck_adapters(model: nn.Module, setup: TrainingSetup, notes: list[str]) -> None:
-    """Freeze ``model`` and add two trainable adapters to every decoder layer."""
+def add_bottleneck_adapters(
+    model: nn.Module, hidden_size: int, setup: TrainingSetup, notes: list[str]
+) -> None:
+    """Freeze ``model`` and add two trainable adapters (``hidden_size`` wide, the residual
+    stream's width) to every decoder layer."""
     from memplan.torchsim.models import decoder_layer_stacks
 
     stacks = decoder_layer_stacks(model)
@@ -74,7 +64,7 @@ def add_bottleneck_adapters(model: nn.Module, setup: TrainingSetup, notes: list[
             )
             if block is None:
                 raise MemplanError(f"no attention/MLP block found in {type(layer).__name__}")
-            adapter = BottleneckAdapter(_hidden_size(block), setup.adapter_size, dtype)
+            adapter = BottleneckAdapter(hidden_size, setup.adapter_size, dtype)
             layer.add_module(attr, adapter)
             block.register_forward_hook(lambda m, a, out, ad=adapter: _apply_to_output(ad, out))
     notes.append(f"adapter: bottleneck {setup.adapter_size} after attention and MLP, {dtype}")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from memplan.analytic import sweep as sweep_module
 from memplan.analytic.predict import predict
-from memplan.analytic.sweep import sweep_peaks, trace_peaks
+from memplan.analytic.sweep import shape_regime, sweep_peaks, trace_peaks
 from memplan.catalog import catalog_names, load_model
 from memplan.errors import MemplanError
 from memplan.specs import ParallelSetup, TrainingSetup
@@ -45,9 +45,16 @@ def test_symbolic_trace_gives_every_peak_of_the_numeric_one(
     name, setup, parallel = data.draw(configs(models))
     shapes = data.draw(_SHAPES)
     expected = _expected(name, setup, parallel, shapes)
-    trace = predict(load_model(name), setup, parallel, symbolic=True).trace
-    batch, seq_len = zip(*shapes, strict=True)
-    assert trace_peaks(trace, batch, seq_len) == expected
+    # One symbolic trace per regime of the shapes (a single sequence, an SDPA mask).
+    spec = load_model(name)
+    regimes: dict[tuple[bool, ...], list[int]] = {}
+    for i, (b, s) in enumerate(shapes):
+        regimes.setdefault(shape_regime(spec, _with_shape(setup, b, s)), []).append(i)
+    for members in regimes.values():
+        first = _with_shape(setup, *shapes[members[0]])
+        trace = predict(spec, first, parallel, symbolic=True).trace
+        batch, seq_len = zip(*(shapes[i] for i in members), strict=True)
+        assert trace_peaks(trace, batch, seq_len) == [expected[i] for i in members]
 
 
 def test_sweep_keeps_the_order_of_mixed_setups(llama_2_7b) -> None:
