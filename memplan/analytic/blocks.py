@@ -212,11 +212,14 @@ def attention_core(
     dropout_p: float = 0.0,
     softmax_fp32: bool = True,
     eager_only: bool = False,
+    mask_dtype: DType | None = None,
 ) -> Tensor:
     """Scaled dot-product attention over (batch, heads, seq, head_dim) tensors.
 
     Returns the attention output laid out (batch, seq, heads, head_dim), ready for the output
     projection. ``eager_only`` for models whose scores need an explicit bias (ALiBi, T5).
+    ``mask_dtype``: the dtype of the additive mask eager attention adds to the scores (None:
+    the scores' own).
     """
     b, s = ctx.batch, ctx.seq_len
     kv_len = kv_len or s
@@ -239,6 +242,7 @@ def attention_core(
             kv_len=kv_len,
             dropout_p=dropout_p,
             softmax_fp32=softmax_fp32,
+            mask_dtype=q.dtype if mask_dtype is None else mask_dtype,
         )
     # Flash / memory-efficient SDPA (and flash-attn 2) save q, k, v, the output and the fp32
     # log-sum-exp per (batch, head, query); the output is already (b, s, heads, d) in memory.
@@ -306,20 +310,25 @@ def _eager_attention(
     kv_len: int,
     dropout_p: float,
     softmax_fp32: bool,
+    mask_dtype: DType,
 ) -> Tensor:
-    """eager_attention_forward: repeat_kv, q @ k^T * scale, softmax, dropout, @ v, transpose."""
+    """eager_attention_forward: repeat_kv, q @ k^T * scale, + mask, softmax, dropout, @ v,
+    transpose."""
     b, s = ctx.batch, ctx.seq_len
     full_kv = q.numel // s * kv_len
     if num_kv_heads != num_heads:  # repeat_kv: expand + reshape materializes full heads
         k = seg.op(f"{label}.repeat_k", [k], full_kv, k.dtype)
         v = seg.op(f"{label}.repeat_v", [v], full_kv, v.dtype)
+    q, k, v = (_matmul_operand(seg, t, f"{label}.{n}_copy") for t, n in zip((q, k, v), "qkv"))
     scores_numel = b * num_heads * s * kv_len
     scores = seg.op(f"{label}.qk", [q, k], scores_numel, q.dtype, saves=[q, k])
     scaled = seg.op(f"{label}.scale", [scores], scores_numel, q.dtype)
-    masked = seg.op(f"{label}.mask", [scaled], scores_numel, q.dtype, passthrough_grad=True)
-    probs_dtype = DType.FP32 if softmax_fp32 else q.dtype
-    # softmax(x, dtype=float32) first casts its 16-bit input to an fp32 copy.
-    upcast = scores_numel * 4 if softmax_fp32 and q.dtype is not DType.FP32 else 0
+    # 16-bit scores plus an fp32 mask promote to fp32 (add is not on autocast's lists).
+    masked_dtype = _promote(q.dtype, mask_dtype)
+    masked = seg.op(f"{label}.mask", [scaled], scores_numel, masked_dtype, passthrough_grad=True)
+    probs_dtype = DType.FP32 if softmax_fp32 else masked_dtype
+    # softmax(x, dtype=float32) first casts a 16-bit input to an fp32 copy.
+    upcast = scores_numel * 4 if softmax_fp32 and masked_dtype is not DType.FP32 else 0
     probs = seg.op(
         f"{label}.softmax",
         [masked],
@@ -332,6 +341,14 @@ def _eager_attention(
     probs = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
     out = seg.op(f"{label}.pv", [probs, v], q.numel, q.dtype, saves=[probs, v])
     return seg.op(f"{label}.transpose", [out], q.numel, q.dtype, passthrough_grad=True)
+
+
+def _matmul_operand(seg: Segment, x: Tensor, label: str) -> Tensor:
+    """at::matmul folds (batch, heads) with reshape: a view into a fused projection's output
+    is copied, and autograd saves the copy rather than the whole projection output."""
+    if x.base is None:
+        return x
+    return seg.op(label, [x], x.numel, x.dtype, passthrough_grad=True)
 
 
 def layer_norm(

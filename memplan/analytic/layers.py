@@ -40,6 +40,7 @@ def self_attention(
     dropout_p: float,
     softmax_fp32: bool = True,
     eager_only: bool = False,
+    mask_dtype: DType | None = None,
 ) -> Tensor:
     """Prefix keys/values, autocast's casts, attention over the sequence, output projection.
 
@@ -62,6 +63,7 @@ def self_attention(
         dropout_p=dropout_p,
         softmax_fp32=softmax_fp32,
         eager_only=eager_only,
+        mask_dtype=mask_dtype,
         kv_len=ctx.seq_len + ctx.prefix_len,
     )
     return linear(seg, ctx, attn, out)
@@ -323,6 +325,8 @@ def pre_ln_layer(
         dropout_p=spec.attention_dropout,
         softmax_fp32=style.softmax_fp32,
         eager_only=spec.position_embedding == "alibi",
+        # create_causal_mask builds the additive mask in the embeddings' dtype.
+        mask_dtype=ctx.activation_dtype,
     )
     o = dropout(seg, ctx, o, spec.hidden_dropout, "resid_dropout")
     o = ctx.method.branch_output(seg, ctx, o, "adapter_attn")

@@ -126,11 +126,12 @@ class StepComposer:
         saved = stack.embed.saved_storage_ids() if self.autograd else frozenset()
         index = self.graph.stacks.index(stack)
         released = []
+        leaves = _grad_leaves(stack)
         for t in stack.embed.model_locals:
             if t is stack.embed_out:  # handed to the first layer: kept when that layer holds it
                 if stack.layers and self.boundaries[index][0] is _TMP:
                     released.append((t, "inputs_embeds released"))
-            elif id(t.storage) not in saved:
+            elif id(t.storage) not in saved and t not in leaves:
                 released.append((t, f"{t.label} released"))
         return [
             Event(-allocation_bytes(t.nbytes), _TMP, Phase.FORWARD, step, label)
@@ -368,6 +369,10 @@ class StepComposer:
             items += events
         elif grad is not None:
             items.append(Event(-allocation_bytes(grad[0]), grad[1], Phase.BACKWARD, step, "grad"))
+        items += [
+            Event(-allocation_bytes(t.nbytes), _TMP, Phase.BACKWARD, step, f"{t.label} released")
+            for t in _grad_leaves(stack)
+        ]
         return items, None, cross
 
     def _layer_backward(
@@ -436,6 +441,21 @@ class StepComposer:
                     )
                 )
         return events, grads.get(id(lg.input)), new_cross
+
+
+def _grad_leaves(stack: Stack) -> list[Tensor]:
+    """Embedding outputs made leaves that require grad (peft's enable_input_require_grads on a
+    frozen table), other than the first layer's input: autograd's AccumulateGrad node holds
+    them, and the gradient it stores in their ``.grad``, until the graph is freed after
+    backward."""
+    return [
+        op.output
+        for op in stack.embed.ops
+        if not op.inputs
+        and not op.param_grads
+        and op.output.requires_grad
+        and op.output is not stack.embed_out
+    ]
 
 
 def _compress(chunks: list[list[Event]], keys: Sequence[object]) -> list[TraceItem]:

@@ -21,7 +21,7 @@ class PreLnFamily(ModelFamily):
     """A decoder of pre-LayerNorm blocks (attention and MLP, sequential or parallel)."""
 
     embedding_dropout: ClassVar[bool] = False
-    """The model's forward applies hidden dropout to the embeddings (GPT-2 ``drop``, OPT)."""
+    """The model's forward applies hidden dropout to the embeddings (GPT-2 ``drop``)."""
 
     def style(self, spec: ModelSpec) -> PreLnStyle:
         raise NotImplementedError
