@@ -213,21 +213,32 @@ def attention_core(
     softmax_fp32: bool = True,
     eager_only: bool = False,
     mask_dtype: DType | None = None,
+    sdpa_math: bool = False,
 ) -> Tensor:
     """Scaled dot-product attention over (batch, heads, seq, head_dim) tensors.
 
     Returns the attention output laid out (batch, seq, heads, head_dim), ready for the output
     projection. ``eager_only`` for models whose scores need an explicit bias (ALiBi, T5).
     ``mask_dtype``: the dtype of the additive mask eager attention adds to the scores (None:
-    the scores' own).
+    the scores' own). ``sdpa_math``: the caller's SDPA call can only take torch's math kernel
+    (key/value heads that broadcast without ``enable_gqa``: the fused kernels need equal heads).
     """
     b, s = ctx.batch, ctx.seq_len
     kv_len = kv_len or s
     # CPU SDPA has no fused kernel with dropout and falls back to the math (eager-like) path.
-    math_fallback = dropout_p > 0 and ctx.device == "cpu"
+    math_fallback = sdpa_math or (dropout_p > 0 and ctx.device == "cpu")
     if math_fallback and ctx.attention is not Attention.EAGER and not eager_only:
         return _math_sdpa(
-            seg, ctx, q, k, v, num_heads=num_heads, label=label, kv_len=kv_len, dropout_p=dropout_p
+            seg,
+            ctx,
+            q,
+            k,
+            v,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            label=label,
+            kv_len=kv_len,
+            dropout_p=dropout_p,
         )
     if ctx.attention is Attention.EAGER or eager_only:
         return _eager_attention(
@@ -268,13 +279,15 @@ def _math_sdpa(
     v: Tensor,
     *,
     num_heads: int,
+    num_kv_heads: int,
     label: str,
     kv_len: int,
     dropout_p: float,
 ) -> Tensor:
     """_scaled_dot_product_attention_math (the CPU path with dropout): 16-bit inputs are
     upcast to fp32; q and k are scaled by sqrt(scale) into copies kept for backward with v;
-    softmax, dropout and the product run in fp32; the output is cast back.
+    softmax, dropout and the product run in fp32; the output is cast back. Key/value heads
+    shared by several query heads are broadcast by at::matmul, which saves expanded copies.
     """
     out_dtype = q.dtype
     views = [q, k, v]
@@ -286,10 +299,15 @@ def _math_sdpa(
     q = seg.op(f"{label}.q_scaled", [q], q.numel, DType.FP32)
     k = seg.op(f"{label}.k_scaled", [k], k.numel, DType.FP32)
     upcast += [q, k]
+    full_kv = q.numel // ctx.seq_len * kv_len
+    if num_kv_heads != num_heads:
+        k = seg.op(f"{label}.k_expand", [k], full_kv, DType.FP32)
     scores_numel = ctx.batch * num_heads * ctx.seq_len * kv_len
     scores = seg.op(f"{label}.qk", [q, k], scores_numel, DType.FP32, saves=[q, k])
     probs = seg.op(f"{label}.softmax", [scores], scores_numel, DType.FP32, saves_output=True)
     probs = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
+    if num_kv_heads != num_heads:
+        v = seg.op(f"{label}.v_expand", [v], full_kv, DType.FP32)
     out = seg.op(f"{label}.pv", [probs, v], q.numel, DType.FP32, saves=[probs, v])
     out = cast(seg, out, out_dtype, f"{label}.output_cast")
     # C++ locals live until the function returns, and the caller's q/k/v views until it does.

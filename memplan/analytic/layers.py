@@ -41,6 +41,7 @@ def self_attention(
     softmax_fp32: bool = True,
     eager_only: bool = False,
     mask_dtype: DType | None = None,
+    sdpa_math: bool = False,
 ) -> Tensor:
     """Prefix keys/values, autocast's casts, attention over the sequence, output projection.
 
@@ -64,6 +65,7 @@ def self_attention(
         softmax_fp32=softmax_fp32,
         eager_only=eager_only,
         mask_dtype=mask_dtype,
+        sdpa_math=sdpa_math,
         kv_len=ctx.seq_len + ctx.prefix_len,
     )
     return linear(seg, ctx, attn, out)
@@ -290,16 +292,15 @@ class PreLnStyle:
     out: str  # attention output projection
     mlp: tuple[str, str]  # MLP in and out projections
     softmax_fp32: bool = True  # attention softmax in fp32 (GPT-2's eager path keeps the dtype)
-    mlp_reads_ln1: bool = False  # parallel attention whose MLP reads ln_1's output (one norm)
 
 
 def pre_ln_layer(
     spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool, style: PreLnStyle
 ) -> LayerGraph:
-    """Pre-LayerNorm blocks with a plain MLP: GPT-2, GPT-NeoX, Falcon, BLOOM, OPT.
+    """Pre-LayerNorm blocks with a plain MLP: GPT-2, GPT-NeoX, BLOOM, OPT.
 
-    GPT-NeoX and Falcon add attention and MLP to the residual in parallel; BLOOM's ALiBi
-    scores need the eager path; GPT-2 and OPT apply residual dropout.
+    GPT-NeoX adds attention and MLP to the residual in parallel; BLOOM's ALiBi scores need the
+    eager path; GPT-2 and OPT apply residual dropout.
     """
     seg = Segment("layer")
     tp = ctx.tensor_parallel_degree
@@ -332,7 +333,7 @@ def pre_ln_layer(
     o = ctx.method.branch_output(seg, ctx, o, "adapter_attn")
     seg.hold(ln1)  # `hidden_states` names ln_1's output until the attention returns
     if spec.parallel_attention:
-        mlp_in = ln1 if style.mlp_reads_ln1 else layer_norm(seg, ctx, x, "ln_2", h)
+        mlp_in = layer_norm(seg, ctx, x, "ln_2", h)
         m = dropout(
             seg,
             ctx,
