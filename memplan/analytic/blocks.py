@@ -337,7 +337,9 @@ def _eager_attention(
     if num_kv_heads != num_heads:  # repeat_kv: expand + reshape materializes full heads
         k = seg.op(f"{label}.repeat_k", [k], full_kv, k.dtype)
         v = seg.op(f"{label}.repeat_v", [v], full_kv, v.dtype)
-    q, k, v = (_matmul_operand(seg, t, f"{label}.{n}_copy") for t, n in zip((q, k, v), "qkv"))
+    q, k, v = (
+        _matmul_operand(seg, t, f"{label}.{n}_copy") for t, n in ((q, "q"), (k, "k"), (v, "v"))
+    )
     scores_numel = b * num_heads * s * kv_len
     scores = seg.op(f"{label}.qk", [q, k], scores_numel, q.dtype, saves=[q, k])
     scaled = seg.op(f"{label}.scale", [scores], scores_numel, q.dtype)

@@ -7,6 +7,7 @@ families with layers of their own (BERT, T5) build them from the pieces here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from memplan.analytic.blocks import (
@@ -274,13 +275,22 @@ def qkv_projections(
     return q, k, v
 
 
+ActivationBuilder = Callable[[Segment, Tensor], Tensor]
+"""An MLP activation's ops (seg, x) -> output, for activations outside ACT2FN (BloomGelu)."""
+
+
 def plain_mlp(
-    seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor, names: tuple[str, str]
+    seg: Segment,
+    ctx: StepContext,
+    spec: ModelSpec,
+    x: Tensor,
+    names: tuple[str, str],
+    act: ActivationBuilder | None = None,
 ) -> Tensor:
     """fc -> activation -> proj (GPT-2, OPT, GPT-NeoX, Falcon, BLOOM, BERT)."""
     h, i = spec.hidden_size, spec.intermediate_size // ctx.tensor_parallel_degree
     up = linear(seg, ctx, x, LinearSpec(names[0], h, i, "up", bias=spec.mlp_bias))
-    a = activation(seg, up, spec.hidden_act, "mlp.act")
+    a = act(seg, up) if act else activation(seg, up, spec.hidden_act, "mlp.act")
     return linear(seg, ctx, a, LinearSpec(names[1], i, h, "down", bias=spec.mlp_bias))
 
 
@@ -292,6 +302,8 @@ class PreLnStyle:
     out: str  # attention output projection
     mlp: tuple[str, str]  # MLP in and out projections
     softmax_fp32: bool = True  # attention softmax in fp32 (GPT-2's eager path keeps the dtype)
+    eager_only: bool = False  # eager attention whatever the setup asks (BLOOM)
+    mlp_act: ActivationBuilder | None = None  # the MLP's activation, if not ACT2FN[hidden_act]
 
 
 def pre_ln_layer(
@@ -325,7 +337,7 @@ def pre_ln_layer(
         label="attn",
         dropout_p=spec.attention_dropout,
         softmax_fp32=style.softmax_fp32,
-        eager_only=spec.position_embedding == "alibi",
+        eager_only=style.eager_only,
         # create_causal_mask builds the additive mask in the embeddings' dtype.
         mask_dtype=ctx.activation_dtype,
     )
@@ -337,7 +349,7 @@ def pre_ln_layer(
         m = dropout(
             seg,
             ctx,
-            plain_mlp(seg, ctx, spec, mlp_in, style.mlp),
+            plain_mlp(seg, ctx, spec, mlp_in, style.mlp, style.mlp_act),
             spec.hidden_dropout,
             "mlp_dropout",
         )
@@ -348,7 +360,11 @@ def pre_ln_layer(
     h1 = residual_add(seg, x, o, "residual_attn")
     ln2 = layer_norm(seg, ctx, h1, "ln_2", h)
     m = dropout(
-        seg, ctx, plain_mlp(seg, ctx, spec, ln2, style.mlp), spec.hidden_dropout, "mlp_dropout"
+        seg,
+        ctx,
+        plain_mlp(seg, ctx, spec, ln2, style.mlp, style.mlp_act),
+        spec.hidden_dropout,
+        "mlp_dropout",
     )
     m = ctx.method.branch_output(seg, ctx, m, "adapter_mlp")
     seg.hold(ln2)  # ... and ln_2's output until the MLP returns

@@ -104,7 +104,7 @@ class StackBuilder:
         )
         norm_out = fam.final_norm(spec, ctx, norm_in, norm, stack=label)
         stack = Stack(embed, embed_out, layers, norm, norm_in, norm_out)
-        if ctx.attention is Attention.EAGER and fam.causal:
+        if fam.causal and (ctx.attention is Attention.EAGER or fam.eager_attention_only):
             # create_causal_mask: an additive float mask in the embeddings' dtype for eager
             # attention (SDPA and flash attention run is_causal=True without one).
             stack.mask_bytes = (

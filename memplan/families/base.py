@@ -61,6 +61,9 @@ class ModelFamily:
     """peft's default LoRA targets as roles (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)."""
     causal: ClassVar[bool] = True
     """A decoder whose eager attention reads an additive causal mask (create_causal_mask)."""
+    eager_attention_only: ClassVar[bool] = False
+    """transformers has only eager attention for this family (no ``_supports_sdpa``): a run
+    asking for SDPA trains with eager attention."""
 
     # -- config.json -------------------------------------------------------------------------
     def read_config(self, config: Config) -> dict[str, Any]:

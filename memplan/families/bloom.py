@@ -1,5 +1,5 @@
 """BLOOM (transformers ``modeling_bloom``): ALiBi (no position table), a LayerNorm right after
-the token embedding, fused query_key_value."""
+the token embedding, fused query_key_value, eager attention only, its own GELU function."""
 
 from __future__ import annotations
 
@@ -23,7 +23,9 @@ class Bloom(PreLnFamily):
     tiny_model = "tiny-bloom"
     hf_model_class = "BloomForCausalLM"
     lora_roles = ("qkv",)  # query_key_value
-    causal = False  # the ALiBi bias carries the causal mask
+    # BloomPreTrainedModel declares no SDPA support; BloomModel still builds the eager causal
+    # mask (create_causal_mask) beside the ALiBi bias.
+    eager_attention_only = True
 
     def read_config(self, config: Config) -> dict[str, Any]:
         """BloomConfig: n_embed / n_layer / n_head aliases, ALiBi, MLP fixed at 4 * hidden."""
@@ -80,6 +82,8 @@ class Bloom(PreLnFamily):
             qkv=("self_attention.query_key_value",),
             out="self_attention.dense",
             mlp=("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+            eager_only=self.eager_attention_only,
+            mlp_act=_bloom_gelu,
         )
 
     def embeddings(
@@ -89,6 +93,21 @@ class Bloom(PreLnFamily):
 
         x = super().embeddings(spec, ctx, seg, output_requires_grad=output_requires_grad)
         return layer_norm(seg, ctx, x, "word_embeddings_layernorm", spec.hidden_size)
+
+
+def _bloom_gelu(seg: Segment, x: Tensor) -> Tensor:
+    """BloomGelu's GeLUFunction: saves its input; bloom_gelu_forward runs its arithmetic outside
+    autograd with four input-sized temporaries alive at once, bloom_gelu_back with five beside
+    the incoming gradient."""
+    return seg.op(
+        "mlp.gelu_impl",
+        [x],
+        x.numel,
+        x.dtype,
+        saves=[x],
+        fwd_workspace_bytes=3 * x.nbytes,
+        bwd_workspace_bytes=4 * x.nbytes,
+    )
 
 
 FAMILY = Bloom()
