@@ -445,9 +445,10 @@ class StepComposer:
 
 def _grad_leaves(stack: Stack) -> list[Tensor]:
     """Embedding outputs made leaves that require grad (peft's enable_input_require_grads on a
-    frozen table), other than the first layer's input: autograd's AccumulateGrad node holds
+    frozen table) that nothing else keeps for backward: autograd's AccumulateGrad node holds
     them, and the gradient it stores in their ``.grad``, until the graph is freed after
-    backward."""
+    backward (the first layer's input and saved tensors are released with their readers)."""
+    saved = stack.embed.saved_storage_ids()
     return [
         op.output
         for op in stack.embed.ops
@@ -455,6 +456,7 @@ def _grad_leaves(stack: Stack) -> list[Tensor]:
         and not op.param_grads
         and op.output.requires_grad
         and op.output is not stack.embed_out
+        and id(op.output.storage) not in saved
     ]
 
 

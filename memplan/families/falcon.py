@@ -116,6 +116,16 @@ class Falcon(PreLnFamily):
         embeddings = [token_embedding_param("word_embeddings", spec)]
         return decoder_only_blocks(spec, embeddings, layer, norm_params("ln_f", h, with_bias=True))
 
+    def unsupported(self, spec: ModelSpec, method: str) -> str | None:
+        multi_query = spec.num_key_value_heads != spec.num_attention_heads
+        if method == "prefix" and multi_query and not self.layout(spec).new_decoder_architecture:
+            # peft sizes the prefix from num_key_value_heads, which FalconConfig lacks.
+            return (
+                "method=prefix cannot run on multi-query Falcon: peft builds the prefix with "
+                "every attention head and Falcon's cache cannot concatenate it to its one KV head"
+            )
+        return None
+
     def layer(self, spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -> LayerGraph:
         """FalconDecoderLayer: with parallel attention the MLP reads the attention's norm (or
         ln_mlp), its output adds the attention output in place and one dropout_add joins the

@@ -19,7 +19,8 @@ from memplan.specs import TrainingSetup
 
 _TORCH_DTYPES = {DType.FP32: torch.float32, DType.BF16: torch.bfloat16, DType.FP16: torch.float16}
 _ATTENTION_NAMES = ("self_attn", "attn", "self_attention", "attention")
-_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+# OPTDecoderLayer has no MLP module: fc1 and fc2 sit in the layer, fc2's output is the MLP's.
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "fc2")
 
 
 class BottleneckAdapter(nn.Module):
@@ -42,7 +43,10 @@ def _apply_to_output(adapter: BottleneckAdapter, output: Any) -> Any:
 
 
 def _hidden_size(block: nn.Module) -> int:
-    """Input width of the block's first projection (Conv1D stores its weight as (in, out))."""
+    """Input width of the block's first projection (Conv1D stores its weight as (in, out));
+    a projection hooked by itself (OPT's fc2) adapts its output."""
+    if isinstance(block, nn.Linear):
+        return int(block.out_features)
     for module in block.modules():
         if isinstance(module, nn.Linear):
             return int(module.in_features)
