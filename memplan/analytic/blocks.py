@@ -258,14 +258,19 @@ def attention_core(
     # Flash / memory-efficient SDPA (and flash-attn 2) save q, k, v, the output and the fp32
     # log-sum-exp per (batch, head, query); the output is already (b, s, heads, d) in memory.
     lse = seg.op(f"{label}.logsumexp", [], b * num_heads * s, DType.FP32, requires_grad=False)
+    inputs = [q, k, v, lse]
+    if kv_len != s:
+        # Keys beyond the queries (a prefix): no is_causal but a boolean mask, which SDPA turns
+        # into an additive one in the query dtype; the fused kernel saves it for backward.
+        inputs.append(seg.op(f"{label}.mask", [], b * s * kv_len, q.dtype, requires_grad=False))
     # CUDA flash backward accumulates dQ in fp32 (dq_accum) before casting to q's dtype.
     workspace = q.numel * 4 if ctx.device == "cuda" else 0
     return seg.op(
         f"{label}.sdpa",
-        [q, k, v, lse],
+        inputs,
         q.numel,
         q.dtype,
-        saves=[q, k, v, lse],
+        saves=inputs,
         saves_output=True,
         bwd_workspace_bytes=workspace,
     )
@@ -303,12 +308,12 @@ def _math_sdpa(
     if num_kv_heads != num_heads:
         k = seg.op(f"{label}.k_expand", [k], full_kv, DType.FP32)
     scores_numel = ctx.batch * num_heads * ctx.seq_len * kv_len
-    scores = seg.op(f"{label}.qk", [q, k], scores_numel, DType.FP32, saves=[q, k])
+    scores = seg.op(f"{label}.qk", [q, k], scores_numel, DType.FP32, saves=_matmul_saves(q, k))
     probs = seg.op(f"{label}.softmax", [scores], scores_numel, DType.FP32, saves_output=True)
     probs = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
     if num_kv_heads != num_heads:
         v = seg.op(f"{label}.v_expand", [v], full_kv, DType.FP32)
-    out = seg.op(f"{label}.pv", [probs, v], q.numel, DType.FP32, saves=[probs, v])
+    out = seg.op(f"{label}.pv", [probs, v], q.numel, DType.FP32, saves=_matmul_saves(probs, v))
     out = cast(seg, out, out_dtype, f"{label}.output_cast")
     # C++ locals live until the function returns, and the caller's q/k/v views until it does.
     seg.hold(*upcast, *views, label=f"{label}.locals")
@@ -338,10 +343,10 @@ def _eager_attention(
         k = seg.op(f"{label}.repeat_k", [k], full_kv, k.dtype)
         v = seg.op(f"{label}.repeat_v", [v], full_kv, v.dtype)
     q, k, v = (
-        _matmul_operand(seg, t, f"{label}.{n}_copy") for t, n in ((q, "q"), (k, "k"), (v, "v"))
+        _matmul_operand(seg, ctx, t, f"{label}.{n}_copy") for t, n in ((q, "q"), (k, "k"), (v, "v"))
     )
     scores_numel = b * num_heads * s * kv_len
-    scores = seg.op(f"{label}.qk", [q, k], scores_numel, q.dtype, saves=[q, k])
+    scores = seg.op(f"{label}.qk", [q, k], scores_numel, q.dtype, saves=_matmul_saves(q, k))
     scaled = seg.op(f"{label}.scale", [scores], scores_numel, q.dtype)
     # 16-bit scores plus an fp32 mask promote to fp32 (add is not on autocast's lists).
     masked_dtype = _promote(q.dtype, mask_dtype)
@@ -359,14 +364,21 @@ def _eager_attention(
     )
     probs = cast(seg, probs, q.dtype, f"{label}.probs_cast")
     probs = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
-    out = seg.op(f"{label}.pv", [probs, v], q.numel, q.dtype, saves=[probs, v])
+    out = seg.op(f"{label}.pv", [probs, v], q.numel, q.dtype, saves=_matmul_saves(probs, v))
     return seg.op(f"{label}.transpose", [out], q.numel, q.dtype, passthrough_grad=True)
 
 
-def _matmul_operand(seg: Segment, x: Tensor, label: str) -> Tensor:
-    """at::matmul folds (batch, heads) with reshape: a view into a fused projection's output
-    is copied, and autograd saves the copy rather than the whole projection output."""
-    if x.base is None:
+def _matmul_saves(a: Tensor, b: Tensor) -> list[Tensor | None]:
+    """bmm saves each operand for the other's gradient: ``a`` only if ``b`` needs one, and
+    ``b`` only if ``a`` does (keys with a trainable prefix next to frozen queries)."""
+    return [a if b.requires_grad else None, b if a.requires_grad else None]
+
+
+def _matmul_operand(seg: Segment, ctx: StepContext, x: Tensor, label: str) -> Tensor:
+    """at::matmul folds (batch, heads) with reshape: heads viewed out of a fused projection's
+    (batch, seq, heads, dim) output fold without a copy only for one sequence; otherwise they
+    are copied, and autograd saves the copy rather than the whole projection output."""
+    if x.base is None or ctx.batch == 1:
         return x
     return seg.op(label, [x], x.numel, x.dtype, passthrough_grad=True)
 
