@@ -354,7 +354,8 @@ def pre_ln_layer(
             "mlp_dropout",
         )
         m = ctx.method.branch_output(seg, ctx, m, "adapter_mlp")
-        out = residual_add(seg, residual_add(seg, x, o, "residual_attn"), m, "residual_mlp")
+        # GPTNeoXLayer: mlp_output + attn_output + hidden_states, the branches summed first.
+        out = residual_add(seg, residual_add(seg, m, o, "branch_sum"), x, "residual")
         seg.hold(mlp_in, x)
         return LayerGraph(seg, x, out, shared)
     h1 = residual_add(seg, x, o, "residual_attn")
