@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from memplan.analytic.blocks import (
     LinearSpec,
@@ -304,6 +305,10 @@ class PreLnStyle:
     softmax_fp32: bool = True  # attention softmax in fp32 (GPT-2's eager path keeps the dtype)
     eager_only: bool = False  # eager attention whatever the setup asks (BLOOM)
     mlp_act: ActivationBuilder | None = None  # the MLP's activation, if not ACT2FN[hidden_act]
+    # What the attention and MLP modules (where methods hook their outputs) end with: their
+    # output "projection" (the layer applies dropout: OPT, GPT-NeoX), their "dropout"
+    # (GPT-2), or dropout and the "residual" add (BLOOM's dropout_add).
+    branch_end: Literal["projection", "dropout", "residual"] = "projection"
 
 
 def pre_ln_layer(
@@ -341,36 +346,44 @@ def pre_ln_layer(
         # create_causal_mask builds the additive mask in the embeddings' dtype.
         mask_dtype=ctx.activation_dtype,
     )
-    o = dropout(seg, ctx, o, spec.hidden_dropout, "resid_dropout")
-    o = ctx.method.branch_output(seg, ctx, o, "adapter_attn")
+    with_residual = style.branch_end == "residual"
+    o = _branch_end(seg, ctx, spec, o, x, "attn", style.branch_end)
     seg.hold(ln1)  # `hidden_states` names ln_1's output until the attention returns
     if spec.parallel_attention:
         mlp_in = layer_norm(seg, ctx, x, "ln_2", h)
-        m = dropout(
-            seg,
-            ctx,
-            plain_mlp(seg, ctx, spec, mlp_in, style.mlp, style.mlp_act),
-            spec.hidden_dropout,
-            "mlp_dropout",
-        )
-        m = ctx.method.branch_output(seg, ctx, m, "adapter_mlp")
+        m = plain_mlp(seg, ctx, spec, mlp_in, style.mlp, style.mlp_act)
+        m = _branch_end(seg, ctx, spec, m, x, "mlp", style.branch_end)
         # GPTNeoXLayer: mlp_output + attn_output + hidden_states, the branches summed first.
         out = residual_add(seg, residual_add(seg, m, o, "branch_sum"), x, "residual")
         seg.hold(mlp_in, x)
         return LayerGraph(seg, x, out, shared)
-    h1 = residual_add(seg, x, o, "residual_attn")
+    h1 = o if with_residual else residual_add(seg, x, o, "residual_attn")
     ln2 = layer_norm(seg, ctx, h1, "ln_2", h)
-    m = dropout(
-        seg,
-        ctx,
-        plain_mlp(seg, ctx, spec, ln2, style.mlp, style.mlp_act),
-        spec.hidden_dropout,
-        "mlp_dropout",
-    )
-    m = ctx.method.branch_output(seg, ctx, m, "adapter_mlp")
+    m = plain_mlp(seg, ctx, spec, ln2, style.mlp, style.mlp_act)
+    m = _branch_end(seg, ctx, spec, m, h1, "mlp", style.branch_end)
     seg.hold(ln2)  # ... and ln_2's output until the MLP returns
-    out = residual_add(seg, h1, m, "residual_mlp")
+    out = m if with_residual else residual_add(seg, h1, m, "residual_mlp")
     # The block's `attn_output` local and the caller's `hidden_states` (the layer input) are
     # released when the layer returns.
     seg.hold(o, x)
     return LayerGraph(seg, x, out, shared)
+
+
+def _branch_end(
+    seg: Segment,
+    ctx: StepContext,
+    spec: ModelSpec,
+    y: Tensor,
+    residual: Tensor,
+    name: str,
+    end: Literal["projection", "dropout", "residual"],
+) -> Tensor:
+    """A branch's hidden dropout, the method's hook on its module's output (bottleneck
+    adapters) where the module ends, and the residual add when the module does it."""
+    if end == "projection":
+        y = ctx.method.branch_output(seg, ctx, y, f"adapter_{name}")
+        return dropout(seg, ctx, y, spec.hidden_dropout, f"{name}_dropout")
+    y = dropout(seg, ctx, y, spec.hidden_dropout, f"{name}_dropout")
+    if end == "residual":
+        y = residual_add(seg, residual, y, f"residual_{name}")
+    return ctx.method.branch_output(seg, ctx, y, f"adapter_{name}")

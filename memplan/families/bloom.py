@@ -84,6 +84,7 @@ class Bloom(PreLnFamily):
             mlp=("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
             eager_only=self.eager_attention_only,
             mlp_act=_bloom_gelu,
+            branch_end="residual",  # BloomAttention and BloomMLP end with dropout_add
         )
 
     def embeddings(
