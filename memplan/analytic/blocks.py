@@ -198,6 +198,28 @@ def rotary(seg: Segment, x: Tensor, cos: Tensor, sin: Tensor, label: str) -> Ten
     return seg.op(label, [xc, rs], x.numel, dtype, passthrough_grad=True)
 
 
+def partial_rotary(
+    seg: Segment,
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    rotary_dim: int,
+    head_dim: int,
+    label: str,
+) -> Tensor:
+    """GPT-NeoX's apply_rotary_pos_emb: the first ``rotary_dim`` of each head rotate, the rest
+    pass through, and torch.cat joins both into a new (batch, heads, seq, head_dim) tensor in
+    the rotated part's dtype (the pass-through part cast to it)."""
+    rot_numel = x.numel // head_dim * (rotary_dim or head_dim)
+    rot = seg.op(f"{label}.rot", [x], rot_numel, x.dtype, view_of=x, passthrough_grad=True)
+    rotated = rotary(seg, rot, cos, sin, label)
+    rest = seg.op(
+        f"{label}.pass", [x], x.numel - rot_numel, x.dtype, view_of=x, passthrough_grad=True
+    )
+    rest = cast(seg, rest, rotated.dtype, f"{label}.pass_cast")
+    return seg.op(f"{label}.cat", [rotated, rest], x.numel, rotated.dtype, passthrough_grad=True)
+
+
 def attention_core(
     seg: Segment,
     ctx: StepContext,
@@ -214,6 +236,7 @@ def attention_core(
     eager_only: bool = False,
     mask_dtype: DType | None = None,
     sdpa_math: bool = False,
+    heads_major_q: bool = False,
 ) -> Tensor:
     """Scaled dot-product attention over (batch, heads, seq, head_dim) tensors.
 
@@ -222,6 +245,7 @@ def attention_core(
     ``mask_dtype``: the dtype of the additive mask eager attention adds to the scores (None:
     the scores' own). ``sdpa_math``: the caller's SDPA call can only take torch's math kernel
     (key/value heads that broadcast without ``enable_gqa``: the fused kernels need equal heads).
+    ``heads_major_q``: q is a contiguous (batch, heads, seq, dim) tensor, not a transposed view.
     """
     b, s = ctx.batch, ctx.seq_len
     kv_len = kv_len or s
@@ -265,7 +289,7 @@ def attention_core(
         inputs.append(seg.op(f"{label}.mask", [], b * s * kv_len, q.dtype, requires_grad=False))
     # CUDA flash backward accumulates dQ in fp32 (dq_accum) before casting to q's dtype.
     workspace = q.numel * 4 if ctx.device == "cuda" else 0
-    return seg.op(
+    out = seg.op(
         f"{label}.sdpa",
         inputs,
         q.numel,
@@ -274,6 +298,11 @@ def attention_core(
         saves_output=True,
         bwd_workspace_bytes=workspace,
     )
+    if heads_major_q and ctx.device == "cpu":
+        # The CPU flash kernel lays its output out like q: transformers' transpose(1, 2)
+        # .contiguous() then copies a heads-major one (CUDA's is (b, s, heads, d) already).
+        out = seg.op(f"{label}.transpose", [out], out.numel, out.dtype, passthrough_grad=True)
+    return out
 
 
 def _math_sdpa(

@@ -19,6 +19,7 @@ from memplan.analytic.blocks import (
     dropout,
     layer_norm,
     linear,
+    partial_rotary,
     residual_add,
     rms_norm,
     rotary,
@@ -44,6 +45,7 @@ def self_attention(
     eager_only: bool = False,
     mask_dtype: DType | None = None,
     sdpa_math: bool = False,
+    heads_major_q: bool = False,
 ) -> Tensor:
     """Prefix keys/values, autocast's casts, attention over the sequence, output projection.
 
@@ -68,6 +70,7 @@ def self_attention(
         eager_only=eager_only,
         mask_dtype=mask_dtype,
         sdpa_math=sdpa_math,
+        heads_major_q=heads_major_q,
         kv_len=ctx.seq_len + ctx.prefix_len,
     )
     return linear(seg, ctx, attn, out)
@@ -83,9 +86,12 @@ class LayerGraph:
     shared: tuple[Tensor, ...] = ()  # rotary cos/sin: allocated once per forward
 
 
-def rope_tables(spec: ModelSpec, ctx: StepContext, seg: Segment) -> tuple[Tensor, Tensor]:
-    """cos and sin of LlamaRotaryEmbedding: (1, seq, head_dim) in the activation dtype."""
-    numel = ctx.seq_len * spec.head_dim
+def rope_tables(
+    spec: ModelSpec, ctx: StepContext, seg: Segment, rotary_dim: int = 0
+) -> tuple[Tensor, Tensor]:
+    """cos and sin of LlamaRotaryEmbedding: (1, seq, rotary_dim or head_dim) in the activation
+    dtype."""
+    numel = ctx.seq_len * (rotary_dim or spec.head_dim)
     cos = seg.input(numel, ctx.activation_dtype, "rope.cos", requires_grad=False, persistent=True)
     sin = seg.input(numel, ctx.activation_dtype, "rope.sin", requires_grad=False, persistent=True)
     return cos, sin
@@ -304,6 +310,7 @@ class PreLnStyle:
     mlp: tuple[str, str]  # MLP in and out projections
     softmax_fp32: bool = True  # attention softmax in fp32 (GPT-2's eager path keeps the dtype)
     eager_only: bool = False  # eager attention whatever the setup asks (BLOOM)
+    rotary_dim: int = 0  # rotary dimensions per head, rotated then cat with the rest (GPT-NeoX)
     mlp_act: ActivationBuilder | None = None  # the MLP's activation, if not ACT2FN[hidden_act]
     # What the attention and MLP modules (where methods hook their outputs) end with: their
     # output "projection" (the layer applies dropout: OPT, GPT-NeoX), their "dropout"
@@ -328,9 +335,12 @@ def pre_ln_layer(
     ln1 = layer_norm(seg, ctx, x, "ln_1", h)
     q, k, v = qkv_projections(seg, ctx, spec, ln1, names=style.qkv)
     if spec.position_embedding == "rope":
-        cos, sin = rope_tables(spec, ctx, seg)
+        cos, sin = rope_tables(spec, ctx, seg, style.rotary_dim)
         shared = (cos, sin)
-        q, k = rotary(seg, q, cos, sin, "q_rope"), rotary(seg, k, cos, sin, "k_rope")
+        q, k = (
+            partial_rotary(seg, t, cos, sin, style.rotary_dim, spec.head_dim, f"{n}_rope")
+            for t, n in ((q, "q"), (k, "k"))
+        )
     o = self_attention(
         seg,
         ctx,
@@ -345,6 +355,7 @@ def pre_ln_layer(
         eager_only=style.eager_only,
         # create_causal_mask builds the additive mask in the embeddings' dtype.
         mask_dtype=ctx.activation_dtype,
+        heads_major_q=bool(shared),  # torch.cat made q a new (batch, heads, seq, dim) tensor
     )
     with_residual = style.branch_end == "residual"
     o = _branch_end(seg, ctx, spec, o, x, "attn", style.branch_end)
