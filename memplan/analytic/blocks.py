@@ -235,7 +235,7 @@ def attention_core(
     softmax_fp32: bool = True,
     eager_only: bool = False,
     mask_dtype: DType | None = None,
-    sdpa_math: bool = False,
+    kv_broadcast: bool = False,
     heads_major_q: bool = False,
 ) -> Tensor:
     """Scaled dot-product attention over (batch, heads, seq, head_dim) tensors.
@@ -243,14 +243,15 @@ def attention_core(
     Returns the attention output laid out (batch, seq, heads, head_dim), ready for the output
     projection. ``eager_only`` for models whose scores need an explicit bias (ALiBi, T5).
     ``mask_dtype``: the dtype of the additive mask eager attention adds to the scores (None:
-    the scores' own). ``sdpa_math``: the caller's SDPA call can only take torch's math kernel
-    (key/value heads that broadcast without ``enable_gqa``: the fused kernels need equal heads).
+    the scores' own). ``kv_broadcast``: fewer key/value heads than query heads reach SDPA or
+    matmul without repeat_kv or ``enable_gqa``, to be broadcast: the fused SDPA kernels need
+    equal heads, so SDPA takes torch's math kernel.
     ``heads_major_q``: q is a contiguous (batch, heads, seq, dim) tensor, not a transposed view.
     """
     b, s = ctx.batch, ctx.seq_len
     kv_len = kv_len or s
     # CPU SDPA has no fused kernel with dropout and falls back to the math (eager-like) path.
-    math_fallback = sdpa_math or (dropout_p > 0 and ctx.device == "cpu")
+    math_fallback = kv_broadcast or (dropout_p > 0 and ctx.device == "cpu")
     if math_fallback and ctx.attention is not Attention.EAGER and not eager_only:
         return _math_sdpa(
             seg,
@@ -263,6 +264,7 @@ def attention_core(
             label=label,
             kv_len=kv_len,
             dropout_p=dropout_p,
+            kv_broadcast=kv_broadcast,
         )
     if ctx.attention is Attention.EAGER or eager_only:
         return _eager_attention(
@@ -278,6 +280,7 @@ def attention_core(
             dropout_p=dropout_p,
             softmax_fp32=softmax_fp32,
             mask_dtype=q.dtype if mask_dtype is None else mask_dtype,
+            kv_broadcast=kv_broadcast,
         )
     # Flash / memory-efficient SDPA (and flash-attn 2) save q, k, v, the output and the fp32
     # log-sum-exp per (batch, head, query); the output is already (b, s, heads, d) in memory.
@@ -317,11 +320,12 @@ def _math_sdpa(
     label: str,
     kv_len: int,
     dropout_p: float,
+    kv_broadcast: bool,
 ) -> Tensor:
     """_scaled_dot_product_attention_math (the CPU path with dropout): 16-bit inputs are
     upcast to fp32; q and k are scaled by sqrt(scale) into copies kept for backward with v;
     softmax, dropout and the product run in fp32; the output is cast back. Key/value heads
-    shared by several query heads are broadcast by at::matmul, which saves expanded copies.
+    broadcast to several query heads are expanded by at::matmul (see ``_broadcast_copies``).
     """
     out_dtype = q.dtype
     views = [q, k, v]
@@ -334,13 +338,14 @@ def _math_sdpa(
     k = seg.op(f"{label}.k_scaled", [k], k.numel, DType.FP32)
     upcast += [q, k]
     full_kv = q.numel // ctx.seq_len * kv_len
-    if num_kv_heads != num_heads:
+    expand = kv_broadcast and num_kv_heads != num_heads and _broadcast_copies(ctx)
+    if expand:
         k = seg.op(f"{label}.k_expand", [k], full_kv, DType.FP32)
     scores_numel = ctx.batch * num_heads * ctx.seq_len * kv_len
     scores = seg.op(f"{label}.qk", [q, k], scores_numel, DType.FP32, saves=_matmul_saves(q, k))
     probs = seg.op(f"{label}.softmax", [scores], scores_numel, DType.FP32, saves_output=True)
     probs = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
-    if num_kv_heads != num_heads:
+    if expand:
         v = seg.op(f"{label}.v_expand", [v], full_kv, DType.FP32)
     out = seg.op(f"{label}.pv", [probs, v], q.numel, DType.FP32, saves=_matmul_saves(probs, v))
     out = cast(seg, out, out_dtype, f"{label}.output_cast")
@@ -363,12 +368,14 @@ def _eager_attention(
     dropout_p: float,
     softmax_fp32: bool,
     mask_dtype: DType,
+    kv_broadcast: bool,
 ) -> Tensor:
     """eager_attention_forward: repeat_kv, q @ k^T * scale, + mask, softmax, dropout, @ v,
     transpose."""
     b, s = ctx.batch, ctx.seq_len
     full_kv = q.numel // s * kv_len
-    if num_kv_heads != num_heads:  # repeat_kv: expand + reshape materializes full heads
+    # repeat_kv (expand + reshape) materializes full heads; so does matmul's broadcast.
+    if num_kv_heads != num_heads and (not kv_broadcast or _broadcast_copies(ctx)):
         k = seg.op(f"{label}.repeat_k", [k], full_kv, k.dtype)
         v = seg.op(f"{label}.repeat_v", [v], full_kv, v.dtype)
     q, k, v = (
@@ -405,11 +412,18 @@ def _matmul_saves(a: Tensor, b: Tensor) -> list[Tensor | None]:
 
 def _matmul_operand(seg: Segment, ctx: StepContext, x: Tensor, label: str) -> Tensor:
     """at::matmul folds (batch, heads) with reshape: heads viewed out of a fused projection's
-    (batch, seq, heads, dim) output fold without a copy only for one sequence; otherwise they
-    are copied, and autograd saves the copy rather than the whole projection output."""
-    if x.base is None or ctx.batch == 1:
+    (batch, seq, heads, dim) output are copied (see ``_broadcast_copies``), and autograd saves
+    the copy rather than the whole projection output."""
+    if x.base is None or not _broadcast_copies(ctx):
         return x
     return seg.op(label, [x], x.numel, x.dtype, passthrough_grad=True)
+
+
+def _broadcast_copies(ctx: StepContext) -> bool:
+    """Whether at::matmul's reshape of (batch, heads, ...) into one batch dimension copies a
+    tensor whose heads are strided (views into a fused output) or broadcast (stride 0): it
+    does, unless the batch is one sequence, whose size-1 dimension folds into a view."""
+    return ctx.batch > 1
 
 
 def layer_norm(

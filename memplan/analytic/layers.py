@@ -44,7 +44,7 @@ def self_attention(
     softmax_fp32: bool = True,
     eager_only: bool = False,
     mask_dtype: DType | None = None,
-    sdpa_math: bool = False,
+    kv_broadcast: bool = False,
     heads_major_q: bool = False,
 ) -> Tensor:
     """Prefix keys/values, autocast's casts, attention over the sequence, output projection.
@@ -69,7 +69,7 @@ def self_attention(
         softmax_fp32=softmax_fp32,
         eager_only=eager_only,
         mask_dtype=mask_dtype,
-        sdpa_math=sdpa_math,
+        kv_broadcast=kv_broadcast,
         heads_major_q=heads_major_q,
         kv_len=ctx.seq_len + ctx.prefix_len,
     )

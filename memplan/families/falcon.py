@@ -204,8 +204,8 @@ class Falcon(PreLnFamily):
             # softmax(scores + mask, dtype=hidden_states.dtype): the dtype of the residual stream.
             softmax_fp32=False,
             mask_dtype=ctx.activation_dtype,
-            # One shared KV head without enable_gqa: the fused SDPA kernels need equal heads.
-            sdpa_math=kv_heads != heads,
+            # The shared KV head reaches SDPA and matmul as it is (no enable_gqa, no repeat_kv).
+            kv_broadcast=kv_heads != heads,
         )
         return o, shared
 
