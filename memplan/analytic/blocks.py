@@ -472,17 +472,19 @@ def activation(seg: Segment, x: Tensor, name: str, label: str) -> Tensor:
     is Python arithmetic and saves x, x**3's input, tanh's output and the two factors.
     """
     if name in ("gelu_new", "gelu_fast", "gelu_accurate"):
-        # 0.5 * x * (1 + tanh(c * (x + 0.044715 * x**3))): pow saves x, tanh its output,
-        # the last mul both factors (0.5 * x and 1 + tanh).
+        # 0.5 * x * (1 + tanh(c * (x + 0.044715 * x**3))), left to right: pow saves x, tanh its
+        # output, the last mul both factors (0.5 * x and 1 + tanh); products with a scalar
+        # and additions save nothing.
+        half = seg.op(f"{label}.half", [x], x.numel, x.dtype)
         # pow backward: grad * 3 * x.pow(2) keeps two temporaries beside the result.
         cube = seg.op(
             f"{label}.pow", [x], x.numel, x.dtype, saves=[x], bwd_workspace_bytes=2 * x.nbytes
         )
-        inner = seg.op(f"{label}.inner", [x, cube], x.numel, x.dtype)
+        cube = seg.op(f"{label}.cube_scale", [cube], x.numel, x.dtype)
+        inner = seg.op(f"{label}.inner", [x, cube], x.numel, x.dtype, passthrough_grad=True)
         scaled = seg.op(f"{label}.scale", [inner], x.numel, x.dtype)
         th = seg.op(f"{label}.tanh", [scaled], x.numel, x.dtype, saves_output=True)
         one_plus = seg.op(f"{label}.one_plus", [th], x.numel, x.dtype, passthrough_grad=True)
-        half = seg.op(f"{label}.half", [x], x.numel, x.dtype)
         return seg.op(label, [half, one_plus], x.numel, x.dtype, saves=[half, one_plus])
     if name == "relu":
         return seg.op(label, [x], x.numel, x.dtype, saves_output=True)
