@@ -84,7 +84,7 @@ class StepComposer:
                 phase=Phase.FORWARD,
                 step=step,
                 keep_saved=self.autograd,
-                keep=[stack.embed_out, *model_locals],
+                keep=[stack.embed_out, *model_locals, *_grad_leaves(stack)],
             ).events
         )
         items += self._shared_events(stack, step, "alloc")
