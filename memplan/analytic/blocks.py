@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from memplan.analytic.context import StepContext
 from memplan.analytic.graph import ParamGrad, Segment, Tensor
+from memplan.analytic.symbolic import NotSymbolicError
 from memplan.dtypes import DType, Quantization, dtype_bytes
 from memplan.specs.training import Attention, LinearRole
 
@@ -422,7 +423,10 @@ def _matmul_operand(seg: Segment, ctx: StepContext, x: Tensor, label: str) -> Te
 def _broadcast_copies(ctx: StepContext) -> bool:
     """Whether at::matmul's reshape of (batch, heads, ...) into one batch dimension copies a
     tensor whose heads are strided (views into a fused output) or broadcast (stride 0): it
-    does, unless the batch is one sequence, whose size-1 dimension folds into a view."""
+    does, unless the batch is one sequence, whose size-1 dimension folds into a view. A
+    symbolic micro-batch cannot tell (sweeps predict such setups with numbers)."""
+    if not isinstance(ctx.batch, int):
+        raise NotSymbolicError("whether at::matmul copies depends on the micro-batch")
     return ctx.batch > 1
 
 

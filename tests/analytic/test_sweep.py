@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from memplan.analytic.predict import predict
 from memplan.analytic.sweep import sweep_peaks, trace_peaks
+from memplan.analytic.symbolic import NotSymbolicError
 from memplan.catalog import load_model
 from memplan.errors import MemplanError
 from memplan.specs import ParallelSetup, TrainingSetup
@@ -42,7 +43,11 @@ def test_symbolic_trace_gives_every_peak_of_the_numeric_one(
     name, setup, parallel = data.draw(configs(models))
     shapes = data.draw(_SHAPES)
     expected = _expected(name, setup, parallel, shapes)
-    trace = predict(load_model(name), setup, parallel, symbolic=True).trace
+    try:
+        trace = predict(load_model(name), setup, parallel, symbolic=True).trace
+    except NotSymbolicError:  # the step depends on the micro-batch: sweeps use numbers
+        assume(False)
+        raise
     batch, seq_len = zip(*shapes, strict=True)
     assert trace_peaks(trace, batch, seq_len) == expected
 
