@@ -238,6 +238,7 @@ def attention_core(
     mask_dtype: DType | None = None,
     kv_broadcast: bool = False,
     heads_major_q: bool = False,
+    sdpa_mask: bool = False,
 ) -> Tensor:
     """Scaled dot-product attention over (batch, heads, seq, head_dim) tensors.
 
@@ -248,6 +249,8 @@ def attention_core(
     matmul without repeat_kv or ``enable_gqa``, to be broadcast: the fused SDPA kernels need
     equal heads, so SDPA takes torch's math kernel.
     ``heads_major_q``: q is a contiguous (batch, heads, seq, dim) tensor, not a transposed view.
+    ``sdpa_mask``: the caller passes SDPA a boolean causal mask instead of ``is_causal`` (as
+    transformers does anyway when keys outnumber queries).
     """
     b, s = ctx.batch, ctx.seq_len
     kv_len = kv_len or s
@@ -287,9 +290,9 @@ def attention_core(
     # log-sum-exp per (batch, head, query); the output is already (b, s, heads, d) in memory.
     lse = seg.op(f"{label}.logsumexp", [], b * num_heads * s, DType.FP32, requires_grad=False)
     inputs = [q, k, v, lse]
-    if kv_len != s:
-        # Keys beyond the queries (a prefix): no is_causal but a boolean mask, which SDPA turns
-        # into an additive one in the query dtype; the fused kernel saves it for backward.
+    if sdpa_mask or kv_len != s:
+        # A boolean mask instead of is_causal (always with a prefix): SDPA turns it into an
+        # additive one in the query dtype, and the fused kernel saves that for backward.
         inputs.append(seg.op(f"{label}.mask", [], b * s * kv_len, q.dtype, requires_grad=False))
     # CUDA flash backward accumulates dQ in fp32 (dq_accum) before casting to q's dtype.
     workspace = q.numel * 4 if ctx.device == "cuda" else 0

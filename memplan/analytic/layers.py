@@ -46,6 +46,7 @@ def self_attention(
     mask_dtype: DType | None = None,
     kv_broadcast: bool = False,
     heads_major_q: bool = False,
+    sdpa_mask: bool = False,
 ) -> Tensor:
     """Prefix keys/values, autocast's casts, attention over the sequence, output projection.
 
@@ -71,6 +72,7 @@ def self_attention(
         mask_dtype=mask_dtype,
         kv_broadcast=kv_broadcast,
         heads_major_q=heads_major_q,
+        sdpa_mask=sdpa_mask,
         kv_len=ctx.seq_len + ctx.prefix_len,
     )
     return linear(seg, ctx, attn, out)

@@ -206,6 +206,8 @@ class Falcon(PreLnFamily):
             mask_dtype=ctx.activation_dtype,
             # The shared KV head reaches SDPA and matmul as it is (no enable_gqa, no repeat_kv).
             kv_broadcast=kv_heads != heads,
+            # FalconModel materializes the causal mask for SDPA (allow_is_causal_skip=False).
+            sdpa_mask=True,
         )
         return o, shared
 
