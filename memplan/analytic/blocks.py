@@ -242,6 +242,28 @@ def rotary(
     return out
 
 
+def partial_rotary(
+    seg: Segment,
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    rotary_dim: int,
+    head_dim: int,
+    label: str,
+) -> Tensor:
+    """GPT-NeoX's apply_rotary_pos_emb: the first ``rotary_dim`` of each head rotate, the rest
+    pass through, and torch.cat joins both into a new (batch, heads, seq, head_dim) tensor in
+    the rotated part's dtype (the pass-through part cast to it)."""
+    rot_numel = x.numel // head_dim * (rotary_dim or head_dim)
+    rot = seg.op(f"{label}.rot", [x], rot_numel, x.dtype, view_of=x, passthrough_grad=True)
+    rotated = rotary(seg, rot, cos, sin, label)
+    rest = seg.op(
+        f"{label}.pass", [x], x.numel - rot_numel, x.dtype, view_of=x, passthrough_grad=True
+    )
+    rest = cast(seg, rest, rotated.dtype, f"{label}.pass_cast")
+    return seg.op(f"{label}.cat", [rotated, rest], x.numel, rotated.dtype, passthrough_grad=True)
+
+
 def attention_core(
     seg: Segment,
     ctx: StepContext,
@@ -258,6 +280,8 @@ def attention_core(
     eager_only: bool = False,
     softcap: bool = False,
     mask: bool = False,
+    mask_dtype: DType | None = None,
+    kv_broadcast: bool = False,
     head_major_q: bool = False,
 ) -> Tensor:
     """Scaled dot-product attention over (batch, heads, seq, head_dim) tensors.
@@ -266,18 +290,24 @@ def attention_core(
     projection. ``eager_only`` for models whose scores need an explicit bias (ALiBi, T5);
     ``softcap``: scores soft-capped with tanh before the mask (Gemma2; flash-attn does it in
     its kernel). ``mask``: SDPA gets transformers' boolean (batch, 1, seq, kv_len) mask
-    instead of ``is_causal``; scaled_dot_product_attention converts it to an additive mask in
-    the query's dtype (convert_boolean_attn_mask), one per layer. ``head_major_q``: q is laid
-    out (batch, heads, seq, head_dim) in memory (Phi-3's rotary cat).
+    instead of ``is_causal`` (as it does anyway when keys outnumber queries);
+    scaled_dot_product_attention converts it to an additive mask in the query's dtype
+    (convert_boolean_attn_mask), one per layer. ``mask_dtype``: the dtype of the additive mask
+    eager attention adds to the scores (None: the scores' own). ``kv_broadcast``: fewer
+    key/value heads than query heads reach SDPA or matmul without repeat_kv or ``enable_gqa``,
+    to be broadcast: the fused SDPA kernels need equal heads, so SDPA takes torch's math
+    kernel. ``head_major_q``: q is laid out (batch, heads, seq, head_dim) in memory (a rotary
+    ``cat``), not a transposed view.
     """
     b, s = ctx.batch, ctx.seq_len
     kv_len = kv_len or s
+    sdpa = ctx.attention is not Attention.EAGER and not eager_only
     float_mask = None
-    if mask and ctx.attention is not Attention.EAGER and not eager_only:
+    if sdpa and (mask or kv_len != s):
         float_mask = seg.op(f"{label}.float_mask", [], b * s * kv_len, q.dtype, requires_grad=False)
     # CPU SDPA has no fused kernel with dropout and falls back to the math (eager-like) path.
-    math_fallback = dropout_p > 0 and ctx.device == "cpu"
-    if math_fallback and ctx.attention is not Attention.EAGER and not eager_only:
+    math_fallback = kv_broadcast or (dropout_p > 0 and ctx.device == "cpu")
+    if math_fallback and sdpa:
         return _math_sdpa(
             seg,
             ctx,
@@ -285,12 +315,14 @@ def attention_core(
             k,
             v,
             num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
             label=label,
             kv_len=kv_len,
             dropout_p=dropout_p,
             float_mask=float_mask,
+            kv_broadcast=kv_broadcast,
         )
-    if ctx.attention is Attention.EAGER or eager_only:
+    if not sdpa:
         return _eager_attention(
             seg,
             ctx,
@@ -304,6 +336,8 @@ def attention_core(
             dropout_p=dropout_p,
             softmax_fp32=softmax_fp32,
             softcap=softcap,
+            mask_dtype=q.dtype if mask_dtype is None else mask_dtype,
+            kv_broadcast=kv_broadcast,
         )
     # Flash / memory-efficient SDPA (and flash-attn 2) save q, k, v, the output and the fp32
     # log-sum-exp per (batch, head, query), and the mask they were given; the output is
@@ -321,9 +355,10 @@ def attention_core(
         saves_output=True,
         bwd_workspace_bytes=workspace,
     )
-    if head_major_q:
-        # The kernel's output follows q's layout, so sdpa_attention_forward's
-        # transpose(1, 2).contiguous() copies it.
+    if head_major_q and ctx.device == "cpu":
+        # The CPU flash kernel lays its output out like q: sdpa_attention_forward's
+        # transpose(1, 2).contiguous() then copies a heads-major one (CUDA's is (b, s, heads,
+        # d) already).
         out = seg.op(f"{label}.transpose", [out], q.numel, q.dtype, passthrough_grad=True)
     return out
 
@@ -341,15 +376,19 @@ def _math_sdpa(
     v: Tensor,
     *,
     num_heads: int,
+    num_kv_heads: int,
     label: str,
     kv_len: int,
     dropout_p: float,
     float_mask: Tensor | None = None,
+    kv_broadcast: bool = False,
 ) -> Tensor:
-    """_scaled_dot_product_attention_math (the CPU path with dropout): 16-bit inputs are
-    upcast to fp32; q and k are scaled by sqrt(scale) into copies kept for backward with v;
-    softmax, dropout and the product run in fp32; the output is cast back. An additive mask
-    is added to the scores in place.
+    """_scaled_dot_product_attention_math (the CPU path with dropout, or key/value heads to
+    broadcast): 16-bit inputs are upcast to fp32; q and k are scaled by sqrt(scale) into
+    copies kept for backward with v; softmax, dropout and the product run in fp32; the output
+    is cast back. An additive mask is added to the scores in place; key/value heads broadcast
+    to several query heads are expanded by at::matmul (a copy unless the batch is one
+    sequence).
     """
     out_dtype = q.dtype
     views = [q, k, v]
@@ -361,15 +400,21 @@ def _math_sdpa(
     q = seg.op(f"{label}.q_scaled", [q], q.numel, DType.FP32)
     k = seg.op(f"{label}.k_scaled", [k], k.numel, DType.FP32)
     upcast += [q, k]
+    full_kv = q.numel // ctx.seq_len * kv_len
+    expand = kv_broadcast and num_kv_heads != num_heads and ctx.batched
+    if expand:
+        k = seg.op(f"{label}.k_expand", [k], full_kv, DType.FP32)
     scores_numel = ctx.batch * num_heads * ctx.seq_len * kv_len
     scores = seg.op(f"{label}.qk", [q, k], scores_numel, DType.FP32, saves=_bmm_saves(q, k))
     probs = seg.op(f"{label}.softmax", [scores], scores_numel, DType.FP32, saves_output=True)
     probs = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
+    if expand:
+        v = seg.op(f"{label}.v_expand", [v], full_kv, DType.FP32)
     out = seg.op(f"{label}.pv", [probs, v], q.numel, DType.FP32, saves=_bmm_saves(probs, v))
     out = cast(seg, out, out_dtype, f"{label}.output_cast")
     # C++ locals live until the function returns, and the caller's q/k/v views until it does.
-    mask = [float_mask] if float_mask else []
-    seg.hold(*upcast, *views, *mask, label=f"{label}.locals")
+    held = [float_mask] if float_mask else []
+    seg.hold(*upcast, *views, *held, label=f"{label}.locals")
     return out
 
 
@@ -386,11 +431,16 @@ def _eager_attention(
     kv_len: int,
     dropout_p: float,
     softmax_fp32: bool,
+    mask_dtype: DType,
     softcap: bool = False,
+    kv_broadcast: bool = False,
 ) -> Tensor:
-    """eager_attention_forward: repeat_kv, q @ k^T * scale, softmax, dropout, @ v, transpose."""
+    """eager_attention_forward: repeat_kv, q @ k^T * scale, + mask, softmax, dropout, @ v,
+    transpose."""
     b, s = ctx.batch, ctx.seq_len
-    if num_kv_heads != num_heads:
+    # repeat_kv (expand + reshape) materializes full heads; so does matmul's broadcast, unless
+    # the batch is one sequence.
+    if num_kv_heads != num_heads and (not kv_broadcast or ctx.batched):
         k = repeat_kv(seg, k, num_heads // num_kv_heads, f"{label}.repeat_k")
         v = repeat_kv(seg, v, num_heads // num_kv_heads, f"{label}.repeat_v")
     scores_numel = b * num_heads * s * kv_len
@@ -402,9 +452,11 @@ def _eager_attention(
         capped = seg.op(f"{label}.softcap_div", [scaled], scores_numel, q.dtype)
         th = seg.op(f"{label}.softcap_tanh", [capped], scores_numel, q.dtype, saves_output=True)
         scaled = seg.op(f"{label}.softcap_mul", [th], scores_numel, q.dtype)
-    masked = seg.op(f"{label}.mask", [scaled], scores_numel, q.dtype, passthrough_grad=True)
-    # softmax(x, dtype=float32) first casts its 16-bit input to an fp32 copy (an autograd op:
-    # the backward computes the scores' gradient in fp32 and casts it back).
+    # 16-bit scores plus an fp32 mask promote to fp32 (add is not on autocast's lists).
+    masked_dtype = promote(q.dtype, mask_dtype)
+    masked = seg.op(f"{label}.mask", [scaled], scores_numel, masked_dtype, passthrough_grad=True)
+    # softmax(x, dtype=float32) first casts a 16-bit input to an fp32 copy (an autograd op: the
+    # backward computes the scores' gradient in fp32 and casts it back).
     upcast = cast(seg, masked, DType.FP32, f"{label}.softmax_upcast") if softmax_fp32 else masked
     probs = seg.op(f"{label}.softmax", [upcast], scores_numel, upcast.dtype, saves_output=True)
     probs = cast(seg, probs, q.dtype, f"{label}.probs_cast")
@@ -425,7 +477,8 @@ def _bmm_operand(seg: Segment, ctx: StepContext, x: Tensor, label: str) -> Tenso
 
 
 def _bmm_saves(a: Tensor, b: Tensor) -> list[Tensor | None]:
-    """bmm saves each operand only for the other's gradient (derivatives.yaml)."""
+    """bmm saves each operand only for the other's gradient (derivatives.yaml): keys with a
+    trainable prefix next to frozen queries."""
     return [a if b.requires_grad else None, b if a.requires_grad else None]
 
 
@@ -475,17 +528,19 @@ def activation(seg: Segment, x: Tensor, name: str, label: str) -> Tensor:
     is Python arithmetic and saves x, x**3's input, tanh's output and the two factors.
     """
     if name in ("gelu_new", "gelu_fast", "gelu_accurate"):
-        # 0.5 * x * (1 + tanh(c * (x + 0.044715 * x**3))): pow saves x, tanh its output,
-        # the last mul both factors (0.5 * x and 1 + tanh).
+        # 0.5 * x * (1 + tanh(c * (x + 0.044715 * x**3))), left to right: pow saves x, tanh its
+        # output, the last mul both factors (0.5 * x and 1 + tanh); products with a scalar
+        # and additions save nothing.
+        half = seg.op(f"{label}.half", [x], x.numel, x.dtype)
         # pow backward: grad * 3 * x.pow(2) keeps two temporaries beside the result.
         cube = seg.op(
             f"{label}.pow", [x], x.numel, x.dtype, saves=[x], bwd_workspace_bytes=2 * x.nbytes
         )
-        inner = seg.op(f"{label}.inner", [x, cube], x.numel, x.dtype)
+        cube = seg.op(f"{label}.cube_scale", [cube], x.numel, x.dtype)
+        inner = seg.op(f"{label}.inner", [x, cube], x.numel, x.dtype, passthrough_grad=True)
         scaled = seg.op(f"{label}.scale", [inner], x.numel, x.dtype)
         th = seg.op(f"{label}.tanh", [scaled], x.numel, x.dtype, saves_output=True)
         one_plus = seg.op(f"{label}.one_plus", [th], x.numel, x.dtype, passthrough_grad=True)
-        half = seg.op(f"{label}.half", [x], x.numel, x.dtype)
         return seg.op(label, [half, one_plus], x.numel, x.dtype, saves=[half, one_plus])
     if name == "relu":
         return seg.op(label, [x], x.numel, x.dtype, saves_output=True)

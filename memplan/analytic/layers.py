@@ -7,7 +7,9 @@ families with layers of their own (BERT, T5) build them from the pieces here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from memplan.analytic.blocks import (
     LinearSpec,
@@ -18,6 +20,7 @@ from memplan.analytic.blocks import (
     grouped_linear,
     layer_norm,
     linear,
+    partial_rotary,
     repeat_kv,
     residual_add,
     rms_norm,
@@ -44,16 +47,21 @@ def self_attention(
     eager_only: bool = False,
     softcap: bool = False,
     head_major_q: bool = False,
+    mask_dtype: DType | None = None,
+    kv_broadcast: bool = False,
+    mask: bool = False,
 ) -> Tensor:
     """Prefix keys/values, autocast's casts, attention over the sequence, output projection.
 
     Under AMP scaled_dot_product_attention is on autocast's lower-precision list, so q, k and v
     (fp32 after a rotary product with fp32 tables) are cast to the compute dtype first.
+    ``mask``: the model hands SDPA a materialized causal mask whatever the setup (Falcon); the
+    other arguments are attention_core's.
     """
     q, k, v = qkv
     k, v = ctx.method.attention_kv(seg, ctx, k, v, kv_heads * spec.head_dim)
-    masked = ctx.sdpa_mask and not eager_only
-    if masked and kv_heads != heads:
+    masked = (mask or ctx.sdpa_mask) and not eager_only
+    if ctx.sdpa_mask and not eager_only and kv_heads != heads and not kv_broadcast:
         # sdpa_attention_forward turns enable_gqa off when it passes a mask, so repeat_kv
         # copies the key/value heads (transformers integrations/sdpa_attention.py).
         k = repeat_kv(seg, k, heads // kv_heads, f"{label}.repeat_k")
@@ -74,6 +82,8 @@ def self_attention(
         softmax_fp32=softmax_fp32,
         eager_only=eager_only,
         softcap=softcap,
+        mask_dtype=mask_dtype,
+        kv_broadcast=kv_broadcast,
         kv_len=ctx.seq_len + ctx.prefix_len,
         mask=masked,
         head_major_q=head_major_q,
@@ -91,9 +101,12 @@ class LayerGraph:
     shared: tuple[Tensor, ...] = ()  # rotary cos/sin: allocated once per forward
 
 
-def rope_tables(spec: ModelSpec, ctx: StepContext, seg: Segment) -> tuple[Tensor, Tensor]:
-    """cos and sin of LlamaRotaryEmbedding: (1, seq, head_dim) in the activation dtype."""
-    numel = ctx.seq_len * spec.head_dim
+def rope_tables(
+    spec: ModelSpec, ctx: StepContext, seg: Segment, rotary_dim: int = 0
+) -> tuple[Tensor, Tensor]:
+    """cos and sin of LlamaRotaryEmbedding: (1, seq, rotary_dim or head_dim) in the activation
+    dtype."""
+    numel = ctx.seq_len * (rotary_dim or spec.head_dim)
     cos = seg.input(numel, ctx.activation_dtype, "rope.cos", requires_grad=False, persistent=True)
     sin = seg.input(numel, ctx.activation_dtype, "rope.sin", requires_grad=False, persistent=True)
     return cos, sin
@@ -368,13 +381,22 @@ def qkv_projections(
     return q, k, v
 
 
+ActivationBuilder = Callable[[Segment, Tensor], Tensor]
+"""An MLP activation's ops (seg, x) -> output, for activations outside ACT2FN (BloomGelu)."""
+
+
 def plain_mlp(
-    seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor, names: tuple[str, str]
+    seg: Segment,
+    ctx: StepContext,
+    spec: ModelSpec,
+    x: Tensor,
+    names: tuple[str, str],
+    act: ActivationBuilder | None = None,
 ) -> Tensor:
     """fc -> activation -> proj (GPT-2, OPT, GPT-NeoX, Falcon, BLOOM, BERT)."""
     h, i = spec.hidden_size, spec.intermediate_size // ctx.tensor_parallel_degree
     up = linear(seg, ctx, x, LinearSpec(names[0], h, i, "up", bias=spec.mlp_bias))
-    a = activation(seg, up, spec.hidden_act, "mlp.act")
+    a = act(seg, up) if act else activation(seg, up, spec.hidden_act, "mlp.act")
     return linear(seg, ctx, a, LinearSpec(names[1], i, h, "down", bias=spec.mlp_bias))
 
 
@@ -386,16 +408,22 @@ class PreLnStyle:
     out: str  # attention output projection
     mlp: tuple[str, str]  # MLP in and out projections
     softmax_fp32: bool = True  # attention softmax in fp32 (GPT-2's eager path keeps the dtype)
-    mlp_reads_ln1: bool = False  # parallel attention whose MLP reads ln_1's output (one norm)
+    eager_only: bool = False  # eager attention whatever the setup asks (BLOOM)
+    rotary_dim: int = 0  # rotary dimensions per head, rotated then cat with the rest (GPT-NeoX)
+    mlp_act: ActivationBuilder | None = None  # the MLP's activation, if not ACT2FN[hidden_act]
+    # What the attention and MLP modules (where methods hook their outputs) end with: their
+    # output "projection" (the layer applies dropout: OPT, GPT-NeoX), their "dropout"
+    # (GPT-2), or dropout and the "residual" add (BLOOM's dropout_add).
+    branch_end: Literal["projection", "dropout", "residual"] = "projection"
 
 
 def pre_ln_layer(
     spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool, style: PreLnStyle
 ) -> LayerGraph:
-    """Pre-LayerNorm blocks with a plain MLP: GPT-2, GPT-NeoX, Falcon, BLOOM, OPT.
+    """Pre-LayerNorm blocks with a plain MLP: GPT-2, GPT-NeoX, BLOOM, OPT.
 
-    GPT-NeoX and Falcon add attention and MLP to the residual in parallel; BLOOM's ALiBi
-    scores need the eager path; GPT-2 and OPT apply residual dropout.
+    GPT-NeoX adds attention and MLP to the residual in parallel; BLOOM's ALiBi scores need the
+    eager path; GPT-2 and OPT apply residual dropout.
     """
     seg = Segment("layer")
     tp = ctx.tensor_parallel_degree
@@ -406,9 +434,12 @@ def pre_ln_layer(
     ln1 = layer_norm(seg, ctx, x, "ln_1", h)
     q, k, v = qkv_projections(seg, ctx, spec, ln1, names=style.qkv)
     if spec.position_embedding == "rope":
-        cos, sin = rope_tables(spec, ctx, seg)
+        cos, sin = rope_tables(spec, ctx, seg, style.rotary_dim)
         shared = (cos, sin)
-        q, k = rotary(seg, q, cos, sin, "q_rope"), rotary(seg, k, cos, sin, "k_rope")
+        q, k = (
+            partial_rotary(seg, t, cos, sin, style.rotary_dim, spec.head_dim, f"{n}_rope")
+            for t, n in ((q, "q"), (k, "k"))
+        )
     o = self_attention(
         seg,
         ctx,
@@ -420,33 +451,49 @@ def pre_ln_layer(
         label="attn",
         dropout_p=spec.attention_dropout,
         softmax_fp32=style.softmax_fp32,
-        eager_only=spec.position_embedding == "alibi",
+        eager_only=style.eager_only,
+        # create_causal_mask builds the additive mask in the embeddings' dtype.
+        mask_dtype=ctx.activation_dtype,
+        head_major_q=bool(shared),  # torch.cat made q a new (batch, heads, seq, dim) tensor
     )
-    o = dropout(seg, ctx, o, spec.hidden_dropout, "resid_dropout")
-    o = ctx.method.branch_output(seg, ctx, o, "adapter_attn")
+    with_residual = style.branch_end == "residual"
+    o = _branch_end(seg, ctx, spec, o, x, "attn", style.branch_end)
     seg.hold(ln1)  # `hidden_states` names ln_1's output until the attention returns
     if spec.parallel_attention:
-        mlp_in = ln1 if style.mlp_reads_ln1 else layer_norm(seg, ctx, x, "ln_2", h)
-        m = dropout(
-            seg,
-            ctx,
-            plain_mlp(seg, ctx, spec, mlp_in, style.mlp),
-            spec.hidden_dropout,
-            "mlp_dropout",
-        )
-        m = ctx.method.branch_output(seg, ctx, m, "adapter_mlp")
-        out = residual_add(seg, residual_add(seg, x, o, "residual_attn"), m, "residual_mlp")
+        mlp_in = layer_norm(seg, ctx, x, "ln_2", h)
+        m = plain_mlp(seg, ctx, spec, mlp_in, style.mlp, style.mlp_act)
+        m = _branch_end(seg, ctx, spec, m, x, "mlp", style.branch_end)
+        # GPTNeoXLayer: mlp_output + attn_output + hidden_states, the branches summed first.
+        out = residual_add(seg, residual_add(seg, m, o, "branch_sum"), x, "residual")
         seg.hold(mlp_in, x)
         return LayerGraph(seg, x, out, shared)
-    h1 = residual_add(seg, x, o, "residual_attn")
+    h1 = o if with_residual else residual_add(seg, x, o, "residual_attn")
     ln2 = layer_norm(seg, ctx, h1, "ln_2", h)
-    m = dropout(
-        seg, ctx, plain_mlp(seg, ctx, spec, ln2, style.mlp), spec.hidden_dropout, "mlp_dropout"
-    )
-    m = ctx.method.branch_output(seg, ctx, m, "adapter_mlp")
+    m = plain_mlp(seg, ctx, spec, ln2, style.mlp, style.mlp_act)
+    m = _branch_end(seg, ctx, spec, m, h1, "mlp", style.branch_end)
     seg.hold(ln2)  # ... and ln_2's output until the MLP returns
-    out = residual_add(seg, h1, m, "residual_mlp")
+    out = m if with_residual else residual_add(seg, h1, m, "residual_mlp")
     # The block's `attn_output` local and the caller's `hidden_states` (the layer input) are
     # released when the layer returns.
     seg.hold(o, x)
     return LayerGraph(seg, x, out, shared)
+
+
+def _branch_end(
+    seg: Segment,
+    ctx: StepContext,
+    spec: ModelSpec,
+    y: Tensor,
+    residual: Tensor,
+    name: str,
+    end: Literal["projection", "dropout", "residual"],
+) -> Tensor:
+    """A branch's hidden dropout, the method's hook on its module's output (bottleneck
+    adapters) where the module ends, and the residual add when the module does it."""
+    if end == "projection":
+        y = ctx.method.branch_output(seg, ctx, y, f"adapter_{name}")
+        return dropout(seg, ctx, y, spec.hidden_dropout, f"{name}_dropout")
+    y = dropout(seg, ctx, y, spec.hidden_dropout, f"{name}_dropout")
+    if end == "residual":
+        y = residual_add(seg, residual, y, f"residual_{name}")
+    return ctx.method.branch_output(seg, ctx, y, f"adapter_{name}")

@@ -88,7 +88,7 @@ class StepComposer:
                 phase=Phase.FORWARD,
                 step=step,
                 keep_saved=self.autograd,
-                keep=[stack.embed_out, *model_locals],
+                keep=[stack.embed_out, *model_locals, *_grad_leaves(stack)],
             ).events
         )
         items += self._shared_events(stack, step, "alloc")
@@ -130,11 +130,12 @@ class StepComposer:
         saved = stack.embed.saved_storage_ids() if self.autograd else frozenset()
         index = self.graph.stacks.index(stack)
         released = []
+        leaves = _grad_leaves(stack)
         for t in stack.embed.model_locals:
             if t is stack.embed_out:  # handed to the first layer: kept when that layer holds it
                 if stack.layers and self.boundaries[index][0] is _TMP:
                     released.append((t, "inputs_embeds released"))
-            elif id(t.storage) not in saved:
+            elif id(t.storage) not in saved and t not in leaves:
                 released.append((t, f"{t.label} released"))
         return [
             Event(-allocation_bytes(t.nbytes), _TMP, Phase.FORWARD, step, label)
@@ -391,6 +392,10 @@ class StepComposer:
             items += events
         elif grad is not None:
             items.append(Event(-allocation_bytes(grad[0]), grad[1], Phase.BACKWARD, step, "grad"))
+        items += [
+            Event(-allocation_bytes(t.nbytes), _TMP, Phase.BACKWARD, step, f"{t.label} released")
+            for t in _grad_leaves(stack)
+        ]
         return items, None, cross
 
     def _layer_backward(
@@ -475,6 +480,23 @@ def _steps(steps: Sequence[Step], phase: Phase, step: int) -> list[TraceItem]:
     return [
         Event(allocation_bytes(n) if n > 0 else -allocation_bytes(-n), _TMP, phase, step, label)
         for n, label in steps
+    ]
+
+
+def _grad_leaves(stack: Stack) -> list[Tensor]:
+    """Embedding outputs made leaves that require grad (peft's enable_input_require_grads on a
+    frozen table) that nothing else keeps for backward: autograd's AccumulateGrad node holds
+    them, and the gradient it stores in their ``.grad``, until the graph is freed after
+    backward (the first layer's input and saved tensors are released with their readers)."""
+    saved = stack.embed.saved_storage_ids()
+    return [
+        op.output
+        for op in stack.embed.ops
+        if not op.inputs
+        and not op.param_grads
+        and op.output.requires_grad
+        and op.output is not stack.embed_out
+        and id(op.output.storage) not in saved
     ]
 
 

@@ -6,7 +6,8 @@ which ops run). :func:`sweep_peaks` traces each such group once with symbolic si
 (:mod:`memplan.analytic.symbolic`) and evaluates the trace for every member with numpy: each
 repeated body is summarized once for all members (prefix sums, first maximum), exactly as
 :meth:`memplan.trace.Trace.peak` does for one. Groups the symbolic trace cannot express
-(encoder-decoder models, sizes past int64) are predicted one by one.
+(encoder-decoder models, sizes past int64, attention whose matmul copies depend on the
+micro-batch) are predicted one by one.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What the GPT-style families share: pre-LayerNorm blocks with a plain MLP, a final ``ln_f``.
 
 GPT-2, GPT-NeoX, Falcon, BLOOM and OPT subclass :class:`PreLnFamily` and name their modules
-(``style``); each says whether its embedding applies dropout.
+(``style``; Falcon builds its own layer); each says whether its embedding applies dropout.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class PreLnFamily(ModelFamily):
     """A decoder of pre-LayerNorm blocks (attention and MLP, sequential or parallel)."""
 
     embedding_dropout: ClassVar[bool] = False
-    """The model's forward applies hidden dropout to the embeddings (GPT-2 ``drop``, OPT)."""
+    """The model's forward applies hidden dropout to the embeddings (GPT-2 ``drop``)."""
 
     def style(self, spec: ModelSpec) -> PreLnStyle:
         raise NotImplementedError

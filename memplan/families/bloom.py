@@ -1,5 +1,5 @@
 """BLOOM (transformers ``modeling_bloom``): ALiBi (no position table), a LayerNorm right after
-the token embedding, fused query_key_value."""
+the token embedding, fused query_key_value, eager attention only, its own GELU function."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from memplan.analytic.layers import PreLnStyle
     from memplan.architecture import Block
     from memplan.specs.model import ModelSpec
+    from memplan.specs.training import Attention
 
 
 class Bloom(PreLnFamily):
@@ -23,7 +24,7 @@ class Bloom(PreLnFamily):
     tiny_model = "tiny-bloom"
     hf_model_class = "BloomForCausalLM"
     lora_roles = ("qkv",)  # query_key_value
-    causal = False  # the ALiBi bias carries the causal mask
+    # BloomModel builds the eager causal mask (create_causal_mask) beside the ALiBi bias.
 
     def read_config(self, config: Config) -> dict[str, Any]:
         """BloomConfig: n_embed / n_layer / n_head aliases, ALiBi, MLP fixed at 4 * hidden."""
@@ -73,6 +74,13 @@ class Bloom(PreLnFamily):
         ]
         return decoder_only_blocks(spec, embeddings, layer, norm_params("ln_f", h, with_bias=True))
 
+    def attention(self, requested: Attention) -> Attention:
+        """BloomPreTrainedModel declares no SDPA support: a run asking for SDPA trains with
+        eager attention."""
+        from memplan.specs.training import Attention
+
+        return Attention.EAGER if requested is Attention.SDPA else requested
+
     def style(self, spec: ModelSpec) -> PreLnStyle:
         from memplan.analytic.layers import PreLnStyle
 
@@ -80,6 +88,9 @@ class Bloom(PreLnFamily):
             qkv=("self_attention.query_key_value",),
             out="self_attention.dense",
             mlp=("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+            eager_only=True,  # the ALiBi bias is added to explicit scores
+            mlp_act=_bloom_gelu,
+            branch_end="residual",  # BloomAttention and BloomMLP end with dropout_add
         )
 
     def embeddings(
@@ -89,6 +100,21 @@ class Bloom(PreLnFamily):
 
         x = super().embeddings(spec, ctx, seg, output_requires_grad=output_requires_grad)
         return layer_norm(seg, ctx, x, "word_embeddings_layernorm", spec.hidden_size)
+
+
+def _bloom_gelu(seg: Segment, x: Tensor) -> Tensor:
+    """BloomGelu's GeLUFunction: saves its input; bloom_gelu_forward runs its arithmetic outside
+    autograd with four input-sized temporaries alive at once, bloom_gelu_back with five beside
+    the incoming gradient."""
+    return seg.op(
+        "mlp.gelu_impl",
+        [x],
+        x.numel,
+        x.dtype,
+        saves=[x],
+        fwd_workspace_bytes=3 * x.nbytes,
+        bwd_workspace_bytes=4 * x.nbytes,
+    )
 
 
 FAMILY = Bloom()

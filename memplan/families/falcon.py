@@ -1,5 +1,5 @@
 """Falcon (transformers ``modeling_falcon``): fused query_key_value with multi-query or grouped
-KV heads, parallel attention and MLP."""
+KV heads, parallel attention and MLP, its own attention code (``FalconAttention``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from memplan.families._gpt import PreLnFamily
 from memplan.families.base import Config, Layout
 
 if TYPE_CHECKING:
-    from memplan.analytic.layers import PreLnStyle
+    from memplan.analytic.context import StepContext
+    from memplan.analytic.graph import Segment, Tensor
+    from memplan.analytic.layers import LayerGraph
     from memplan.architecture import Block
     from memplan.specs.model import ModelSpec
 
@@ -31,6 +33,11 @@ class FalconLayout(Layout):
         default="input",
         description="LayerNorms per layer: 'input' (parallel attention, falcon-7b), "
         "'ln_attn+ln_mlp' (new_decoder_architecture) or 'input+post_attention' (sequential).",
+    )
+    new_decoder_architecture: bool = Field(
+        default=False,
+        description="query_key_value groups queries with their key/value head (falcon-40b); "
+        "the split broadcasts keys and values to every query head.",
     )
 
 
@@ -84,7 +91,7 @@ class Falcon(PreLnFamily):
             "parallel_attention": parallel or new_arch,
             "hidden_dropout": cfg.fraction(config, "hidden_dropout"),
             "attention_dropout": cfg.fraction(config, "attention_dropout"),
-            "layout": {"layer_norms": norms},
+            "layout": {"layer_norms": norms, "new_decoder_architecture": new_arch},
         }
 
     def blocks(self, spec: ModelSpec) -> tuple[Block, ...]:
@@ -109,15 +116,124 @@ class Falcon(PreLnFamily):
         embeddings = [token_embedding_param("word_embeddings", spec)]
         return decoder_only_blocks(spec, embeddings, layer, norm_params("ln_f", h, with_bias=True))
 
-    def style(self, spec: ModelSpec) -> PreLnStyle:
-        from memplan.analytic.layers import PreLnStyle
+    def unsupported(self, spec: ModelSpec, method: str) -> str | None:
+        multi_query = spec.num_key_value_heads != spec.num_attention_heads
+        if method == "prefix" and multi_query and not self.layout(spec).new_decoder_architecture:
+            # peft sizes the prefix from num_key_value_heads, which FalconConfig lacks.
+            return (
+                "method=prefix cannot run on multi-query Falcon: peft builds the prefix with "
+                "every attention head and Falcon's cache cannot concatenate it to its one KV head"
+            )
+        return None
 
-        return PreLnStyle(
-            qkv=("self_attention.query_key_value",),
-            out="self_attention.dense",
-            mlp=("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
-            mlp_reads_ln1=self.layout(spec).layer_norms == "input",
+    def layer(self, spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -> LayerGraph:
+        """FalconDecoderLayer: with parallel attention the MLP reads the attention's norm (or
+        ln_mlp), its output adds the attention output in place and one dropout_add joins the
+        residual; sequential layers dropout_add the attention output first."""
+        from memplan.analytic.blocks import dropout, layer_norm, residual_add
+        from memplan.analytic.graph import Segment
+        from memplan.analytic.layers import LayerGraph, plain_mlp
+
+        seg = Segment("layer")
+        h, norms = spec.hidden_size, self.layout(spec).layer_norms
+        x = seg.input(
+            ctx.num_tokens * h,
+            ctx.activation_dtype,
+            "layer.input",
+            requires_grad=input_requires_grad,
         )
+        ln_attn = layer_norm(seg, ctx, x, _NORMS[norms][0], h)
+        ln_mlp = layer_norm(seg, ctx, x, "ln_mlp", h) if norms == "ln_attn+ln_mlp" else ln_attn
+        o, shared = self._attention(spec, ctx, seg, ln_attn)
+        o = ctx.method.branch_output(seg, ctx, o, "adapter_attn")
+        residual = x
+        if norms == "input+post_attention":
+            # dropout_add(attention_output, residual, config.attention_dropout)
+            o = dropout(seg, ctx, o, spec.attention_dropout, "attn_dropout")
+            residual = residual_add(seg, x, o, "residual_attn")
+            ln_mlp = layer_norm(seg, ctx, residual, "post_attention_layernorm", h)
+        m = plain_mlp(seg, ctx, spec, ln_mlp, ("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"))
+        m = ctx.method.branch_output(seg, ctx, m, "adapter_mlp")
+        if norms != "input+post_attention":  # mlp_output += attention_output (in place)
+            m = seg.op("mlp_add_attn", [m, o], m.numel, m.dtype, view_of=m, passthrough_grad=True)
+        m = dropout(seg, ctx, m, spec.hidden_dropout, "mlp_dropout")
+        out = residual_add(seg, residual, m, "residual_mlp")
+        # The layer's locals (the norms' outputs, the caller's hidden_states) die when it returns.
+        seg.hold(ln_attn, ln_mlp, x)
+        return LayerGraph(seg, x, out, shared)
+
+    def _attention(
+        self, spec: ModelSpec, ctx: StepContext, seg: Segment, x: Tensor
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """FalconAttention: fused projection, _split_heads, rotary, SDPA or eager, dense."""
+        from memplan.analytic.blocks import LinearSpec, rotary
+        from memplan.analytic.layers import qkv_projections, rope_tables, self_attention
+
+        tp = ctx.tensor_parallel_degree
+        heads, kv_heads = spec.num_attention_heads // tp, spec.num_key_value_heads // tp
+        q, k, v = qkv_projections(seg, ctx, spec, x, names=("self_attention.query_key_value",))
+        if self.layout(spec).new_decoder_architecture:
+            q, k, v = _grouped_split(seg, q, k, v)
+            kv_heads = heads
+        elif kv_heads != heads:  # fused_qkv[..., [-2], :]: indexing copies the shared k and v
+            k, v = (_index_copy(seg, t, f"self_attention.{n}") for t, n in ((k, "k"), (v, "v")))
+        shared: tuple[Tensor, ...] = ()
+        rope = spec.position_embedding == "rope"
+        if rope:
+            cos, sin = rope_tables(spec, ctx, seg)
+            shared = (cos, sin)
+            q, k = rotary(seg, q, cos, sin, "q_rope"), rotary(seg, k, cos, sin, "k_rope")
+        dense = LinearSpec(
+            "self_attention.dense",
+            heads * spec.head_dim,
+            spec.hidden_size,
+            "o",
+            bias=spec.attention_out_bias,
+        )
+        o = self_attention(
+            seg,
+            ctx,
+            spec,
+            (q, k, v),
+            dense,
+            heads=heads,
+            kv_heads=kv_heads,
+            label="attn",
+            # The rotary branch calls SDPA with dropout_p=0.0 and applies no dropout in eager.
+            dropout_p=0.0 if rope else spec.attention_dropout,
+            # softmax(scores + mask, dtype=hidden_states.dtype): the dtype of the residual stream.
+            softmax_fp32=False,
+            mask_dtype=ctx.activation_dtype,
+            # The shared KV head reaches SDPA and matmul as it is (no enable_gqa, no repeat_kv).
+            kv_broadcast=kv_heads != heads,
+            # FalconModel materializes the causal mask for SDPA (allow_is_causal_skip=False).
+            mask=True,
+        )
+        return o, shared
+
+
+def _index_copy(seg: Segment, view: Tensor, label: str) -> Tensor:
+    """``fused_qkv[..., [i], :]``: advanced indexing copies the slice; IndexBackward scatters
+    its gradient into zeros shaped like the fused output (new_zeros + index_put)."""
+    assert view.base is not None
+    base = view.base
+    return seg.op(label, [base], view.numel, view.dtype, bwd_workspace_bytes=base.nbytes)
+
+
+def _grouped_split(seg: Segment, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """new_decoder_architecture's _split_heads: k and v indexed per group and broadcast to the
+    group's query heads; flattening the heads copies each of q, k, v into full heads."""
+    q = seg.op("self_attention.q_flat", [q], q.numel, q.dtype, passthrough_grad=True)
+    k, v = (
+        seg.op(
+            f"self_attention.{n}_flat",
+            [_index_copy(seg, t, f"self_attention.{n}")],
+            q.numel,
+            t.dtype,
+        )
+        for t, n in ((k, "k"), (v, "v"))
+    )
+    return q, k, v
 
 
 FAMILY = Falcon()

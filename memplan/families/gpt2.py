@@ -106,6 +106,7 @@ class Gpt2(PreLnFamily):
             out="attn.c_proj",
             mlp=("mlp.c_fc", "mlp.c_proj"),
             softmax_fp32=False,
+            branch_end="dropout",  # GPT2Attention's resid_dropout, GPT2MLP's dropout
         )
 
     def embeddings(

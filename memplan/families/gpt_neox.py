@@ -102,6 +102,7 @@ class GptNeox(PreLnFamily):
             qkv=("attention.query_key_value",),
             out="attention.dense",
             mlp=("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
+            rotary_dim=self.rotary_dim(spec),
         )
 
 

@@ -46,7 +46,7 @@ class Opt(PreLnFamily):
     tiny_model = "tiny-opt"
     hf_model_class = "OPTForCausalLM"
     layout_type = OptLayout
-    embedding_dropout = True  # OPTDecoder: dropout on inputs_embeds + positions
+    # transformers 5's OPTDecoder adds the positions to inputs_embeds without dropout.
 
     def layout(self, spec: ModelSpec) -> OptLayout:
         assert isinstance(spec.layout, OptLayout)

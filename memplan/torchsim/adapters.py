@@ -19,7 +19,8 @@ from memplan.specs import TrainingSetup
 
 _TORCH_DTYPES = {DType.FP32: torch.float32, DType.BF16: torch.bfloat16, DType.FP16: torch.float16}
 _ATTENTION_NAMES = ("self_attn", "attn", "self_attention", "attention")
-_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+# OPTDecoderLayer has no MLP module: fc1 and fc2 sit in the layer, fc2's output is the MLP's.
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "fc2")
 
 
 class BottleneckAdapter(nn.Module):
