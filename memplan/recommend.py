@@ -142,6 +142,11 @@ class Recommendation(BaseModel):
         description="Smallest allocated peak + CUDA context of any layout searched on this "
         "device: none needs less (None when unsupported)."
     )
+    host_limited: bool = Field(
+        default=False,
+        description="Some layout fit in device memory but needed more host memory per node "
+        "than the profile's node has (or publishes).",
+    )
     pick: Option | None = Field(description="Best option by the ranking; None: nothing fits.")
     options: list[Option] = Field(
         description="Each runnable layout on the fewest devices that hold it, best first."
@@ -273,6 +278,7 @@ class _Search:
     flops: FlopsPerToken
     tokens: int | None
     dtype: str | None
+    host_limited: bool = False  # a layout fit in device memory but not in a node's host memory
 
     def runnable(self, count: int) -> list[tuple[Layout, ParallelSetup]]:
         if not self.profile.node.spans(count):
@@ -290,7 +296,9 @@ class _Search:
         if judge.cannot_fit(setup, parallel, target) or not judge.fits(setup, parallel, target):
             return False
         _, host = judge.device_and_host_bytes(setup, parallel, target)
-        return machine_fits(self.profile, parallel, host)
+        held = machine_fits(self.profile, parallel, host)
+        self.host_limited |= not held
+        return held
 
     def option(self, layout: Layout, parallel: ParallelSetup) -> Option:
         judge, profile = self.judge, self.profile
@@ -352,6 +360,7 @@ def _recommendation(search: _Search, rank: Rank) -> Recommendation:
         dtype=search.dtype,
         unsupported=lacking,
         floor_bytes=floor,
+        host_limited=search.host_limited,
         pick=options[0] if options else None,
         options=options,
     )

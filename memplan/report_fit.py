@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from memplan.fit import Boundary, Capacity, FitResult, FitTable, Point
+from memplan.hardware import load_profile
 from memplan.recommend import (
     LAYOUT_LEGEND,
     TOP_ROWS,
@@ -257,23 +258,32 @@ def _unsupported(result: RecommendResult) -> Text | None:
     return Text("\n".join(lines), style="yellow")
 
 
+def _host_memory(row: Recommendation) -> str:
+    node = load_profile(row.gpu).node
+    host = node.host_memory_bytes
+    return f"{row.gpu} ({'unpublished' if host is None else f'{gib(host):,.0f}'})"
+
+
 def _no_fit(result: RecommendResult) -> Text | None:
     missing = [r for r in result.rows if r.pick is None and not r.unsupported]
     if not missing:
         return None
-    floors = sorted({r.floor_bytes or 0 for r in missing})
-    lines = [
-        "Nothing fits on as many devices as their machines join (node sizes and networks in the "
-        "profiles; no offload where a node's host memory is unpublished); the least any layout "
-        "they run needs per device is its allocated peak + CUDA context:"
-    ]
-    for floor in floors:
+    lines = ["Nothing fits on as many devices as their machines join (node sizes and networks "]
+    lines[0] += "in the profiles):"
+    by_host = [r for r in missing if r.host_limited]
+    if by_host:
+        lines.append(
+            "  fits in device memory only by offloading more than a node's host memory (GiB): "
+            + ", ".join(_host_memory(r) for r in by_host)
+        )
+    by_device = [r for r in missing if not r.host_limited]
+    for floor in sorted({r.floor_bytes or 0 for r in by_device}):
         names = ", ".join(
             f"{r.gpu} ({gib(r.capacity.capacity_bytes):.0f})"
-            for r in missing
+            for r in by_device
             if (r.floor_bytes or 0) == floor
         )
-        lines.append(f"  needs >= {_gib(floor)} GiB: {names}")
+        lines.append(f"  needs >= {_gib(floor)} GiB per device (allocated peak + context): {names}")
     return Text("\n".join(lines), style="yellow")
 
 
