@@ -201,11 +201,18 @@ def test_search_without_confirmation_runs_one_replay() -> None:
     assert all(not o.confirmed for r in quick.rows for o in r.options)
 
 
-def test_no_fit_rows_report_the_smallest_need(result: RecommendResult) -> None:
+def test_no_fit_rows_report_the_smallest_need_and_host_memory(result: RecommendResult) -> None:
     for row in result.rows:
         if row.pick is None and not row.unsupported:
             assert row.floor_bytes is not None
             assert row.floor_bytes > 0
+    # 16 GB cards: one card per machine; offload would fit the device, but no host memory is
+    # published for those machines.
+    card = _row(result, "rtx-4080")
+    assert card.pick is None
+    assert card.host_limited
+    offload = ParallelSetup(zero_stage=2, offload="optimizer")
+    assert device_verdict(_plan(offload).reserved_bytes, 0, resolve_gpu("rtx-4080"))[1]
 
 
 def _assert_changes_hold(model: str, changes_: list[Change], gpu: str) -> None:
