@@ -13,11 +13,11 @@ micro-batches of ``micro_batch_size`` sequences on each of N devices):
    MPICH"; NCCL's bus bandwidth, nccl-tests doc/PERFORMANCE.md). What each layout sends follows
    ZeRO (Rajbhandari et al. 2020, arXiv:1910.02054, section 7: 2x the parameters for data
    parallelism and ZeRO-1/2, 3x for ZeRO-3) and the FSDP paper (Zhao et al. 2023,
-   arXiv:2304.11277, section 3: all-gather before forward and before backward, reduce-scatter
+   arXiv:2304.11277: all-gather before forward and before backward, reduce-scatter
    after backward);
 3. **host transfers** over the device's host link for CPU offload: ZeRO-Offload sends the 16-bit
    gradients to the CPU and the updated 16-bit parameters back, 4x the parameters in bytes for one
-   GPU (Ren et al. 2021, arXiv:2101.06840, section 4.1), each device its own partition; with
+   GPU (Ren et al. 2021, arXiv:2101.06840), each device its own partition; with
    parameters offloaded as well (ZeRO-Infinity, Rajbhandari et al. 2021, arXiv:2104.07857) each
    device fetches its parameter partition from host memory before the forward and again before
    the backward all-gather;
@@ -27,11 +27,11 @@ micro-batches of ``micro_batch_size`` sequences on each of N devices):
 Overlap is charged as each stack schedules it, and nowhere else:
 
 - PyTorch FSDP issues all-gathers and reduce-scatters on their own CUDA streams, overlapping
-  compute (FSDP paper, section 3.3); DeepSpeed ZeRO-3 overlaps too (``overlap_comm`` defaults to
+  compute (FSDP paper); DeepSpeed ZeRO-3 overlaps too (``overlap_comm`` defaults to
   true at stage 3, ``deepspeed/runtime/zero/config.py``, with parameter prefetch). A forward or
   backward pass then takes max(compute, communication), its host transfers included;
-- DDP all-reduces gradient buckets while backward runs (Li et al. 2020, arXiv:2006.15704,
-  section 3.2.3): the once-per-step all-reduce overlaps the last micro-batch's backward;
+- DDP all-reduces gradient buckets while backward runs (Li et al. 2020, arXiv:2006.15704):
+  the once-per-step all-reduce overlaps the last micro-batch's backward;
 - DeepSpeed ZeRO-1/2 leave ``overlap_comm`` off by default: their collectives and gradient copies
   to the host add to compute;
 - the CPU optimizer step and the copy of updated parameters back to the devices sit between the
@@ -60,10 +60,10 @@ from memplan.units import TB
 
 # DeepSpeedCPUAdam throughput, one node's CPU: 11.6e9 parameters stepped in 8.2 s (GPT-2 11.6B,
 # Adam step with DeepSpeedCPUAdam, down from 56 s with torch.optim.Adam; measured by an author of
-# ZeRO-Offload, DeepSpeed PR #735, 2021-02-08). The ZeRO-Offload paper (arXiv:2101.06840,
-# section 5.1) reports the same implementation 5.1x-6.5x faster than PyTorch's CPU Adam for 1B-10B
-# parameters. A server CPU of 2020; newer hosts are faster, desktop CPUs far slower (DeepSpeed
-# issue #1635: 1.35B parameters in 22.9 s on a 10-core Xeon Silver 4210R).
+# ZeRO-Offload, DeepSpeed PR #735, 2021-02-08; the PR does not name the host CPU). DeepSpeed's
+# features page states 5.1x-6.5x over PyTorch's CPU Adam for 1B-10B parameters (PR #378), the
+# speed-up ZeRO-Offload (arXiv:2101.06840) builds on. Hosts differ widely: a desktop-class CPU is
+# far slower (DeepSpeed issue #1635: 1.35B parameters in 22.9 s on a 10-core Xeon Silver 4210R).
 _CPU_ADAM_PARAMS: Final = 11_600_000_000
 _CPU_ADAM_SECONDS: Final = 8.2
 CPU_ADAM_PARAMS_PER_S: Final = _CPU_ADAM_PARAMS / _CPU_ADAM_SECONDS

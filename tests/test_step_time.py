@@ -91,7 +91,7 @@ def test_beyond_a_node_the_network_share_sets_the_pace() -> None:
 
 
 def test_zero_offload_moves_four_bytes_per_parameter_on_one_gpu() -> None:
-    """ZeRO-Offload (arXiv:2101.06840, section 4.1): 16-bit gradients to the CPU, 16-bit
+    """ZeRO-Offload (arXiv:2101.06840): 16-bit gradients to the CPU, 16-bit
     parameters back: 4 bytes per parameter over PCIe; the CPU steps every parameter."""
     step = _step(ParallelSetup(zero_stage=2, offload="optimizer"))
     assert step.host_transfer_s == pytest.approx(4 * PARAMS / PCIE5)
