@@ -263,6 +263,7 @@ def _gpt2_10b() -> ModelSpec:
         "head_dim": 128,
         "intermediate_size": 4 * 4096,
         "max_position_embeddings": 1024,
+        "num_params": None,  # gpt2's published count does not apply
     }
     return ModelSpec.model_validate(data)
 
