@@ -396,10 +396,13 @@ def _cmd_gpus(args: argparse.Namespace) -> int:
         "bf16",
         "$/GPU-hour",
         "price $",
+        "per node",
+        "host GiB",
     ):
         table.add_column(col, justify="left" if col in ("name", "device", "bf16") else "right")
     for p in profiles:
         cheapest = p.cheapest_usd_per_gpu_hour
+        host = p.node.host_memory_bytes
         table.add_row(
             p.name,
             p.display_name,
@@ -409,6 +412,8 @@ def _cmd_gpus(args: argparse.Namespace) -> int:
             "yes" if p.supports_bf16 else "no",
             f"{cheapest:.2f}" if cheapest else "-",
             f"{p.purchase_price_usd:,.0f}" if p.purchase_price_usd else "-",
+            str(p.node.gpus_per_node),
+            f"{gib(host):,.0f}" if host else "-",
         )
     stdout_console().print(table)
     return 0
@@ -457,6 +462,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
         spec,
         setup_from_args(args, spec),
         tokens=tokens,
+        rank=args.rank,
         gpu=args.gpu,
         parallel=parallel_from_args(args),
     )
@@ -465,7 +471,7 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
     else:
         from memplan.report_fit import print_recommend
 
-        print_recommend(result)
+        print_recommend(result, show_all=args.all)
     return 0
 
 
@@ -607,11 +613,21 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=_cmd_fit)
 
     r = sub.add_parser(
-        "recommend", help="fewest devices of each accelerator that fit, with cost and changes"
+        "recommend",
+        help="accelerators and layouts that run the job cheapest (or fastest), and changes",
     )
     r.add_argument("model", help="catalog name (memplan models) or a path to a config.json")
     _add_setup_flags(r)
     r.add_argument("--tokens", help="training tokens for a time and cost estimate, e.g. 50M")
+    r.add_argument(
+        "--rank",
+        choices=("cost", "time"),
+        default="cost",
+        help="order by the job's estimated cost (default) or time",
+    )
+    r.add_argument(
+        "--all", action="store_true", help="print every fitting accelerator, not the top 10"
+    )
     r.add_argument(
         "--gpu",
         help="a device to judge the given layout on; if it does not fit, list changes that would",

@@ -23,6 +23,7 @@ from memplan.plan import GpuTarget, PlanResult, device_verdict, judged, plan
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import ParallelSetup
 from memplan.specs.training import TrainingSetup
+from memplan.step_time import ModelBytes, model_bytes
 
 Key = tuple[TrainingSetup, ParallelSetup]
 
@@ -34,6 +35,7 @@ class Cheap:
     peak_bytes: int  # allocated peak
     paged_bytes: int  # paged optimizer state
     cpu_bytes: int  # offloaded state in host memory
+    moved: ModelBytes  # weights and gradients a layout moves (memplan.step_time)
 
 
 class Judge:
@@ -66,7 +68,8 @@ class Judge:
         key = (setup, parallel)
         if key not in self._cheap:
             p = predict(self.spec, setup, parallel)
-            self._cheap[key] = Cheap(p.trace.peak().peak_bytes, p.paged_bytes, p.cpu_bytes)
+            peak = p.trace.peak().peak_bytes
+            self._cheap[key] = Cheap(peak, p.paged_bytes, p.cpu_bytes, model_bytes(p))
         return self._cheap[key]
 
     def plan(

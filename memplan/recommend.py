@@ -1,77 +1,86 @@
-"""``recommend``: for every accelerator, the fewest devices and the layout that fit a run.
+"""``recommend``: the accelerators and layouts that run a job cheapest (or fastest).
 
-A device's memory under a layout depends only on (device count, layout), not on which
-accelerator it is, so each (count, layout) is predicted once and compared with every profile:
+For every accelerator profile:
 
-1. ``predict()`` gives each candidate's allocated peak (milliseconds). plan() reserves at least
-   that much, so ``peak + CUDA context > capacity`` rules a candidate out for a device exactly.
-2. One allocator replay (plan() of the given setup on one device) gives the overhead ratio
-   reserved / allocated; the remaining candidates are ranked with ``peak x ratio`` (an estimate).
-3. Each profile's pick (fewest devices, then the layout with the least traffic) is confirmed with
-   plan(); a pick plan() rejects moves on to the next candidate the estimate allows.
+1. the layouts its software runs (:mod:`memplan.support`: DeepSpeed, FSDP, CPU offload) and the
+   setup's own needs (bitsandbytes, flash-attn); an accelerator lacking one for the setup is
+   listed as not supported, with the source that says so;
+2. for each layout, the fewest devices that fit: in device memory (a device's memory under a
+   layout depends only on the device count and the layout, so each is predicted and planned
+   once and compared with every profile; the allocated peak rules a candidate out without a
+   replay), in its machines (devices that can be joined: one node, or nodes with a network)
+   and, with offload, in the node's host memory;
+3. each such option's time per token from :mod:`memplan.step_time` (compute, collectives, host
+   transfers, CPU optimizer), and from it the cost of the job: devices x $/GPU-hour x hours;
+4. the best option by the ranking (cost: device-hours per token, which orders options as the
+   job's dollars do; time: tokens per second) is the accelerator's pick.
 
-Device counts are powers of two up to ``MAX_DEVICES`` (a search bound). For a chosen device that
-does not fit, :func:`changes` lists setup changes, each judged by plan().
+Device memory is plan()'s verdict (``confirm=False``: the allocator estimate alone, for timing
+the search).
+
+Profiles are ranked by the job's estimated cost (``rank="cost"``: $ per million tokens, the same
+order as the cost of any token count) or time (``rank="time"``). Device counts are powers of two
+up to ``MAX_DEVICES`` (a search bound). For a chosen device that does not fit, :func:`changes`
+lists setup changes, each judged by plan().
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from memplan.analytic.predict import predict
 from memplan.catalog import load_model
 from memplan.fit import SEQ_STEP_TOKENS, Capacity, boundary_index, capacity
-from memplan.hardware import HardwareProfile, list_profiles
+from memplan.hardware import HardwareProfile, SoftwareFeature, list_profiles, load_profile
 from memplan.judge import Judge
 from memplan.methods.lora import lora_roles
 from memplan.plan import GpuTarget, PlanResult, resolve_gpu
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import Offload, ParallelSetup, Sharding
 from memplan.specs.training import Method, Optimizer, TrainingSetup
+from memplan.step_time import CPU_ADAM_PARAMS_PER_S, TimeEstimate, time_estimate
+from memplan.support import layout_needs, machine_fits, missing, setup_needs
 from memplan.throughput import (
     UTILISATION_FRACTION,
     FlopsPerToken,
-    TrainingEstimate,
     compute_dtype,
     flops_per_token,
-    training_estimate,
 )
+from memplan.units import gib
 
 MAX_DEVICES: Final = 1024
 DEVICE_COUNTS: Final = tuple(1 << i for i in range(MAX_DEVICES.bit_length()))
+TOP_ROWS: Final = 10  # rows the text report shows without --all
+
+Rank = Literal["cost", "time"]
 
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """A data-parallel layout, and how much traffic it adds per step (lower is faster)."""
+    """A data-parallel layout recommend searches."""
 
     label: str
     zero_stage: int
     sharding: Sharding
     offload: Offload
-    # 0: gradients reduced once per step (2 x params of traffic: DDP, ZeRO-1, ZeRO-2,
-    # SHARD_GRAD_OP); 1: parameters also all-gathered in forward and backward (3 x params,
-    # Rajbhandari et al. 2020, arXiv:1910.02054, section 7); 2: optimizer state and step on the
-    # CPU over PCIe (ZeRO-Offload, Ren et al. 2021, arXiv:2101.06840); 3: parameters too.
-    traffic_rank: int
     single_device: bool  # meaningful on one device
 
 
 _DS, _FSDP = Sharding.DEEPSPEED, Sharding.FSDP
 LAYOUTS: Final = (
-    Layout("DDP", 0, _DS, Offload.NONE, 0, True),
-    Layout("ZeRO-1", 1, _DS, Offload.NONE, 0, False),
-    Layout("ZeRO-2", 2, _DS, Offload.NONE, 0, False),
-    Layout("FSDP-grad", 2, _FSDP, Offload.NONE, 0, False),  # FSDP SHARD_GRAD_OP
-    Layout("ZeRO-3", 3, _DS, Offload.NONE, 1, False),
-    Layout("FSDP-full", 3, _FSDP, Offload.NONE, 1, False),  # FSDP FULL_SHARD
-    Layout("ZeRO-2+CPU-opt", 2, _DS, Offload.OPTIMIZER, 2, True),
-    Layout("ZeRO-3+CPU-opt", 3, _DS, Offload.OPTIMIZER, 2, False),
-    Layout("ZeRO-3+CPU-all", 3, _DS, Offload.OPTIMIZER_AND_PARAMS, 3, True),
+    Layout("DDP", 0, _DS, Offload.NONE, True),
+    Layout("ZeRO-1", 1, _DS, Offload.NONE, False),
+    Layout("ZeRO-2", 2, _DS, Offload.NONE, False),
+    Layout("FSDP-grad", 2, _FSDP, Offload.NONE, False),  # FSDP SHARD_GRAD_OP
+    Layout("ZeRO-3", 3, _DS, Offload.NONE, False),
+    Layout("FSDP-full", 3, _FSDP, Offload.NONE, False),  # FSDP FULL_SHARD
+    Layout("ZeRO-2+CPU-opt", 2, _DS, Offload.OPTIMIZER, True),
+    Layout("ZeRO-3+CPU-opt", 3, _DS, Offload.OPTIMIZER, False),
+    Layout("ZeRO-3+CPU-all", 3, _DS, Offload.OPTIMIZER_AND_PARAMS, True),
 )
 LAYOUT_LEGEND: Final = (
     "DDP: plain data parallelism (one device: no sharding); ZeRO-n: DeepSpeed stage n; "
@@ -80,141 +89,67 @@ LAYOUT_LEGEND: Final = (
 )
 
 
+def parallel_of(layout: Layout, count: int) -> ParallelSetup:
+    return ParallelSetup(
+        num_gpus=count,
+        zero_stage=layout.zero_stage,
+        sharding=layout.sharding,
+        offload=layout.offload,
+    )
+
+
 def layouts(count: int) -> Iterator[tuple[Layout, ParallelSetup]]:
     """The layouts searched on ``count`` devices."""
     for layout in LAYOUTS:
         if count > 1 or layout.single_device:
-            yield (
-                layout,
-                ParallelSetup(
-                    num_gpus=count,
-                    zero_stage=layout.zero_stage,
-                    sharding=layout.sharding,
-                    offload=layout.offload,
-                ),
-            )
+            yield layout, parallel_of(layout, count)
 
 
-class Pick(BaseModel):
-    """A device count and layout that fits, judged by plan(), with its price."""
+class Option(BaseModel):
+    """A layout on the fewest devices of one accelerator that hold it, with time and price."""
 
     model_config = ConfigDict(frozen=True)
 
     num_devices: int
     layout: str
     parallel: dict[str, Any]
-    device_bytes: int = Field(description="plan().device_bytes per device.")
+    device_bytes: int = Field(description="plan().device_bytes per device (~ if not confirmed).")
     margin_bytes: int = Field(description="Capacity minus device bytes.")
     host_bytes: int = Field(description="Host memory per device for offloaded state.")
-    confirmed: bool = Field(description="Judged by plan() (False: estimate only).")
+    node_host_bytes: int = Field(description="host_bytes x the devices sharing a node.")
+    confirmed: bool = Field(description="Judged by plan() (False: allocator estimate only).")
     usd_per_hour: float | None = Field(description="num_devices x cheapest cloud $/GPU-hour.")
     purchase_usd: float | None = Field(description="num_devices x typical purchase price.")
-    estimate: TrainingEstimate | None = Field(
-        default=None, description="Time and cost for --tokens (FLOPs at a fixed utilisation)."
-    )
-    estimate_is_lower_bound: bool = Field(
-        default=False, description="CPU offload: its PCIe traffic is not in the estimate."
+    estimate: TimeEstimate | None = Field(
+        description="Throughput, time and cost (memplan.step_time); None without a peak rate."
     )
 
 
 class Recommendation(BaseModel):
-    """The fewest devices of one accelerator that fit the run, with cost."""
+    """One accelerator: its best option by the ranking, and every layout's fewest devices."""
 
     model_config = ConfigDict(frozen=True)
 
+    rank: int | None = Field(description="Place in the ranking; None when nothing fits.")
     gpu: str
     display_name: str
     capacity: Capacity
     dtype: str | None = Field(description="16-bit format on this device (fp16 without bf16).")
-    floor_bytes: int = Field(
-        description="Smallest allocated peak + CUDA context of any candidate searched: no "
-        "layout on this device needs less."
+    unsupported: dict[str, str] = Field(
+        description="Software the setup needs that this accelerator lacks: feature -> source."
     )
-    fewest: Pick | None = Field(description="Fewest devices, any layout; None: nothing fits.")
-    without_offload: Pick | None = Field(
-        default=None, description="Fewest devices without CPU offload, when fewest offloads."
+    floor_bytes: int | None = Field(
+        description="Smallest allocated peak + CUDA context of any layout searched on this "
+        "device: none needs less (None when unsupported)."
     )
-
-
-def _pick(
-    judge: Judge,
-    setup: TrainingSetup,
-    target: GpuTarget,
-    candidates: list[tuple[int, Layout, ParallelSetup]],
-) -> tuple[int, Layout, ParallelSetup] | None:
-    for count, layout, parallel in candidates:
-        # The allocated peak alone rules a candidate out without a replay; anything else is
-        # judged like plan() judges it (by the estimate only when confirm=False).
-        if not judge.cannot_fit(setup, parallel, target) and judge.fits(setup, parallel, target):
-            return count, layout, parallel
-    return None
-
-
-def _priced(
-    judge: Judge,
-    setup: TrainingSetup,
-    profile: HardwareProfile,
-    target: GpuTarget,
-    picked: tuple[int, Layout, ParallelSetup],
-    estimate: Callable[[int], TrainingEstimate | None],
-) -> Pick:
-    count, layout, parallel = picked
-    device, host = judge.device_and_host_bytes(setup, parallel, target)
-    price, purchase = profile.cheapest_usd_per_gpu_hour, profile.purchase_price_usd
-    return Pick(
-        num_devices=count,
-        layout=layout.label,
-        parallel=parallel.model_dump(mode="json"),
-        device_bytes=device,
-        margin_bytes=target.capacity_bytes - device,
-        host_bytes=host,
-        confirmed=judge.confirm,
-        usd_per_hour=None if price is None else count * price,
-        purchase_usd=None if purchase is None else count * purchase,
-        estimate=estimate(count),
-        estimate_is_lower_bound=layout.offload is not Offload.NONE,
+    host_limited: bool = Field(
+        default=False,
+        description="Some layout fit in device memory but needed more host memory per node "
+        "than the profile's node has (or publishes).",
     )
-
-
-def _usable(profile: HardwareProfile, layout: Layout, count: int) -> bool:
-    """Apple silicon trains on one device without offload: DeepSpeed and FSDP have no
-    multi-device MPS backend."""
-    single = count == 1 and layout.offload is Offload.NONE
-    return profile.kind != "unified-memory" or single
-
-
-def _recommendation(
-    judge: Judge,
-    setup: TrainingSetup,
-    profile: HardwareProfile,
-    candidates: list[tuple[int, Layout, ParallelSetup]],
-    flops: FlopsPerToken,
-    tokens: int | None,
-) -> Recommendation:
-    target = resolve_gpu(profile.name)
-    own = [c for c in candidates if _usable(profile, c[1], c[0])]
-    dtype = compute_dtype(setup, profile)
-
-    def estimate(count: int) -> TrainingEstimate | None:
-        if tokens is None or dtype is None:
-            return None
-        return training_estimate(flops, tokens, profile, count, dtype)
-
-    fewest = _pick(judge, setup, target, own)
-    alternative = None
-    if fewest is not None and fewest[1].offload is not Offload.NONE:
-        no_offload = [c for c in own if c[1].offload is Offload.NONE]
-        alternative = _pick(judge, setup, target, no_offload)
-    return Recommendation(
-        gpu=profile.name,
-        display_name=profile.display_name,
-        capacity=capacity(target),
-        dtype=dtype,
-        floor_bytes=min(judge.cheap(setup, p).peak_bytes for _, _, p in own) + target.context_bytes,
-        fewest=_priced(judge, setup, profile, target, fewest, estimate) if fewest else None,
-        without_offload=_priced(judge, setup, profile, target, alternative, estimate)
-        if alternative
-        else None,
+    pick: Option | None = Field(description="Best option by the ranking; None: nothing fits.")
+    options: list[Option] = Field(
+        description="Each runnable layout on the fewest devices that hold it, best first."
     )
 
 
@@ -230,7 +165,12 @@ class Change(BaseModel):
         "optimizer state (which may move to host memory)."
     )
     saved_bytes: int = Field(description="required_bytes before minus after.")
-    fits: bool = Field(description="plan().fits after the change.")
+    fits: bool = Field(
+        description="plan().fits after the change, and (on a profile) its machines hold it."
+    )
+    machine: str = Field(
+        default="", description="Why the profile's machines cannot hold it, if they cannot."
+    )
     speed: str = Field(description="What the change costs in time.")
     accuracy: str = Field(description="What it risks in model quality.")
     setup: dict[str, Any]
@@ -259,10 +199,14 @@ class RecommendResult(BaseModel):
     setup: dict[str, Any]
     device_counts: list[int] = Field(description="Device counts searched.")
     tokens: int | None
+    rank_by: Rank
+    order: str = Field(description="How the rows are ordered, in words.")
     flops_per_token: int = Field(description="Forward + backward + recompute FLOPs per token.")
     utilisation_fraction: float = Field(description="Share of dense peak the estimates assume.")
-    by_usd_per_hour: list[Recommendation] = Field(
-        description="Every profile: fitting and priced by $/hour, then unpriced, then not fitting."
+    cpu_adam_params_per_s: float = Field(description="DeepSpeedCPUAdam rate of one node's CPU.")
+    rows: list[Recommendation] = Field(
+        description="Every profile: ranked rows first, then fitting without an estimate, then "
+        "not fitting, then not supported."
     )
     by_purchase_usd: list[str] = Field(
         description="Profiles that fit and have a purchase price, cheapest total first."
@@ -275,13 +219,155 @@ class RecommendResult(BaseModel):
     plan_calls: int = Field(description="Allocator replays (plan() calls) the search ran.")
 
 
-def _order_by_usd_per_hour(row: Recommendation) -> tuple[bool, bool, float, str]:
-    price = row.fewest.usd_per_hour if row.fewest else None
-    return (row.fewest is None, price is None, price or 0.0, row.gpu)
+_NEVER: Final = float("inf")
+
+
+def _option_key(rank: Rank) -> Any:
+    """Order of one accelerator's options: device-seconds per token (cost; the price per
+    device-hour is the same for all of them) or seconds per token (time); options without an
+    estimate last, fewest devices first."""
+
+    def key(option: Option) -> tuple[float, int, str]:
+        est = option.estimate
+        if est is None:
+            return (_NEVER, option.num_devices, option.layout)
+        devices = option.num_devices if rank == "cost" else 1
+        return (devices / est.tokens_per_second, option.num_devices, option.layout)
+
+    return key
+
+
+def _row_key(rank: Rank) -> Any:
+    def key(row: Recommendation) -> tuple[int, float, str]:
+        pick = row.pick
+        if row.unsupported:
+            return (5, 0.0, row.gpu)
+        if pick is None:
+            return (4, 0.0, row.gpu)
+        est = pick.estimate
+        if est is None:  # no peak rate: by $/hour, unpriced last
+            return (3, pick.usd_per_hour if pick.usd_per_hour is not None else _NEVER, row.gpu)
+        if rank == "time":
+            return (0, 1 / est.tokens_per_second, row.gpu)
+        if est.usd_per_million_tokens is not None:
+            return (0, est.usd_per_million_tokens, row.gpu)
+        return (2, 1 / est.tokens_per_second, row.gpu)  # unpriced: fastest first
+
+    return key
+
+
+def order_text(rank: Rank, tokens: int | None) -> str:
+    if rank == "time":
+        return "ranked by estimated time (tokens per second), fastest first"
+    job = (
+        "estimated job cost = devices x $/GPU-hour x hours"
+        if tokens is not None
+        else "estimated $ per million tokens (the order of a job's cost for any --tokens)"
+    )
+    return f"ranked by {job}; unpriced accelerators after, fastest first"
+
+
+@dataclass
+class _Search:
+    """One accelerator's search: judge, setup, and what the estimates need."""
+
+    judge: Judge
+    setup: TrainingSetup
+    profile: HardwareProfile
+    target: GpuTarget
+    flops: FlopsPerToken
+    tokens: int | None
+    dtype: str | None
+    host_limited: bool = False  # a layout fit in device memory but not in a node's host memory
+
+    def runnable(self, count: int) -> list[tuple[Layout, ParallelSetup]]:
+        if not self.profile.node.spans(count):
+            return []
+        return [
+            (layout, parallel)
+            for layout, parallel in layouts(count)
+            if not missing(self.profile, layout_needs(parallel))
+        ]
+
+    def holds(self, parallel: ParallelSetup) -> bool:
+        """Fits in device memory (plan()'s verdict; the allocated peak alone rules a candidate
+        out without a replay) and in the profile's machines, host memory included."""
+        judge, setup, target = self.judge, self.setup, self.target
+        if judge.cannot_fit(setup, parallel, target) or not judge.fits(setup, parallel, target):
+            return False
+        _, host = judge.device_and_host_bytes(setup, parallel, target)
+        held = machine_fits(self.profile, parallel, host)
+        self.host_limited |= not held
+        return held
+
+    def option(self, layout: Layout, parallel: ParallelSetup) -> Option:
+        judge, profile = self.judge, self.profile
+        device, host = judge.device_and_host_bytes(self.setup, parallel, self.target)
+        count = parallel.num_gpus
+        price, purchase = profile.cheapest_usd_per_gpu_hour, profile.purchase_price_usd
+        estimate = None
+        if self.dtype is not None:
+            moved = judge.cheap(self.setup, parallel).moved
+            estimate = time_estimate(
+                self.flops, self.setup, parallel, moved, profile, self.dtype, self.tokens
+            )
+        return Option(
+            num_devices=count,
+            layout=layout.label,
+            parallel=parallel.model_dump(mode="json"),
+            device_bytes=device,
+            margin_bytes=self.target.capacity_bytes - device,
+            host_bytes=host,
+            node_host_bytes=host * profile.node.devices_per_node(count),
+            confirmed=judge.confirm,
+            usd_per_hour=None if price is None else count * price,
+            purchase_usd=None if purchase is None else count * purchase,
+            estimate=estimate,
+        )
+
+    def fewest(self, layout: Layout) -> Option | None:
+        """The layout on the fewest devices that hold it."""
+        for count in DEVICE_COUNTS:
+            if not (count > 1 or layout.single_device):
+                continue
+            if not self.profile.node.spans(count):
+                break
+            parallel = parallel_of(layout, count)
+            if self.holds(parallel):
+                return self.option(layout, parallel)
+        return None
+
+
+def _recommendation(search: _Search, rank: Rank) -> Recommendation:
+    profile, setup, judge = search.profile, search.setup, search.judge
+    lacking = missing(profile, setup_needs(setup))
+    floor, options = None, []
+    if not lacking:
+        usable = [lay for lay in LAYOUTS if not missing(profile, layout_needs(parallel_of(lay, 2)))]
+        peaks = [
+            judge.cheap(setup, p).peak_bytes
+            for count in DEVICE_COUNTS
+            for _, p in search.runnable(count)
+        ]
+        floor = min(peaks) + search.target.context_bytes if peaks else None
+        found = (search.fewest(layout) for layout in usable)
+        options = sorted((o for o in found if o is not None), key=_option_key(rank))
+    return Recommendation(
+        rank=None,
+        gpu=profile.name,
+        display_name=profile.display_name,
+        capacity=capacity(search.target),
+        dtype=search.dtype,
+        unsupported=lacking,
+        floor_bytes=floor,
+        host_limited=search.host_limited,
+        pick=options[0] if options else None,
+        options=options,
+    )
 
 
 def _purchase(row: Recommendation) -> float | None:
-    return row.fewest.purchase_usd if row.fewest else None
+    return row.pick.purchase_usd if row.pick else None
 
 
 def recommend(
@@ -289,11 +375,13 @@ def recommend(
     setup: TrainingSetup | None = None,
     *,
     tokens: int | None = None,
+    rank: Rank = "cost",
     gpu: str | None = None,
     parallel: ParallelSetup | None = None,
     confirm: bool = True,
 ) -> RecommendResult:
-    """Every profile's fewest devices and layout; with ``gpu``, what would make it fit there.
+    """Every profile's best layout and device count for the job, ranked by cost or time; with
+    ``gpu``, what would make the given layout fit there.
 
     ``parallel`` is the layout judged on ``gpu`` (one device by default). ``confirm=False``
     stops after the estimate (no plan() per pick): the search alone, for timing it.
@@ -301,14 +389,21 @@ def recommend(
     spec = load_model(model) if isinstance(model, str) else model
     setup = setup or TrainingSetup()
     judge = Judge(spec, confirm=confirm)
-    # The one replay whose overhead ratio ranks the candidates.
+    # The one replay whose overhead ratio the estimates use.
     base = judge.plan(setup, ParallelSetup())
-    candidates = [(c, layout, p) for c in DEVICE_COUNTS for layout, p in layouts(c)]
-    # Fewest devices first; then least traffic; then the smallest allocated peak.
-    candidates.sort(key=lambda c: (c[0], c[1].traffic_rank, judge.cheap(setup, c[2]).peak_bytes))
     flops = flops_per_token(spec, setup, base.trainable_params)
-    rows = [_recommendation(judge, setup, p, candidates, flops, tokens) for p in list_profiles()]
-    rows.sort(key=_order_by_usd_per_hour)
+    rows = []
+    for profile in list_profiles():
+        target = resolve_gpu(profile.name)
+        dtype = compute_dtype(setup, profile)
+        search = _Search(judge, setup, profile, target, flops, tokens, dtype)
+        rows.append(_recommendation(search, rank))
+    rows.sort(key=_row_key(rank))
+    ranked = [
+        row.model_copy(update={"rank": place})
+        for place, row in enumerate((r for r in rows if r.pick is not None), start=1)
+    ]
+    rows = ranked + [r for r in rows if r.pick is None]
     priced = sorted((_purchase(r) or 0.0, r.gpu) for r in rows if _purchase(r) is not None)
     gpu_plan, found = None, []
     if gpu is not None:
@@ -318,17 +413,19 @@ def recommend(
         gpu_plan = result.model_dump(mode="json")
         if not result.fits:
             row = next((r for r in rows if r.gpu == target.profile), None)
-            picks = (row.fewest, row.without_offload) if row is not None else ()
-            scale_out = tuple(p for p in picks if p is not None)
+            scale_out = tuple(row.options) if row is not None else ()
             found = changes(spec, setup, layout, target, result, scale_out=scale_out, judge=judge)
     return RecommendResult(
         model=spec.name,
         setup=setup.model_dump(mode="json"),
         device_counts=list(DEVICE_COUNTS),
         tokens=tokens,
+        rank_by=rank,
+        order=order_text(rank, tokens),
         flops_per_token=flops.total,
         utilisation_fraction=UTILISATION_FRACTION,
-        by_usd_per_hour=rows,
+        cpu_adam_params_per_s=CPU_ADAM_PARAMS_PER_S,
+        rows=rows,
         by_purchase_usd=[gpu for _, gpu in priced],
         gpu=resolve_gpu(gpu).name if gpu is not None else None,
         gpu_plan=gpu_plan,
@@ -569,6 +666,26 @@ def _shorter_seq(
     )
 
 
+def _needs(edit: _Edit) -> tuple[SoftwareFeature, ...]:
+    return setup_needs(edit.setup) + layout_needs(edit.parallel)
+
+
+def _machine(profile: HardwareProfile, parallel: ParallelSetup, host_bytes: int) -> str:
+    """Why ``profile``'s machines cannot hold the layout ('' when they can)."""
+    if machine_fits(profile, parallel, host_bytes):
+        return ""
+    node = profile.node
+    if not node.spans(parallel.num_gpus):
+        return f"{profile.name} machines join at most {node.gpus_per_node} devices"
+    need = gib(host_bytes * node.devices_per_node(parallel.num_gpus))
+    if node.host_memory_bytes is None:
+        return f"needs {need:,.0f} GiB of host memory per node; {profile.name}'s is unpublished"
+    return (
+        f"needs {need:,.0f} GiB of host memory per node, more than {node.system}'s "
+        f"{gib(node.host_memory_bytes):,.0f} GiB"
+    )
+
+
 def changes(
     spec: ModelSpec,
     setup: TrainingSetup,
@@ -576,17 +693,20 @@ def changes(
     target: GpuTarget,
     before: PlanResult,
     *,
-    scale_out: tuple[Pick, ...] = (),
+    scale_out: tuple[Option, ...] = (),
     judge: Judge | None = None,
 ) -> list[Change]:
     """Single changes to a run that does not fit on ``target``, ranked by device bytes saved
     (changes that free nothing are left out).
 
     Each is judged by plan() on ``target``; ``scale_out`` adds the recommended device counts
-    above the given one. A chunked loss is not offered: the analytical model has no chunked
-    cross-entropy to judge it with.
+    above the given one. On a hardware profile, changes needing software it lacks are left
+    out (:mod:`memplan.support`), and one its machines cannot hold (host memory for offload,
+    devices per node) does not fit. A chunked loss is not offered: the analytical model has no
+    chunked cross-entropy to judge it with.
     """
     judge = judge or Judge(spec)
+    profile = load_profile(target.profile) if target.profile is not None else None
     edits = _edits(spec, setup, parallel, before.trainable_params)
     edits += [
         e
@@ -607,17 +727,21 @@ def changes(
                     "none",
                 )
             )
+    if profile is not None:
+        edits = [e for e in edits if not missing(profile, _needs(e))]
     required = before.device_bytes - before.paged_bytes
     out = []
     for edit in edits:
         result = judge.plan(edit.setup, edit.parallel, target)
+        machine = "" if profile is None else _machine(profile, edit.parallel, result.cpu_bytes)
         out.append(
             Change(
                 change=edit.change,
                 device_bytes=result.device_bytes,
                 required_bytes=result.device_bytes - result.paged_bytes,
                 saved_bytes=required - (result.device_bytes - result.paged_bytes),
-                fits=bool(result.fits),
+                fits=bool(result.fits) and not machine,
+                machine=machine,
                 speed=edit.speed,
                 accuracy=edit.accuracy,
                 setup=result.setup,

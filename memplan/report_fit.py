@@ -11,7 +11,15 @@ from rich.table import Table
 from rich.text import Text
 
 from memplan.fit import Boundary, Capacity, FitResult, FitTable, Point
-from memplan.recommend import LAYOUT_LEGEND, Change, Pick, Recommendation, RecommendResult
+from memplan.hardware import load_profile
+from memplan.recommend import (
+    LAYOUT_LEGEND,
+    TOP_ROWS,
+    Change,
+    Option,
+    Recommendation,
+    RecommendResult,
+)
 from memplan.report import stdout_console
 from memplan.units import gib
 
@@ -148,64 +156,56 @@ def _usd(value: float | None) -> str:
     return "-" if value is None else f"{value:,.2f}"
 
 
-def _estimate_cells(pick: Pick) -> list[str]:
-    estimate = pick.estimate
-    if estimate is None:
-        return ["-", "-"]
-    prefix = ">=" if pick.estimate_is_lower_bound else ""
-    cost = "-" if estimate.cost_usd is None else f"{prefix}{estimate.cost_usd:,.0f}"
-    return [f"{prefix}{estimate.hours:,.1f}", cost]
+def _money(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
 
 
-def _pick_table(
-    title: str, result: RecommendResult, picks: list[tuple[Recommendation, Pick]]
-) -> Table:
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    columns = ["accelerator", "n x layout", "GiB/dev", "host", "$/hour"]
+def _estimate_cells(result: RecommendResult, pick: Option) -> list[str]:
+    est = pick.estimate
+    if est is None:
+        return ["-", "-", "-"]
     if result.tokens is not None:
-        columns += ["est. h", "est. $"]
-    for col in columns:
-        left = col in ("accelerator", "n x layout")
+        hours = "-" if est.hours is None else f"{est.hours:,.1f}"
+        return [hours, _money(est.cost_usd), est.step.bound]
+    return [f"{est.tokens_per_second:,.0f}", _usd(est.usd_per_million_tokens), est.step.bound]
+
+
+def _ranking(result: RecommendResult, rows: list[Recommendation]) -> Table:
+    title = f"Accelerators that fit, {result.order}"
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    timing = ["est. h", "est. $"] if result.tokens is not None else ["tok/s", "$/M tok"]
+    columns = ["#", "accelerator", "n x layout", "GiB/dev", "host/node", "$/hour"]
+    for col in [*columns, *timing, "limited by"]:
+        left = col in ("accelerator", "n x layout", "limited by")
         table.add_column(col, justify="left" if left else "right", no_wrap=True)
-    for row, pick in picks:
+    for row in rows:
+        pick = row.pick
+        assert pick is not None
         approx = "" if pick.confirmed else "~"
         cells = [
+            str(row.rank),
             row.gpu + ("*" if row.dtype == "fp16" else ""),
             f"{pick.num_devices} x {pick.layout}",
             f"{approx}{gib(pick.device_bytes):.1f}",
-            f"{gib(pick.host_bytes):.0f}" if pick.host_bytes else "-",
+            f"{gib(pick.node_host_bytes):.0f}" if pick.node_host_bytes else "-",
             _usd(pick.usd_per_hour),
         ]
-        if result.tokens is not None:
-            cells += _estimate_cells(pick)
-        table.add_row(*cells)
+        table.add_row(*cells, *_estimate_cells(result, pick))
     return table
 
 
-def _rankings(result: RecommendResult) -> list[RenderableType]:
-    fewest = [(r, r.fewest) for r in result.by_usd_per_hour if r.fewest is not None]
-    out: list[RenderableType] = [
-        _pick_table(
-            "Fewest devices (n) that fit, ranked by cloud $/hour = n x cheapest $/GPU-hour "
-            "(unpriced last)",
-            result,
-            fewest,
-        )
-    ]
-    no_offload = [(r, r.without_offload) for r in result.by_usd_per_hour if r.without_offload]
-    no_offload.sort(key=lambda rp: (rp[1].usd_per_hour is None, rp[1].usd_per_hour or 0.0))
-    if no_offload:
-        out.append(
-            _pick_table(
-                "Where the fewest devices need CPU offload: fewest without offload",
-                result,
-                no_offload,
-            )
-        )
+def _rankings(result: RecommendResult, show_all: bool) -> list[RenderableType]:
+    fitting = [r for r in result.rows if r.pick is not None]
+    shown = fitting if show_all else fitting[:TOP_ROWS]
+    out: list[RenderableType] = [_ranking(result, shown)]
+    if len(shown) < len(fitting):
+        out.append(Text(f"{len(fitting) - len(shown)} more fit: --all lists them, --json has all"))
     out.append(
         Text(
-            f"GiB/dev: plan() device bytes per device (~: estimate); host: GiB of offloaded "
-            "state in host memory per device; "
+            "GiB/dev: plan() device bytes per device (~: estimate); host/node: GiB of offloaded "
+            "state in one node's host memory; limited by: the largest term of the step time; "
             f"*: no bf16 on this device, the run uses fp16 (same bytes). {LAYOUT_LEGEND}.",
             style="dim",
         )
@@ -213,34 +213,77 @@ def _rankings(result: RecommendResult) -> list[RenderableType]:
     return out
 
 
+def _time_model(result: RecommendResult) -> Text:
+    return Text(
+        "Time model (memplan.step_time), per device per optimizer step: compute = "
+        f"{result.flops_per_token:,} FLOPs per token (6N training, 8N with checkpointing, 4N + "
+        "adapters for frozen bases, plus attention) at "
+        f"{100 * result.utilisation_fraction:.0f}% of the dense 16-bit peak; collectives over the "
+        "node's device link (NVLink, Infinity Fabric, ICI, RoCE, or PCIe) or, across nodes, its "
+        "network: ring all-gather / reduce-scatter move (N-1)/N of the data per device, "
+        "all-reduce 2(N-1)/N (DDP: gradients once a step; ZeRO-1/2: gradients and updated "
+        "weights; ZeRO-3 / FSDP-full: weights gathered in forward and in backward, gradients "
+        "reduce-scattered); CPU offload: 16-bit gradients to the host and updated weights back "
+        "over the host link (ZeRO-Offload), weights fetched in forward and backward (+CPU-all), "
+        f"DeepSpeedCPUAdam at {result.cpu_adam_params_per_s / 1e9:.2f}e9 parameters/s per node. "
+        "Overlap: FSDP and ZeRO-3 overlap communication with compute (a pass takes the larger), "
+        "DDP its all-reduce with the last backward; ZeRO-1/2 communication, the CPU step and "
+        "the copy back add. Link peaks; no GPU optimizer step, 4-bit dequantization, data "
+        "loading or latency: within a factor of 2.5 of published runs, on the slow side "
+        "(tests/test_step_time.py).",
+        style="dim",
+    )
+
+
 def _by_purchase(result: RecommendResult) -> Text:
-    rows = {r.gpu: r for r in result.by_usd_per_hour}
+    rows = {r.gpu: r for r in result.rows}
     parts = []
     for rank, name in enumerate(result.by_purchase_usd, start=1):
-        pick = rows[name].fewest
+        pick = rows[name].pick
         assert pick is not None
         parts.append(f"{rank}. {name} ({pick.num_devices}) ${pick.purchase_usd or 0:,.0f}")
     body = "; ".join(parts) if parts else "no fitting accelerator has a purchase price"
     return Text(f"ranked by purchase price (devices x typical price): {body}")
 
 
+def _unsupported(result: RecommendResult) -> Text | None:
+    groups: dict[str, list[str]] = {}
+    for row in result.rows:
+        if row.unsupported:
+            groups.setdefault(", ".join(row.unsupported), []).append(row.gpu)
+    if not groups:
+        return None
+    lines = ["Not offered: the setup needs software these accelerators lack (sources: --json):"]
+    lines += [f"  {', '.join(names)}: no {features}" for features, names in groups.items()]
+    return Text("\n".join(lines), style="yellow")
+
+
+def _host_memory(row: Recommendation) -> str:
+    node = load_profile(row.gpu).node
+    host = node.host_memory_bytes
+    return f"{row.gpu} ({'unpublished' if host is None else f'{gib(host):,.0f}'})"
+
+
 def _no_fit(result: RecommendResult) -> Text | None:
-    missing = [r for r in result.by_usd_per_hour if r.fewest is None]
+    missing = [r for r in result.rows if r.pick is None and not r.unsupported]
     if not missing:
         return None
-    floors = sorted({r.floor_bytes for r in missing})
-    lines = [
-        f"Nothing fits on up to {result.device_counts[-1]} devices (Apple silicon: one device) "
-        "of these; the least any searched layout needs per device is its allocated peak + "
-        "CUDA context (activations, temporaries and gathered layers are not sharded):"
-    ]
-    for floor in floors:
+    lines = ["Nothing fits on as many devices as their machines join (node sizes and networks "]
+    lines[0] += "in the profiles):"
+    by_host = [r for r in missing if r.host_limited]
+    if by_host:
+        lines.append(
+            "  fits in device memory only by offloading more than a node's host memory (GiB): "
+            + ", ".join(_host_memory(r) for r in by_host)
+        )
+    by_device = [r for r in missing if not r.host_limited]
+    for floor in sorted({r.floor_bytes or 0 for r in by_device}):
         names = ", ".join(
             f"{r.gpu} ({gib(r.capacity.capacity_bytes):.0f})"
-            for r in missing
-            if r.floor_bytes == floor
+            for r in by_device
+            if (r.floor_bytes or 0) == floor
         )
-        lines.append(f"  needs >= {_gib(floor)} GiB: {names}")
+        lines.append(f"  needs >= {_gib(floor)} GiB per device (allocated peak + context): {names}")
     return Text("\n".join(lines), style="yellow")
 
 
@@ -270,43 +313,36 @@ def _change_text(rank: int, change: Change) -> Text:
     verdict = "FITS" if change.fits else "does not fit"
     text = Text(f"{rank:>2}. {change.change}: ")
     text.append(verdict, style="green" if change.fits else "red")
+    machine = f" ({change.machine})" if change.machine else ""
     text.append(
-        f", {_gib(change.device_bytes)} GiB{paged}, saves {_gib(change.saved_bytes)} GiB\n"
-        f"    speed: {change.speed}\n    accuracy: {change.accuracy}"
+        f", {_gib(change.device_bytes)} GiB{paged}{machine}, saves {_gib(change.saved_bytes)} "
+        f"GiB\n    speed: {change.speed}\n    accuracy: {change.accuracy}"
     )
     return text
 
 
-def _estimate_note(result: RecommendResult) -> Text:
-    return Text(
-        f"Time and cost are estimates: {result.flops_per_token:,} FLOPs per token (6N for "
-        "training, 8N with checkpointing, 4N + adapters for frozen bases, plus attention; "
-        f"memplan.throughput) at {100 * result.utilisation_fraction:.0f}% of the dense 16-bit "
-        "peak; communication and offload traffic are not modelled (>=: a lower bound).",
-        style="dim",
-    )
-
-
-def render_recommend(result: RecommendResult) -> RenderableType:
+def render_recommend(result: RecommendResult, *, show_all: bool = False) -> RenderableType:
     counts = result.device_counts
     parts: list[RenderableType] = [
         Text(_setup_line(result.model, result.setup), style="bold"),
         Text(
-            f"device counts searched: {', '.join(map(str, counts))}; per-device memory from "
-            "plan() (reserved + CUDA context + paged state)"
+            f"device counts searched: {', '.join(map(str, counts))} (each layout on the fewest "
+            "that fit); per-device memory from plan() (reserved + CUDA context + paged state)"
+            + (f"; {result.tokens:,} training tokens" if result.tokens is not None else "")
         ),
-        *_rankings(result),
+        *_rankings(result, show_all),
+        _time_model(result),
         _by_purchase(result),
     ]
-    missing = _no_fit(result)
-    if missing is not None:
-        parts.append(missing)
-    if result.tokens is not None:
-        parts.append(_estimate_note(result))
+    for note in (_unsupported(result), _no_fit(result)):
+        if note is not None:
+            parts.append(note)
     if result.gpu is not None:
         parts.append(_changes(result))
     return Group(*parts)
 
 
-def print_recommend(result: RecommendResult, console: Console | None = None) -> None:
-    (console or stdout_console()).print(render_recommend(result))
+def print_recommend(
+    result: RecommendResult, console: Console | None = None, *, show_all: bool = False
+) -> None:
+    (console or stdout_console()).print(render_recommend(result, show_all=show_all))

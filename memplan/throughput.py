@@ -12,8 +12,8 @@ Per token, a transformer step does (every term counted in multiply-adds x 2):
 - activation checkpointing runs each checkpointed layer's forward again in backward: 8N instead of
   6N (Korthikanti et al. 2022, arXiv:2205.05198, section 6: 96 vs 72 B s L h^2).
 
-Time = FLOPs / (devices x dense 16-bit peak x ``UTILISATION_FRACTION``). Communication, offload
-traffic and the host optimizer step of ZeRO-Offload are not modelled.
+Compute time is FLOPs / (dense 16-bit peak x ``UTILISATION_FRACTION``); :mod:`memplan.step_time`
+adds what a layout costs besides (collectives, offload traffic, the CPU optimizer step).
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Final
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from memplan.architecture import ParamKind, architecture
 from memplan.errors import MemplanError
@@ -44,8 +42,6 @@ UTILISATION_FRACTION: Final = 0.40
 _TOKEN_SUFFIXES: Final = {"": 1, "k": KB, "m": MB, "b": GB, "t": TB}
 MAX_TOKENS: Final = 10**18  # training tokens accepted: a million times the largest runs
 _TOKENS_RE: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmbtKMBT]?)\s*$")
-_SECONDS_PER_HOUR: Final = 3600
-_TERA: Final = TB  # TFLOP/s -> FLOP/s
 _MATMUL_KINDS: Final = (ParamKind.LINEAR, ParamKind.ROUTER, ParamKind.HEAD_LINEAR)
 
 
@@ -150,23 +146,6 @@ def flops_per_token(
     return FlopsPerToken(forward, backward, recompute)
 
 
-class TrainingEstimate(BaseModel):
-    """Estimated wall time and cost of training on ``tokens`` (FLOPs at a fixed utilisation)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    tokens: int
-    flops: int = Field(description="FLOPs per token x tokens.")
-    num_devices: int
-    dtype: str = Field(description="16-bit format used: bf16, or fp16 where bf16 is missing.")
-    peak_tflops: float = Field(description="Dense peak of one device in that format (profile).")
-    utilisation_fraction: float
-    hours: float = Field(description="flops / (devices x peak x utilisation) / 3600.")
-    cost_usd: float | None = Field(
-        description="devices x hours x cheapest $/GPU-hour; None without a cloud price."
-    )
-
-
 def compute_dtype(setup: TrainingSetup, profile: HardwareProfile) -> str | None:
     """The 16-bit format a run of ``setup`` uses on ``profile``; None for fp32 runs.
 
@@ -177,26 +156,3 @@ def compute_dtype(setup: TrainingSetup, profile: HardwareProfile) -> str | None:
         return None
     wants_bf16 = setup.precision in (Precision.BF16, Precision.BF16_AMP)
     return "bf16" if wants_bf16 and profile.supports_bf16 else "fp16"
-
-
-def training_estimate(
-    flops: FlopsPerToken, tokens: int, profile: HardwareProfile, num_devices: int, dtype: str
-) -> TrainingEstimate | None:
-    """Time and cost of ``tokens`` on ``num_devices`` x ``profile``; None without TFLOPS."""
-    peak = profile.bf16_tflops if dtype == "bf16" else profile.fp16_tflops
-    if peak is None:
-        return None
-    total_flops = flops.total * tokens
-    seconds = total_flops / (num_devices * peak * _TERA * UTILISATION_FRACTION)
-    hours = seconds / _SECONDS_PER_HOUR
-    price = profile.cheapest_usd_per_gpu_hour
-    return TrainingEstimate(
-        tokens=tokens,
-        flops=total_flops,
-        num_devices=num_devices,
-        dtype=dtype,
-        peak_tflops=peak,
-        utilisation_fraction=UTILISATION_FRACTION,
-        hours=hours,
-        cost_usd=None if price is None else num_devices * price * hours,
-    )

@@ -47,7 +47,7 @@ CASES: list[tuple[str, Callable[[], Any], list[str] | None]] = [
         ["recommend", "llama-2-70b", "--method", "full", "--seq", "4096", "--tokens", "50M"],
     ),
     (
-        "  the same, search only (no plan() per pick)",
+        "  the same, search only (allocator estimate, no plan() replays)",
         lambda: recommend("llama-2-70b", FULL_70B, tokens=TOKENS, confirm=False),
         None,
     ),
@@ -60,7 +60,7 @@ CASES: list[tuple[str, Callable[[], Any], list[str] | None]] = [
         ],
     ),
     (
-        "  the same, search only (no plan() per pick)",
+        "  the same, search only (allocator estimate, no plan() replays)",
         lambda: recommend("llama-2-70b", FULL_70B_CKPT, tokens=TOKENS, confirm=False),
         None,
     ),

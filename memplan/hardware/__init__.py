@@ -1,8 +1,12 @@
 """Hardware profiles: the accelerators a run can be planned for, shipped as data files."""
 
 from memplan.hardware.profiles import (
+    SOFTWARE_FEATURES,
     CloudOffer,
     HardwareProfile,
+    Node,
+    SoftwareFeature,
+    Support,
     has_profile,
     list_profiles,
     load_profile,
@@ -10,8 +14,12 @@ from memplan.hardware.profiles import (
 )
 
 __all__ = [
+    "SOFTWARE_FEATURES",
     "CloudOffer",
     "HardwareProfile",
+    "Node",
+    "SoftwareFeature",
+    "Support",
     "has_profile",
     "list_profiles",
     "load_profile",

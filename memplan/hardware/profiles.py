@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -32,7 +32,17 @@ from memplan.errors import MemplanError
 if TYPE_CHECKING:
     from importlib.abc import Traversable
 
-__all__ = ["CloudOffer", "HardwareProfile", "list_profiles", "load_profile", "profile_files"]
+__all__ = [
+    "SOFTWARE_FEATURES",
+    "CloudOffer",
+    "HardwareProfile",
+    "Node",
+    "SoftwareFeature",
+    "Support",
+    "list_profiles",
+    "load_profile",
+    "profile_files",
+]
 
 _SLUG_PATTERN: Final = r"^[a-z0-9]+(?:[-.][a-z0-9]+)*$"
 # An instance price divided by its GPU count must match the per-GPU price to a tenth of a cent.
@@ -41,6 +51,27 @@ _PER_GPU_PRICE_TOLERANCE_USD: Final = 0.001
 Vendor = Literal["nvidia", "amd", "intel", "google", "apple"]
 Kind = Literal["discrete", "unified-memory", "tpu"]
 UsableMemoryBasis = Literal["nvidia-smi", "rocm-smi", "hl-smi", "metal", "derived"]
+# Software a fine-tuning setup or layout may need, each a feature of one library as the
+# accelerator's stack offers it (bitsandbytes' README lists features per backend).
+SoftwareFeature = Literal[
+    "bitsandbytes-4bit",  # NF4/FP4 Linear4bit: QLoRA
+    "bitsandbytes-int8",  # LLM.int8() Linear8bitLt
+    "bitsandbytes-optimizers",  # bitsandbytes optimizers: 8-bit AdamW, Lion
+    "bitsandbytes-paged",  # paged optimizers (state in CUDA/HIP managed memory)
+    "deepspeed",  # DeepSpeed ZeRO stages 1-3
+    "deepspeed-offload",  # ZeRO-Offload / ZeRO-Infinity: state and step on the host CPU
+    "fsdp",  # PyTorch FSDP (SHARD_GRAD_OP, FULL_SHARD)
+    "flash-attn",  # the flash-attn 2 kernels (attn_implementation="flash_attention_2")
+]
+SOFTWARE_FEATURES: Final[tuple[SoftwareFeature, ...]] = get_args(SoftwareFeature)
+# Node values that carry a number and so need a source.
+_NODE_VALUES: Final = (
+    "gpus_per_node",
+    "host_memory_bytes",
+    "host_link_bytes_per_s",
+    "intra_node_bytes_per_s",
+    "inter_node_bytes_per_s",
+)
 
 
 class CloudOffer(BaseModel):
@@ -71,6 +102,97 @@ class CloudOffer(BaseModel):
                 f"= {expected:.4f} for {self.provider} {self.instance}"
             )
         return self
+
+
+class Support(BaseModel):
+    """Whether one software feature runs on this accelerator, and where that is stated."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    available: bool = Field(description="The feature runs on this accelerator's stack.")
+    source: str = Field(min_length=1, description="Document that says so (URL and what it says).")
+
+
+class Node(BaseModel):
+    """The machine the accelerator is rented or bought in: how many share it, its host memory,
+    and the links a training step uses (each number with its source in ``sources``).
+
+    Bandwidths are per direction. ``intra_node_bytes_per_s`` is what one device can send to its
+    peers in the node at once (NVLink/NVSwitch, Infinity Fabric, ICI, RoCE, or PCIe for cards
+    without a device link); ``inter_node_bytes_per_s`` is the whole node's network, shared by its
+    devices. A value no source publishes is null, and memplan plans conservatively without it:
+    no host offload without ``host_memory_bytes``, no run across nodes without
+    ``inter_node_bytes_per_s``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    system: str = Field(min_length=1, description="The reference machine, e.g. 'AWS p5.48xlarge'.")
+    gpus_per_node: PositiveInt = Field(description="Accelerators in one node.")
+    host_memory_bytes: PositiveInt | None = Field(
+        default=None, description="Host (CPU) memory of one node, bytes; null: unpublished."
+    )
+    host_link: str | None = Field(
+        default=None, description="Host-device link of one accelerator, e.g. 'PCIe 5.0 x16'."
+    )
+    host_link_bytes_per_s: PositiveInt | None = Field(
+        default=None, description="Host-device bandwidth of one accelerator, one direction."
+    )
+    intra_node_bytes_per_s: PositiveInt | None = Field(
+        default=None,
+        description="Collective bandwidth of one accelerator to its node peers, one direction; "
+        "null exactly when the node has one accelerator.",
+    )
+    inter_node_bytes_per_s: PositiveInt | None = Field(
+        default=None,
+        description="Network bandwidth of one node to other nodes, one direction, all its NICs "
+        "together; null: no multi-node system is published for this accelerator.",
+    )
+    sources: dict[str, str] = Field(
+        description="Source of each value given, keyed by field name (system included)."
+    )
+
+    @model_validator(mode="after")
+    def _sourced(self) -> Node:
+        given = {"system"} | {name for name in _NODE_VALUES if getattr(self, name) is not None}
+        missing = sorted(given - {k for k, v in self.sources.items() if v.strip()})
+        if missing:
+            raise ValueError(f"node values without a source: {', '.join(missing)}")
+        extra = sorted(set(self.sources) - given)
+        if extra:
+            raise ValueError(f"sources for values the node does not give: {', '.join(extra)}")
+        if (self.gpus_per_node == 1) != (self.intra_node_bytes_per_s is None):
+            raise ValueError(
+                f"intra_node_bytes_per_s must be null exactly when gpus_per_node is 1 "
+                f"(gpus_per_node={self.gpus_per_node})"
+            )
+        if (self.host_link is None) != (self.host_link_bytes_per_s is None):
+            raise ValueError("host_link and host_link_bytes_per_s must be given together")
+        return self
+
+    def collective_bytes_per_s(self, num_devices: int) -> int | None:
+        """Per-device bandwidth of a ring over ``num_devices``; None when they cannot be joined.
+
+        A ring within one node runs at the device link; across nodes every device also sends
+        through the node's network, shared by the node's devices, and the slower link sets the
+        pace (NCCL's rings cross each node boundary once per ring).
+        """
+        if num_devices <= 1:
+            return None
+        if num_devices <= self.gpus_per_node:
+            return self.intra_node_bytes_per_s
+        if self.inter_node_bytes_per_s is None:
+            return None
+        per_device = self.inter_node_bytes_per_s // self.gpus_per_node
+        return min(per_device, self.intra_node_bytes_per_s or per_device)
+
+    def spans(self, num_devices: int) -> bool:
+        """Whether ``num_devices`` of this accelerator can be joined into one run."""
+        return num_devices == 1 or self.collective_bytes_per_s(num_devices) is not None
+
+    def devices_per_node(self, num_devices: int) -> int:
+        """Devices of a ``num_devices`` run that share one node (nodes are filled first)."""
+        return min(num_devices, self.gpus_per_node)
 
 
 class HardwareProfile(BaseModel):
@@ -160,6 +282,10 @@ class HardwareProfile(BaseModel):
     sources: tuple[str, ...] = Field(
         min_length=1, description="URLs or documents the specs were read from."
     )
+    node: Node = Field(description="The machine it comes in: device count, host memory, links.")
+    software: dict[SoftwareFeature, Support] = Field(
+        description="Each software feature a setup may need: available or not, with its source."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> HardwareProfile:
@@ -187,7 +313,14 @@ class HardwareProfile(BaseModel):
             )
         if any(alias != alias.lower() or not alias for alias in self.aliases):
             raise ValueError(f"{self.name}: aliases must be non-empty lowercase: {self.aliases}")
+        missing = [f for f in SOFTWARE_FEATURES if f not in self.software]
+        if missing:
+            raise ValueError(f"{self.name}: software lacks {', '.join(missing)}")
         return self
+
+    def supports(self, feature: SoftwareFeature) -> bool:
+        """Whether ``feature`` runs on this accelerator (see ``software``)."""
+        return self.software[feature].available
 
     @property
     def cheapest_usd_per_gpu_hour(self) -> float | None:
@@ -196,13 +329,15 @@ class HardwareProfile(BaseModel):
 
 
 def _profiles_dir() -> Traversable:
-    """The shipped profile folder: package data when installed, else the source tree's folder."""
+    """The shipped profile folder: the source tree's own folder in a checkout (an editable
+    install may map the package data to another checkout), else the installed package data."""
+    source_tree = Path(__file__).resolve().parents[2] / "hardware_profiles"
+    if (source_tree / "__init__.py").is_file():
+        return source_tree
     try:
         return resources.files("memplan.hardware_profiles")
-    except ModuleNotFoundError:
-        # Source checkout (or an editable install made before the folder was mapped): the data
-        # sits at the repository root, two levels above this file's package.
-        return Path(__file__).resolve().parents[2] / "hardware_profiles"
+    except ModuleNotFoundError:  # neither installed nor a checkout: report the folder looked for
+        return source_tree
 
 
 def profile_files() -> Iterator[Traversable]:

@@ -9,7 +9,13 @@ import pytest
 from pydantic import ValidationError
 
 from memplan.errors import MemplanError
-from memplan.hardware import CloudOffer, HardwareProfile, list_profiles, load_profile
+from memplan.hardware import (
+    SOFTWARE_FEATURES,
+    CloudOffer,
+    HardwareProfile,
+    list_profiles,
+    load_profile,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PROFILE_DIR = REPO_ROOT / "hardware_profiles"
@@ -210,3 +216,117 @@ def test_cloud_offer_per_gpu_price_must_match_the_instance_price() -> None:
             source="test",
             date="2026-06-24",
         )
+
+
+# ------------------------------------------------------------------ node and software
+
+
+@pytest.mark.parametrize("profile", list_profiles(), ids=lambda p: p.name)
+def test_every_node_value_and_software_feature_carries_a_source(profile: HardwareProfile) -> None:
+    node = profile.node
+    for field in (
+        "gpus_per_node",
+        "host_memory_bytes",
+        "host_link_bytes_per_s",
+        "intra_node_bytes_per_s",
+        "inter_node_bytes_per_s",
+    ):
+        if getattr(node, field) is not None:
+            assert node.sources[field].strip(), field
+    assert set(profile.software) == set(SOFTWARE_FEATURES)
+    assert all(support.source.strip() for support in profile.software.values())
+
+
+@pytest.mark.parametrize("path", PROFILE_FILES, ids=lambda p: p.name)
+def test_node_byte_counts_are_json_integers(path: Path) -> None:
+    node = _raw(path)["node"]
+    assert isinstance(node, dict)
+    for field, value in node.items():
+        if field.endswith(("_bytes", "_per_s", "_node")):
+            assert type(value) is int, field
+
+
+@pytest.mark.parametrize("profile", list_profiles(), ids=lambda p: p.name)
+def test_node_links_are_in_range(profile: HardwareProfile) -> None:
+    node = profile.node
+    per_second = (node.host_link_bytes_per_s, node.intra_node_bytes_per_s)
+    assert all(v is None or 10**10 <= v <= 10**12 for v in per_second)  # PCIe 3.0 .. NVLink 5
+    assert node.inter_node_bytes_per_s is None or 10**9 <= node.inter_node_bytes_per_s <= 10**12
+    assert node.host_memory_bytes is None or 2**36 <= node.host_memory_bytes <= 2**43
+
+
+# Pinned from each source: one per kind of system.
+@pytest.mark.parametrize(
+    ("name", "gpus", "host_bytes", "inter_bytes_per_s"),
+    [
+        ("h100-sxm", 8, 2048 * 2**30, 3200 * 10**9 // 8),  # AWS p5.48xlarge
+        ("a100-40gb-sxm", 8, 1152 * 2**30, 400 * 10**9 // 8),  # AWS p4d.24xlarge
+        ("l4", 8, 768 * 2**30, 100 * 10**9 // 8),  # AWS g6.48xlarge
+        ("b200", 8, 2 * 10**12, 3200 * 10**9 // 8),  # DGX B200 datasheet
+        ("gh200", 1, 432 * 2**30, None),  # Lambda 1x GH200
+        ("rtx-a6000", 4, 400 * 2**30, None),  # Lambda 4x A6000
+        ("rtx-4090", 1, None, None),  # one card per RunPod worker
+    ],
+)
+def test_pinned_nodes(
+    name: str, gpus: int, host_bytes: int | None, inter_bytes_per_s: int | None
+) -> None:
+    node = load_profile(name).node
+    assert (node.gpus_per_node, node.host_memory_bytes) == (gpus, host_bytes)
+    assert node.inter_node_bytes_per_s == inter_bytes_per_s
+
+
+def test_collectives_run_at_the_device_link_within_a_node_and_the_network_share_beyond() -> None:
+    h100 = load_profile("h100-sxm").node
+    assert h100.collective_bytes_per_s(8) == 450 * 10**9  # NVLink 4: 900 GB/s both directions
+    assert h100.collective_bytes_per_s(16) == 3200 * 10**9 // 8 // 8  # 8x 400 Gb/s for 8 GPUs
+    assert h100.spans(1024)
+    l40s = load_profile("l40s").node  # no device link: PCIe 4.0 x16
+    assert l40s.collective_bytes_per_s(4) == 31_507_692_307
+    single = load_profile("rtx-4090").node
+    assert single.spans(1)
+    assert not single.spans(2)
+    assert single.collective_bytes_per_s(2) is None
+    assert load_profile("rtx-a6000").node.spans(4)
+    assert not load_profile("rtx-a6000").node.spans(8)
+
+
+# What the sources decide (bitsandbytes 0.50.0 README accelerator table; DeepSpeed accelerators;
+# flash-attn README): bitsandbytes runs on ROCm CDNA in full, partly on Gaudi and Apple silicon,
+# not at all on TPUs.
+@pytest.mark.parametrize(
+    ("name", "available"),
+    [
+        ("h100-sxm", set(SOFTWARE_FEATURES)),
+        ("b200", set(SOFTWARE_FEATURES) - {"flash-attn"}),  # Ampere/Ada/Hopper only
+        ("v100-32gb", set(SOFTWARE_FEATURES) - {"bitsandbytes-int8", "flash-attn"}),
+        ("t4", set(SOFTWARE_FEATURES) - {"flash-attn"}),
+        ("mi300x", set(SOFTWARE_FEATURES)),
+        ("mi210", set(SOFTWARE_FEATURES)),
+        ("gaudi2", {"bitsandbytes-int8", "deepspeed", "fsdp"}),
+        ("tpu-v5p", {"fsdp"}),  # PyTorch/XLA FSDP; no DeepSpeed, no bitsandbytes
+        ("m3-max-128gb", {"bitsandbytes-4bit", "bitsandbytes-int8"}),
+    ],
+)
+def test_software_support(name: str, available: set[str]) -> None:
+    profile = load_profile(name)
+    assert {f for f in SOFTWARE_FEATURES if profile.supports(f)} == available
+
+
+def test_nodes_without_sources_or_with_inconsistent_links_are_rejected() -> None:
+    raw = _raw(PROFILE_DIR / "h100-sxm.json")
+    node = raw["node"]
+    assert isinstance(node, dict)
+    sources = dict(node["sources"])
+    del sources["host_memory_bytes"]
+    with pytest.raises(ValidationError, match="without a source: host_memory_bytes"):
+        HardwareProfile.model_validate({**raw, "node": {**node, "sources": sources}})
+    bare = {k: v for k, v in node.items() if k != "host_memory_bytes"}
+    with pytest.raises(ValidationError, match="does not give: host_memory_bytes"):
+        HardwareProfile.model_validate({**raw, "node": bare})
+    with pytest.raises(ValidationError, match="exactly when gpus_per_node is 1"):
+        HardwareProfile.model_validate({**raw, "node": {**node, "gpus_per_node": 1}})
+    software = dict(raw["software"])  # type: ignore[call-overload]
+    del software["fsdp"]
+    with pytest.raises(ValidationError, match="software lacks fsdp"):
+        HardwareProfile.model_validate({**raw, "software": software})
