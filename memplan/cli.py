@@ -133,7 +133,12 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
     )
     q = p.add_argument_group("parallel layout")
     q.add_argument("--gpus", type=int, default=1, help="GPUs of the run (default 1)")
-    q.add_argument("--zero", type=int, default=0, help="ZeRO stage 0-3")
+    q.add_argument(
+        "--zero",
+        type=int,
+        default=None,
+        help="ZeRO stage 0-3 (default 0; with --fsdp: 3, FSDP's FULL_SHARD; 2 is SHARD_GRAD_OP)",
+    )
     q.add_argument(
         "--fsdp", action="store_true", help="shard with PyTorch FSDP instead of DeepSpeed"
     )
@@ -184,7 +189,7 @@ def parallel_from_args(args: argparse.Namespace) -> Any:
 
     return ParallelSetup(
         num_gpus=args.gpus,
-        zero_stage=args.zero,
+        zero_stage=args.zero if args.zero is not None else (None if args.fsdp else 0),
         sharding="fsdp" if args.fsdp else "deepspeed",
         offload=args.offload,
         tensor_parallel_degree=args.tp,
@@ -693,7 +698,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from memplan.catalog import load_model
     from memplan.simulate import trace_and_compare
 
-    if args.gpus != 1 or args.zero or args.tp != 1 or args.offload != "none":
+    if args.gpus != 1 or args.zero or args.fsdp or args.tp != 1 or args.offload != "none":
         raise MemplanError(
             "simulate traces one GPU without sharding; plan covers ZeRO/FSDP/TP layouts"
         )

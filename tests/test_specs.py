@@ -282,3 +282,10 @@ def test_setup_round_trips_through_json_without_refilling_defaults(method: str) 
     again = TrainingSetup.model_validate(setup.model_dump(mode="json"))
     assert again == setup
     assert again.defaults_from_method == setup.defaults_from_method
+
+
+def test_fsdp_alone_means_full_shard() -> None:
+    assert ParallelSetup(num_gpus=2, sharding="fsdp").zero_stage == 3
+    assert ParallelSetup(num_gpus=2, sharding="fsdp", zero_stage=2).zero_stage == 2
+    with pytest.raises(ValidationError, match="FSDP has no ZeRO-0 equivalent"):
+        ParallelSetup(num_gpus=2, sharding="fsdp", zero_stage=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from memplan._compat import StrEnum
@@ -50,6 +52,15 @@ class ParallelSetup(BaseModel):
         "at once under ZeRO-3; None: DeepSpeed's default 1e9.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fsdp_default_strategy(cls, data: Any) -> Any:
+        """FSDP without a stage means FSDP's default, FULL_SHARD (stage 3), not no sharding."""
+        fsdp = isinstance(data, dict) and str(data.get("sharding")) in ("fsdp", "Sharding.FSDP")
+        if fsdp and data.get("zero_stage") is None:
+            return {**data, "zero_stage": 3}
+        return data
+
     @model_validator(mode="after")
     def _check_layout(self) -> ParallelSetup:
         if self.num_gpus % self.tensor_parallel_degree:
@@ -57,9 +68,10 @@ class ParallelSetup(BaseModel):
                 f"tensor_parallel_degree={self.tensor_parallel_degree} does not divide "
                 f"num_gpus={self.num_gpus}"
             )
-        if self.sharding is Sharding.FSDP and self.zero_stage == 1:
+        if self.sharding is Sharding.FSDP and self.zero_stage in (0, 1):
             raise ValueError(
-                "FSDP has no ZeRO-1 equivalent: use zero_stage=2 (SHARD_GRAD_OP) or 3 (FULL_SHARD)"
+                f"FSDP has no ZeRO-{self.zero_stage} equivalent: use zero_stage=2 "
+                "(SHARD_GRAD_OP) or 3 (FULL_SHARD, FSDP's default)"
             )
         if self.offload is Offload.OPTIMIZER_AND_PARAMS and self.zero_stage != 3:
             raise ValueError(
