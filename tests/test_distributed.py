@@ -14,6 +14,7 @@ from memplan.distributed import (
 )
 from memplan.errors import MemplanError
 from memplan.specs import ModelSpec, ParallelSetup, TrainingSetup
+from memplan.trace import Category
 
 PSI = 7_500_000_000  # the ZeRO paper's 7.5B-parameter example
 N = 64  # data-parallel degree of Figure 1
@@ -181,3 +182,19 @@ def test_tensor_parallel_degree_must_divide_the_mlp(tiny_llama: ModelSpec) -> No
     spec = tiny_llama.model_copy(update={"intermediate_size": 351})
     with pytest.raises(MemplanError, match="does not divide intermediate_size=351"):
         shard_plan(spec, TrainingSetup(), ParallelSetup(num_gpus=2, tensor_parallel_degree=2))
+
+
+def test_fsdp_accumulation_gives_frozen_weights_no_gradients() -> None:
+    """FSDP no_sync under gradient accumulation holds unsharded gradients of the trainable
+    parameters only: a LoRA run's frozen base gets none."""
+    from memplan.analytic.predict import predict
+    from memplan.catalog import load_model
+
+    spec = load_model("llama-2-70b")
+    parallel = ParallelSetup(num_gpus=8, sharding="fsdp")
+    lora = TrainingSetup(method="lora", grad_accum_steps=4, grad_ckpt=True)
+    single = TrainingSetup(method="lora", grad_ckpt=True)
+    accumulated = predict(spec, lora, parallel).trace.category_peaks()[Category.GRADIENTS]
+    once = predict(spec, single, parallel).trace.category_peaks()[Category.GRADIENTS]
+    trainable = predict(spec, lora, parallel).state.num_trainable_params
+    assert accumulated - once <= trainable * 2 + 512  # bf16 unsharded adapter gradients at most

@@ -125,11 +125,13 @@ class Sharded:
         ]
 
     def accumulation_bytes(self, state: ModelState) -> int:
-        """FSDP no_sync(): the non-final micro-batches accumulate unsharded gradients of every
-        wrapped unit (0 when no_sync does not run)."""
+        """FSDP no_sync(): the non-final micro-batches accumulate unsharded gradients of the
+        trainable parameters (0 when no_sync does not run). Frozen parameters get none: peft's
+        fsdp_auto_wrap_policy wraps the trainable modules in units of their own, so frozen
+        flat parameters never require grad."""
         if not self.shard.unsharded_accumulation:
             return 0
-        nbytes = state.num_params * dtype_bytes(self.ctx.weight_dtype)
+        nbytes = state.num_trainable_params * dtype_bytes(self.ctx.weight_dtype)
         return allocation_bytes(nbytes // self.parallel.tensor_parallel_degree)
 
     @property
