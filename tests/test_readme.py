@@ -34,7 +34,7 @@ COMMANDS = _commands()
 def test_readme_has_the_two_quick_start_commands() -> None:
     quick = BLOCKS[0][1].splitlines()
     assert quick[0] == "pip install . && memplan plan llama-65b --method qlora --gpu rtx-a6000"
-    assert quick[1] == 'pip install -e ".[dev,torch,hf]" && pytest'
+    assert quick[1] == 'pip install -e ".[dev,torch,hf]" && pytest -n 2'
 
 
 def test_every_subcommand_is_shown() -> None:
