@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -704,7 +705,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         )
     from memplan.progress import status
 
-    spec = load_model(args.model)
+    spec = load_model(args.model, traced_only=True)
     setup = setup_from_args(args, spec)
     with status(f"tracing {spec.name} ({setup.method}) on fake tensors"):
         comparison = trace_and_compare(spec, setup, mode="fake", gpu=args.gpu)
@@ -728,6 +729,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     setup = setup_from_args(args, spec)
     with status(f"running {spec.name} ({setup.method}) on CPU tensors"):
         comparison = trace_and_compare(spec, setup, mode="cpu", gpu=args.gpu)
+    assert comparison.analytical is not None  # measure loads modeled families only
     if args.out:
         record = {
             "traced": comparison.traced.model_dump(mode="json"),
@@ -779,7 +781,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 def _print_traced(comparison: Any, args: argparse.Namespace) -> int:
     if args.json:
         payload = comparison.traced.model_dump(mode="json")
-        payload["analytical"] = comparison.analytical.model_dump(mode="json")
+        analytical = comparison.analytical
+        payload["analytical"] = None if analytical is None else analytical.model_dump(mode="json")
         payload["difference_bytes"] = comparison.differences_bytes()
         payload["wall_time_s"] = comparison.wall_time_s
         print(json.dumps(payload, indent=2))
@@ -815,6 +818,9 @@ EXIT_INTERNAL = 1
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every failure ends in one line on stderr, never a traceback."""
     _tolerant_streams()
+    # bitsandbytes logs, on import, a CPU kernel package it would like: advice to its users,
+    # not ours to show (memplan runs its own NF4 layers on the CPU).
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

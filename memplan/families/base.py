@@ -63,6 +63,8 @@ class ModelFamily:
     """A decoder whose eager attention reads an additive causal mask (create_causal_mask)."""
     num_eager_masks: ClassVar[int] = 1
     """Additive (batch, 1, seq, seq) masks a causal model's forward builds for eager attention."""
+    traced_only: ClassVar[bool] = False
+    """No analytical model: the tracer runs it, ``plan`` refuses it (unregistered families)."""
 
     # -- config.json -------------------------------------------------------------------------
     def read_config(self, config: Config) -> dict[str, Any]:
