@@ -80,7 +80,6 @@ class StepComposer:
 
     def _stack_forward(self, index: int, stack: Stack, step: int) -> tuple[list[TraceItem], int]:
         bounds = self.boundaries[index]
-        stack.embed_out.category = bounds[0]
         model_locals = stack.embed.model_locals
         items: list[TraceItem] = list(
             forward_events(
@@ -89,6 +88,7 @@ class StepComposer:
                 step=step,
                 keep_saved=self.autograd,
                 keep=[stack.embed_out, *model_locals, *_grad_leaves(stack)],
+                categories=self._embed_categories(index),
             ).events
         )
         items += self._shared_events(stack, step, "alloc")
@@ -100,19 +100,11 @@ class StepComposer:
             if key not in cache:
                 # The model's `inputs_embeds` keeps the first layer's input alive until the
                 # stack's forward returns.
-                plan.graph.input.persistent = i == 0 and any(
-                    t is stack.embed_out for t in model_locals
-                )
-                try:
-                    cache[key] = self._layer_forward(plan, key[2], key[3], step)
-                finally:
-                    plan.graph.input.persistent = False
+                held = i == 0 and any(t is stack.embed_out for t in model_locals)
+                cache[key] = self._layer_forward(plan, key[2], key[3], step, hold_input=held)
             keys.append(key)
             deferred += cache[key].deferred_bytes
         items += _compress([cache[k].events for k in keys], keys)
-        stack.norm_in.category = bounds[-1]
-        out_cat = self._stack_output_category(index)
-        stack.norm_out.category = out_cat
         if stack.norm_out is not stack.norm_in:
             items += forward_events(
                 stack.norm,
@@ -120,6 +112,7 @@ class StepComposer:
                 step=step,
                 keep_saved=self.autograd,
                 keep=[stack.norm_out],
+                categories=self._norm_categories(index),
             ).events
         items += self._shared_events(stack, step, "forward")
         items += self._release_locals(stack, step)
@@ -142,6 +135,21 @@ class StepComposer:
             for t, label in released
         ]
 
+    def _embed_categories(self, index: int) -> dict[Tensor, Category]:
+        """The embedding's output is the first layer's input (or the final norm's)."""
+        return {self.graph.stacks[index].embed_out: self.boundaries[index][0]}
+
+    def _norm_categories(self, index: int) -> dict[Tensor, Category]:
+        """The final norm reads the last layer's output and hands on the stack's output."""
+        stack = self.graph.stacks[index]
+        return {
+            stack.norm_in: self.boundaries[index][-1],
+            stack.norm_out: self._stack_output_category(index),
+        }
+
+    def _loss_categories(self) -> dict[Tensor, Category]:
+        return {self.graph.loss_in: self.loss_boundary}
+
     def _stack_output_category(self, index: int) -> Category:
         if index == len(self.graph.stacks) - 1:
             return self.loss_boundary
@@ -156,11 +164,16 @@ class StepComposer:
         return _ACT if held else _TMP
 
     def _layer_forward(
-        self, plan: LayerPlan, in_cat: Category, out_cat: Category, step: int
+        self,
+        plan: LayerPlan,
+        in_cat: Category,
+        out_cat: Category,
+        step: int,
+        *,
+        hold_input: bool = False,
     ) -> _LayerForward:
         lg = plan.graph
-        lg.input.category, lg.output.category = in_cat, out_cat
-        keep = [lg.output, lg.input] if plan.checkpointed else [lg.output]
+        keep = [lg.output, lg.input] if plan.checkpointed or hold_input else [lg.output]
         keep += self._cache_held(lg.segment)
         result = forward_events(
             lg.segment,
@@ -169,6 +182,7 @@ class StepComposer:
             keep_saved=self.autograd and not plan.checkpointed,
             keep=keep,
             defer=lg.segment.autocast_cached,
+            categories={lg.input: in_cat, lg.output: out_cat},
         )
         deferred = sum(allocation_bytes(t.nbytes) for t in result.deferred)
         return _LayerForward(self._gathered(result.events, Phase.FORWARD, step), deferred)
@@ -225,13 +239,13 @@ class StepComposer:
     # -- loss ------------------------------------------------------------------------------
     def loss_items(self, step: int, deferred_bytes: int) -> list[TraceItem]:
         g = self.graph
-        g.loss_in.category = self.loss_boundary
         result = forward_events(
             g.loss,
             phase=Phase.LOSS,
             step=step,
             keep_saved=self.autograd,
             keep=[g.logits, g.loss_out],
+            categories=self._loss_categories(),
         )
         items: list[TraceItem] = list(result.events)
         # The training loop drops the model output before backward: its KV cache (peft's
@@ -289,6 +303,7 @@ class StepComposer:
             step=step,
             output_grads={id(g.loss_out): (4, Category.LOGITS)},
             accumulate=accumulate,
+            categories=self._loss_categories(),
         )
         items += events
         grad = grads.get(id(g.loss_in))
@@ -353,6 +368,7 @@ class StepComposer:
                 step=step,
                 output_grads={id(stack.norm_out): grad} if grad else {},
                 accumulate=accumulate,
+                categories=self._norm_categories(index),
             )
             items += events
             grad = grads.get(id(stack.norm_in))
@@ -388,6 +404,7 @@ class StepComposer:
                 step=step,
                 output_grads={id(stack.embed_out): grad},
                 accumulate=accumulate,
+                categories=self._embed_categories(index),
             )
             items += events
         elif grad is not None:
@@ -411,35 +428,36 @@ class StepComposer:
         """Events of one layer's backward, the gradients of its input and of the encoder
         output it reads, and the bytes of gradients it leaves the method's own inputs."""
         lg = plan.graph
-        lg.input.category, lg.output.category = in_cat, out_cat
+        categories = {lg.input: in_cat, lg.output: out_cat}
         events: list[Event] = []
         # A checkpointed layer's input is held by the checkpoint until its backward is done.
-        lg.input.persistent = plan.checkpointed
-        try:
-            recompute = None
-            if plan.checkpointed:  # non-reentrant checkpoint: recomputed at the first unpack
-                recompute = (
-                    recompute_stop(lg.segment)[0],
-                    forward_events(
-                        lg.segment,
-                        phase=Phase.BACKWARD,
-                        step=step,
-                        keep_saved=True,
-                        early_stop=True,
-                    ).events,
-                )
-            if grad is None:
-                return (recompute[1] if recompute else []), None, None, []
-            bwd, grads = backward_events(
-                lg.segment,
-                phase=Phase.BACKWARD,
-                step=step,
-                output_grads={id(lg.output): grad},
-                accumulate=accumulate,
-                recompute=recompute,
+        checkpoint_holds = [lg.input] if plan.checkpointed else []
+        recompute = None
+        if plan.checkpointed:  # non-reentrant checkpoint: recomputed at the first unpack
+            recompute = (
+                recompute_stop(lg.segment)[0],
+                forward_events(
+                    lg.segment,
+                    phase=Phase.BACKWARD,
+                    step=step,
+                    keep_saved=True,
+                    keep=checkpoint_holds,
+                    early_stop=True,
+                    categories=categories,
+                ).events,
             )
-        finally:
-            lg.input.persistent = False
+        if grad is None:
+            return (recompute[1] if recompute else []), None, None, []
+        bwd, grads = backward_events(
+            lg.segment,
+            phase=Phase.BACKWARD,
+            step=step,
+            output_grads={id(lg.output): grad},
+            accumulate=accumulate,
+            recompute=recompute,
+            keep=checkpoint_holds,
+            categories=categories,
+        )
         events += bwd
         if plan.checkpointed:
             events.append(
