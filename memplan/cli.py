@@ -732,6 +732,7 @@ def _cmd_measure(args: argparse.Namespace) -> int:
     assert comparison.analytical is not None  # measure loads modeled families only
     if args.out:
         record = {
+            "model_reference": args.model,  # what `memplan verify` loads the model from
             "traced": comparison.traced.model_dump(mode="json"),
             "analytical": comparison.analytical.model_dump(mode="json"),
             "trace": comparison.trace.to_json(),
