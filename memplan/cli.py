@@ -751,8 +751,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     verifications, summary = verify_file(Path(args.results))
     worst = summary.max_abs_error.get("allocated", 0.0)
+    passed = worst <= args.tolerance
     if args.json:
         payload = {
+            "passed": passed,
+            "tolerance": args.tolerance,
             "runs": [
                 {
                     **v.model_dump(mode="json", exclude={"prediction"}),
@@ -767,6 +770,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         from memplan.report import print_verification
 
         print_verification(verifications, summary)
+        verdict = "PASS" if passed else "FAIL"
+        relation = "within" if passed else "beyond"
+        print(
+            f"{verdict}: the worst allocated-peak error, {worst:.1%}, is {relation} the "
+            f"tolerance of {args.tolerance:.1%}"
+        )
     if args.plot:
         from memplan.plot import scatter_figure
         from memplan.verify import verification_points
@@ -776,7 +785,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             raise MemplanError(f"{args.results}: no completed run to plot")
         title = f"{summary.device}: memplan against {summary.n_runs} measured runs"
         _save_figure(scatter_figure(points, title=title), args.plot)
-    return 1 if worst > args.tolerance else 0
+    return 0 if passed else 1
 
 
 def _print_traced(comparison: Any, args: argparse.Namespace) -> int:
