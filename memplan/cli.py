@@ -132,6 +132,13 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
         choices=["cuda", "cpu"],
         help="kernels the step runs (default cuda; cpu: what a CPU step allocates)",
     )
+    g.add_argument(
+        "--assume",
+        action="append",
+        metavar="LIBRARY=VERSION",
+        help="a library version the answer holds for where memory depends on it (repeatable; "
+        "e.g. bitsandbytes=0.42.0; default: current releases)",
+    )
     q = p.add_argument_group("parallel layout")
     q.add_argument("--gpus", type=int, default=1, help="GPUs of the run (default 1)")
     q.add_argument(
@@ -181,8 +188,18 @@ def setup_from_args(args: argparse.Namespace, spec: Any) -> Any:
         "adapter_size": args.adapter_size,
         "prefix_len": args.prefix_len,
         "device": args.device,
+        "library_versions": _assumed_versions(args.assume) if args.assume else None,
     }
     return TrainingSetup(**{k: v for k, v in fields.items() if v is not None})
+
+
+def _assumed_versions(items: list[str]) -> dict[str, str]:
+    from memplan.versions import parse_assume
+
+    try:
+        return parse_assume(items)
+    except ValueError as exc:
+        raise MemplanError(f"--assume: {exc}") from None
 
 
 def parallel_from_args(args: argparse.Namespace) -> Any:
