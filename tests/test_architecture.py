@@ -28,6 +28,7 @@ REPRESENTATIVE: dict[Family, str] = {
     "mistral": "mistral-7b",
     "mixtral": "mixtral-8x7b",
     "qwen2": "qwen2.5-0.5b",
+    "qwen3": "qwen3-0.6b",
     "gemma2": "gemma-2-9b",
     "phi3": "phi-3-mini",
     "gpt2": "gpt2",

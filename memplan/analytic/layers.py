@@ -125,6 +125,9 @@ class RopeStyle:
     # Gemma2: norms in fp32 times (1 + weight), and norms after attention and after the MLP.
     gemma_norms: bool = False
     attn_softcap: bool = False  # Gemma2: attention scores soft-capped with tanh
+    # RMSNorms on the queries and keys before the rotary embedding: over each head's
+    # head_dim (Qwen3), or over the whole q and k projections (OLMo2).
+    qk_norm: Literal["", "head", "projection"] = ""
 
 
 def rope_decoder_layer(
@@ -146,6 +149,8 @@ def rope_decoder_layer(
 
     hn = rms_norm(seg, ctx, x, "input_layernorm", h, gemma=gemma)
     q, k, v = qkv_projections(seg, ctx, spec, hn, names=style.qkv)
+    if style.qk_norm:
+        q, k = qk_norms(seg, ctx, spec, q, k, per_head=style.qk_norm == "head")
     q = rotary(seg, q, cos, sin, "q_rope", cat=style.rotary_cat)
     k = rotary(seg, k, cos, sin, "k_rope", cat=style.rotary_cat)
     o = self_attention(
@@ -181,6 +186,24 @@ def rope_decoder_layer(
     out = residual_add(seg, h1, m, "residual_mlp")
     seg.hold(x)  # the caller's `hidden_states` keeps the layer input until the layer returns
     return LayerGraph(seg, x, out, (cos, sin))
+
+
+def qk_norms(
+    seg: Segment, ctx: StepContext, spec: ModelSpec, q: Tensor, k: Tensor, *, per_head: bool
+) -> tuple[Tensor, Tensor]:
+    """self_attn.q_norm and k_norm: RMSNorms of the q and k projections' outputs.
+
+    ``per_head``: over the head_dim of the (batch, seq, heads, head_dim) views (Qwen3),
+    else over the whole projection width before the reshape (OLMo2). Each is LlamaRMSNorm's
+    op sequence; its output replaces the projection's, which is freed unless saved.
+    """
+    tp = ctx.tensor_parallel_degree
+    d = spec.head_dim
+    q_size = d if per_head else spec.num_attention_heads // tp * d
+    k_size = d if per_head else spec.num_key_value_heads // tp * d
+    q = rms_norm(seg, ctx, q, "self_attn.q_norm", q_size)
+    k = rms_norm(seg, ctx, k, "self_attn.k_norm", k_size)
+    return q, k
 
 
 def gated_mlp(

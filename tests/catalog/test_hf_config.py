@@ -20,6 +20,7 @@ FAMILY_COUNTS = {
     "mistral": 78_144,
     "mixtral": 189_248,
     "qwen2": 78_400,
+    "qwen3": 78_208,
     "gemma2": 70_208,
     "phi3": 86_336,
     "gpt2": 110_336,
@@ -36,6 +37,7 @@ VARIANT_COUNTS = {
     "mistral-default-kv-heads": 86_336,
     "mixtral-defaults": 337_216,
     "qwen2-tied": 70_208,
+    "qwen3-defaults-bias-tied": 2_167_744,
     "gemma2-bias-untied": 78_784,
     "phi3-gqa": 78_144,
     "gpt2-n-inner": 64_928,
@@ -225,3 +227,21 @@ def test_gemma2_and_phi3_details() -> None:
     phi = load_model("phi-3-mini")
     assert phi.gated_mlp
     assert phi.layout.sliding_window == 2047
+
+
+def test_qwen3_head_dim_and_sliding_layers() -> None:
+    # Qwen3Config.head_dim is 128 whatever hidden / heads; q/k/v unbiased unless attention_bias.
+    spec = _spec(variant_config("qwen3", {"head_dim": None}))
+    assert spec.head_dim == 128
+    assert not spec.attention_bias
+    assert spec.layout.sliding_window is None  # use_sliding_window defaults to false
+    sliding = {"use_sliding_window": True, "sliding_window": 8}
+    # layer_types: sliding attention from layer max_window_layers (28 by default) on.
+    assert _spec(variant_config("qwen3", sliding)).layout.sliding_window is None
+    later = {**sliding, "max_window_layers": 1}
+    assert _spec(variant_config("qwen3", later)).layout.sliding_window == 8
+    full = {**sliding, "layer_types": ["full_attention"] * 2}
+    assert _spec(variant_config("qwen3", full)).layout.sliding_window is None
+    qwen3 = load_model("qwen3-0.6b")
+    assert (qwen3.head_dim, qwen3.hidden_size // qwen3.num_attention_heads) == (128, 64)
+    assert qwen3.tie_word_embeddings
