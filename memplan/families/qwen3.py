@@ -72,7 +72,7 @@ class Qwen3(Llama):
     def style(self, spec: ModelSpec) -> RopeStyle:
         from memplan.analytic.layers import RopeStyle
 
-        return RopeStyle(qk_norm="head")
+        return RopeStyle(head_qk_norm=True)
 
 
 def _sliding_window(config: Config) -> int | None:

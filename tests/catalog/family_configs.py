@@ -27,6 +27,13 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     },
     "qwen2": {"model_type": "qwen2", **_ROPE, "num_key_value_heads": 2},
     "qwen3": {"model_type": "qwen3", **_ROPE, "num_key_value_heads": 2, "head_dim": 16},
+    "olmo2": {
+        "model_type": "olmo2",
+        **_ROPE,
+        "num_key_value_heads": 2,
+        "pad_token_id": 1,
+        "eos_token_id": 2,
+    },
     "gemma2": {"model_type": "gemma2", **_ROPE, "num_key_value_heads": 2, "head_dim": 16},
     "phi3": {"model_type": "phi3", **_ROPE, "pad_token_id": 0},
     "gpt2": {
@@ -116,6 +123,11 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
             "attention_bias": True,
             "tie_word_embeddings": True,
         },
+    ),
+    (
+        "olmo2-mha-bias-tied",
+        "olmo2",
+        {"num_key_value_heads": None, "attention_bias": True, "tie_word_embeddings": True},
     ),
     ("gemma2-bias-untied", "gemma2", {"attention_bias": True, "tie_word_embeddings": False}),
     ("phi3-gqa", "phi3", {"num_key_value_heads": 2}),
