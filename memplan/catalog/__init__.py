@@ -148,3 +148,31 @@ def load_model(name_or_path: str | Path, *, traced_only: bool = False) -> ModelS
     if "/" in text and _exists(path):
         return load_config_file(path, traced_only=traced_only)
     return _load_catalog_model(catalog_name(text) or text)
+
+
+def with_overrides(spec: ModelSpec, overrides: dict[str, object]) -> ModelSpec:
+    """``spec`` with some fields replaced (``--model-set``), validated, its parameters recounted
+    from the layout (the catalog's count belongs to the unchanged model)."""
+    from memplan.architecture import count_params
+
+    if not overrides:
+        return spec
+    unknown = sorted(set(overrides) - set(ModelSpec.model_fields) - {"name"})
+    if unknown or "family" in overrides or "num_params" in overrides:
+        field = (unknown or ["family" if "family" in overrides else "num_params"])[0]
+        raise MemplanError(
+            f"--model-set: {field!r} is not a model field memplan can change "
+            f"(e.g. tie_word_embeddings, num_decoder_layers, vocab_size)"
+        )
+    from pydantic import ValidationError
+
+    try:
+        changed = ModelSpec.model_validate({**spec.model_dump(), **overrides, "num_params": None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = str(first["msg"]).removeprefix("Value error, ")
+        if where not in overrides:  # a check across fields: its message names them
+            raise MemplanError(f"--model-set: {message}") from None
+        raise MemplanError(f"--model-set {where}={overrides[where]!r}: {message}") from None
+    return changed.model_copy(update={"num_params": count_params(changed)})
