@@ -405,8 +405,13 @@ def backward_events(
                 )
             if g.tie == "first":
                 ledger.alloc(g.grad_bytes, category, f"{g.label} grad (tied, buffered)")
-            elif g.tie == "middle":  # added into the buffered gradient in place
-                ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
+            elif g.tie == "middle":
+                # InputBuffer adds this contribution to the buffered one out of place: the
+                # sum (a temporary) replaces the buffered gradient.
+                ledger.alloc(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
+                ledger.alloc(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad (tied sum)")
+                ledger.free(g.grad_bytes, g.buffered_in, f"{g.label} grad (tied, buffered)")
+                ledger.free(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
             elif g.tie == "last":  # the node's contribution; summed once the node is done
                 ledger.alloc(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
             elif accumulate or g.accumulates:  # AccumulateGrad adds into the existing .grad

@@ -196,17 +196,23 @@ class StepComposer:
         its arguments) until the layers' backward ends; otherwise they die with the
         ``forward`` of the stack (locals of the model's forward).
         """
-        if not stack.layers or stack.cross_input is not None:
+        if not stack.layers:
             return []
         graphs = list({id(p.graph): p.graph for p in stack.layers}.values())
         held = self.autograd and any(p.checkpointed for p in stack.layers)
         out = []
-        for i, tensor in enumerate(graphs[0].shared):
+        # A decoder's first shared tensor is the encoder output, made by the encoder stack.
+        first = 1 if stack.cross_input is not None else 0
+        for i, tensor in enumerate(graphs[0].shared[first:], start=first):
             saved = self.autograd and any(_saves(g.segment, g.shared[i]) for g in graphs)
             life = "saved" if saved else "held" if held else "forward"
             out.append((tensor.label, allocation_bytes(tensor.nbytes), life))
         size = allocation_bytes(stack.mask_bytes)
         out += [("causal mask", size, "held" if held else "forward")] * stack.num_masks
+        out += [
+            (label, allocation_bytes(nbytes), "held" if held else "forward")
+            for label, nbytes in stack.shared_tensors
+        ]
         return out
 
     def _shared_events(self, stack: Stack, step: int, when: str) -> list[Event]:
