@@ -297,9 +297,9 @@ class T5(ModelFamily):
     def final_norm(
         self, spec: ModelSpec, ctx: StepContext, x: Tensor, seg: Segment, *, stack: str = "model"
     ) -> Tensor:
-        from memplan.analytic.blocks import dropout, rms_norm
+        from memplan.analytic.blocks import dropout
 
-        normed = rms_norm(seg, ctx, x, "final_layer_norm", spec.hidden_size)
+        normed = _t5_norm(seg, ctx, x, "final_layer_norm", spec.hidden_size)
         return dropout(seg, ctx, normed, spec.hidden_dropout, "final_dropout")
 
     def head(
@@ -508,6 +508,56 @@ def _t5_math_sdpa(
     return seg.op(f"{label}.transpose", [out], q.numel, q.dtype, passthrough_grad=True)
 
 
+def _t5_norm(seg: Segment, ctx: StepContext, x: Tensor, label: str, size: int) -> Tensor:
+    """T5LayerNorm: the variance of an fp32 copy, then ``x * rsqrt(variance + eps)`` on the
+    input itself (16-bit times fp32 promotes to fp32: mul saves x and the rsqrt), cast to a
+    16-bit weight's dtype, times the weight.
+    """
+    from memplan.analytic.blocks import cast, promote
+    from memplan.dtypes import DType, dtype_bytes
+
+    rows = x.numel // size
+    trainable = ctx.trains_norm
+    x32 = cast(seg, x, DType.FP32, f"{label}.upcast")
+    # pow_backward: grad * (2 * x.pow(1)) keeps two fp32 temporaries beside the result.
+    sq = seg.op(
+        f"{label}.pow",
+        [x32],
+        x32.numel,
+        DType.FP32,
+        saves=[x32],
+        bwd_workspace_bytes=2 * x32.nbytes,
+    )
+    var = seg.op(f"{label}.mean", [sq], rows, DType.FP32)
+    var_eps = seg.op(f"{label}.add_eps", [var], rows, DType.FP32, passthrough_grad=True)
+    rstd = seg.op(f"{label}.rsqrt", [var_eps], rows, DType.FP32, saves_output=True)
+    normed_dtype = promote(x.dtype, DType.FP32)
+    # mul backward for rstd: (grad * x).sum(-1) materializes grad * x before the reduction.
+    normed = seg.op(
+        f"{label}.mul_rstd",
+        [x, rstd],
+        x.numel,
+        normed_dtype,
+        saves=[x, rstd],
+        bwd_workspace_bytes=x.numel * dtype_bytes(normed_dtype),
+    )
+    if ctx.weight_dtype is not DType.FP32:  # hidden_states.to(self.weight.dtype)
+        normed = cast(seg, normed, ctx.weight_dtype, f"{label}.downcast")
+    grad = ctx.param_grad(f"{label}.weight", size, trainable=trainable)
+    out_dtype = promote(ctx.weight_dtype, normed.dtype)
+    return seg.op(
+        label,
+        [normed],
+        normed.numel,
+        out_dtype,
+        saves=[normed if trainable else None],
+        param_grads=[grad],
+        # The weight's gradient (grad * normed).sum() materializes the product first.
+        bwd_workspace_bytes=normed.numel * dtype_bytes(out_dtype) if trainable else 0,
+        saves_params=normed.requires_grad,  # mul keeps the weight for the input's gradient
+    )
+
+
 def _t5_layer(
     spec: ModelSpec,
     ctx: StepContext,
@@ -522,7 +572,7 @@ def _t5_layer(
     Each sublayer (T5LayerSelfAttention, T5LayerCrossAttention, T5LayerFF) keeps its norm's
     output and its branch's output in locals until it returns; dropout follows every branch.
     """
-    from memplan.analytic.blocks import LinearSpec, dropout, linear, residual_add, rms_norm
+    from memplan.analytic.blocks import LinearSpec, dropout, linear, residual_add
     from memplan.analytic.graph import Segment
     from memplan.analytic.layers import LayerGraph, qkv_projections
 
@@ -535,7 +585,7 @@ def _t5_layer(
     x = seg.input(n * h, ctx.activation_dtype, "layer.input", requires_grad=input_requires_grad)
     # The relative bias table is an embedding (its lookup is in the weights' dtype).
     self_bias = _Bias(ctx.weight_dtype, ctx.trains_embedding, causal=decoder, permuted=True)
-    hn = rms_norm(seg, ctx, x, "layer.0.layer_norm", h)
+    hn = _t5_norm(seg, ctx, x, "layer.0.layer_norm", h)
     q, k, v = qkv_projections(
         seg, ctx, spec, hn, names=("SelfAttention.q", "SelfAttention.k", "SelfAttention.v")
     )
@@ -566,7 +616,7 @@ def _t5_layer(
             persistent=True,
         )
         shared = (enc,)
-        cn = rms_norm(seg, ctx, hidden, "layer.1.layer_norm", h)
+        cn = _t5_norm(seg, ctx, hidden, "layer.1.layer_norm", h)
         cq = linear(seg, ctx, cn, LinearSpec("EncDecAttention.q", h, inner, "q", bias=False))
         ck = linear(seg, ctx, enc, LinearSpec("EncDecAttention.k", h, inner, "k", bias=False))
         cv = linear(seg, ctx, enc, LinearSpec("EncDecAttention.v", h, inner, "v", bias=False))
@@ -589,7 +639,7 @@ def _t5_layer(
         branch = dropout(seg, ctx, co, p, "layer.1.dropout")
         hidden = residual_add(seg, hidden, branch, "layer.1.residual")
         seg.hold(cn, co, label="layer.1.locals")
-    fn = rms_norm(seg, ctx, hidden, "layer.-1.layer_norm", h)
+    fn = _t5_norm(seg, ctx, hidden, "layer.-1.layer_norm", h)
     ff = _t5_mlp(seg, ctx, spec, fn)
     seg.hold(fn, label="layer.-1.norm_out")  # until DenseReluDense returns
     branch = dropout(seg, ctx, ff, p, "layer.-1.dropout")
