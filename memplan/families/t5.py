@@ -140,12 +140,19 @@ class T5(ModelFamily):
         return blocks + lm_head_blocks(spec)
 
     def _mlp_params(self, spec: ModelSpec, prefix: str) -> Params:
-        """T5DenseActDense (wi, wo) or T5DenseGatedActDense (wi_0 gate, wi_1 up, wo)."""
+        """T5DenseActDense (wi, wo) or T5DenseGatedActDense (wi_0 gate, wi_1 up, wo).
+
+        ``wo`` is in _keep_in_fp32_modules: bitsandbytes leaves it unquantized.
+        """
+        from dataclasses import replace
+
         from memplan.architecture import gated_mlp_params, mlp_params
 
         if spec.gated_mlp:
-            return gated_mlp_params(spec, f"{prefix}.DenseReluDense.", ("wi_0", "wi_1", "wo"))
-        return mlp_params(spec, f"{prefix}.DenseReluDense.wi", f"{prefix}.DenseReluDense.wo")
+            params = gated_mlp_params(spec, f"{prefix}.DenseReluDense.", ("wi_0", "wi_1", "wo"))
+        else:
+            params = mlp_params(spec, f"{prefix}.DenseReluDense.wi", f"{prefix}.DenseReluDense.wo")
+        return [replace(t, quantizable=".wo." not in t.name) for t in params]
 
     def _stack_blocks(self, spec: ModelSpec, stack: str, num_layers: int) -> tuple[Block, ...]:
         """One stack: relative bias (in block 0, shared), layers, final RMS norm."""
