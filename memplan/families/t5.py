@@ -640,12 +640,12 @@ def _t5_layer(
         )
         co = linear(seg, ctx, ca, LinearSpec("EncDecAttention.o", inner, h, "o", bias=False))
         seg.hold(cq, ck, cv, label="EncDecAttention.locals")
-        if weights is not None:  # T5Block's `_` now names the cross-attention's weights
-            seg.hold(weights, label="SelfAttention.weights")
-        weights = cross_weights
         branch = dropout(seg, ctx, co, p, "layer.1.dropout")
         hidden = residual_add(seg, hidden, branch, "layer.1.residual")
         seg.hold(cn, co, label="layer.1.locals")
+        if weights is not None:  # T5Block's `_` now names the cross-attention's weights
+            seg.hold(weights, label="SelfAttention.weights")
+        weights = cross_weights
     fn = _t5_norm(seg, ctx, hidden, "layer.-1.layer_norm", h)
     ff = _t5_mlp(seg, ctx, spec, fn)
     seg.hold(fn, label="layer.-1.norm_out")  # until DenseReluDense returns
@@ -653,6 +653,7 @@ def _t5_layer(
     branch = ctx.method.branch_output(seg, ctx, branch, "adapter_mlp")
     out = residual_add(seg, hidden, branch, "layer.-1.residual")
     seg.hold(ff, *([weights] if weights is not None else []), label="layer.-1.locals")
+    seg.hold(x)  # the caller's `hidden_states` keeps the layer input until the layer returns
     return LayerGraph(seg, x, out, shared)
 
 
