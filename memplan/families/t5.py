@@ -609,8 +609,9 @@ def _t5_layer(
     )
     o = linear(seg, ctx, attn, LinearSpec("SelfAttention.o", inner, h, "o", bias=False))
     seg.hold(q, k, v, label="SelfAttention.locals")  # until T5Attention returns
+    # An adapter hooks T5Attention's output, before the sublayer's dropout.
+    o = ctx.method.branch_output(seg, ctx, o, "adapter_attn")
     branch = dropout(seg, ctx, o, p, "layer.0.dropout")
-    branch = ctx.method.branch_output(seg, ctx, branch, "adapter_attn")
     hidden = residual_add(seg, x, branch, "layer.0.residual")
     seg.hold(hn, o, label="layer.0.locals")
     shared: tuple[Tensor, ...] = ()
@@ -648,9 +649,9 @@ def _t5_layer(
         weights = cross_weights
     fn = _t5_norm(seg, ctx, hidden, "layer.-1.layer_norm", h)
     ff = _t5_mlp(seg, ctx, spec, fn)
+    ff = ctx.method.branch_output(seg, ctx, ff, "adapter_mlp")  # hooks DenseReluDense
     seg.hold(fn, label="layer.-1.norm_out")  # until DenseReluDense returns
     branch = dropout(seg, ctx, ff, p, "layer.-1.dropout")
-    branch = ctx.method.branch_output(seg, ctx, branch, "adapter_mlp")
     out = residual_add(seg, hidden, branch, "layer.-1.residual")
     seg.hold(ff, *([weights] if weights is not None else []), label="layer.-1.locals")
     seg.hold(x)  # the caller's `hidden_states` keeps the layer input until the layer returns
