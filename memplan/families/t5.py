@@ -187,11 +187,15 @@ class T5(ModelFamily):
 
     # -- the step ------------------------------------------------------------------------------
     def stacks(self, spec: ModelSpec, ctx: StepContext, build: StackBuilder) -> Stacks:
+        from dataclasses import replace
+
         from memplan.analytic.model_graph import Stacks
 
         if not spec.num_decoder_layers:  # T5EncoderModel
             return build.single(spec, ctx, self._encoder_layer, spec.num_encoder_layers)
         dctx = build.decoder_ctx or ctx
+        # T5Stack passes no cache to the encoder: peft's prefixes reach the decoder only.
+        ctx = replace(ctx, prefix_len=0)
         enc = build.stack(
             spec, ctx, label="encoder", layer=self._encoder_layer, count=spec.num_encoder_layers
         )
@@ -596,7 +600,8 @@ def _t5_layer(
     q, k, v = qkv_projections(
         seg, ctx, spec, hn, names=("SelfAttention.q", "SelfAttention.k", "SelfAttention.v")
     )
-    k, v = ctx.method.attention_kv(seg, ctx, k, v, inner)
+    if decoder:  # the decoder's cache (peft's prefix) joins the keys and values
+        k, v = ctx.method.attention_kv(seg, ctx, k, v, inner)
     attn, weights = _t5_attention(
         seg,
         ctx,
@@ -628,6 +633,15 @@ def _t5_layer(
         cq = linear(seg, ctx, cn, LinearSpec("EncDecAttention.q", h, inner, "q", bias=False))
         ck = linear(seg, ctx, enc, LinearSpec("EncDecAttention.k", h, inner, "k", bias=False))
         cv = linear(seg, ctx, enc, LinearSpec("EncDecAttention.v", h, inner, "v", bias=False))
+        if ctx.prefix_len:
+            # With a cache (peft's EncoderDecoderCache) the cross-attention keys and values are
+            # copied into its emptied cross-attention cache (torch.cat onto an empty tensor),
+            # which holds them until the model's output is dropped.
+            ck, cv = (
+                seg.op(f"EncDecAttention.cache_{n}", [t], t.numel, t.dtype, passthrough_grad=True)
+                for t, n in ((ck, "key"), (cv, "value"))
+            )
+            seg.cache_held += [ck, cv]
         cross_bias = _Bias(cq.dtype, False, causal=False, permuted=False)
         ca, cross_weights = _t5_attention(
             seg,
