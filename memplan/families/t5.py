@@ -383,6 +383,7 @@ def _t5_attention(
     bias: _Bias,
     dropout_p: float,
     label: str,
+    cached_kv: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """T5Attention's core as transformers runs it: (output, eager attn_weights).
 
@@ -392,6 +393,8 @@ def _t5_attention(
     dropped-out weights are returned up to T5Block (``attn_weights``).
     sdpa_attention_forward: create_position_bias_mask folds the bias (and causality) into a
     float mask, contiguous; on the CPU with dropout SDPA runs its math path.
+    ``cached_kv``: keys and values come out of a cache, contiguous (batch, heads, kv, d)
+    tensors that matmul folds without a copy.
     """
     from memplan.analytic.blocks import attention_core, cast, dropout, promote
     from memplan.dtypes import dtype_bytes
@@ -402,7 +405,7 @@ def _t5_attention(
     sdpa = ctx.attention is not Attention.EAGER
     if not sdpa:
         qc = _bmm_copy(seg, ctx, q, f"{label}.q_contiguous")
-        kc = _bmm_copy(seg, ctx, k, f"{label}.k_contiguous")
+        kc = k if cached_kv else _bmm_copy(seg, ctx, k, f"{label}.k_contiguous")
         scores = seg.op(f"{label}.qk", [qc, kc], scores_numel, q.dtype, saves=_bmm_saves(qc, kc))
         scaled = seg.op(f"{label}.scale", [scores], scores_numel, q.dtype)  # * scaling (1.0)
         dtype = promote(q.dtype, bias.dtype)
@@ -422,7 +425,7 @@ def _t5_attention(
         probs = seg.op(f"{label}.softmax", [x], scores_numel, dtype, saves_output=True)
         dropped = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
         pc = cast(seg, dropped, q.dtype, f"{label}.probs_cast")  # autocast's matmul operand
-        vc = _bmm_copy(seg, ctx, v, f"{label}.v_contiguous")
+        vc = v if cached_kv else _bmm_copy(seg, ctx, v, f"{label}.v_contiguous")
         out = seg.op(f"{label}.pv", [pc, vc], q.numel, q.dtype, saves=_bmm_saves(pc, vc))
         out = seg.op(f"{label}.transpose", [out], q.numel, q.dtype, passthrough_grad=True)
         return out, dropped
@@ -444,7 +447,15 @@ def _t5_attention(
             None,
         )
     out = _t5_math_sdpa(
-        seg, ctx, (q, k, v), heads=heads, kv_len=kv_len, bias=bias, dropout_p=dropout_p, label=label
+        seg,
+        ctx,
+        (q, k, v),
+        heads=heads,
+        kv_len=kv_len,
+        bias=bias,
+        dropout_p=dropout_p,
+        label=label,
+        cached_kv=cached_kv,
     )
     return out, None
 
@@ -459,6 +470,7 @@ def _t5_math_sdpa(
     bias: _Bias,
     dropout_p: float,
     label: str,
+    cached_kv: bool = False,
 ) -> Tensor:
     """sdpa_attention_forward with T5's position bias, SDPA on its math path (CPU, dropout).
 
@@ -498,7 +510,7 @@ def _t5_math_sdpa(
     qs = seg.op(f"{label}.q_scaled", [q32], q32.numel, DType.FP32)
     ks = seg.op(f"{label}.k_scaled", [k32], k32.numel, DType.FP32)
     qc = _bmm_copy(seg, ctx, qs, f"{label}.q_contiguous")
-    kc = _bmm_copy(seg, ctx, ks, f"{label}.k_contiguous")
+    kc = ks if cached_kv else _bmm_copy(seg, ctx, ks, f"{label}.k_contiguous")
     scores = seg.op(f"{label}.qk", [qc, kc], scores_numel, DType.FP32, saves=_bmm_saves(qc, kc))
     reduce = scores_numel * 4 if mask.requires_grad else 0
     x = seg.op(
@@ -512,7 +524,7 @@ def _t5_math_sdpa(
     probs = seg.op(f"{label}.softmax", [x], scores_numel, DType.FP32, saves_output=True)
     dropped = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
     weights = cast(seg, dropped, q.dtype, f"{label}.weights_cast")
-    vc = _bmm_copy(seg, ctx, v32, f"{label}.v_contiguous")
+    vc = v32 if cached_kv else _bmm_copy(seg, ctx, v32, f"{label}.v_contiguous")
     out = seg.op(f"{label}.pv", [dropped, vc], q.numel, DType.FP32, saves=_bmm_saves(dropped, vc))
     out = cast(seg, out, q.dtype, f"{label}.output_cast")
     seg.hold(*held, q32, k32, v32, qs, weights, *views, label=f"{label}.locals")
@@ -611,6 +623,7 @@ def _t5_layer(
         bias=self_bias,
         dropout_p=spec.attention_dropout,
         label="SelfAttention",
+        cached_kv=decoder and ctx.prefix_len > 0,
     )
     o = linear(seg, ctx, attn, LinearSpec("SelfAttention.o", inner, h, "o", bias=False))
     seg.hold(q, k, v, label="SelfAttention.locals")  # until T5Attention returns
@@ -652,6 +665,7 @@ def _t5_layer(
             bias=cross_bias,
             dropout_p=spec.attention_dropout,
             label="EncDecAttention",
+            cached_kv=ctx.prefix_len > 0,
         )
         co = linear(seg, ctx, ca, LinearSpec("EncDecAttention.o", inner, h, "o", bias=False))
         seg.hold(cq, ck, cv, label="EncDecAttention.locals")
