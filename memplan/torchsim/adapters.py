@@ -48,12 +48,12 @@ def _branch(layer: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
     """The layer's attention or MLP module: an attribute of the layer, else the first
     submodule so named (T5's sublayers)."""
     for n in names:
-        found = getattr(layer, n, None)
+        found: object = getattr(layer, n, None)
         if isinstance(found, nn.Module):
             return found
     for n in names:
         for path, module in layer.named_modules():
-            if path.rsplit(".", 1)[-1] == n:
+            if path.rsplit(".", 1)[-1] == n and isinstance(module, nn.Module):
                 return module
     return None
 
