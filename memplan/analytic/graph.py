@@ -87,6 +87,9 @@ class Segment:
     # Tensors a caller's local variables keep until its forward returns (the model's
     # inputs_embeds): kept past their last use here and released by the composer.
     model_locals: list[Tensor] = field(default_factory=list)
+    # Tensors a layer makes for every layer of its stack (T5's first layer's position bias):
+    # kept past the layer and released by the composer when the stack no longer needs them.
+    stack_held: list[Tensor] = field(default_factory=list)
     # Tensors a KV cache holds (peft's prefix DynamicCache) until the model's output is
     # dropped after the loss: kept past their last use and released by the composer.
     cache_held: list[Tensor] = field(default_factory=list)

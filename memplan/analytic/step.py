@@ -122,8 +122,18 @@ class StepComposer:
                 keep=[stack.norm_out],
             ).events
         items += self._shared_events(stack, step, "forward")
+        if self._stack_held_release(stack) is None:
+            items += _stack_held_events(stack, Phase.FORWARD, step)
         items += self._release_locals(stack, step)
         return items, deferred
+
+    def _stack_held_release(self, stack: Stack) -> int | None:
+        """The layer after whose backward the tensors one layer made for the whole stack die:
+        the first later checkpointed layer keeps them as arguments (None: the stack's forward
+        drops them when it returns)."""
+        if not self.autograd:
+            return None
+        return next((i for i, p in enumerate(stack.layers) if i and p.checkpointed), None)
 
     def _release_locals(self, stack: Stack, step: int) -> list[Event]:
         """The model forward returns: its locals (inputs_embeds ...) die unless still needed."""
@@ -161,7 +171,7 @@ class StepComposer:
         lg = plan.graph
         lg.input.category, lg.output.category = in_cat, out_cat
         keep = [lg.output, lg.input] if plan.checkpointed else [lg.output]
-        keep += self._cache_held(lg.segment)
+        keep += self._cache_held(lg.segment) + lg.segment.stack_held
         result = forward_events(
             lg.segment,
             phase=Phase.FORWARD,
@@ -365,6 +375,7 @@ class StepComposer:
         cross: GradBytes | None = None
         cache: dict[tuple[object, ...], tuple[list[Event], list[list[int]]]] = {}
         keys = []
+        release = self._stack_held_release(stack)
         for i in reversed(range(len(stack.layers))):
             plan = stack.layers[i]
             key = (
@@ -374,11 +385,14 @@ class StepComposer:
                 bounds[i + 1],
                 cross is not None,
                 grad,
+                i == release,
             )
             if key not in cache:
                 events, grad, layer_cross, layer_held = self._layer_backward(
                     plan, key[2], key[3], grad, step, accumulate, cross
                 )
+                if i == release:
+                    events = events + _stack_held_events(stack, Phase.BACKWARD, step)
                 cache[key] = events, layer_held
                 cross = cross or layer_cross
             keys.append(key)
@@ -486,6 +500,16 @@ def _steps(steps: Sequence[Step], phase: Phase, step: int) -> list[TraceItem]:
     return [
         Event(allocation_bytes(n) if n > 0 else -allocation_bytes(-n), _TMP, phase, step, label)
         for n, label in steps
+    ]
+
+
+def _stack_held_events(stack: Stack, phase: Phase, step: int) -> list[Event]:
+    """The release of the tensors a layer made for every layer of its stack."""
+    graphs = {id(p.graph): p.graph for p in stack.layers}.values()
+    return [
+        Event(-allocation_bytes(t.nbytes), t.category, phase, step, f"{t.label} released")
+        for g in graphs
+        for t in g.segment.stack_held
     ]
 
 

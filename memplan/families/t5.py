@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from memplan.analytic.context import StepContext
     from memplan.analytic.graph import ParamGrad, Segment, Tensor
     from memplan.analytic.layers import LayerGraph
-    from memplan.analytic.model_graph import StackBuilder, Stacks
+    from memplan.analytic.model_graph import LayerBuilder, Stack, StackBuilder, Stacks
     from memplan.architecture import Block, Params
     from memplan.dtypes import DType
     from memplan.specs.model import ModelSpec
@@ -190,58 +190,42 @@ class T5(ModelFamily):
         from dataclasses import replace
 
         from memplan.analytic.model_graph import Stacks
+        from memplan.dtypes import dtype_bytes
+        from memplan.specs.training import Attention
 
-        if not spec.num_decoder_layers:  # T5EncoderModel
-            return build.single(spec, ctx, self._encoder_layer, spec.num_encoder_layers)
-        dctx = build.decoder_ctx or ctx
         # T5Stack passes no cache to the encoder: peft's prefixes reach the decoder only.
-        ctx = replace(ctx, prefix_len=0)
+        ectx = replace(ctx, prefix_len=0)
+        if not spec.num_decoder_layers:  # T5EncoderModel
+            single = build.single(spec, ectx, self._encoder_layer, spec.num_encoder_layers)
+            _first_layer(single.stacks[0], spec, ectx, self._encoder_layer)
+            return single
+        dctx = build.decoder_ctx or ctx
         enc = build.stack(
-            spec, ctx, label="encoder", layer=self._encoder_layer, count=spec.num_encoder_layers
+            spec, ectx, label="encoder", layer=self._encoder_layer, count=spec.num_encoder_layers
         )
+        _first_layer(enc, spec, ectx, self._encoder_layer)
+        cross_kwargs: dict[str, Any] = {"encoder_len": ectx.seq_len, "encoder_out": enc.norm_out}
         dec = build.stack(
             spec,
             dctx,
             label="decoder",
             layer=self._decoder_layer,
             count=spec.num_decoder_layers,
-            encoder_len=ctx.seq_len,
-            encoder_out=enc.norm_out,
+            **cross_kwargs,
         )
+        _first_layer(dec, spec, dctx, self._decoder_layer, **cross_kwargs)
         cross = dec.layers[0].graph.shared if dec.layers else ()
         dec.cross_input = cross[0] if cross else None
-        enc.shared_tensors = self._stack_tensors(spec, ctx, decoder=False)
-        dec.shared_tensors = self._stack_tensors(spec, dctx, decoder=True, encoder_len=ctx.seq_len)
+        if dctx.attention is Attention.EAGER:
+            # create_causal_mask's additive (batch, 1, q, kv) mask in the embeddings' dtype
+            # (SDPA gets none: create_position_bias_mask builds one per layer).
+            kv = dctx.seq_len + dctx.prefix_len
+            mask = dctx.batch * dctx.seq_len * kv * dtype_bytes(dctx.activation_dtype)
+            dec.shared_tensors = [("causal mask", mask)]
         return Stacks([enc, dec], [(0, 1)], dctx)
 
-    def _stack_tensors(
-        self, spec: ModelSpec, ctx: StepContext, *, decoder: bool, encoder_len: int = 0
-    ) -> list[tuple[str, int]]:
-        """What T5Stack.forward makes once and hands to every layer: (label, bytes).
-
-        The first layer's position bias (1, heads, q, kv) in the relative bias table's dtype;
-        in the decoder also its cross-attention's zero bias in the queries' dtype and, for
-        eager attention, create_causal_mask's additive (batch, 1, q, q) mask in the embeddings'
-        dtype (SDPA gets none: create_position_bias_mask builds one per layer).
-        """
-        from memplan.dtypes import Quantization, dtype_bytes
-        from memplan.specs.training import Attention
-
-        heads = spec.num_attention_heads // ctx.tensor_parallel_degree
-        s, kv = ctx.seq_len, ctx.seq_len + ctx.prefix_len
-        out = [("position bias", heads * s * kv * dtype_bytes(ctx.weight_dtype))]
-        if not decoder:
-            return out
-        quantized = ctx.quant is not Quantization.NONE
-        q_dtype = ctx.compute_dtype if (ctx.amp or quantized) else ctx.weight_dtype
-        out.append(("cross-attention bias", heads * s * encoder_len * dtype_bytes(q_dtype)))
-        if ctx.attention is Attention.EAGER:
-            mask = ctx.batch * s * kv * dtype_bytes(ctx.activation_dtype)
-            out.append(("causal mask", mask))
-        return out
-
     def _encoder_layer(
-        self, spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool
+        self, spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool, first: bool = False
     ) -> LayerGraph:
         return _t5_layer(
             spec,
@@ -249,6 +233,7 @@ class T5(ModelFamily):
             input_requires_grad=input_requires_grad,
             decoder=False,
             encoder_len=ctx.seq_len,
+            first=first,
         )
 
     def _decoder_layer(
@@ -259,6 +244,7 @@ class T5(ModelFamily):
         input_requires_grad: bool,
         encoder_len: int,
         encoder_out: Tensor,
+        first: bool = False,
     ) -> LayerGraph:
         return _t5_layer(
             spec,
@@ -267,6 +253,7 @@ class T5(ModelFamily):
             decoder=True,
             encoder_len=encoder_len,
             encoder_out=encoder_out,
+            first=first,
         )
 
     def embedding(
@@ -345,6 +332,20 @@ class T5(ModelFamily):
         ]
 
 
+def _first_layer(
+    stack: Stack, spec: ModelSpec, ctx: StepContext, build: LayerBuilder, **kwargs: Any
+) -> None:
+    """T5Stack's first block computes the position biases every later block is handed."""
+    from memplan.analytic.model_graph import LayerPlan
+
+    if not stack.layers:
+        return
+    plan = stack.layers[0]
+    rg = plan.graph.input.requires_grad
+    graph = build(spec, ctx, input_requires_grad=rg, first=True, **kwargs)
+    stack.layers[0] = LayerPlan(graph, plan.checkpointed)
+
+
 @dataclass(frozen=True, slots=True)
 class _Bias:
     """The additive position bias one attention reads (made once per stack, in layer 0).
@@ -358,6 +359,7 @@ class _Bias:
     requires_grad: bool
     causal: bool  # the decoder's self-attention: a causal mask joins the bias
     permuted: bool  # compute_bias's permute: not contiguous (SDPA's mask is a copy)
+    made: Tensor | None = None  # made by this layer (the stack's first), else handed to it
 
 
 def _bmm_copy(seg: Segment, ctx: StepContext, x: Tensor, label: str) -> Tensor:
@@ -413,7 +415,7 @@ def _t5_attention(
         reduce = scores_numel * dtype_bytes(dtype) if bias.requires_grad else 0
         x = seg.op(
             f"{label}.position_bias",
-            [scaled],
+            [scaled, *([bias.made] if bias.made is not None else [])],
             scores_numel,
             dtype,
             passthrough_grad=True,
@@ -489,7 +491,7 @@ def _t5_math_sdpa(
     b, s = ctx.batch, ctx.seq_len
     scores_numel = b * heads * s * kv_len
     bias_numel = heads * s * kv_len
-    mask = seg.input(
+    mask = bias.made or seg.input(
         bias_numel, bias.dtype, f"{label}.bias", requires_grad=bias.requires_grad, persistent=True
     )
     held: list[Tensor] = []
@@ -589,11 +591,16 @@ def _t5_layer(
     decoder: bool,
     encoder_len: int,
     encoder_out: Tensor | None = None,
+    first: bool = False,
 ) -> LayerGraph:
     """T5Block: pre-RMSNorm self-attention (+ cross-attention in the decoder) and MLP.
 
     Each sublayer (T5LayerSelfAttention, T5LayerCrossAttention, T5LayerFF) keeps its norm's
     output and its branch's output in locals until it returns; dropout follows every branch.
+    The ``first`` block makes the position biases (1, heads, q, kv) every block reads:
+    compute_bias's lookup of the relative bias table (in its dtype) and, in the decoder, the
+    cross-attention's torch.zeros in the queries' dtype; they outlive it (a checkpoint's
+    recomputation makes them again).
     """
     from memplan.analytic.blocks import LinearSpec, dropout, linear, residual_add
     from memplan.analytic.graph import Segment
@@ -606,20 +613,28 @@ def _t5_layer(
     inner = heads * spec.head_dim
     p = spec.hidden_dropout
     x = seg.input(n * h, ctx.activation_dtype, "layer.input", requires_grad=input_requires_grad)
-    # The relative bias table is an embedding (its lookup is in the weights' dtype).
-    self_bias = _Bias(ctx.weight_dtype, ctx.trains_embedding, causal=decoder, permuted=True)
     hn = _t5_norm(seg, ctx, x, "layer.0.layer_norm", h)
     q, k, v = qkv_projections(
         seg, ctx, spec, hn, names=("SelfAttention.q", "SelfAttention.k", "SelfAttention.v")
     )
     if decoder:  # the decoder's cache (peft's prefix) joins the keys and values
         k, v = ctx.method.attention_kv(seg, ctx, k, v, inner)
+    kv_len = ctx.seq_len + ctx.prefix_len
+    made = None
+    if first:  # the relative bias table is an embedding: its lookup is in the weights' dtype
+        made = seg.op(
+            "SelfAttention.compute_bias", [], heads * ctx.seq_len * kv_len, ctx.weight_dtype
+        )
+        seg.stack_held.append(made)
+    self_bias = _Bias(
+        ctx.weight_dtype, ctx.trains_embedding, causal=decoder, permuted=True, made=made
+    )
     attn, weights = _t5_attention(
         seg,
         ctx,
         (q, k, v),
         heads=heads,
-        kv_len=ctx.seq_len + ctx.prefix_len,
+        kv_len=kv_len,
         bias=self_bias,
         dropout_p=spec.attention_dropout,
         label="SelfAttention",
@@ -655,7 +670,17 @@ def _t5_layer(
                 for t, n in ((ck, "key"), (cv, "value"))
             )
             seg.cache_held += [ck, cv]
-        cross_bias = _Bias(cq.dtype, False, causal=False, permuted=False)
+        zeros = None
+        if first:
+            zeros = seg.op(
+                "EncDecAttention.zeros_bias",
+                [],
+                heads * ctx.seq_len * encoder_len,
+                cq.dtype,
+                requires_grad=False,
+            )
+            seg.stack_held.append(zeros)
+        cross_bias = _Bias(cq.dtype, False, causal=False, permuted=False, made=zeros)
         ca, cross_weights = _t5_attention(
             seg,
             ctx,
@@ -683,6 +708,8 @@ def _t5_layer(
     out = residual_add(seg, hidden, branch, "layer.-1.residual")
     seg.hold(ff, *([weights] if weights is not None else []), label="layer.-1.locals")
     seg.hold(x)  # the caller's `hidden_states` keeps the layer input until the layer returns
+    if seg.stack_held:  # returned by the block (a recomputation drops them when it stops)
+        seg.hold(*seg.stack_held, label="position biases")
     return LayerGraph(seg, x, out, shared)
 
 
