@@ -95,6 +95,11 @@ class StepComposer:
         cache: dict[tuple[int, bool, Category, Category, bool], _LayerForward] = {}
         keys = []
         deferred = 0
+        # Tensors made for the stack that later checkpointed layers keep as arguments are
+        # saved for backward (a recomputation makes temporaries).
+        held_category = self._stack_held_category(stack)
+        for t in (*_stack_held(stack, leaves=False), *_stack_held(stack, leaves=True)):
+            t.category = held_category
         for i, plan in enumerate(stack.layers):
             key = (id(plan.graph), plan.checkpointed, bounds[i], bounds[i + 1], i == 0)
             if key not in cache:
@@ -110,6 +115,8 @@ class StepComposer:
             keys.append(key)
             deferred += cache[key].deferred_bytes
         items += _compress([cache[k].events for k in keys], keys)
+        for t in (*_stack_held(stack, leaves=False), *_stack_held(stack, leaves=True)):
+            t.category = _TMP
         stack.norm_in.category = bounds[-1]
         out_cat = self._stack_output_category(index)
         stack.norm_out.category = out_cat
@@ -123,7 +130,7 @@ class StepComposer:
             ).events
         items += self._shared_events(stack, step, "forward")
         if self._stack_held_release(stack) is None:
-            items += _stack_held_events(stack, Phase.FORWARD, step)
+            items += _stack_held_events(stack, Phase.FORWARD, step, _TMP)
         items += self._release_locals(stack, step)
         return items, deferred
 
@@ -134,6 +141,9 @@ class StepComposer:
         if not self.autograd:
             return None
         return next((i for i, p in enumerate(stack.layers) if i and p.checkpointed), None)
+
+    def _stack_held_category(self, stack: Stack) -> Category:
+        return _TMP if self._stack_held_release(stack) is None else _ACT
 
     def _release_locals(self, stack: Stack, step: int) -> list[Event]:
         """The model forward returns: its locals (inputs_embeds ...) die unless still needed."""
@@ -156,11 +166,15 @@ class StepComposer:
         if index == len(self.graph.stacks) - 1:
             return self.loss_boundary
         reader = self.graph.stacks[index + 1]
+        # The reader's layers save the encoder output, or checkpointed ones keep it as an
+        # argument until their backward.
         held = (
             self.autograd
             and reader.cross_input is not None
             and any(
-                _saves(p.graph.segment, p.graph.shared[0]) for p in reader.layers if p.graph.shared
+                p.checkpointed or _saves(p.graph.segment, p.graph.shared[0])
+                for p in reader.layers
+                if p.graph.shared
             )
         )
         return _ACT if held else _TMP
@@ -329,6 +343,13 @@ class StepComposer:
             )
             items += stack_items
         items += self._tail_items(step, accumulate, held)
+        # The graph is freed: leaves made for a stack go, with their .grad.
+        for stack in g.stacks:
+            for t in _stack_held(stack, leaves=True):
+                size = allocation_bytes(t.nbytes)
+                category = self._stack_held_category(stack)
+                items.append(Event(-size, category, Phase.BACKWARD, step, f"{t.label} freed"))
+                items.append(Event(-size, _TMP, Phase.BACKWARD, step, f"{t.label}.grad freed"))
         return items
 
     def _tail_items(self, step: int, accumulate: bool, held: list[list[int]]) -> list[TraceItem]:
@@ -372,6 +393,11 @@ class StepComposer:
             )
             items += events
             grad = grads.get(id(stack.norm_in))
+        # A leaf made for the stack gets its .grad from the last layer's backward on.
+        items += [
+            Event(allocation_bytes(t.nbytes), _TMP, Phase.BACKWARD, step, f"{t.label}.grad")
+            for t in _stack_held(stack, leaves=True)
+        ]
         cross: GradBytes | None = None
         cache: dict[tuple[object, ...], tuple[list[Event], list[list[int]]]] = {}
         keys = []
@@ -392,7 +418,7 @@ class StepComposer:
                     plan, key[2], key[3], grad, step, accumulate, cross
                 )
                 if i == release:
-                    events = events + _stack_held_events(stack, Phase.BACKWARD, step)
+                    events = events + _stack_held_events(stack, Phase.BACKWARD, step, _ACT)
                 cache[key] = events, layer_held
                 cross = cross or layer_cross
             keys.append(key)
@@ -503,13 +529,18 @@ def _steps(steps: Sequence[Step], phase: Phase, step: int) -> list[TraceItem]:
     ]
 
 
-def _stack_held_events(stack: Stack, phase: Phase, step: int) -> list[Event]:
-    """The release of the tensors a layer made for every layer of its stack."""
+def _stack_held(stack: Stack, *, leaves: bool) -> list[Tensor]:
+    """Tensors a layer made for every layer of its stack; ``leaves``: those that require
+    grad (leaves autograd keeps, with their .grad, until the graph is freed)."""
     graphs = {id(p.graph): p.graph for p in stack.layers}.values()
+    return [t for g in graphs for t in g.segment.stack_held if t.requires_grad == leaves]
+
+
+def _stack_held_events(stack: Stack, phase: Phase, step: int, category: Category) -> list[Event]:
+    """The release of the tensors a layer made for every layer of its stack."""
     return [
-        Event(-allocation_bytes(t.nbytes), t.category, phase, step, f"{t.label} released")
-        for g in graphs
-        for t in g.segment.stack_held
+        Event(-allocation_bytes(t.nbytes), category, phase, step, f"{t.label} released")
+        for t in _stack_held(stack, leaves=False)
     ]
 
 

@@ -213,7 +213,10 @@ class T5(ModelFamily):
             count=spec.num_decoder_layers,
             **cross_kwargs,
         )
-        _first_layer(dec, spec, dctx, self._decoder_layer, **cross_kwargs)
+        # Checkpointing sets T5Attention.gradient_checkpointing: the cross-attention's zero
+        # bias is made a leaf that requires grad.
+        zeros_grad = build.grad_ckpt and build.autograd
+        _first_layer(dec, spec, dctx, self._decoder_layer, zeros_grad=zeros_grad, **cross_kwargs)
         cross = dec.layers[0].graph.shared if dec.layers else ()
         dec.cross_input = cross[0] if cross else None
         if dctx.attention is Attention.EAGER:
@@ -245,6 +248,7 @@ class T5(ModelFamily):
         encoder_len: int,
         encoder_out: Tensor,
         first: bool = False,
+        zeros_grad: bool = False,
     ) -> LayerGraph:
         return _t5_layer(
             spec,
@@ -254,6 +258,7 @@ class T5(ModelFamily):
             encoder_len=encoder_len,
             encoder_out=encoder_out,
             first=first,
+            zeros_grad=zeros_grad,
         )
 
     def embedding(
@@ -592,6 +597,7 @@ def _t5_layer(
     encoder_len: int,
     encoder_out: Tensor | None = None,
     first: bool = False,
+    zeros_grad: bool = False,
 ) -> LayerGraph:
     """T5Block: pre-RMSNorm self-attention (+ cross-attention in the decoder) and MLP.
 
@@ -599,8 +605,8 @@ def _t5_layer(
     output and its branch's output in locals until it returns; dropout follows every branch.
     The ``first`` block makes the position biases (1, heads, q, kv) every block reads:
     compute_bias's lookup of the relative bias table (in its dtype) and, in the decoder, the
-    cross-attention's torch.zeros in the queries' dtype; they outlive it (a checkpoint's
-    recomputation makes them again).
+    cross-attention's torch.zeros in the queries' dtype (``zeros_grad``: a leaf requiring
+    grad); they outlive it (a checkpoint's recomputation makes them again).
     """
     from memplan.analytic.blocks import LinearSpec, dropout, linear, residual_add
     from memplan.analytic.graph import Segment
@@ -677,7 +683,7 @@ def _t5_layer(
                 [],
                 heads * ctx.seq_len * encoder_len,
                 cq.dtype,
-                requires_grad=False,
+                requires_grad=zeros_grad,
             )
             seg.stack_held.append(zeros)
         cross_bias = _Bias(cq.dtype, False, causal=False, permuted=False, made=zeros)
