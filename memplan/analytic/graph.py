@@ -89,6 +89,9 @@ class Segment:
     # Tensors a caller's local variables keep until its forward returns (the model's
     # inputs_embeds): kept past their last use here and released by the composer.
     model_locals: list[Tensor] = field(default_factory=list)
+    # Tensors a layer makes for every layer of its stack (T5's first layer's position bias):
+    # kept past the layer and released by the composer when the stack no longer needs them.
+    stack_held: list[Tensor] = field(default_factory=list)
     # Tensors a KV cache holds (peft's prefix DynamicCache) until the model's output is
     # dropped after the loss: kept past their last use and released by the composer.
     cache_held: list[Tensor] = field(default_factory=list)
@@ -426,8 +429,13 @@ def backward_events(
                 )
             if g.tie == "first":
                 ledger.alloc(g.grad_bytes, category, f"{g.label} grad (tied, buffered)")
-            elif g.tie == "middle":  # added into the buffered gradient in place
-                ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
+            elif g.tie == "middle":
+                # InputBuffer adds this contribution to the buffered one out of place: the
+                # sum (a temporary) replaces the buffered gradient.
+                ledger.alloc(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
+                ledger.alloc(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad (tied sum)")
+                ledger.free(g.grad_bytes, g.buffered_in, f"{g.label} grad (tied, buffered)")
+                ledger.free(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
             elif g.tie == "last":  # the node's contribution; summed once the node is done
                 ledger.alloc(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
             elif accumulate or g.accumulates:  # AccumulateGrad adds into the existing .grad

@@ -18,9 +18,11 @@ from memplan.errors import MemplanError
 from memplan.specs import TrainingSetup
 
 _TORCH_DTYPES = {DType.FP32: torch.float32, DType.BF16: torch.bfloat16, DType.FP16: torch.float16}
-_ATTENTION_NAMES = ("self_attn", "attn", "self_attention", "attention")
+# T5Block nests its self-attention (T5Attention, before the branch's dropout) and its MLP
+# (T5DenseGatedActDense) in sublayers: layer.0.SelfAttention, layer.<-1>.DenseReluDense.
+_ATTENTION_NAMES = ("self_attn", "attn", "self_attention", "attention", "SelfAttention")
 # OPTDecoderLayer has no MLP module: fc1 and fc2 sit in the layer, fc2's output is the MLP's.
-_MLP_NAMES = ("mlp", "feed_forward", "ffn", "fc2")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "fc2", "DenseReluDense")
 
 
 class BottleneckAdapter(nn.Module):
@@ -42,27 +44,31 @@ def _apply_to_output(adapter: BottleneckAdapter, output: Any) -> Any:
     return adapter(output)
 
 
+def _branch(layer: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    """The layer's attention or MLP module: an attribute of the layer, else the first
+    submodule so named (T5's sublayers)."""
+    for n in names:
+        found: object = getattr(layer, n, None)
+        if isinstance(found, nn.Module):
+            return found
+    for n in names:
+        for path, module in layer.named_modules():
+            if path.rsplit(".", 1)[-1] == n and isinstance(module, nn.Module):
+                return module
+    return None
+
+
 def add_bottleneck_adapters(
     model: nn.Module, hidden_size: int, setup: TrainingSetup, notes: list[str]
 ) -> None:
     """Freeze ``model`` and add two trainable adapters (``hidden_size`` wide, the residual
-    stream's width) to every decoder layer."""
+    stream's width) to every layer of every stack (an encoder-decoder model has two)."""
     from memplan.torchsim.models import decoder_layer_stacks
 
-    stacks = decoder_layer_stacks(model)
-    if len(stacks) != 1:
-        raise MemplanError("bottleneck adapters are supported for decoder-only models")
     dtype = _TORCH_DTYPES.get(setup.adapter_dtype, torch.float32)
-    for layer in stacks[0]:
+    for layer in (layer for stack in decoder_layer_stacks(model) for layer in stack):
         for names, attr in ((_ATTENTION_NAMES, "attention_adapter"), (_MLP_NAMES, "mlp_adapter")):
-            block = next(
-                (
-                    getattr(layer, n)
-                    for n in names
-                    if isinstance(getattr(layer, n, None), nn.Module)
-                ),
-                None,
-            )
+            block = _branch(layer, names)
             if block is None:
                 raise MemplanError(f"no attention/MLP block found in {type(layer).__name__}")
             adapter = BottleneckAdapter(hidden_size, setup.adapter_size, dtype)
