@@ -86,7 +86,10 @@ class StepContext:
             amp=setup.precision.is_amp,
             adapter_dtype=setup.adapter_dtype,
             quant=setup.quant,
-            quant_state_dtype=setup.precision.weight_dtype,
+            # kbit_prep: quantized from the 16-bit load; else from the weights' storage dtype.
+            quant_state_dtype=(
+                setup.precision.compute_dtype if setup.kbit_prep else setup.precision.weight_dtype
+            ),
             method=tuning,
             lora_roles=lora_roles(spec, setup) if tuning.uses_lora else frozenset(),
             lora_r=setup.lora_r,

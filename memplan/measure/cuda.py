@@ -42,7 +42,12 @@ from memplan.specs import (
     TrainingSetup,
 )
 from memplan.torchsim.materialize import materialize
-from memplan.torchsim.methods import QuantizedLinearFactory, apply_method, quantize_linears
+from memplan.torchsim.methods import (
+    QuantizedLinearFactory,
+    apply_method,
+    prepare_for_kbit_training,
+    quantize_linears,
+)
 from memplan.torchsim.models import COMPUTE_DTYPES, BuiltModel, build_meta_model
 from memplan.torchsim.optimizers import LEARNING_RATE, param_groups, torch_optimizer
 from memplan.torchsim.runner import third_party_warnings_muted
@@ -209,6 +214,8 @@ def _build(spec: ModelSpec, setup: TrainingSetup, device: str) -> tuple[nn.Modul
         weight_dtype = COMPUTE_DTYPES[setup.precision]
         take = _quantized_materializer(device, weight_dtype)
         materialize(built.model, fill=True, device=device, materialize_module=take)
+        if setup.kbit_prep:  # on the loaded model, as the recipe calls it
+            prepare_for_kbit_training(built.model)
         model = setup.tuning.apply(built, spec, setup)
     else:
         model = apply_method(built, spec, setup)
