@@ -102,6 +102,20 @@ def _method_lines(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
             f"norms and the LM head stay {setup.precision.weight_dtype.value}; each linear is "
             "dequantized to a temporary in forward and again in backward"
         )
+    if setup.kbit_prep:
+        lines.append(
+            f"peft.prepare_model_for_kbit_training on a model loaded in "
+            f"{setup.precision.compute_dtype.value}: the {setup.quant.value} weights dequantize "
+            f"to {setup.precision.compute_dtype.value}, every other parameter is upcast to fp32 "
+            f"and the step runs under {setup.precision.value} autocast (fp32 residual stream)"
+            + (
+                "; its checkpointing makes the input embeddings require grad, non-reentrant "
+                "(gradient_checkpointing_kwargs={'use_reentrant': False}; peft's default {} is "
+                "torch's reentrant checkpoint)"
+                if setup.grad_ckpt
+                else ""
+            )
+        )
     if setup.library_versions:
         from memplan.versions import assumption_lines
 

@@ -83,6 +83,13 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
         help="quantize the 4-bit scales too (QLoRA double quantization)",
     )
     g.add_argument(
+        "--kbit-prep",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the Hugging Face QLoRA recipe: load quantized in bf16/fp16, "
+        "peft.prepare_model_for_kbit_training (other parameters upcast to fp32), AMP autocast",
+    )
+    g.add_argument(
         "--optimizer",
         choices=[o.value for o in Optimizer],
         help="optimizer (default adamw; qlora: paged-adamw)",
@@ -181,6 +188,7 @@ def setup_from_args(args: argparse.Namespace, spec: Any) -> Any:
         "precision": args.precision,
         "quant": args.quant,
         "double_quant": args.double_quant,
+        "kbit_prep": args.kbit_prep,
         "optimizer": args.optimizer,
         "optimizer_impl": args.optimizer_impl,
         "master_weights": args.master_weights,

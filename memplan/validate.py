@@ -226,7 +226,11 @@ _SETUP_FLAGS: Final = {
     "prefix_len": "--prefix-len",
     "device": "--device",
 }
-_SWITCHES: Final = {"grad_ckpt": "grad-ckpt", "double_quant": "double-quant"}
+_SWITCHES: Final = {
+    "grad_ckpt": "grad-ckpt",
+    "double_quant": "double-quant",
+    "kbit_prep": "kbit-prep",
+}
 
 
 def case_command(case: ReferenceCase, directory: Path | None = None) -> str:

@@ -3,7 +3,9 @@
 The grid is generated from the registries, never hand-listed: every family
 (:mod:`memplan.families`, through its tiny catalog model) x every method
 (:mod:`memplan.methods`) it supports x checkpointing off/on x eager/SDPA attention x two batch
-shapes. A new family or method is covered by being registered. For each configuration the
+shapes, and every quantized method once more as the Hugging Face QLoRA recipe runs it
+(``kbit_prep``: loaded in bf16, peft's prepare_model_for_kbit_training, bf16 autocast) on one
+shape. A new family or method is covered by being registered. For each configuration the
 same step is measured on real CPU tensors (memplan.torchsim tracks every storage) and predicted
 with ``device="cpu"`` (CPU kernels: dropout masks in the input dtype, the math SDPA path when
 attention dropout is on, LayerNorm statistics in the input dtype).
@@ -55,11 +57,19 @@ TOLERANCE = 0.01
 SHAPES = ((1, 32), (2, 64))  # (micro-batch, sequence length)
 ATTENTION = ("eager", "sdpa")
 TINY = {name: fam.tiny_model for name, fam in families().items()}
+# The Hugging Face QLoRA recipe (kbit_prep: 16-bit load, prepare_model_for_kbit_training, AMP)
+# for every quantized method, on one shape.
+KBIT_PREP_PRECISION = "bf16-amp"
+KBIT_PREP_SHAPE = (2, 64)
 
 
-def _setup(method: str, ckpt: bool, batch: int, seq: int, attention: str) -> TrainingSetup:
+def _setup(
+    method: str, ckpt: bool, batch: int, seq: int, attention: str, *, kbit_prep: bool = False
+) -> TrainingSetup:
     fields: dict[str, Any] = {"method": method, "micro_batch_size": batch, "seq_len": seq}
     fields |= {"grad_ckpt": ckpt, "attention": attention, "device": "cpu"}
+    if kbit_prep:
+        fields |= {"kbit_prep": True, "precision": KBIT_PREP_PRECISION}
     return TrainingSetup(**fields)
 
 
@@ -91,13 +101,30 @@ def _grid() -> list[Any]:
     return cases
 
 
+def _kbit_prep_grid() -> list[Any]:
+    cases = []
+    for family, method, ckpt in itertools.product(TINY, method_names(), (False, True)):
+        if _refusal(family, method, ckpt) or TrainingSetup(method=method).quant.value == "none":
+            continue
+        batch, seq = KBIT_PREP_SHAPE
+        label = f"{TINY[family]}-{method}-kbit-prep-{'ckpt' if ckpt else 'nockpt'}-b{batch}s{seq}"
+        cases.append(pytest.param(family, method, ckpt, "sdpa", batch, seq, True, id=label))
+    return cases
+
+
 @cache
 def _peaks(
-    family: str, method: str, ckpt: bool, attention: str, batch: int, seq: int
+    family: str,
+    method: str,
+    ckpt: bool,
+    attention: str,
+    batch: int,
+    seq: int,
+    kbit_prep: bool = False,
 ) -> tuple[tuple[Peak, dict[Category, int]], tuple[Peak, dict[Category, int]]]:
     torch.set_num_threads(1)
     spec = load_model(TINY[family])
-    setup = _setup(method, ckpt, batch, seq, attention)
+    setup = _setup(method, ckpt, batch, seq, attention, kbit_prep=kbit_prep)
     measured = trace_step(spec, setup, mode="cpu").trace
     analytical = predict(spec, setup).trace
     return (
@@ -106,12 +133,15 @@ def _peaks(
     )
 
 
-@pytest.mark.parametrize(("family", "method", "ckpt", "attention", "batch", "seq"), _grid())
+@pytest.mark.parametrize(
+    ("family", "method", "ckpt", "attention", "batch", "seq", "kbit_prep"),
+    [pytest.param(*p.values, False, id=p.id) for p in _grid()] + _kbit_prep_grid(),
+)
 def test_analytical_equals_measured_within_one_percent(
-    family: str, method: str, ckpt: bool, attention: str, batch: int, seq: int
+    family: str, method: str, ckpt: bool, attention: str, batch: int, seq: int, kbit_prep: bool
 ) -> None:
     (measured, measured_most), (analytical, analytical_most) = _peaks(
-        family, method, ckpt, attention, batch, seq
+        family, method, ckpt, attention, batch, seq, kbit_prep
     )
     assert analytical.peak_bytes == pytest.approx(measured.peak_bytes, rel=TOLERANCE), (
         f"predicted {analytical.peak_bytes:,} B in {analytical.phase.value}, measured "

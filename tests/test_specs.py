@@ -289,3 +289,31 @@ def test_fsdp_alone_means_full_shard() -> None:
     assert ParallelSetup(num_gpus=2, sharding="fsdp", zero_stage=2).zero_stage == 2
     with pytest.raises(ValidationError, match="FSDP has no ZeRO-0 equivalent"):
         ParallelSetup(num_gpus=2, sharding="fsdp", zero_stage=0)
+
+
+# -- kbit_prep: the Hugging Face QLoRA recipe ----------------------------------------------
+
+
+def test_kbit_prep_reads_the_16_bit_load_dtype_as_its_amp_regime() -> None:
+    # The qlora preset's precision (bf16) names torch_dtype; the preparation upcasts to fp32.
+    assert TrainingSetup(method="qlora", kbit_prep=True).precision is Precision.BF16_AMP
+    setup = TrainingSetup(method="qlora", precision="fp16", kbit_prep=True)
+    assert setup.precision is Precision.FP16_AMP
+    assert TrainingSetup(method="qlora").precision is Precision.BF16  # the preset unchanged
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"method": "lora"}, "set quant nf4, fp4 or int8"),
+        ({"method": "lora", "quant": "nf4", "precision": "fp32"}, "not fp32"),
+    ],
+)
+def test_kbit_prep_is_refused_in_one_line_where_it_means_nothing(
+    fields: dict[str, Any], words: str
+) -> None:
+    with pytest.raises(ValidationError) as exc:
+        TrainingSetup(**fields, kbit_prep=True)
+    _, msg = _only_error(exc)
+    assert words in msg
+    assert "\n" not in msg

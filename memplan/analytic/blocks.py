@@ -61,12 +61,14 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
 
     out_dtype = ctx.compute_dtype if (ctx.amp or quantized) else ctx.weight_dtype
     if quantized:
-        # bnb MatMul4Bit: dequantize the whole weight to the compute dtype, matmul, and keep
-        # only the packed weight for backward, where it dequantizes again (grad_input).
+        # bnb Linear4bit.forward casts the input to the compute dtype; MatMul4Bit dequantizes
+        # the whole weight (in QuantState.dtype, then .to(A.dtype)), matmuls, and keeps only
+        # the packed weight for backward, where it dequantizes again (grad_input).
         xin = cast(seg, x, ctx.compute_dtype, f"{spec.label}.input_cast")
-        deq = seg.op(
-            f"{spec.label}.dequantize", [], numel_w, ctx.compute_dtype, requires_grad=False
-        )
+        four_bit = ctx.quant is not Quantization.INT8
+        deq_dtype = ctx.quant_state_dtype if four_bit else ctx.compute_dtype
+        deq = seg.op(f"{spec.label}.dequantize", [], numel_w, deq_dtype, requires_grad=False)
+        deq = cast(seg, deq, ctx.compute_dtype, f"{spec.label}.dequantize_cast")
         needs_grad_input = xin.requires_grad
         out = seg.op(
             spec.label,
@@ -77,8 +79,17 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
             saves=[xin] if ctx.quant_matmul_saves_input else [],
             param_grads=grads,
             requires_grad=needs_grad_input or bias_trainable,
-            bwd_workspace_bytes=numel_w * dtype_bytes(ctx.compute_dtype) if needs_grad_input else 0,
+            bwd_workspace_bytes=_dequantize_workspace(
+                numel_w, rows * spec.in_features, deq_dtype, ctx.compute_dtype
+            )
+            if needs_grad_input
+            else 0,
         )
+        if four_bit:
+            # Linear4bit.forward returns the product .to(inp_dtype) (fp32 under AMP: the
+            # residual stream); its local x (the compute-dtype input) lives until it returns.
+            out = cast(seg, out, x.dtype, f"{spec.label}.output_cast")
+            seg.hold(xin, label=f"{spec.label}.input")
     elif ctx.amp:
         # torch.autocast casts the activation per op (never cached) and the fp32 weight once
         # (cached for leaf weights that require grad, until autocast exits).
@@ -112,6 +123,19 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
             saves_params=x.requires_grad,  # mm keeps the weight for the input's gradient
         )
     return ctx.method.linear(seg, ctx, x, out, spec, quantized=quantized)
+
+
+def _dequantize_workspace(
+    numel_w: int, numel_grad_input: int, deq_dtype: DType, compute_dtype: DType
+) -> int:
+    """Bytes MatMul4Bit.backward holds beyond grad_input: the weight dequantized in
+    QuantState.dtype and its copy in grad_output's dtype (the compute dtype) exist together;
+    the first is freed before the matmul allocates grad_input, the copy after it."""
+    compute = numel_w * dtype_bytes(compute_dtype)
+    if deq_dtype is compute_dtype:
+        return compute
+    both = numel_w * dtype_bytes(deq_dtype) + compute
+    return max(both - numel_grad_input * dtype_bytes(compute_dtype), compute)
 
 
 def grouped_linear(

@@ -28,6 +28,9 @@ class StepContext:
     amp: bool  # torch.autocast: fp32 weights cast per op, cached when trainable
     adapter_dtype: DType
     quant: Quantization
+    # QuantState.dtype: the dtype the 4-bit weights were quantized from, which
+    # bnb.functional.dequantize_4bit returns (the storage dtype of the loaded model).
+    quant_state_dtype: DType
     method: TuningMethod  # what trains, what it adds to linears, branches and attention
     lora_roles: frozenset[LinearRole]
     lora_r: int
@@ -83,6 +86,10 @@ class StepContext:
             amp=setup.precision.is_amp,
             adapter_dtype=setup.adapter_dtype,
             quant=setup.quant,
+            # kbit_prep: quantized from the 16-bit load; else from the weights' storage dtype.
+            quant_state_dtype=(
+                setup.precision.compute_dtype if setup.kbit_prep else setup.precision.weight_dtype
+            ),
             method=tuning,
             lora_roles=lora_roles(spec, setup) if tuning.uses_lora else frozenset(),
             lora_r=setup.lora_r,

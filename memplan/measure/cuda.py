@@ -42,8 +42,13 @@ from memplan.specs import (
     TrainingSetup,
 )
 from memplan.torchsim.materialize import materialize
-from memplan.torchsim.methods import QuantizedLinearFactory, apply_method, quantize_linears
-from memplan.torchsim.models import COMPUTE_DTYPES, BuiltModel, build_meta_model
+from memplan.torchsim.methods import (
+    QuantizedLinearFactory,
+    apply_method,
+    prepare_for_kbit_training,
+    quantize_linears,
+)
+from memplan.torchsim.models import COMPUTE_DTYPES, BuiltModel, build_meta_model, load_dtype
 from memplan.torchsim.optimizers import LEARNING_RATE, param_groups, torch_optimizer
 from memplan.torchsim.runner import third_party_warnings_muted
 from memplan.torchsim.session import enable_checkpointing, forward_loss, synthetic_batch
@@ -206,9 +211,11 @@ def _build(spec: ModelSpec, setup: TrainingSetup, device: str) -> tuple[nn.Modul
         # adds its tensors.
         quantize_linears(built.model, setup, _bnb_linear_factory(setup))
         built.model.requires_grad_(False)
-        weight_dtype = COMPUTE_DTYPES[setup.precision]
-        take = _quantized_materializer(device, weight_dtype)
+        # The weights are quantized from the dtype the model is loaded in (QuantState.dtype).
+        take = _quantized_materializer(device, load_dtype(setup))
         materialize(built.model, fill=True, device=device, materialize_module=take)
+        if setup.kbit_prep:  # on the loaded model, as the recipe calls it
+            prepare_for_kbit_training(built.model)
         model = setup.tuning.apply(built, spec, setup)
     else:
         model = apply_method(built, spec, setup)

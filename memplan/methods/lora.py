@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from memplan.dtypes import dtype_bytes
+from memplan.dtypes import DType, dtype_bytes
 from memplan.errors import MemplanError
 from memplan.methods.base import AddedParam, TuningMethod
 
@@ -183,14 +183,17 @@ class LoRA(TuningMethod):
         r = ctx.lora_r
         a_dtype = ctx.adapter_dtype
         label = spec.label
-        # peft casts x to the adapter weights' dtype (_cast_input_dtype) before lora_A.
-        xa_cast = cast(seg, x, a_dtype, f"{label}.lora_input_cast")
+        # peft casts x to the adapter weights' dtype (_cast_input_dtype) before lora_A; its
+        # 4-bit layer (lora.bnb.Linear4bit) only when autocast is off (requires_conversion).
+        convert = not (quantized and ctx.amp)
+        xa_cast = cast(seg, x, a_dtype, f"{label}.lora_input_cast") if convert else x
         xa = dropout(seg, ctx, xa_cast, ctx.lora_dropout, f"{label}.lora_dropout")
         lin_dtype = ctx.compute_dtype if ctx.amp else a_dtype
         a_grad = _adapter_grad(ctx, f"{label}.lora_A", r * spec.in_features)
         b_grad = _adapter_grad(ctx, f"{label}.lora_B", r * spec.out_features)
         if ctx.amp:  # autocast: both operands cast to the compute dtype, adapter weights cached
-            xa = cast(seg, xa, ctx.compute_dtype, f"{label}.lora_A.input_cast")
+            # F.linear's autocast wrapper casts the weight first (C++ evaluates the cast
+            # arguments right to left), then the input.
             wa = seg.op(
                 f"{label}.lora_A.weight_cast",
                 [],
@@ -198,7 +201,19 @@ class LoRA(TuningMethod):
                 lin_dtype,
                 param_grads=[a_grad],
             )
-            h = seg.op(f"{label}.lora_A", [xa, wa], rows * r, lin_dtype, saves=[xa, wa])
+            dropped = xa
+            xa = cast(seg, xa, ctx.compute_dtype, f"{label}.lora_A.input_cast")
+            # mm keeps the weight only for the input's gradient (none in a first layer
+            # whose input requires no grad).
+            h = seg.op(
+                f"{label}.lora_A",
+                [xa, wa],
+                rows * r,
+                lin_dtype,
+                saves=[xa, wa if xa.requires_grad else None],
+            )
+            # lora_A(dropout(x)): the dropout output is the call's argument until it returns.
+            seg.hold(dropped, label=f"{label}.lora_A.input")
             wb = seg.op(
                 f"{label}.lora_B.weight_cast",
                 [],
@@ -223,15 +238,19 @@ class LoRA(TuningMethod):
         scaled = seg.op(f"{label}.lora_scale", [h], h.numel, h.dtype)
         if quantized:  # "defensively clone" the 4-bit output, add the adapter output in its dtype
             base = seg.op(f"{label}.clone", [base], base.numel, base.dtype, passthrough_grad=True)
-            scaled = cast(seg, scaled, base.dtype, f"{label}.lora_output_cast")
+            if convert:
+                scaled = cast(seg, scaled, base.dtype, f"{label}.lora_output_cast")
+            # Under autocast result + output promotes (add is no autocast op).
             result = seg.op(
-                f"{label}.lora_add", [base, scaled], base.numel, base.dtype, passthrough_grad=True
+                f"{label}.lora_add",
+                [base, scaled],
+                base.numel,
+                _wider(base.dtype, scaled.dtype),
+                passthrough_grad=True,
             )
         else:
             # result + scaled promotes to the wider dtype; peft then casts back to the base dtype.
-            wide = (
-                base.dtype if dtype_bytes(base.dtype) >= dtype_bytes(scaled.dtype) else scaled.dtype
-            )
+            wide = _wider(base.dtype, scaled.dtype)
             result = seg.op(
                 f"{label}.lora_add", [base, scaled], base.numel, wide, passthrough_grad=True
             )
@@ -303,6 +322,11 @@ class LoRA(TuningMethod):
             f"LoRA r={setup.lora_r} alpha={setup.lora_alpha:g} on {', '.join(modules)}; adapter "
             f"weights in {setup.adapter_dtype.value} (peft autocast_adapter_dtype){dropout}"
         ]
+
+
+def _wider(a: DType, b: DType) -> DType:
+    """The dtype an elementwise op of ``a`` and ``b`` promotes to (the wider one)."""
+    return a if dtype_bytes(a) >= dtype_bytes(b) else b
 
 
 def _adapter_grad(ctx: StepContext, label: str, numel: int) -> ParamGrad:

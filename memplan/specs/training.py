@@ -103,6 +103,22 @@ ALL_LINEAR: Final[tuple[LinearRole, ...]] = (
 )
 
 
+# The load dtype the recipe names and the AMP regime prepare_model_for_kbit_training leaves.
+_KBIT_PREP_PRECISION: Final = {
+    Precision.BF16: Precision.BF16_AMP,
+    Precision.FP16: Precision.FP16_AMP,
+}
+
+
+def _kbit_prep_precision(data: Any) -> Any:
+    """With ``kbit_prep``, precision bf16/fp16 (torch_dtype of the load, Trainer(bf16=True))
+    is the AMP regime: the preparation upcasts every 16-bit parameter to fp32."""
+    if not isinstance(data, dict) or not data.get("kbit_prep") or data.get("precision") is None:
+        return data
+    precision = Precision(data["precision"])
+    return {**data, "precision": _KBIT_PREP_PRECISION.get(precision, precision)}
+
+
 class TrainingSetup(BaseModel):
     """One training step's configuration on one model replica."""
 
@@ -125,6 +141,14 @@ class TrainingSetup(BaseModel):
     )
     double_quant: bool = Field(
         default=True, description="Quantize the 4-bit absmax scales too (QLoRA double quant)."
+    )
+    kbit_prep: bool = Field(
+        default=False,
+        description="The Hugging Face QLoRA recipe: a model loaded quantized in the 16-bit "
+        "compute dtype, then peft.prepare_model_for_kbit_training (every parameter but the "
+        "4-bit/8-bit weights upcast to fp32) and trained under AMP autocast; the 4-bit weights "
+        "dequantize to the 16-bit dtype they were quantized from. precision bf16/fp16 names the "
+        "load dtype and is read as bf16-amp/fp16-amp.",
     )
     optimizer: Optimizer = Field(default=Optimizer.ADAMW, description="Optimizer.")
     optimizer_impl: OptimizerImpl = Field(
@@ -235,13 +259,14 @@ class TrainingSetup(BaseModel):
         from memplan.methods import methods
 
         if not isinstance(data, dict) or data.get("defaults_from_method"):
-            return data
+            return _kbit_prep_precision(data)
         name = data.get("method", "full")
         tuning = methods().get(name) if isinstance(name, str) else None
         if tuning is None:
             return data  # the field validator reports the unknown method
         filled = {k: v for k, v in tuning.defaults.items() if data.get(k) is None}
-        return {**data, **filled, "defaults_from_method": tuple(sorted(filled))}
+        data = {**data, **filled, "defaults_from_method": tuple(sorted(filled))}
+        return _kbit_prep_precision(data)
 
     @field_validator("method")
     @classmethod
@@ -254,6 +279,16 @@ class TrainingSetup(BaseModel):
 
     @model_validator(mode="after")
     def _check_combination(self) -> TrainingSetup:
+        if self.kbit_prep and self.quant is Quantization.NONE:
+            raise ValueError(
+                "kbit_prep prepares a 4-bit/8-bit quantized model "
+                "(peft.prepare_model_for_kbit_training): set quant nf4, fp4 or int8"
+            )
+        if self.kbit_prep and not self.precision.is_amp:
+            raise ValueError(
+                "kbit_prep trains under 16-bit AMP autocast over the fp32-upcast parameters: "
+                f"use precision bf16-amp or fp16-amp, not {self.precision.value}"
+            )
         self.tuning.check_setup(self)
         self._check_settings_apply()
         if self.grad_ckpt_every > 1 and not self.grad_ckpt:

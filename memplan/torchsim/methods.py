@@ -29,8 +29,24 @@ def apply_method(built: BuiltModel, spec: ModelSpec, setup: TrainingSetup) -> nn
                 "weights); measure it on a GPU"
             )
         quantize_linears(built.model, setup)
+        if setup.kbit_prep:
+            prepare_for_kbit_training(built.model)
     model: nn.Module = setup.tuning.apply(built, spec, setup)
     return model
+
+
+def prepare_for_kbit_training(model: nn.Module) -> None:
+    """peft's ``prepare_model_for_kbit_training`` on the quantized model: freeze it and upcast
+    every fp16/bf16 parameter but the 4-bit weights to fp32 (on the meta device, before they
+    are materialized).
+
+    ``use_gradient_checkpointing=False``: checkpointing and the input embeddings that require
+    grad come from ``TrainingSetup.grad_ckpt`` (non-reentrant; peft's default passes no
+    ``use_reentrant``, which torch.utils.checkpoint reads as reentrant).
+    """
+    from peft import prepare_model_for_kbit_training
+
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)  # type: ignore[no-untyped-call]
 
 
 def _is_linear(module: nn.Module) -> bool:

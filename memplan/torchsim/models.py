@@ -38,6 +38,12 @@ COMPUTE_DTYPES = {
 _LLAMA_LIKE = ("llama", "mistral", "qwen2")
 
 
+def load_dtype(setup: TrainingSetup) -> torch.dtype:
+    """The dtype the model is loaded in: its storage dtype, or with ``kbit_prep`` the 16-bit
+    compute dtype (torch_dtype=bfloat16) that prepare_model_for_kbit_training then upcasts."""
+    return COMPUTE_DTYPES[setup.precision] if setup.kbit_prep else WEIGHT_DTYPES[setup.precision]
+
+
 @dataclass
 class BuiltModel:
     """A model on the meta device and the parts the tracer needs to find in it."""
@@ -114,12 +120,12 @@ def build_meta_model(
             )
         if num_layers is not None:
             spec = spec.model_copy(update={"num_decoder_layers": num_layers})
-        model = _reference_on_meta(spec, implementation, WEIGHT_DTYPES[setup.precision])
+        model = _reference_on_meta(spec, implementation, load_dtype(setup))
         return BuiltModel(model, spec.family, is_hf=False, is_encoder_decoder=False, notes=notes)
     config = dict(hf_config if hf_config is not None else hf_config_dict(spec))
     if num_layers is None and not spec.is_encoder_decoder:
         num_layers = spec.num_layers
-    model = _hf_on_meta(config, implementation, WEIGHT_DTYPES[setup.precision], notes, num_layers)
+    model = _hf_on_meta(config, implementation, load_dtype(setup), notes, num_layers)
     encdec = bool(getattr(model.config, "is_encoder_decoder", False))
     return BuiltModel(
         model,

@@ -104,3 +104,12 @@ def test_other_families(model: str, method: str) -> None:
     batch, seq, attention = SHAPES[method_names().index(method) % len(SHAPES)]
     setup = _setup(method, method in ("lora", "qlora"), batch, seq, attention)
     _assert_agree(trace_step(spec, setup, mode="fake"), trace_step(spec, setup, mode="cpu"))
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["no-ckpt", "ckpt"])
+def test_kbit_prep(ckpt: bool) -> None:
+    # peft's prepare_model_for_kbit_training on the quantized meta model, bf16 autocast.
+    spec = load_model("tiny-llama")
+    fields = _setup("qlora", ckpt, 2, 64, "sdpa").model_dump(exclude={"defaults_from_method"})
+    setup = TrainingSetup(**fields | {"kbit_prep": True, "precision": "bf16-amp"})
+    _assert_agree(trace_step(spec, setup, mode="fake"), trace_step(spec, setup, mode="cpu"))

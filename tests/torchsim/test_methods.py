@@ -94,3 +94,17 @@ def test_qlora_leaves_the_experts_3d_parameters_and_the_router_in_16_bit() -> No
     names = [n for n, _ in model.named_parameters() if ".lora_A" in n]
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in names}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj"}  # no adapter on the experts
+
+
+def test_kbit_prep_quantizes_from_bf16_and_upcasts_every_other_parameter() -> None:
+    from memplan.torchsim.quant import Linear4bit
+    from memplan.torchsim.runner import RunRequest, prepare_model
+
+    setup = TrainingSetup(method="qlora", kbit_prep=True)
+    model, _ = prepare_model(RunRequest(load_model("tiny-llama"), setup))
+    quantized = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert quantized
+    assert {m.weight_dtype for m in quantized} == {torch.bfloat16}  # QuantState.dtype
+    packed = {id(m.weight) for m in quantized}
+    others = {p.dtype for p in model.parameters() if id(p) not in packed}
+    assert others == {torch.float32}  # embeddings, norms, LM head and adapters
