@@ -408,6 +408,11 @@ def _t5_attention(
     from memplan.specs.training import Attention
 
     q, k, v = qkv
+    if ctx.amp:  # autocast casts matmul's and SDPA's fp32 operands (4-bit linears' outputs)
+        q, k, v = (
+            cast(seg, t, ctx.compute_dtype, f"{label}.{n}_autocast")
+            for t, n in zip((q, k, v), "qkv", strict=True)
+        )
     scores_numel = ctx.batch * heads * ctx.seq_len * kv_len
     sdpa = ctx.attention is not Attention.EAGER
     if not sdpa:
