@@ -487,13 +487,17 @@ def layer_norm(
 ) -> Tensor:
     """F.layer_norm (native_layer_norm): saves its input and the fp32 mean and rstd per row.
 
-    Under autocast layer_norm runs in fp32 (autocast's fp32 list), so a 16-bit input is cast.
+    Under CUDA autocast layer_norm runs in fp32 (on its fp32 list), so a 16-bit input is cast;
+    CPU autocast leaves layer_norm alone, and the kernel takes a 16-bit input with fp32 weights.
     """
     rows = x.numel // size
     trainable = affine and ctx.trains_norm
-    x_in = cast(seg, x, DType.FP32, f"{label}.autocast") if ctx.amp else x
-    # CUDA keeps mean and rstd in fp32; the CPU kernel returns them in the input's dtype.
-    stat = DType.FP32 if ctx.device == "cuda" else x_in.dtype
+    upcast = ctx.amp and ctx.device == "cuda"
+    x_in = cast(seg, x, DType.FP32, f"{label}.autocast") if upcast else x
+    # CUDA keeps mean and rstd in fp32; the CPU kernel returns them in the input's dtype, or
+    # in fp32 when input and weights differ (layer_norm_cpu's mixed-type path).
+    mixed = affine and x_in.dtype is not ctx.weight_dtype
+    stat = DType.FP32 if ctx.device == "cuda" or mixed else x_in.dtype
     mean = seg.op(f"{label}.mean", [], rows, stat, requires_grad=False)
     rstd = seg.op(f"{label}.rstd", [], rows, stat, requires_grad=False)
     grads = [_param_grad(ctx, f"{label}.weight", size, trainable)]

@@ -241,26 +241,30 @@ class Bert(ModelFamily):
     def final_norm(
         self, spec: ModelSpec, ctx: StepContext, x: Tensor, seg: Segment, *, stack: str = "model"
     ) -> Tensor:
-        return x  # post-LN layers: no norm after the last one
-
-    def head(
-        self, spec: ModelSpec, ctx: StepContext, x: Tensor, seg: Segment
-    ) -> tuple[Tensor, Tensor]:
-        """The MLM head (dense, activation, LayerNorm, tied decoder with bias) and
-        CrossEntropyLoss on the logits in their own dtype; or a classification head."""
+        """Post-LN layers have no norm after the last one; an MLM head's transform (dense,
+        activation, LayerNorm: BertPredictionHeadTransform) runs here, before the decoder."""
         from memplan.analytic.blocks import LinearSpec, activation, layer_norm, linear
-        from memplan.analytic.head import cross_entropy, lm_head
 
-        if "Classification" in self.layout(spec).architecture:
-            return self._classification_loss(spec, ctx, x, seg)
+        if not BERT_HEADS[self.layout(spec).architecture][1]:
+            return x
         h = spec.hidden_size
         dense = LinearSpec(
             "cls.predictions.transform.dense", h, h, None, bias=True, quantizable=False
         )
         t = linear(seg, ctx, x, dense)
         t = activation(seg, t, spec.hidden_act, "cls.predictions.transform.act")
-        t = layer_norm(seg, ctx, t, "cls.predictions.transform.LayerNorm", h)
-        logits = lm_head(spec, ctx, t, seg, bias=True)
+        return layer_norm(seg, ctx, t, "cls.predictions.transform.LayerNorm", h)
+
+    def head(
+        self, spec: ModelSpec, ctx: StepContext, x: Tensor, seg: Segment
+    ) -> tuple[Tensor, Tensor]:
+        """The MLM decoder (tied to the word embedding, with its bias) and CrossEntropyLoss
+        over every position; or a classification head."""
+        from memplan.analytic.head import cross_entropy, lm_head
+
+        if "Classification" in self.layout(spec).architecture:
+            return self._classification_loss(spec, ctx, x, seg)
+        logits = lm_head(spec, ctx, x, seg, bias=True)
         return cross_entropy(ctx, seg, logits, x, shifted_fp32=False), logits
 
     def _classification_loss(
