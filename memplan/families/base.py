@@ -63,6 +63,10 @@ class ModelFamily:
     """A decoder whose eager attention reads an additive causal mask (create_causal_mask)."""
     num_eager_masks: ClassVar[int] = 1
     """Additive (batch, 1, seq, seq) masks a causal model's forward builds for eager attention."""
+    adapter_hooks: ClassVar[tuple[str, str] | None] = None
+    """Modules of a layer (dotted paths from it, negative indices count from the end) whose
+    outputs get the attention and the MLP bottleneck adapter, in every layer stack; None: the
+    layer's attention and MLP blocks, found by their usual names."""
 
     # -- config.json -------------------------------------------------------------------------
     def read_config(self, config: Config) -> dict[str, Any]:

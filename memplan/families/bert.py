@@ -62,6 +62,9 @@ class Bert(ModelFamily):
     layout_type = BertLayout
     lora_roles = ("q", "v")  # query, value
     causal = False
+    # BertSelfOutput and BertOutput: dense -> dropout -> LayerNorm(x + input); an adapter
+    # adapts the dropout's output before the residual sum.
+    adapter_hooks = ("attention.output.dropout", "output.dropout")
 
     def layout(self, spec: ModelSpec) -> BertLayout:
         assert isinstance(spec.layout, BertLayout)

@@ -71,10 +71,12 @@ class Adapter(TuningMethod):
         return residual_add(seg, x, out, f"{label}.residual")
 
     def apply(self, built: Any, spec: ModelSpec, setup: TrainingSetup) -> Any:
+        from memplan.families import family
         from memplan.torchsim.adapters import add_bottleneck_adapters
 
         built.model.requires_grad_(False)
-        add_bottleneck_adapters(built.model, spec.hidden_size, setup, built.notes)
+        hooks = family(spec.family).adapter_hooks
+        add_bottleneck_adapters(built.model, spec.hidden_size, setup, built.notes, hooks)
         return built.model
 
     def assumptions(self, spec: ModelSpec, setup: TrainingSetup) -> list[str]:
