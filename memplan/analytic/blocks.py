@@ -384,37 +384,48 @@ def _math_sdpa(
     kv_broadcast: bool = False,
 ) -> Tensor:
     """_scaled_dot_product_attention_math (the CPU path with dropout, or key/value heads to
-    broadcast): 16-bit inputs are upcast to fp32; q and k are scaled by sqrt(scale) into
-    copies kept for backward with v; softmax, dropout and the product run in fp32; the output
-    is cast back. An additive mask is added to the scores in place; key/value heads broadcast
-    to several query heads are expanded by at::matmul (a copy unless the batch is one
-    sequence).
+    broadcast): 16-bit inputs are upcast to fp32 (locals until it returns); q is scaled by
+    sqrt(scale) into a local (``query``), the transposed key into a temporary; softmax, dropout
+    and the product run in fp32; the output is cast back, and so are the attention weights
+    (returned with it, then dropped by scaled_dot_product_attention). at::matmul folds batch
+    and heads with reshape, which copies an operand strided by a transposed view when the
+    batch is more than one sequence (the bmm then saves the copy). An additive mask is added
+    to the scores in place; key/value heads broadcast to several query heads are expanded by
+    at::matmul (a copy unless the batch is one sequence).
     """
     out_dtype = q.dtype
     views = [q, k, v]
+    strided = [t.base is not None and ctx.batched for t in views]
     upcast = [
         cast(seg, t, DType.FP32, f"{label}.{n}_float") for t, n in ((q, "q"), (k, "k"), (v, "v"))
     ]
     q, k, v = upcast
-
     q = seg.op(f"{label}.q_scaled", [q], q.numel, DType.FP32)
-    k = seg.op(f"{label}.k_scaled", [k], k.numel, DType.FP32)
-    upcast += [q, k]
+    k_scaled = k = seg.op(f"{label}.k_scaled", [k], k.numel, DType.FP32)
+    upcast.append(q)
     full_kv = q.numel // ctx.seq_len * kv_len
     expand = kv_broadcast and num_kv_heads != num_heads and ctx.batched
     if expand:
         k = seg.op(f"{label}.k_expand", [k], full_kv, DType.FP32)
+    elif strided[1]:
+        k = seg.op(f"{label}.k_contiguous", [k], k.numel, DType.FP32, passthrough_grad=True)
+    if strided[0]:
+        q = seg.op(f"{label}.q_contiguous", [q], q.numel, DType.FP32, passthrough_grad=True)
     scores_numel = ctx.batch * num_heads * ctx.seq_len * kv_len
     scores = seg.op(f"{label}.qk", [q, k], scores_numel, DType.FP32, saves=_bmm_saves(q, k))
+    seg.hold(k_scaled, label=f"{label}.k_scaled.end")  # a temporary of the matmul's expression
     probs = seg.op(f"{label}.softmax", [scores], scores_numel, DType.FP32, saves_output=True)
     probs = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
+    weights = cast(seg, probs, out_dtype, f"{label}.weights_cast")
     if expand:
         v = seg.op(f"{label}.v_expand", [v], full_kv, DType.FP32)
+    elif strided[2]:
+        v = seg.op(f"{label}.v_contiguous", [v], v.numel, DType.FP32, passthrough_grad=True)
     out = seg.op(f"{label}.pv", [probs, v], q.numel, DType.FP32, saves=_bmm_saves(probs, v))
     out = cast(seg, out, out_dtype, f"{label}.output_cast")
     # C++ locals live until the function returns, and the caller's q/k/v views until it does.
     held = [float_mask] if float_mask else []
-    seg.hold(*upcast, *views, *held, label=f"{label}.locals")
+    seg.hold(*upcast, weights, *views, *held, label=f"{label}.locals")
     return out
 
 
@@ -509,6 +520,7 @@ def layer_norm(
         x_in.dtype,
         saves=[x_in, mean, rstd],
         param_grads=grads,
+        saves_kernel_outputs=True,  # mean and rstd are native_layer_norm's outputs
     )
 
 

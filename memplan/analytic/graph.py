@@ -71,6 +71,9 @@ class Op:
     # Autograd also saves a parameter (resident, no memory of its own): a frozen linear's
     # weight kept for its input's gradient. It counts for checkpointing's early stop.
     saves_params: bool = False
+    # The kernel also returns tensors recorded as ops of their own before it (native_layer_norm's
+    # mean and rstd), saved as its outputs: packed after the kernel ran.
+    saves_kernel_outputs: bool = False
 
 
 @dataclass
@@ -127,9 +130,11 @@ class Segment:
         bwd_workspace_bytes: int = 0,
         category: Category | None = None,
         saves_params: bool = False,
+        saves_kernel_outputs: bool = False,
     ) -> Tensor:
         """Record an op. ``saves`` is what autograd keeps when the output requires grad;
-        ``saves_params``: it also keeps a parameter."""
+        ``saves_params``: it also keeps a parameter; ``saves_kernel_outputs``: some of the saved
+        tensors are other outputs of its kernel."""
         ins = tuple(inputs)
         grads = tuple(g for g in param_grads if g.grad_bytes)
         if requires_grad is None:
@@ -156,6 +161,7 @@ class Segment:
                 fwd_workspace_bytes,
                 bwd_workspace_bytes,
                 saves_params and requires_grad,
+                saves_kernel_outputs and requires_grad,
             )
         )
         return out
@@ -206,7 +212,7 @@ def recompute_stop(segment: Segment) -> tuple[int, bool]:
     for index in reversed(range(len(segment.ops))):
         op = segment.ops[index]
         if op.saved or op.saves_params:
-            return index, any(t is op.output for t in op.saved)
+            return index, op.saves_kernel_outputs or any(t is op.output for t in op.saved)
     return -1, False
 
 

@@ -51,7 +51,47 @@ def self_attention(
     kv_broadcast: bool = False,
     mask: bool = False,
 ) -> Tensor:
-    """Prefix keys/values, autocast's casts, attention over the sequence, output projection.
+    """:func:`attention_context` and the output projection ``out``."""
+    attn = attention_context(
+        seg,
+        ctx,
+        spec,
+        qkv,
+        heads=heads,
+        kv_heads=kv_heads,
+        label=label,
+        dropout_p=dropout_p,
+        softmax_fp32=softmax_fp32,
+        eager_only=eager_only,
+        softcap=softcap,
+        head_major_q=head_major_q,
+        mask_dtype=mask_dtype,
+        kv_broadcast=kv_broadcast,
+        mask=mask,
+    )
+    return linear(seg, ctx, attn, out)
+
+
+def attention_context(
+    seg: Segment,
+    ctx: StepContext,
+    spec: ModelSpec,
+    qkv: tuple[Tensor, Tensor, Tensor],
+    *,
+    heads: int,
+    kv_heads: int,
+    label: str,
+    dropout_p: float,
+    softmax_fp32: bool = True,
+    eager_only: bool = False,
+    softcap: bool = False,
+    head_major_q: bool = False,
+    mask_dtype: DType | None = None,
+    kv_broadcast: bool = False,
+    mask: bool = False,
+) -> Tensor:
+    """Prefix keys/values, autocast's casts and attention over the sequence: the context the
+    output projection reads.
 
     Under AMP scaled_dot_product_attention is on autocast's lower-precision list, so q, k and v
     (fp32 after a rotary product with fp32 tables) are cast to the compute dtype first.
@@ -69,7 +109,7 @@ def self_attention(
         kv_heads = heads
     if ctx.amp:
         q, k, v = (cast(seg, t, ctx.compute_dtype, f"{t.label}.autocast") for t in (q, k, v))
-    attn = attention_core(
+    return attention_core(
         seg,
         ctx,
         q,
@@ -88,7 +128,6 @@ def self_attention(
         mask=masked,
         head_major_q=head_major_q,
     )
-    return linear(seg, ctx, attn, out)
 
 
 @dataclass

@@ -295,10 +295,25 @@ class Bert(ModelFamily):
 
 
 def _bert_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -> LayerGraph:
-    """BertLayer: post-LayerNorm self-attention and MLP with dropout after each branch."""
-    from memplan.analytic.blocks import LinearSpec, dropout, layer_norm, residual_add
+    """BertLayer: post-LayerNorm self-attention and MLP with dropout after each branch.
+
+    Python locals keep tensors past their last use: BertSelfAttention's query/key/value
+    layers until it returns, BertAttention's context until BertSelfOutput returns, each
+    output module's branch (``hidden_states``) until its LayerNorm returns; the attention
+    output, feed_forward_chunk's ``intermediate_output`` and, under eager attention, the
+    attention weights (BertLayer's ``_``) until the layer returns.
+    """
+    from memplan.analytic.blocks import (
+        LinearSpec,
+        activation,
+        dropout,
+        layer_norm,
+        linear,
+        residual_add,
+    )
     from memplan.analytic.graph import Segment
-    from memplan.analytic.layers import LayerGraph, plain_mlp, qkv_projections, self_attention
+    from memplan.analytic.layers import LayerGraph, attention_context, qkv_projections
+    from memplan.specs.training import Attention
 
     seg = Segment("layer")
     tp = ctx.tensor_parallel_degree
@@ -307,27 +322,44 @@ def _bert_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
     x = seg.input(n * h, ctx.activation_dtype, "layer.input", requires_grad=input_requires_grad)
     names = ("attention.self.query", "attention.self.key", "attention.self.value")
     q, k, v = qkv_projections(seg, ctx, spec, x, names=names)
-    o = self_attention(
+    # .view(..., heads, head_dim).transpose(1, 2): (batch, heads, seq, head_dim) views.
+    q, k, v = (
+        seg.op(f"{t.label}.heads", [t], t.numel, t.dtype, view_of=t, passthrough_grad=True)
+        for t in (q, k, v)
+    )
+    context = attention_context(
         seg,
         ctx,
         spec,
         (q, k, v),
-        LinearSpec("attention.output.dense", heads * spec.head_dim, h, "o", bias=True),
         heads=heads,
         kv_heads=heads,
         label="attention",
         dropout_p=spec.attention_dropout,
         softmax_fp32=False,
     )
-    o = dropout(seg, ctx, o, spec.hidden_dropout, "attention.output.dropout")
+    seg.hold(q, k, v, label="attention.self.locals")
+    # eager_attention_forward returns the dropped-out probabilities (the product's left
+    # operand) as the attention weights; SDPA returns none.
+    pv = next(op for op in reversed(seg.ops) if op.name == "attention.pv")
+    weights = pv.inputs[0] if ctx.attention is Attention.EAGER else None
+    dense = LinearSpec("attention.output.dense", heads * spec.head_dim, h, "o", bias=True)
+    o = dropout(
+        seg, ctx, linear(seg, ctx, context, dense), spec.hidden_dropout, "attention.output.dropout"
+    )
     o = ctx.method.branch_output(seg, ctx, o, "adapter_attn")
     h1 = layer_norm(
         seg, ctx, residual_add(seg, o, x, "attention.residual"), "attention.output.LayerNorm", h
     )
-    m = plain_mlp(seg, ctx, spec, h1, ("intermediate.dense", "output.dense"))
-    m = dropout(seg, ctx, m, spec.hidden_dropout, "output.dropout")
+    seg.hold(context, o, label="attention.locals")
+    i = spec.intermediate_size // tp
+    up = LinearSpec("intermediate.dense", h, i, "up", bias=True)
+    inter = activation(seg, linear(seg, ctx, h1, up), spec.hidden_act, "mlp.act")
+    down = LinearSpec("output.dense", i, h, "down", bias=True)
+    m = dropout(seg, ctx, linear(seg, ctx, inter, down), spec.hidden_dropout, "output.dropout")
     m = ctx.method.branch_output(seg, ctx, m, "adapter_mlp")
     out = layer_norm(seg, ctx, residual_add(seg, m, h1, "output.residual"), "output.LayerNorm", h)
+    seg.hold(m, inter, h1, *([weights] if weights is not None else []), label="layer.locals")
     return LayerGraph(seg, x, out, ())
 
 
