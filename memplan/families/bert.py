@@ -344,10 +344,11 @@ def _bert_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
     pv = next(op for op in reversed(seg.ops) if op.name == "attention.pv")
     weights = pv.inputs[0] if ctx.attention is Attention.EAGER else None
     dense = LinearSpec("attention.output.dense", heads * spec.head_dim, h, "o", bias=True)
-    o = dropout(
-        seg, ctx, linear(seg, ctx, context, dense), spec.hidden_dropout, "attention.output.dropout"
-    )
+    d = linear(seg, ctx, context, dense)
+    o = dropout(seg, ctx, d, spec.hidden_dropout, "attention.output.dropout")
+    # The dense output stays bound while the dropout module's forward hooks run.
     o = ctx.method.branch_output(seg, ctx, o, "adapter_attn")
+    seg.hold(d, label="attention.output.dense.end")
     h1 = layer_norm(
         seg, ctx, residual_add(seg, o, x, "attention.residual"), "attention.output.LayerNorm", h
     )
@@ -356,8 +357,10 @@ def _bert_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
     up = LinearSpec("intermediate.dense", h, i, "up", bias=True)
     inter = activation(seg, linear(seg, ctx, h1, up), spec.hidden_act, "mlp.act")
     down = LinearSpec("output.dense", i, h, "down", bias=True)
-    m = dropout(seg, ctx, linear(seg, ctx, inter, down), spec.hidden_dropout, "output.dropout")
+    d = linear(seg, ctx, inter, down)
+    m = dropout(seg, ctx, d, spec.hidden_dropout, "output.dropout")
     m = ctx.method.branch_output(seg, ctx, m, "adapter_mlp")
+    seg.hold(d, label="output.dense.end")
     out = layer_norm(seg, ctx, residual_add(seg, m, h1, "output.residual"), "output.LayerNorm", h)
     seg.hold(m, inter, h1, *([weights] if weights is not None else []), label="layer.locals")
     return LayerGraph(seg, x, out, ())

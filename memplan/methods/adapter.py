@@ -68,7 +68,9 @@ class Adapter(TuningMethod):
         )
         u = seg.op(f"{label}.up", [a], x.numel, ctx.adapter_dtype, saves=[a], param_grads=[up_grad])
         out = cast(seg, u, x.dtype, f"{label}.output_cast")
-        return residual_add(seg, x, out, f"{label}.residual")
+        y = residual_add(seg, x, out, f"{label}.residual")
+        seg.hold(u, label=f"{label}.locals")  # the up projection's output is a local of forward
+        return y
 
     def apply(self, built: Any, spec: ModelSpec, setup: TrainingSetup) -> Any:
         from memplan.families import family
