@@ -93,6 +93,8 @@ class Segment:
     # Tensors a KV cache holds (peft's prefix DynamicCache) until the model's output is
     # dropped after the loss: kept past their last use and released by the composer.
     cache_held: list[Tensor] = field(default_factory=list)
+    # The batch's labels when the segment reads them as they are (a view, not a shifted copy).
+    batch_labels: Tensor | None = None
 
     def saved_storage_ids(self) -> frozenset[int]:
         """ids of the storages any op of the segment saves for backward (cached)."""
@@ -342,6 +344,7 @@ def backward_events(
     output_grads: dict[int, GradBytes],
     accumulate: bool = False,
     recompute: tuple[int, list[Event]] | None = None,
+    held_output_grads: bool = False,
 ) -> tuple[list[Event], dict[int, GradBytes]]:
     """Events of the segment's backward, given the gradients of its outputs.
 
@@ -352,6 +355,8 @@ def backward_events(
     computed into a temporary and added into the existing ``.grad``. ``recompute``: a
     checkpoint's recomputation (op index, events), run when backward first unpacks a saved
     tensor, at that op; the ops after it have run their backward by then.
+    ``held_output_grads``: the caller holds the output gradients past their use (the seed
+    torch.autograd.backward makes), so they are not freed here.
     """
     ledger = _Ledger(phase, step)
     category = segment.temp_category
@@ -375,6 +380,7 @@ def backward_events(
 
     for tensor_id, (nbytes, cat) in output_grads.items():
         grad_of[tensor_id] = new_buffer(nbytes, cat, allocate=False)
+        buffers[grad_of[tensor_id]].refs += held_output_grads
 
     save_refs: dict[int, int] = {}
     storages: dict[int, Tensor] = {}

@@ -138,6 +138,7 @@ def cross_entropy(
         loss_in = cast(seg, logits, DType.FP32, "logits.autocast") if ctx.amp else logits
         # labels.view(-1): a view of the batch's labels, allocated with the batch.
         labels = seg.input(n, DType.INT64, "labels", requires_grad=False, persistent=True)
+        seg.batch_labels = labels
     logp = seg.op("log_softmax", [loss_in], loss_in.numel, loss_in.dtype, saves_output=True)
     # nll_loss returns the loss and the total weight (saved).
     weight = seg.op("nll_loss.total_weight", [], 1, DType.FP32, requires_grad=False)
