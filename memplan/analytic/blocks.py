@@ -303,7 +303,9 @@ def attention_core(
     kv_len = kv_len or s
     sdpa = ctx.attention is not Attention.EAGER and not eager_only
     float_mask = None
-    if sdpa and (mask or kv_len != s):
+    # A causal model's prefix keys need a mask (ctx.sdpa_mask); a bidirectional encoder without
+    # padding gets none (create_bidirectional_mask), whatever the keys' length.
+    if sdpa and mask:
         float_mask = seg.op(f"{label}.float_mask", [], b * s * kv_len, q.dtype, requires_grad=False)
     # CPU SDPA has no fused kernel with dropout and falls back to the math (eager-like) path.
     math_fallback = kv_broadcast or (dropout_p > 0 and ctx.device == "cpu")
@@ -426,7 +428,9 @@ def _math_sdpa(
     # C++ locals live until the function returns, and the caller's q/k/v views until it does.
     held = [float_mask] if float_mask else []
     seg.hold(*upcast, weights, *views, *held, label=f"{label}.locals")
-    return out
+    # The output is (batch, heads, seq, head_dim) in memory: sdpa_attention_forward's
+    # transpose(1, 2).contiguous() copies it.
+    return seg.op(f"{label}.transpose", [out], out.numel, out.dtype, passthrough_grad=True)
 
 
 def _eager_attention(

@@ -89,9 +89,11 @@ def attention_context(
     mask_dtype: DType | None = None,
     kv_broadcast: bool = False,
     mask: bool = False,
+    hold_qkv: bool = False,
 ) -> Tensor:
     """Prefix keys/values, autocast's casts and attention over the sequence: the context the
-    output projection reads.
+    output projection reads. ``hold_qkv``: the caller's locals keep q and the keys and values
+    (once a cache update replaced them) until the context is made.
 
     Under AMP scaled_dot_product_attention is on autocast's lower-precision list, so q, k and v
     (fp32 after a rotary product with fp32 tables) are cast to the compute dtype first.
@@ -107,9 +109,10 @@ def attention_context(
         k = repeat_kv(seg, k, heads // kv_heads, f"{label}.repeat_k")
         v = repeat_kv(seg, v, heads // kv_heads, f"{label}.repeat_v")
         kv_heads = heads
+    locals_ = (q, k, v)
     if ctx.amp:
         q, k, v = (cast(seg, t, ctx.compute_dtype, f"{t.label}.autocast") for t in (q, k, v))
-    return attention_core(
+    context = attention_core(
         seg,
         ctx,
         q,
@@ -128,6 +131,9 @@ def attention_context(
         mask=masked,
         head_major_q=head_major_q,
     )
+    if hold_qkv:
+        seg.hold(*locals_, label=f"{label}.qkv_locals")
+    return context
 
 
 @dataclass

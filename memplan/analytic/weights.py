@@ -81,12 +81,13 @@ class ModelState:
 
 def _quantized(tensor: ParamTensor, setup: TrainingSetup) -> bool:
     # replace_with_bnb_linear swaps every nn.Linear except the LM head (transformers keeps the
-    # output embedding in 16-bit: get_keys_to_not_convert). MoE routers and the 3-D expert
-    # tensors (copies > 1) are parameters of other modules: they stay in 16-bit
+    # output embedding in 16-bit: get_keys_to_not_convert), heads' linears (BERT's MLM
+    # transform, OPT's projections) included. MoE routers and the 3-D expert tensors
+    # (copies > 1) are parameters of other modules: they stay in 16-bit
     # (transformers integrations/bitsandbytes.py, quantizers/quantizer_bnb_4bit.py).
     return (
         setup.quant is not Quantization.NONE
-        and tensor.kind is ParamKind.LINEAR
+        and tensor.kind in (ParamKind.LINEAR, ParamKind.HEAD_LINEAR)
         and tensor.copies == 1
     )
 
@@ -117,7 +118,10 @@ def model_state(
             TensorGroup(added.label, share, added.dtype, added.count, shape=added.shape)
         )
         state.num_trainable_params += added.full_numel * added.count
-    if rotary := family(arch.spec.family).rotary_dim(arch.spec):
+    fam = family(arch.spec.family)
+    for name, numel, dtype in fam.buffers(arch.spec):
+        state.groups.append(TensorGroup(name, numel, dtype, 1, Category.FROZEN_WEIGHTS))
+    if rotary := fam.rotary_dim(arch.spec):
         # The rotary embedding module's inv_freq and original_inv_freq buffers (fp32).
         state.groups.append(
             TensorGroup("rotary_emb.inv_freq", rotary // 2, DType.FP32, 2, Category.FROZEN_WEIGHTS)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from memplan.analytic.layers import LayerGraph
     from memplan.analytic.model_graph import StackBuilder, Stacks
     from memplan.architecture import Block
+    from memplan.dtypes import DType
     from memplan.specs.model import ModelSpec
     from memplan.specs.training import Attention, LinearRole, TrainingSetup
 
@@ -85,6 +86,10 @@ class ModelFamily:
     def rotary_dim(self, spec: ModelSpec) -> int:
         """Dimensions per head with rotary embeddings (0: no rotary; sizes inv_freq buffers)."""
         return spec.head_dim if spec.position_embedding == "rope" else 0
+
+    def buffers(self, spec: ModelSpec) -> tuple[tuple[str, int, DType], ...]:
+        """Buffers the model registers besides the rotary tables: (name, elements, dtype)."""
+        return ()
 
     def sliding_window(self, spec: ModelSpec) -> int | None:
         """Span of sliding-window attention in tokens (None: every layer attends to all)."""

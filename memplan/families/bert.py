@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from memplan.analytic.graph import Segment, Tensor
     from memplan.analytic.layers import LayerGraph
     from memplan.architecture import Block, Params
+    from memplan.dtypes import DType
     from memplan.specs.model import ModelSpec
 
 # BERT classes (config.json 'architectures') -> (pooler, MLM head, extra linear head as
@@ -111,6 +112,17 @@ class Bert(ModelFamily):
 
     def hf_class(self, config: Config) -> str:
         return str((config.get("architectures") or ["BertForMaskedLM"])[0])
+
+    def buffers(self, spec: ModelSpec) -> tuple[tuple[str, int, DType], ...]:
+        """BertEmbeddings' position_ids (an arange) and token_type_ids (zeros), int64 rows of
+        max_position_embeddings."""
+        from memplan.dtypes import DType
+
+        rows = spec.max_position_embeddings
+        return (
+            ("embeddings.position_ids", rows, DType.INT64),
+            ("embeddings.token_type_ids", rows, DType.INT64),
+        )
 
     # -- parameters ---------------------------------------------------------------------------
     def blocks(self, spec: ModelSpec) -> tuple[Block, ...]:
@@ -251,9 +263,7 @@ class Bert(ModelFamily):
         if not BERT_HEADS[self.layout(spec).architecture][1]:
             return x
         h = spec.hidden_size
-        dense = LinearSpec(
-            "cls.predictions.transform.dense", h, h, None, bias=True, quantizable=False
-        )
+        dense = LinearSpec("cls.predictions.transform.dense", h, h, None, bias=True)
         t = linear(seg, ctx, x, dense)
         t = activation(seg, t, spec.hidden_act, "cls.predictions.transform.act")
         return layer_norm(seg, ctx, t, "cls.predictions.transform.LayerNorm", h)
@@ -298,10 +308,11 @@ def _bert_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
     """BertLayer: post-LayerNorm self-attention and MLP with dropout after each branch.
 
     Python locals keep tensors past their last use: BertSelfAttention's query/key/value
-    layers until it returns, BertAttention's context until BertSelfOutput returns, each
-    output module's branch (``hidden_states``) until its LayerNorm returns; the attention
-    output, feed_forward_chunk's ``intermediate_output`` and, under eager attention, the
-    attention weights (BertLayer's ``_``) until the layer returns.
+    layers (the keys and values a cache update returned) until it returns, BertAttention's
+    context until BertSelfOutput returns, each output module's branch (``hidden_states``)
+    until its LayerNorm returns; the attention output, feed_forward_chunk's
+    ``intermediate_output`` and, under eager attention, the attention weights (BertLayer's
+    ``_``) until the layer returns.
     """
     from memplan.analytic.blocks import (
         LinearSpec,
@@ -337,12 +348,13 @@ def _bert_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
         label="attention",
         dropout_p=spec.attention_dropout,
         softmax_fp32=False,
+        hold_qkv=True,  # BertSelfAttention's query/key/value layers
     )
-    seg.hold(q, k, v, label="attention.self.locals")
     # eager_attention_forward returns the dropped-out probabilities (the product's left
     # operand) as the attention weights; SDPA returns none.
-    pv = next(op for op in reversed(seg.ops) if op.name == "attention.pv")
-    weights = pv.inputs[0] if ctx.attention is Attention.EAGER else None
+    weights = None
+    if ctx.attention is Attention.EAGER:
+        weights = next(op for op in reversed(seg.ops) if op.name == "attention.pv").inputs[0]
     dense = LinearSpec("attention.output.dense", heads * spec.head_dim, h, "o", bias=True)
     d = linear(seg, ctx, context, dense)
     o = dropout(seg, ctx, d, spec.hidden_dropout, "attention.output.dropout")
