@@ -118,6 +118,13 @@ def model_state(
             TensorGroup(added.label, share, added.dtype, added.count, shape=added.shape)
         )
         state.num_trainable_params += added.full_numel * added.count
+    quantized = any(_quantized(t, setup) for block in arch.blocks for t in block.params)
+    if quantized and setup.double_quant:
+        # Double quantization's 8-bit code book, made once on the device and shared by every
+        # weight (bitsandbytes' module-level name2qmap["dynamic"], 256 fp32 values).
+        state.groups.append(
+            TensorGroup("quant_state.dynamic_code", 256, DType.FP32, 1, Category.QUANT_STATE)
+        )
     fam = family(arch.spec.family)
     for name, numel, dtype in fam.buffers(arch.spec):
         state.groups.append(TensorGroup(name, numel, dtype, 1, Category.FROZEN_WEIGHTS))
