@@ -83,20 +83,35 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
         # torch.autocast casts the activation per op (never cached) and the fp32 weight once
         # (cached for leaf weights that require grad, until autocast exits).
         xin = cast(seg, x, ctx.compute_dtype, f"{spec.label}.input_cast")
+        # The bias is cast first, the same way (addmm's operand); its gradient, a sum over rows
+        # in the compute dtype, is cast back into the fp32 .grad after the weight's.
+        bc = None
+        if spec.bias:
+            bc = seg.op(
+                f"{spec.label}.bias_cast",
+                [],
+                spec.out_features * spec.copies,
+                ctx.compute_dtype,
+                requires_grad=bias_trainable,
+                param_grads=grads[1:],
+            )
+            if bias_trainable:
+                seg.autocast_cached.append(bc)
         # The cast's backward turns the compute-dtype weight gradient into the fp32 .grad.
         wc = seg.op(
             f"{spec.label}.weight_cast",
             [],
             numel_w,
             ctx.compute_dtype,
-            requires_grad=trainable or bias_trainable,
-            param_grads=grads,
+            requires_grad=trainable,
+            param_grads=grads[:1],
         )
         if trainable:
             seg.autocast_cached.append(wc)
+        operands = [xin, wc] + ([bc] if bc is not None else [])
         out = seg.op(
             spec.label,
-            [xin, wc],
+            operands,
             rows * spec.out_features,
             out_dtype,
             saves=[xin if trainable else None, wc if xin.requires_grad else None],

@@ -220,22 +220,31 @@ class Bert(ModelFamily):
         output_requires_grad: bool,
         stack: str = "model",
     ) -> Tensor:
-        """BertEmbeddings: word + token-type + position lookups, LayerNorm, dropout."""
+        """BertEmbeddings: word + token-type + position lookups, LayerNorm, dropout.
+
+        The token-type ids are the registered buffer gathered at the positions (one int64 row,
+        expanded over the batch), saved by the lookup when its table trains; the position ids
+        are a view of their buffer. The lookups and the LayerNorm's output are locals until
+        BertEmbeddings returns.
+        """
         from memplan.analytic.blocks import dropout, layer_norm, residual_add
         from memplan.analytic.head import table_grad, token_embedding
+        from memplan.dtypes import DType
 
         h, trainable = spec.hidden_size, ctx.trains_embedding
-        x = token_embedding(spec, ctx, seg, output_requires_grad=output_requires_grad)
+        words = token_embedding(spec, ctx, seg, output_requires_grad=output_requires_grad)
         type_rows = self.layout(spec).type_vocab_size
+        type_ids = seg.op("token_type_ids", [], ctx.seq_len, DType.INT64, requires_grad=False)
         types = seg.op(
             "token_type_embeddings",
-            [],
+            [type_ids],
             ctx.num_tokens * h,
             ctx.weight_dtype,
+            saves=[type_ids],
             param_grads=[table_grad(ctx, "token_type", type_rows * h, trainable=trainable)],
             requires_grad=trainable,
         )
-        x = residual_add(seg, x, types, "add_token_types")
+        x = residual_add(seg, words, types, "add_token_types")
         pos = seg.op(
             "position_embeddings",
             [],
@@ -247,9 +256,10 @@ class Bert(ModelFamily):
             requires_grad=trainable,
         )
         x = residual_add(seg, x, pos, "add_positions")
-        x = layer_norm(seg, ctx, x, "LayerNorm", h)
+        normed = layer_norm(seg, ctx, x, "LayerNorm", h)
         seg.model_locals.clear()  # BertEmbeddings' locals end with it
-        x = dropout(seg, ctx, x, spec.hidden_dropout, "embed_dropout")
+        x = dropout(seg, ctx, normed, spec.hidden_dropout, "embed_dropout")
+        seg.hold(words, type_ids, types, pos, normed, label="embeddings.locals")
         seg.model_locals.append(x)  # BertModel's `embedding_output`
         return x
 
@@ -311,8 +321,8 @@ def _bert_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
     layers (the keys and values a cache update returned) until it returns, BertAttention's
     context until BertSelfOutput returns, each output module's branch (``hidden_states``)
     until its LayerNorm returns; the attention output, feed_forward_chunk's
-    ``intermediate_output`` and, under eager attention, the attention weights (BertLayer's
-    ``_``) until the layer returns.
+    ``intermediate_output``, under eager attention the attention weights (BertLayer's ``_``),
+    and the encoder loop's ``hidden_states`` (the layer's input) until the layer returns.
     """
     from memplan.analytic.blocks import (
         LinearSpec,
@@ -374,7 +384,8 @@ def _bert_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
     m = ctx.method.branch_output(seg, ctx, m, "adapter_mlp")
     seg.hold(d, label="output.dense.end")
     out = layer_norm(seg, ctx, residual_add(seg, m, h1, "output.residual"), "output.LayerNorm", h)
-    seg.hold(m, inter, h1, *([weights] if weights is not None else []), label="layer.locals")
+    held = [m, inter, h1, x] + ([weights] if weights is not None else [])
+    seg.hold(*held, label="layer.locals")
     return LayerGraph(seg, x, out, ())
 
 

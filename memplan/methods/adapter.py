@@ -69,7 +69,8 @@ class Adapter(TuningMethod):
         u = seg.op(f"{label}.up", [a], x.numel, ctx.adapter_dtype, saves=[a], param_grads=[up_grad])
         out = cast(seg, u, x.dtype, f"{label}.output_cast")
         y = residual_add(seg, x, out, f"{label}.residual")
-        seg.hold(u, label=f"{label}.locals")  # the up projection's output is a local of forward
+        # The cast input and the up projection's output are locals of the adapter's forward.
+        seg.hold(xa, u, label=f"{label}.locals")
         return y
 
     def apply(self, built: Any, spec: ModelSpec, setup: TrainingSetup) -> Any:
