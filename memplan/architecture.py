@@ -59,6 +59,8 @@ class ParamTensor:
     kind: ParamKind
     role: LinearRole | None = None
     copies: int = 1
+    # False: bitsandbytes leaves it a plain nn.Linear (a model's _keep_in_fp32_modules).
+    quantizable: bool = True
 
     @property
     def numel(self) -> int:

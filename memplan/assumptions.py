@@ -102,7 +102,11 @@ def _method_lines(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
             f"norms and the LM head stay {setup.precision.weight_dtype.value}; each linear is "
             "dequantized to a temporary in forward and again in backward"
         )
-    if setup.quant_matmul_saves_input:
+    if setup.library_versions:
+        from memplan.versions import assumption_lines
+
+        lines += assumption_lines(setup.library_versions)
+    elif setup.quant_matmul_saves_input:
         lines.append("4-bit matmuls keep their input for backward (bitsandbytes before 0.43.2)")
     if not setup.logits_fp32:
         lines.append("cross-entropy on logits in the compute dtype (no fp32 upcast)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -124,12 +125,31 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
         help="all-linear, attn, mlp, or a comma list of roles (q,v) or the model's module names "
         "(q_proj,v_proj)",
     )
+    g.add_argument(
+        "--adapter-dtype",
+        choices=["fp32", "bf16", "fp16"],
+        help="dtype of LoRA/adapter weights (default fp32, as peft autocasts them)",
+    )
     g.add_argument("--adapter-size", type=int, help="bottleneck width of adapters (default 64)")
     g.add_argument("--prefix-len", type=int, help="virtual tokens of prefix tuning (default 30)")
     g.add_argument(
         "--device",
         choices=["cuda", "cpu"],
         help="kernels the step runs (default cuda; cpu: what a CPU step allocates)",
+    )
+    g.add_argument(
+        "--assume",
+        action="append",
+        metavar="LIBRARY=VERSION",
+        help="a library version the answer holds for where memory depends on it (repeatable; "
+        "e.g. bitsandbytes=0.42.0; default: current releases)",
+    )
+    g.add_argument(
+        "--model-set",
+        action="append",
+        metavar="FIELD=VALUE",
+        help="change a field of the model (repeatable; e.g. tie_word_embeddings=false, "
+        "num_decoder_layers=40); parameters are recounted",
     )
     q = p.add_argument_group("parallel layout")
     q.add_argument("--gpus", type=int, default=1, help="GPUs of the run (default 1)")
@@ -177,11 +197,44 @@ def setup_from_args(args: argparse.Namespace, spec: Any) -> Any:
         "lora_targets": (
             parse_targets(args.lora_targets, spec) if args.lora_targets is not None else None
         ),
+        "adapter_dtype": args.adapter_dtype,
         "adapter_size": args.adapter_size,
         "prefix_len": args.prefix_len,
         "device": args.device,
+        "library_versions": _assumed_versions(args.assume) if args.assume else None,
     }
     return TrainingSetup(**{k: v for k, v in fields.items() if v is not None})
+
+
+def model_from_args(args: argparse.Namespace, *, traced_only: bool = False) -> Any:
+    """The model the command names, with its ``--model-set`` changes."""
+    from memplan.catalog import load_model, with_overrides
+
+    return with_overrides(load_model(args.model, traced_only=traced_only), model_changes(args))
+
+
+def model_changes(args: argparse.Namespace) -> dict[str, object]:
+    """``--model-set FIELD=VALUE`` as fields (values read as JSON, else as strings)."""
+    overrides: dict[str, object] = {}
+    for item in getattr(args, "model_set", None) or ():
+        field, sep, text = item.partition("=")
+        if not sep or not field.strip():
+            raise MemplanError(f"--model-set {item!r}: expected FIELD=VALUE")
+        try:
+            value: object = json.loads(text)  # numbers, true/false, null
+        except ValueError:
+            value = text  # a bare word: a string field (hidden_act=gelu)
+        overrides[field.strip()] = value
+    return overrides
+
+
+def _assumed_versions(items: list[str]) -> dict[str, str]:
+    from memplan.versions import parse_assume
+
+    try:
+        return parse_assume(items)
+    except ValueError as exc:
+        raise MemplanError(f"--assume: {exc}") from None
 
 
 def parallel_from_args(args: argparse.Namespace) -> Any:
@@ -197,18 +250,26 @@ def parallel_from_args(args: argparse.Namespace) -> Any:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from memplan.catalog import load_model
     from memplan.plan import plan
 
-    spec = load_model(args.model)
+    spec = model_from_args(args)
     setup, parallel = setup_from_args(args, spec), parallel_from_args(args)
-    result = plan(spec, setup, parallel, gpu=args.gpu, safety=args.safety)
+    gpu: Any = args.gpu
+    if args.cuda_context is not None:
+        if not args.gpu:
+            raise MemplanError("--cuda-context needs --gpu: it is part of the device's memory")
+        from memplan.plan import resolve_gpu
+        from memplan.units import parse_capacity
+
+        context = parse_capacity(args.cuda_context)
+        gpu = resolve_gpu(args.gpu).model_copy(update={"context_bytes": context})
+    result = plan(spec, setup, parallel, gpu=gpu, safety=args.safety)
     fixes = []
     if result.verdict == "does not fit" and args.gpu:
         from memplan.plan import resolve_gpu
         from memplan.recommend import changes, cheapest_fixes
 
-        target = resolve_gpu(args.gpu)
+        target = gpu if not isinstance(gpu, str) else resolve_gpu(gpu)
         fixes = cheapest_fixes(changes(spec, setup, parallel, target, result))
     if args.json:
         payload = result.model_dump(mode="json")
@@ -276,7 +337,7 @@ def _save_figure(fig: Any, path: str) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from memplan.catalog import load_model
+    from memplan.catalog import load_model, with_overrides
     from memplan.compare import (
         DEFAULT_CAPACITY_GPUS,
         Case,
@@ -293,7 +354,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         raise MemplanError("compare: name a model (or --models a,b)")
     if not methods:
         raise MemplanError("compare: --methods is empty")
-    specs = [load_model(m) for m in dict.fromkeys(models)]
+    specs = [with_overrides(load_model(m), model_changes(args)) for m in dict.fromkeys(models)]
     parallel = parallel_from_args(args)
     cases = [
         Case(
@@ -425,10 +486,9 @@ def _cmd_gpus(args: argparse.Namespace) -> int:
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
-    from memplan.catalog import load_model
     from memplan.fit import fit
 
-    spec = load_model(args.model)
+    spec = model_from_args(args)
     # The picture is the batch x sequence table: --plot computes it, --table prints it.
     table = args.table or args.plot is not None
     result = fit(
@@ -457,11 +517,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_recommend(args: argparse.Namespace) -> int:
-    from memplan.catalog import load_model
     from memplan.recommend import recommend
     from memplan.throughput import parse_tokens
 
-    spec = load_model(args.model)
+    spec = model_from_args(args)
     tokens = parse_tokens(args.tokens) if args.tokens else None
     result = recommend(
         spec,
@@ -504,8 +563,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_json(), indent=2))
         return 0
-    from memplan.validate import print_report
+    from memplan.validate import print_commands, print_report
 
+    if args.commands:
+        print_commands(report)
+        return 0
     print_report(report, simulate=args.simulate)
     return 0
 
@@ -567,6 +629,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setup_flags(p)
     p.add_argument(
         "--gpu", help="hardware profile (memplan gpus) or a capacity such as 48GB / 24GiB"
+    )
+    p.add_argument(
+        "--cuda-context",
+        metavar="SIZE",
+        help="the device's CUDA context as measured there (e.g. 1.3GiB; default "
+        "512 MiB), outside the allocator",
     )
     p.add_argument(*_SAFETY_ARGS, **_SAFETY_KWARGS)
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -686,6 +754,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="also trace each single-GPU case on fake tensors (needs the torch and hf extras)",
     )
     v.add_argument(
+        "--commands",
+        action="store_true",
+        help="print each case as the memplan plan command that predicts it",
+    )
+    v.add_argument(
         "--references",
         help="folder holding cases/ and configs/ (default: memplan/references of this checkout)",
     )
@@ -695,7 +768,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from memplan.catalog import load_model
     from memplan.simulate import trace_and_compare
 
     if args.gpus != 1 or args.zero or args.fsdp or args.tp != 1 or args.offload != "none":
@@ -704,7 +776,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         )
     from memplan.progress import status
 
-    spec = load_model(args.model)
+    spec = model_from_args(args, traced_only=True)
     setup = setup_from_args(args, spec)
     with status(f"tracing {spec.name} ({setup.method}) on fake tensors"):
         comparison = trace_and_compare(spec, setup, mode="fake", gpu=args.gpu)
@@ -717,19 +789,20 @@ def _cmd_measure(args: argparse.Namespace) -> int:
         from memplan.measure.cuda import measure_cli
 
         return measure_cli(args)
-    from memplan.catalog import load_model
     from memplan.simulate import trace_and_compare
 
     if args.steps != 2:
         raise MemplanError("a CPU measurement traces two steps (creation and steady state)")
     from memplan.progress import status
 
-    spec = load_model(args.model)
+    spec = model_from_args(args)
     setup = setup_from_args(args, spec)
     with status(f"running {spec.name} ({setup.method}) on CPU tensors"):
         comparison = trace_and_compare(spec, setup, mode="cpu", gpu=args.gpu)
+    assert comparison.analytical is not None  # measure loads modeled families only
     if args.out:
         record = {
+            "model_reference": args.model,  # what `memplan verify` loads the model from
             "traced": comparison.traced.model_dump(mode="json"),
             "analytical": comparison.analytical.model_dump(mode="json"),
             "trace": comparison.trace.to_json(),
@@ -748,8 +821,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
     verifications, summary = verify_file(Path(args.results))
     worst = summary.max_abs_error.get("allocated", 0.0)
+    passed = worst <= args.tolerance
     if args.json:
         payload = {
+            "passed": passed,
+            "tolerance": args.tolerance,
             "runs": [
                 {
                     **v.model_dump(mode="json", exclude={"prediction"}),
@@ -764,6 +840,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         from memplan.report import print_verification
 
         print_verification(verifications, summary)
+        verdict = "PASS" if passed else "FAIL"
+        relation = "within" if passed else "beyond"
+        print(
+            f"{verdict}: the worst allocated-peak error, {worst:.1%}, is {relation} the "
+            f"tolerance of {args.tolerance:.1%}"
+        )
     if args.plot:
         from memplan.plot import scatter_figure
         from memplan.verify import verification_points
@@ -773,13 +855,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             raise MemplanError(f"{args.results}: no completed run to plot")
         title = f"{summary.device}: memplan against {summary.n_runs} measured runs"
         _save_figure(scatter_figure(points, title=title), args.plot)
-    return 1 if worst > args.tolerance else 0
+    return 0 if passed else 1
 
 
 def _print_traced(comparison: Any, args: argparse.Namespace) -> int:
     if args.json:
         payload = comparison.traced.model_dump(mode="json")
-        payload["analytical"] = comparison.analytical.model_dump(mode="json")
+        analytical = comparison.analytical
+        payload["analytical"] = None if analytical is None else analytical.model_dump(mode="json")
         payload["difference_bytes"] = comparison.differences_bytes()
         payload["wall_time_s"] = comparison.wall_time_s
         print(json.dumps(payload, indent=2))
@@ -815,6 +898,9 @@ EXIT_INTERNAL = 1
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; every failure ends in one line on stderr, never a traceback."""
     _tolerant_streams()
+    # bitsandbytes logs, on import, a CPU kernel package it would like: advice to its users,
+    # not ours to show (memplan runs its own NF4 layers on the CPU).
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

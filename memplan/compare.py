@@ -59,12 +59,25 @@ class ComparisonRow(BaseModel):
     result: PlanResult
 
 
+class NotApplicable(BaseModel):
+    """A configuration that cannot run (BitFit on a model without biases), and why."""
+
+    model_config = ConfigDict(frozen=True)
+
+    label: str
+    group: str = ""
+    reason: str = Field(description="The one-line refusal plan would give.")
+
+
 class Comparison(BaseModel):
     """Plans of several configurations judged against one GPU, as ``compare --json`` prints."""
 
     model_config = ConfigDict(frozen=True)
 
     rows: list[ComparisonRow]
+    not_applicable: list[NotApplicable] = Field(
+        default_factory=list, description="Configurations that cannot run, with the reason."
+    )
     gpu: str | None = Field(default=None, description="The device judged against.")
     gpu_capacity_bytes: int | None = Field(default=None, description="Its usable memory.")
 
@@ -84,20 +97,25 @@ def _target(gpu: str | GpuTarget | None) -> GpuTarget | None:
 def compare_cases(
     cases: Iterable[Case], *, gpu: str | GpuTarget | None = None, safety: float | None = None
 ) -> Comparison:
-    """Plan every case against ``gpu``."""
+    """Plan every case against ``gpu``; a case the method or model refuses becomes a
+    :class:`NotApplicable` with the reason instead of failing the whole comparison."""
     target = _target(gpu)
-    rows = [
-        ComparisonRow(
-            label=c.label,
-            group=c.group,
-            result=plan(c.model, c.setup, c.parallel, gpu=target, safety=safety),
-        )
-        for c in cases
-    ]
+    rows: list[ComparisonRow] = []
+    refused: list[NotApplicable] = []
+    for c in cases:
+        try:
+            result = plan(c.model, c.setup, c.parallel, gpu=target, safety=safety)
+        except MemplanError as exc:
+            refused.append(NotApplicable(label=c.label, group=c.group, reason=str(exc)))
+            continue
+        rows.append(ComparisonRow(label=c.label, group=c.group, result=result))
     if not rows:
+        if refused:
+            raise MemplanError(f"nothing to compare: {refused[0].reason}")
         raise MemplanError("nothing to compare: give at least one model and one method")
     return Comparison(
         rows=rows,
+        not_applicable=refused,
         gpu=target.name if target else None,
         gpu_capacity_bytes=target.capacity_bytes if target else None,
     )
@@ -518,18 +536,29 @@ def comparison_table(comparison: Comparison) -> Any:
     for row in comparison.rows:
         header = f"{row.group}\n{row.label}" if row.group else row.label
         table.add_column(header, justify="right", no_wrap=True)
+    # Configurations that cannot run: an "n/a" column each, the reason under the table.
+    missing = comparison.not_applicable
+    for index, item in enumerate(missing, start=1):
+        header = f"{item.group}\n{item.label}" if item.group else item.label
+        table.add_column(f"{header} [{index}]", justify="right", no_wrap=True)
+    na = ["n/a"] * len(missing)
     for key, label in _TABLE_ROWS.items():
         values = [_stack_value(r, key) for r in results]
         if any(values):
-            table.add_row(label, *(f"{gib(v):,.1f}" for v in values))
+            table.add_row(label, *(f"{gib(v):,.1f}" for v in values), *na)
     table.add_section()
-    table.add_row("device total", *(f"{gib(r.device_bytes):,.1f}" for r in results), style="bold")
+    totals = (f"{gib(r.device_bytes):,.1f}" for r in results)
+    table.add_row("device total", *totals, *na, style="bold")
     if comparison.gpu:
-        table.add_row("fits", *(_verdict(r) for r in results))
-        table.add_row("margin", *(f"{gib(r.margin_bytes or 0):+,.1f}" for r in results))
-    table.add_row("trainable %", *(f"{100 * r.trainable_params / r.params:.2f}" for r in results))
-    table.add_row("state B/param", *(f"{r.model_state_bytes_per_param:.2f}" for r in results))
-    table.add_row("peak in", *(r.peak_phase for r in results))
+        table.add_row("fits", *(_verdict(r) for r in results), *na)
+        table.add_row("margin", *(f"{gib(r.margin_bytes or 0):+,.1f}" for r in results), *na)
+    trainable = (f"{100 * r.trainable_params / r.params:.2f}" for r in results)
+    table.add_row("trainable %", *trainable, *na)
+    table.add_row("state B/param", *(f"{r.model_state_bytes_per_param:.2f}" for r in results), *na)
+    table.add_row("peak in", *(r.peak_phase for r in results), *na)
+    if missing:
+        table.caption = "\n".join(f"[{i}] {m.reason}" for i, m in enumerate(missing, start=1))
+        table.caption_justify = "left"
     return table
 
 

@@ -191,7 +191,7 @@ def comparison_table(traced: PlanResult, analytical: PlanResult) -> Table:
 def print_comparison(comparison: Any, console: Console | None = None) -> None:
     """A traced step: its verdict and breakdown, then the analytical prediction beside it."""
     traced: PlanResult = comparison.traced
-    analytical: PlanResult = comparison.analytical
+    analytical: PlanResult | None = comparison.analytical
     wall = getattr(comparison, "wall_time_s", 0.0)
     out = console or stdout_console()
     out.print(verdict(traced))
@@ -201,6 +201,10 @@ def print_comparison(comparison: Any, console: Console | None = None) -> None:
             f"(step {traced.peak_step}) at {traced.peak_event}"
         )
     )
+    if analytical is None:  # a traced-only model
+        out.print(Text(traced.assumptions[0], style="yellow"))
+        out.print(breakdown_table(traced))
+        return
     out.print(comparison_table(traced, analytical))
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from memplan.catalog import load_model
 from memplan.errors import MemplanError
+from memplan.families import family
 from memplan.plan import GpuTarget, PlanResult, plan, resolve_gpu, result_from_trace
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import ParallelSetup
@@ -26,19 +27,27 @@ class TracedComparison:
     """A traced step (simulated or CPU-measured) and the analytical plan of the same setup."""
 
     traced: PlanResult
-    analytical: PlanResult
+    analytical: PlanResult | None  # None: a traced-only model (no family describes it)
     trace: Trace
     wall_time_s: float
     notes: tuple[str, ...]
 
     def differences_bytes(self) -> dict[str, int]:
         """Analytical minus traced, per category at each one's peak, and for the peak."""
+        if self.analytical is None:
+            return {}
         diffs = {
             c.value: self.analytical.breakdown_bytes[c.value] - self.traced.breakdown_bytes[c.value]
             for c in ALLOCATED_CATEGORIES
         }
         diffs["peak"] = self.analytical.peak_bytes - self.traced.peak_bytes
         return diffs
+
+
+TRACED_ONLY_NOTE = (
+    "traced only: no memplan family describes model_type {model_type!r}, so this is the "
+    "transformers model's step as traced, with no analytical prediction beside it"
+)
 
 
 def _torch_modules() -> tuple[object, object]:
@@ -73,7 +82,14 @@ def trace_and_compare(
     paged = int(outside.get(placement.PAGED, 0))  # type: ignore[attr-defined]
     host = int(outside.get(placement.HOST, 0))  # type: ignore[attr-defined]
     parallel = ParallelSetup()
-    analytical = plan(spec, setup, parallel, gpu=target)
+    analytical: PlanResult | None = None
+    assumptions = list(result.notes)
+    if family(spec.family).traced_only:
+        model_type = spec.layout.config.get("model_type")  # type: ignore[attr-defined]
+        assumptions.insert(0, TRACED_ONLY_NOTE.format(model_type=model_type))
+    else:
+        analytical = plan(spec, setup, parallel, gpu=target)
+        assumptions = [*analytical.assumptions, *assumptions]
     traced = result_from_trace(
         spec,
         setup,
@@ -84,7 +100,7 @@ def trace_and_compare(
         paged_bytes=paged,
         cpu_bytes=host,
         target=target,
-        assumptions=[*analytical.assumptions, *result.notes],
+        assumptions=assumptions,
     )
     return TracedComparison(
         traced, analytical, result.trace, result.wall_time_s, tuple(result.notes)

@@ -21,6 +21,7 @@ The metric decides what is compared, like with like:
 from __future__ import annotations
 
 import json
+import shlex
 import statistics
 from collections.abc import Callable, Iterable
 from functools import cached_property
@@ -30,8 +31,7 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from memplan.accuracy import ErrorBand, relative_error
-from memplan.architecture import count_params
-from memplan.catalog import load_model
+from memplan.catalog import load_model, with_overrides
 from memplan.errors import MemplanError
 from memplan.hardware import load_profile
 from memplan.overheads import CUDA_CONTEXT_BYTES
@@ -155,11 +155,7 @@ def case_model(case: ReferenceCase, directory: Path | None = None) -> ModelSpec:
         spec = load_model((directory or REFERENCES_DIR) / name)
     else:
         spec = load_model(name)
-    overrides = case.memplan.model_overrides
-    if overrides:
-        spec = ModelSpec.model_validate({**spec.model_dump(), **overrides, "num_params": None})
-        spec = spec.model_copy(update={"num_params": count_params(spec)})
-    return spec
+    return with_overrides(spec, case.memplan.model_overrides or {})
 
 
 def case_gpu(case: ReferenceCase) -> GpuTarget | None:
@@ -202,10 +198,79 @@ class CaseResult(BaseModel):
         default="not run", description="'ok', 'not run', or why the simulator could not run."
     )
     explanation: str | None
+    command: str = Field(default="", description="The memplan plan command of this case.")
 
     @property
     def abs_error(self) -> float:
         return abs(self.error_fraction)
+
+
+# TrainingSetup / ParallelSetup fields and the plan flags that set them.
+_SETUP_FLAGS: Final = {
+    "method": "--method",
+    "precision": "--precision",
+    "quant": "--quant",
+    "optimizer": "--optimizer",
+    "optimizer_impl": "--optimizer-impl",
+    "micro_batch_size": "--batch",
+    "seq_len": "--seq",
+    "target_seq_len": "--target-seq",
+    "grad_accum_steps": "--grad-accum",
+    "grad_ckpt_every": "--grad-ckpt-every",
+    "attention": "--attn",
+    "lora_r": "--lora-r",
+    "lora_alpha": "--lora-alpha",
+    "lora_dropout": "--lora-dropout",
+    "adapter_dtype": "--adapter-dtype",
+    "adapter_size": "--adapter-size",
+    "prefix_len": "--prefix-len",
+    "device": "--device",
+}
+_SWITCHES: Final = {"grad_ckpt": "grad-ckpt", "double_quant": "double-quant"}
+
+
+def case_command(case: ReferenceCase, directory: Path | None = None) -> str:
+    """The ``memplan plan`` command line that predicts ``case`` (every knob a CLI flag)."""
+    mapping = case.memplan
+    model = mapping.model
+    if model.endswith(".json"):
+        path = (directory or REFERENCES_DIR) / model
+        try:
+            model = str(path.relative_to(Path.cwd()))
+        except ValueError:
+            model = str(path)
+    argv = ["memplan", "plan", model]
+    for field, value in (mapping.model_overrides or {}).items():
+        argv += ["--model-set", f"{field}={json.dumps(value)}"]
+    for field, value in mapping.setup.items():
+        if field in _SWITCHES:
+            argv.append(f"--{'' if value else 'no-'}{_SWITCHES[field]}")
+        elif field == "lora_targets":
+            argv += ["--lora-targets", ",".join(value)]
+        elif field == "library_versions":
+            argv += [item for k, v in value.items() for item in ("--assume", f"{k}={v}")]
+        elif field in _SETUP_FLAGS:
+            argv += [_SETUP_FLAGS[field], _flag_value(value)]
+        else:
+            raise MemplanError(f"{case.id}: setup field {field!r} has no plan flag")
+    parallel = ParallelSetup(**mapping.parallel)
+    if parallel.num_gpus != 1:
+        argv += ["--gpus", str(parallel.num_gpus)]
+    if parallel.sharding.value == "fsdp":
+        argv.append("--fsdp")
+    if parallel.zero_stage:
+        argv += ["--zero", str(parallel.zero_stage)]
+    if parallel.offload.value != "none":
+        argv += ["--offload", parallel.offload.value]
+    if mapping.gpu is not None:
+        argv += ["--gpu", mapping.gpu]
+        if mapping.cuda_context_bytes:
+            argv += ["--cuda-context", f"{mapping.cuda_context_bytes}B"]
+    return shlex.join(argv)
+
+
+def _flag_value(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def predict_case(case: ReferenceCase, directory: Path | None = None) -> PlanResult:
@@ -262,6 +327,7 @@ def evaluate_case(
         simulated_error_fraction=sim_error,
         simulated_status=status,
         explanation=case.explanation,
+        command=case_command(case, directory),
     )
 
 
@@ -407,6 +473,12 @@ def validate(
             on_row(index, len(cases), rows[-1])
     status = simulator_status() if simulate else "not run"
     return ValidationReport(rows=rows, simulator=status or "available")
+
+
+def print_commands(report: ValidationReport) -> None:
+    """Each case as the command line that predicts it (plain lines, for copying)."""
+    for row in report.rows:
+        print(f"{row.id}: {row.command}")
 
 
 def print_report(report: ValidationReport, *, simulate: bool = False) -> None:

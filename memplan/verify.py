@@ -227,7 +227,66 @@ def verification_points(verifications: list[RunVerification], source: str) -> li
     ]
 
 
+CPU_DEVICE = "cpu (every allocation tracked)"
+
+
+def is_traced_record(data: object) -> bool:
+    """A ``memplan measure --device cpu --out`` record: the traced step and its trace."""
+    return isinstance(data, dict) and {"traced", "trace"} <= data.keys()
+
+
+def verify_traced_record(data: dict[str, Any], where: str) -> RunVerification:
+    """A CPU-measured step against a fresh prediction of its setup, on the CPU's kernels.
+
+    A CPU step has no caching allocator and no NVML: the allocated peak, each phase's peak and
+    each category at the peak are what it measured.
+    """
+    try:
+        traced = PlanResult(**data["traced"])
+        setup = TrainingSetup(**{**traced.setup, "defaults_from_method": ()})
+        parallel = ParallelSetup(**traced.parallel)
+    except (ValidationError, TypeError) as exc:
+        raise MemplanError(f"{where}: not a memplan measured run or results file") from exc
+    reference = data.get("model_reference")
+    spec = load_model(reference if isinstance(reference, str) else traced.model)
+    result = plan(spec, setup, parallel)
+    checks = [
+        Check(
+            name="allocated peak",
+            measured_bytes=traced.peak_bytes,
+            predicted_bytes=result.peak_bytes,
+        )
+    ]
+    steady = max((int(k.split(":")[0]) for k in traced.phase_peaks_bytes), default=0)
+    for phase in (*_PHASES[:1], "loss", *_PHASES[1:]):
+        measured = traced.phase_peaks_bytes.get(f"{steady}:{phase}")
+        predicted = result.phase_peaks_bytes.get(f"{steady}:{phase}")
+        if measured is not None and predicted is not None:
+            checks.append(
+                Check(name=f"{phase} peak", measured_bytes=measured, predicted_bytes=predicted)
+            )
+    for category, measured in traced.breakdown_bytes.items():
+        predicted = result.breakdown_bytes.get(category, 0)
+        if measured or predicted:
+            checks.append(
+                Check(
+                    name=f"{category} at peak", measured_bytes=measured, predicted_bytes=predicted
+                )
+            )
+    return RunVerification(
+        label=f"{setup.method}, {traced.source}",
+        model=traced.model,
+        checks=checks,
+        prediction=result.model_dump(mode="json"),
+    )
+
+
 def verify_file(path: Path) -> tuple[list[RunVerification], Summary]:
+    data = read_json(path, what="run file")
+    if is_traced_record(data):
+        assert isinstance(data, dict)
+        verification = verify_traced_record(data, shown(path))
+        return [verification], summarize([verification], CPU_DEVICE)
     runs, baseline, device = load_runs(path)
     verifications = [verify_run(r, nvml_baseline_bytes=baseline) for r in runs]
     return verifications, summarize(verifications, device)

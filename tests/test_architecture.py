@@ -28,6 +28,8 @@ REPRESENTATIVE: dict[Family, str] = {
     "mistral": "mistral-7b",
     "mixtral": "mixtral-8x7b",
     "qwen2": "qwen2.5-0.5b",
+    "qwen3": "qwen3-0.6b",
+    "olmo2": "olmo-2-7b",
     "gemma2": "gemma-2-9b",
     "phi3": "phi-3-mini",
     "gpt2": "gpt2",
@@ -277,6 +279,10 @@ class TestAgainstTransformers:
         if family == "phi3":
             assert family not in mapping  # peft asks for target_modules; memplan assumes qkv_proj
             assert ours == {"qkv_proj"}
+            return
+        if family == "olmo2":
+            assert family not in mapping  # peft asks for target_modules; memplan takes Llama's
+            assert ours == set(mapping["llama"])
             return
         assert ours == set(mapping[family])
         if family == "t5":

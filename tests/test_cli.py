@@ -350,3 +350,36 @@ def test_every_flag_has_help_and_the_help_ends_with_two_examples(name: str) -> N
     examples = command.format_help().split("examples:\n")[1].strip().splitlines()
     assert len(examples) == 2
     assert all(e.strip().startswith(f"memplan {name}") for e in examples)
+
+
+def test_model_set_changes_the_model_and_recounts(run_cli: Any) -> None:
+    tied = run_cli("plan", "llama-3.2-1b", "--json").json()
+    untied = run_cli("plan", "llama-3.2-1b", "--model-set", "tie_word_embeddings=false", "--json")
+    assert untied.code == 0, untied.err
+    spec = load_model("llama-3.2-1b")
+    # An untied head is a second vocab x hidden matrix.
+    assert untied.json()["params"] - tied["params"] == spec.vocab_size * spec.hidden_size
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model-set", "family=gpt2"], "'family' is not a model field memplan can change"),
+        (["--model-set", "vocab_size=0"], "--model-set vocab_size=0:"),
+        (["--model-set", "novalue"], "expected FIELD=VALUE"),
+        (["--cuda-context", "1GiB"], "--cuda-context needs --gpu"),
+        (["--gpu", "a100-80gb", "--cuda-context", "lots"], "cannot read memory size 'lots'"),
+    ],
+)
+def test_model_and_context_flags_refuse_bad_values(
+    run_cli: Any, argv: list[str], message: str
+) -> None:
+    run = run_cli("plan", "llama-3.2-1b", *argv)
+    assert run.code == 2
+    assert run.err.count("\n") == 1
+    assert message in run.err
+
+
+def test_cuda_context_is_the_devices_own(run_cli: Any) -> None:
+    run = run_cli("plan", "llama-2-7b", "--gpu", "a100-80gb", "--cuda-context", "1GiB", "--json")
+    assert run.json()["cuda_context_bytes"] == 2**30

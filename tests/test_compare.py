@@ -384,3 +384,26 @@ def test_cli_fit_plot_draws_the_table_and_prints_as_before(
     assert with_plot.json()["table"] is None  # --plot alone does not print the table
     assert with_plot.json()["batch"] == plain.json()["batch"]
     assert out.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_method_that_cannot_run_is_an_na_column_not_a_failure(run_cli: Any) -> None:
+    run = run_cli("compare", "llama-2-7b", "--methods", "lora,bitfit,qlora", "--gpu", "a100-80gb")
+    assert run.code == 0, run.err
+    assert "bitfit [1]" in run.out
+    assert "[1] method=bitfit trains biases, and llama-2-7b has none" in run.out
+    data = run_cli("compare", "llama-2-7b", "--methods", "lora,bitfit", "--json").json()
+    assert [r["label"] for r in data["rows"]] == ["lora"]
+    assert data["not_applicable"] == [
+        {
+            "label": "bitfit",
+            "group": "",
+            "reason": "method=bitfit trains biases, and llama-2-7b has none",
+        }
+    ]
+
+
+def test_nothing_applicable_is_one_line(run_cli: Any) -> None:
+    run = run_cli("compare", "llama-2-7b", "--methods", "bitfit")
+    assert run.code == 2
+    assert run.err.count("\n") == 1
+    assert "nothing to compare: method=bitfit trains biases" in run.err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 from pathlib import Path
@@ -29,6 +30,9 @@ def _commands() -> list[str]:
 
 
 COMMANDS = _commands()
+WRITTEN = {
+    a for c in COMMANDS for o, a in itertools.pairwise(shlex.split(c)) if o in ("--out", "--plot")
+}
 
 
 def test_readme_has_the_two_quick_start_commands() -> None:
@@ -44,17 +48,30 @@ def test_every_subcommand_is_shown() -> None:
     assert "memplan verify run.json" in TEXT
 
 
+def _producer(path: str) -> str | None:
+    """The README command that writes ``path`` (``--out path``)."""
+    return next((c for c in COMMANDS if f"--out {path}" in c), None)
+
+
 @pytest.mark.parametrize("command", COMMANDS)
-def test_command_runs(command: str, run_cli: Any) -> None:
+def test_command_runs(command: str, run_cli: Any, tmp_path: Path) -> None:
     argv = shlex.split(command)[1:]
-    if argv[0] in NEEDS_TORCH:
-        pytest.importorskip("torch")
-        pytest.importorskip("transformers")
-        pytest.importorskip("peft")
-    result = run_cli(*argv)
-    assert result.code == 0, result.err
-    if "--json" in argv:
-        result.json()
+    steps = [argv]
+    # A command reading a file another README command writes runs after that one.
+    producer = _producer(argv[1]) if len(argv) > 1 else None
+    if producer is not None and producer != command:
+        steps.insert(0, shlex.split(producer)[1:])
+    for step in steps:
+        # Files the commands write (and read back) live in a temporary folder.
+        step = [str(tmp_path / a) if a in WRITTEN else a for a in step]
+        if step[0] in NEEDS_TORCH:
+            pytest.importorskip("torch")
+            pytest.importorskip("transformers")
+            pytest.importorskip("peft")
+        result = run_cli(*step)
+        assert result.code == 0, result.err
+        if "--json" in step:
+            result.json()
 
 
 def test_shown_plan_output_is_what_memplan_prints(run_cli: Any) -> None:

@@ -11,6 +11,7 @@ import json
 import shutil
 import statistics
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -152,3 +153,28 @@ def test_committed_error_bands_are_what_validate_computes(report: ValidationRepo
 
     assert error_bands(report.rows) == committed()
     assert set(committed()) >= {"all", "full", "lora", "qlora"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_every_case_is_a_command_line_a_user_can_type(case: Any, run_cli: Any) -> None:
+    """Every knob a case turns is a plan flag: its command line predicts what validate does."""
+    import shlex
+
+    from memplan.validate import case_command, predict_case
+
+    argv = shlex.split(case_command(case))
+    assert argv[:2] == ["memplan", "plan"]
+    run = run_cli(*argv[1:], "--json")
+    assert run.code == 0, run.err
+    expected = predict_case(case)
+    got = run.json()
+    for field in ("peak_bytes", "reserved_bytes", "device_bytes", "params", "trainable_params"):
+        assert got[field] == getattr(expected, field), field
+
+
+def test_cli_prints_each_case_as_its_command(run_cli: Any) -> None:
+    run = run_cli("validate", "--commands")
+    assert run.code == 0, run.err
+    lines = run.out.splitlines()
+    assert [line.split(": ", 1)[0] for line in lines] == [c.id for c in CASES]
+    assert all(": memplan plan " in line for line in lines)

@@ -213,10 +213,17 @@ def test_cli_exit_status_follows_the_tolerance(
     tmp_path: Path, run_cli: Any, lora_prediction: PlanResult
 ) -> None:
     path = write_results(tmp_path / "off.json", [run_like(lora_prediction, setup_of(), 1.1)])
-    assert run_cli("verify", str(path)).code == 1  # 9% off, default tolerance 5%
+    failed = run_cli("verify", str(path))
+    assert failed.code == 1  # 9% off, default tolerance 5%
+    assert failed.out.splitlines()[-1] == (
+        "FAIL: the worst allocated-peak error, 9.1%, is beyond the tolerance of 5.0%"
+    )
     passed = run_cli("verify", str(path), "--tolerance", "0.1")
     assert passed.code == 0
     assert "allocated peak" in passed.out
+    assert passed.out.splitlines()[-1].startswith("PASS: the worst allocated-peak error, 9.1%")
+    as_json = run_cli("verify", str(path), "--json")
+    assert (as_json.code, as_json.json()["passed"]) == (1, False)
 
 
 @pytest.mark.parametrize(

@@ -155,11 +155,20 @@ def grouped_linear(
 
 
 def rms_norm(
-    seg: Segment, ctx: StepContext, x: Tensor, label: str, size: int, *, gemma: bool = False
+    seg: Segment,
+    ctx: StepContext,
+    x: Tensor,
+    label: str,
+    size: int,
+    *,
+    gemma: bool = False,
+    fp32_product: bool = False,
 ) -> Tensor:
     """LlamaRMSNorm: upcast to fp32, x * rsqrt(mean(x^2) + eps), cast back, times weight.
 
-    Gemma2RMSNorm instead multiplies by (1 + weight) in fp32 and casts the product back.
+    Gemma2RMSNorm instead multiplies by (1 + weight) in fp32 and casts the product back;
+    ``fp32_product``: the weight multiplies the fp32 normalized tensor, and the product is
+    cast back (Olmo2RMSNorm's ``(weight * x).to(input_dtype)``).
     T5LayerNorm computes the same quantities as Llama's.
     """
     rows = x.numel // size
@@ -208,9 +217,10 @@ def rms_norm(
             bwd_workspace_bytes=normed.nbytes if trainable else 0,
         )
         return cast(seg, scaled, x.dtype, f"{label}.downcast")
-    normed = cast(seg, normed, x.dtype, f"{label}.downcast")
+    if not fp32_product:
+        normed = cast(seg, normed, x.dtype, f"{label}.downcast")
     out_dtype = promote(ctx.weight_dtype, normed.dtype)
-    return seg.op(
+    out = seg.op(
         label,
         [normed],
         normed.numel,
@@ -221,6 +231,7 @@ def rms_norm(
         bwd_workspace_bytes=normed.numel * dtype_bytes(out_dtype) if trainable else 0,
         saves_params=normed.requires_grad,  # mul keeps the weight for the input's gradient
     )
+    return cast(seg, out, x.dtype, f"{label}.downcast") if fp32_product else out
 
 
 def promote(a: DType, b: DType) -> DType:

@@ -12,7 +12,7 @@ every identical layer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from memplan.analytic.symbolic import Count
@@ -30,6 +30,8 @@ class Tensor:
     label: str
     base: Tensor | None = None  # views share their base's storage
     persistent: bool = False  # owned outside the segment (parameters, rotary tables)
+    # Its category unless a replay says otherwise (``categories`` of forward_events and
+    # backward_events: a boundary tensor's category depends on the neighbouring segments).
     category: Category = Category.TEMPORARIES
     storage: Tensor = field(init=False, repr=False)  # the tensor owning the memory
 
@@ -90,6 +92,9 @@ class Segment:
     # Tensors a caller's local variables keep until its forward returns (the model's
     # inputs_embeds): kept past their last use here and released by the composer.
     model_locals: list[Tensor] = field(default_factory=list)
+    # Tensors a layer makes for every layer of its stack (T5's first layer's position bias):
+    # kept past the layer and released by the composer when the stack no longer needs them.
+    stack_held: list[Tensor] = field(default_factory=list)
     # Tensors a KV cache holds (peft's prefix DynamicCache) until the model's output is
     # dropped after the loss: kept past their last use and released by the composer.
     cache_held: list[Tensor] = field(default_factory=list)
@@ -195,11 +200,19 @@ class ForwardResult:
     deferred: list[Tensor]  # storages kept until the end of the forward (autocast cache)
 
 
-def _category(segment: Segment, storage: Tensor, *, saved: bool) -> Category:
-    """A storage's category: saved temporaries of a segment count as its saved category."""
-    if saved and storage.category is segment.temp_category:
+Categories = Mapping[Tensor, Category]
+"""Categories of a replay's boundary tensors (others keep their own ``Tensor.category``)."""
+
+
+def _category(
+    segment: Segment, storage: Tensor, categories: Categories, *, saved: bool
+) -> Category:
+    """A storage's category in this replay: saved temporaries of a segment count as its saved
+    category."""
+    category = categories.get(storage, storage.category)
+    if saved and category is segment.temp_category:
         return segment.saved_category
-    return storage.category
+    return category
 
 
 def recompute_stop(segment: Segment) -> tuple[int, bool]:
@@ -227,16 +240,20 @@ def forward_events(
     keep: Iterable[Tensor] = (),
     defer: Iterable[Tensor] = (),
     early_stop: bool = False,
+    categories: Categories | None = None,
 ) -> ForwardResult:
     """Events of running ``segment`` forward.
 
     ``keep_saved``: autograd records the graph (training without checkpointing): saved
     tensors stay allocated, tagged with the segment's saved category. ``keep``: storages that
-    outlive the segment (its output). ``defer``: storages freed only when the whole forward
-    ends rather than after their last use (the autocast weight cache). ``early_stop``: a
-    checkpoint's recomputation, which stops after the last op that saves a tensor; the
-    unsaved tensors its locals still hold are then dropped.
+    outlive the segment (its output, an input the caller still holds). ``defer``: storages
+    freed only when the whole forward ends rather than after their last use (the autocast
+    weight cache). ``early_stop``: a checkpoint's recomputation, which stops after the last op
+    that saves a tensor; the unsaved tensors its locals still hold are then dropped.
+    ``categories``: the categories of boundary tensors in this replay. The segment is only
+    read: one replay never depends on another.
     """
+    cats: Categories = categories or {}
     ledger = _Ledger(phase, step)
     keep_ids = {id(t.storage) for t in keep}
     defer_ids = {id(t.storage) for t in defer}
@@ -262,7 +279,7 @@ def forward_events(
             live.update((id(t.storage), t.storage) for t in op.inputs)
             break
         if out.base is None:
-            category = out.category
+            category = cats.get(out, out.category)
             if category is temp and id(out) in saved:
                 category = saved_category
             ledger.alloc(out.numel * dtype_bytes(out.dtype), category, out.label)
@@ -284,12 +301,13 @@ def forward_events(
             if sid in defer_ids:
                 deferred[sid] = storage
                 continue
-            ledger.free(storage.numel * dtype_bytes(storage.dtype), storage.category, storage.label)
+            category = cats.get(storage, storage.category)
+            ledger.free(storage.numel * dtype_bytes(storage.dtype), category, storage.label)
     if stop < len(ops) - 1 or not stop_output:
         for sid, storage in live.items():
             if not (storage.persistent or sid in keep_ids or sid in saved):
                 label = f"{storage.label} (recompute stopped)"
-                ledger.free(storage.nbytes, storage.category, label)
+                ledger.free(storage.nbytes, cats.get(storage, storage.category), label)
     return ForwardResult(ledger.events, list(saved.values()), list(deferred.values()))
 
 
@@ -344,6 +362,8 @@ def backward_events(
     output_grads: dict[int, GradBytes],
     accumulate: bool = False,
     recompute: tuple[int, list[Event]] | None = None,
+    keep: Iterable[Tensor] = (),
+    categories: Categories | None = None,
     held_output_grads: bool = False,
 ) -> tuple[list[Event], dict[int, GradBytes]]:
     """Events of the segment's backward, given the gradients of its outputs.
@@ -354,11 +374,15 @@ def backward_events(
     ``accumulate`` (a later micro-batch of gradient accumulation) parameter gradients are
     computed into a temporary and added into the existing ``.grad``. ``recompute``: a
     checkpoint's recomputation (op index, events), run when backward first unpacks a saved
-    tensor, at that op; the ops after it have run their backward by then.
-    ``held_output_grads``: the caller holds the output gradients past their use (the seed
-    torch.autograd.backward makes), so they are not freed here.
+    tensor, at that op; the ops after it have run their backward by then. ``keep``: saved
+    storages the caller still holds past their last use (a checkpointed layer's input);
+    ``categories`` as in :func:`forward_events`. ``held_output_grads``: the caller holds the
+    output gradients past their use (the seed torch.autograd.backward makes), so they are
+    not freed here.
     """
     ledger = _Ledger(phase, step)
+    cats: Categories = categories or {}
+    keep_ids = {id(t.storage) for t in keep}
     category = segment.temp_category
     buffers: dict[int, _GradBuffer] = {}  # buffer id -> its bytes, references and category
     grad_of: dict[int, int] = {}  # tensor id -> buffer id
@@ -417,8 +441,13 @@ def backward_events(
                 )
             if g.tie == "first":
                 ledger.alloc(g.grad_bytes, category, f"{g.label} grad (tied, buffered)")
-            elif g.tie == "middle":  # added into the buffered gradient in place
-                ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
+            elif g.tie == "middle":
+                # InputBuffer adds this contribution to the buffered one out of place: the
+                # sum (a temporary) replaces the buffered gradient.
+                ledger.alloc(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
+                ledger.alloc(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad (tied sum)")
+                ledger.free(g.grad_bytes, g.buffered_in, f"{g.label} grad (tied, buffered)")
+                ledger.free(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
             elif g.tie == "last":  # the node's contribution; summed once the node is done
                 ledger.alloc(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
             elif accumulate or g.accumulates:  # AccumulateGrad adds into the existing .grad
@@ -430,9 +459,10 @@ def backward_events(
         for t in op.saved:
             sid = id(t.storage)
             save_refs[sid] -= 1
-            if save_refs[sid] == 0 and not t.storage.persistent:
+            if save_refs[sid] == 0 and not (t.storage.persistent or sid in keep_ids):
                 storage = storages[sid]
-                ledger.free(storage.nbytes, _category(segment, storage, saved=True), storage.label)
+                freed_as = _category(segment, storage, cats, saved=True)
+                ledger.free(storage.nbytes, freed_as, storage.label)
         release(out_buffer)
         for g in op.param_grads:
             if g.tie == "last":

@@ -44,19 +44,23 @@ def token_embedding(
     *,
     output_requires_grad: bool,
     tie: str | None = None,
+    buffered_in: Category | None = None,
 ) -> Tensor:
     """The token lookup (``inputs_embeds``), in the weight dtype (embeddings are not autocast).
 
     One AccumulateGrad serves every use of a shared table: a tied LM head computes its
     gradient first (``tie="last"`` here: the lookup's gradient is added to it), and its
-    contribution waits in the loss's category. ``inputs_embeds`` is a local of the model's
-    forward: it stays allocated until the forward returns.
+    contribution waits in the loss's category (``buffered_in``: where it waits when this
+    lookup's gradient arrives). ``inputs_embeds`` is a local of the model's forward: it stays
+    allocated until the forward returns.
     """
     trainable = ctx.trains_embedding
     n, h = ctx.num_tokens, spec.hidden_size
     if tie is None:
         tie = "last" if spec.tie_word_embeddings else ""
-    buffered = Category.LOGITS if spec.tie_word_embeddings else Category.TEMPORARIES
+    buffered = buffered_in or (
+        Category.LOGITS if spec.tie_word_embeddings else Category.TEMPORARIES
+    )
     grad = table_grad(
         ctx,
         "embed_tokens.weight",

@@ -147,13 +147,19 @@ class LayerGraph:
 
 
 def rope_tables(
-    spec: ModelSpec, ctx: StepContext, seg: Segment, rotary_dim: int = 0
+    spec: ModelSpec,
+    ctx: StepContext,
+    seg: Segment,
+    rotary_dim: int = 0,
+    *,
+    dtype: DType | None = None,
 ) -> tuple[Tensor, Tensor]:
     """cos and sin of LlamaRotaryEmbedding: (1, seq, rotary_dim or head_dim) in the activation
-    dtype."""
+    dtype (``dtype``: a rotary embedding that returns them in another, OLMo2's fp32)."""
     numel = ctx.seq_len * (rotary_dim or spec.head_dim)
-    cos = seg.input(numel, ctx.activation_dtype, "rope.cos", requires_grad=False, persistent=True)
-    sin = seg.input(numel, ctx.activation_dtype, "rope.sin", requires_grad=False, persistent=True)
+    dtype = dtype or ctx.activation_dtype
+    cos = seg.input(numel, dtype, "rope.cos", requires_grad=False, persistent=True)
+    sin = seg.input(numel, dtype, "rope.sin", requires_grad=False, persistent=True)
     return cos, sin
 
 
@@ -170,6 +176,9 @@ class RopeStyle:
     # Gemma2: norms in fp32 times (1 + weight), and norms after attention and after the MLP.
     gemma_norms: bool = False
     attn_softcap: bool = False  # Gemma2: attention scores soft-capped with tanh
+    # Qwen3: RMSNorms on each head of the queries and keys (over head_dim) before the rotary
+    # embedding.
+    head_qk_norm: bool = False
 
 
 def rope_decoder_layer(
@@ -191,6 +200,8 @@ def rope_decoder_layer(
 
     hn = rms_norm(seg, ctx, x, "input_layernorm", h, gemma=gemma)
     q, k, v = qkv_projections(seg, ctx, spec, hn, names=style.qkv)
+    if style.head_qk_norm:
+        q, k = qk_norms(seg, ctx, spec, q, k, per_head=True)
     q = rotary(seg, q, cos, sin, "q_rope", cat=style.rotary_cat)
     k = rotary(seg, k, cos, sin, "k_rope", cat=style.rotary_cat)
     o = self_attention(
@@ -226,6 +237,32 @@ def rope_decoder_layer(
     out = residual_add(seg, h1, m, "residual_mlp")
     seg.hold(x)  # the caller's `hidden_states` keeps the layer input until the layer returns
     return LayerGraph(seg, x, out, (cos, sin))
+
+
+def qk_norms(
+    seg: Segment,
+    ctx: StepContext,
+    spec: ModelSpec,
+    q: Tensor,
+    k: Tensor,
+    *,
+    per_head: bool,
+    fp32_product: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """self_attn.q_norm and k_norm: RMSNorms of the q and k projections' outputs.
+
+    ``per_head``: over the head_dim of the (batch, seq, heads, head_dim) views (Qwen3),
+    else over the whole projection width before the reshape (OLMo2). Each is rms_norm's op
+    sequence (``fp32_product``: OLMo2's weight product in fp32); its output replaces the
+    projection's, which is freed unless saved.
+    """
+    tp = ctx.tensor_parallel_degree
+    d = spec.head_dim
+    q_size = d if per_head else spec.num_attention_heads // tp * d
+    k_size = d if per_head else spec.num_key_value_heads // tp * d
+    q = rms_norm(seg, ctx, q, "self_attn.q_norm", q_size, fp32_product=fp32_product)
+    k = rms_norm(seg, ctx, k, "self_attn.k_norm", k_size, fp32_product=fp32_product)
+    return q, k
 
 
 def gated_mlp(

@@ -42,6 +42,9 @@ class Stack:
     cross_input: Tensor | None = None  # encoder output read by every layer (T5 decoder)
     mask_bytes: int = 0  # the causal mask the model's forward builds once for every layer
     num_masks: int = 1  # such masks (Gemma2's eager path: the full and the sliding-window one)
+    # Other tensors the stack's forward makes once and every layer reads, never saved:
+    # (label, bytes) (T5's position biases, made by its first layer and passed on).
+    shared_tensors: list[tuple[str, int]] = field(default_factory=list)
 
 
 @dataclass

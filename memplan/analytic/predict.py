@@ -15,7 +15,7 @@ from memplan.analytic.weights import ModelState, model_state
 from memplan.architecture import architecture
 from memplan.distributed import ShardPlan, shard_plan
 from memplan.errors import MemplanError
-from memplan.families import family
+from memplan.families import families, family
 from memplan.loop import STEPS, TrainingLoop
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import ParallelSetup
@@ -81,11 +81,43 @@ def _decoder_context(
 
 def check_applicable(spec: ModelSpec, setup: TrainingSetup) -> None:
     """Raise MemplanError when the method (or the family) cannot run this setup."""
-    reason = setup.tuning.unsupported(spec, setup) or family(spec.family).unsupported(
-        spec, setup.method
-    )
+    fam = family(spec.family)
+    if fam.traced_only:
+        raise MemplanError(
+            f"{spec.name}: no model family describes {_model_type(spec)} (memplan models: "
+            f"{', '.join(families())}); `memplan simulate` traces it with transformers"
+        )
+    reason = setup.tuning.unsupported(spec, setup) or fam.unsupported(spec, setup.method)
     if reason:
         raise MemplanError(reason)
+
+
+def check_traceable(spec: ModelSpec, setup: TrainingSetup) -> None:
+    """Raise MemplanError when the tracer cannot run this setup (a traced-only model runs the
+    methods its family lists; any other model what the analytical model runs)."""
+    fam = family(spec.family)
+    if not fam.traced_only:
+        check_applicable(spec, setup)
+        return
+    from memplan.specs.training import ALL_LINEAR
+
+    reason = fam.unsupported(spec, setup.method)
+    if (
+        reason is None
+        and setup.lora_targets is not None
+        and set(setup.lora_targets) < set(ALL_LINEAR)
+    ):
+        reason = (
+            f"{spec.name} is traced only: LoRA targets all linear layers (all-linear) or "
+            "peft's defaults for its type"
+        )
+    if reason:
+        raise MemplanError(reason)
+
+
+def _model_type(spec: ModelSpec) -> str:
+    config = getattr(spec.layout, "config", {})
+    return f"model_type {config.get('model_type')!r}"
 
 
 def predict(

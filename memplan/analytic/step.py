@@ -86,7 +86,6 @@ class StepComposer:
 
     def _stack_forward(self, index: int, stack: Stack, step: int) -> tuple[list[TraceItem], int]:
         bounds = self.boundaries[index]
-        stack.embed_out.category = bounds[0]
         model_locals = stack.embed.model_locals
         items: list[TraceItem] = list(
             forward_events(
@@ -95,30 +94,29 @@ class StepComposer:
                 step=step,
                 keep_saved=self.autograd,
                 keep=[stack.embed_out, *model_locals, *_grad_leaves(stack)],
+                categories=self._embed_categories(index),
             ).events
         )
         items += self._shared_events(stack, step, "alloc")
         cache: dict[tuple[int, bool, Category, Category, bool], _LayerForward] = {}
         keys = []
         deferred = 0
+        # Tensors made for the stack that later checkpointed layers keep as arguments are
+        # saved for backward (a recomputation makes temporaries).
+        held_category = self._stack_held_category(stack)
+        stack_made = dict.fromkeys(_stack_held(stack), held_category)
         for i, plan in enumerate(stack.layers):
             key = (id(plan.graph), plan.checkpointed, bounds[i], bounds[i + 1], i == 0)
             if key not in cache:
                 # The model's `inputs_embeds` keeps the first layer's input alive until the
                 # stack's forward returns.
-                plan.graph.input.persistent = i == 0 and any(
-                    t is stack.embed_out for t in model_locals
+                held = i == 0 and any(t is stack.embed_out for t in model_locals)
+                cache[key] = self._layer_forward(
+                    plan, key[2], key[3], step, hold_input=held, stack_made=stack_made
                 )
-                try:
-                    cache[key] = self._layer_forward(plan, key[2], key[3], step)
-                finally:
-                    plan.graph.input.persistent = False
             keys.append(key)
             deferred += cache[key].deferred_bytes
         items += _compress([cache[k].events for k in keys], keys)
-        stack.norm_in.category = bounds[-1]
-        out_cat = self._stack_output_category(index)
-        stack.norm_out.category = out_cat
         if stack.norm_out is not stack.norm_in:
             items += forward_events(
                 stack.norm,
@@ -126,10 +124,24 @@ class StepComposer:
                 step=step,
                 keep_saved=self.autograd,
                 keep=[stack.norm_out],
+                categories=self._norm_categories(index),
             ).events
         items += self._shared_events(stack, step, "forward")
+        if self._stack_held_release(stack) is None:
+            items += _stack_held_events(stack, Phase.FORWARD, step, _TMP)
         items += self._release_locals(stack, step)
         return items, deferred
+
+    def _stack_held_release(self, stack: Stack) -> int | None:
+        """The layer after whose backward the tensors one layer made for the whole stack die:
+        the first later checkpointed layer keeps them as arguments (None: the stack's forward
+        drops them when it returns)."""
+        if not self.autograd:
+            return None
+        return next((i for i, p in enumerate(stack.layers) if i and p.checkpointed), None)
+
+    def _stack_held_category(self, stack: Stack) -> Category:
+        return _TMP if self._stack_held_release(stack) is None else _ACT
 
     def _release_locals(self, stack: Stack, step: int) -> list[Event]:
         """The model forward returns: its locals (inputs_embeds ...) die unless still needed."""
@@ -148,26 +160,51 @@ class StepComposer:
             for t, label in released
         ]
 
+    def _embed_categories(self, index: int) -> dict[Tensor, Category]:
+        """The embedding's output is the first layer's input (or the final norm's)."""
+        return {self.graph.stacks[index].embed_out: self.boundaries[index][0]}
+
+    def _norm_categories(self, index: int) -> dict[Tensor, Category]:
+        """The final norm reads the last layer's output and hands on the stack's output."""
+        stack = self.graph.stacks[index]
+        return {
+            stack.norm_in: self.boundaries[index][-1],
+            stack.norm_out: self._stack_output_category(index),
+        }
+
+    def _loss_categories(self) -> dict[Tensor, Category]:
+        return {self.graph.loss_in: self.loss_boundary}
+
     def _stack_output_category(self, index: int) -> Category:
         if index == len(self.graph.stacks) - 1:
             return self.loss_boundary
         reader = self.graph.stacks[index + 1]
+        # The reader's layers save the encoder output, or checkpointed ones keep it as an
+        # argument until their backward.
         held = (
             self.autograd
             and reader.cross_input is not None
             and any(
-                _saves(p.graph.segment, p.graph.shared[0]) for p in reader.layers if p.graph.shared
+                p.checkpointed or _saves(p.graph.segment, p.graph.shared[0])
+                for p in reader.layers
+                if p.graph.shared
             )
         )
         return _ACT if held else _TMP
 
     def _layer_forward(
-        self, plan: LayerPlan, in_cat: Category, out_cat: Category, step: int
+        self,
+        plan: LayerPlan,
+        in_cat: Category,
+        out_cat: Category,
+        step: int,
+        *,
+        hold_input: bool = False,
+        stack_made: dict[Tensor, Category] | None = None,
     ) -> _LayerForward:
         lg = plan.graph
-        lg.input.category, lg.output.category = in_cat, out_cat
-        keep = [lg.output, lg.input] if plan.checkpointed else [lg.output]
-        keep += self._cache_held(lg.segment)
+        keep = [lg.output, lg.input] if plan.checkpointed or hold_input else [lg.output]
+        keep += self._cache_held(lg.segment) + lg.segment.stack_held
         result = forward_events(
             lg.segment,
             phase=Phase.FORWARD,
@@ -175,6 +212,7 @@ class StepComposer:
             keep_saved=self.autograd and not plan.checkpointed,
             keep=keep,
             defer=lg.segment.autocast_cached,
+            categories={**(stack_made or {}), lg.input: in_cat, lg.output: out_cat},
         )
         deferred = sum(allocation_bytes(t.nbytes) for t in result.deferred)
         return _LayerForward(self._gathered(result.events, Phase.FORWARD, step), deferred)
@@ -202,17 +240,23 @@ class StepComposer:
         its arguments) until the layers' backward ends; otherwise they die with the
         ``forward`` of the stack (locals of the model's forward).
         """
-        if not stack.layers or stack.cross_input is not None:
+        if not stack.layers:
             return []
         graphs = list({id(p.graph): p.graph for p in stack.layers}.values())
         held = self.autograd and any(p.checkpointed for p in stack.layers)
         out = []
-        for i, tensor in enumerate(graphs[0].shared):
+        # A decoder's first shared tensor is the encoder output, made by the encoder stack.
+        first = 1 if stack.cross_input is not None else 0
+        for i, tensor in enumerate(graphs[0].shared[first:], start=first):
             saved = self.autograd and any(_saves(g.segment, g.shared[i]) for g in graphs)
             life = "saved" if saved else "held" if held else "forward"
             out.append((tensor.label, allocation_bytes(tensor.nbytes), life))
         size = allocation_bytes(stack.mask_bytes)
         out += [("causal mask", size, "held" if held else "forward")] * stack.num_masks
+        out += [
+            (label, allocation_bytes(nbytes), "held" if held else "forward")
+            for label, nbytes in stack.shared_tensors
+        ]
         return out
 
     def _shared_events(self, stack: Stack, step: int, when: str) -> list[Event]:
@@ -231,13 +275,13 @@ class StepComposer:
     # -- loss ------------------------------------------------------------------------------
     def loss_items(self, step: int, deferred_bytes: int) -> list[TraceItem]:
         g = self.graph
-        g.loss_in.category = self.loss_boundary
         result = forward_events(
             g.loss,
             phase=Phase.LOSS,
             step=step,
             keep_saved=self.autograd,
             keep=[g.logits, g.loss_out],
+            categories=self._loss_categories(),
         )
         items: list[TraceItem] = list(result.events)
         # The training loop drops the model output before backward: its KV cache (peft's
@@ -298,6 +342,7 @@ class StepComposer:
             step=step,
             output_grads={id(g.loss_out): (g.loss_out.nbytes, Category.LOGITS)},
             accumulate=accumulate,
+            categories=self._loss_categories(),
             held_output_grads=True,
         )
         items += events
@@ -323,6 +368,13 @@ class StepComposer:
             )
             items += stack_items
         items += self._tail_items(step, accumulate, held)
+        # The graph is freed: leaves made for a stack go, with their .grad.
+        for stack in g.stacks:
+            for t in _stack_held(stack, leaves=True):
+                size = allocation_bytes(t.nbytes)
+                category = self._stack_held_category(stack)
+                items.append(Event(-size, category, Phase.BACKWARD, step, f"{t.label} freed"))
+                items.append(Event(-size, _TMP, Phase.BACKWARD, step, f"{t.label}.grad freed"))
         items += [
             Event(-seed, Category.LOGITS, Phase.BACKWARD, step, label)
             for label in ("loss seed", "loss released")
@@ -367,12 +419,19 @@ class StepComposer:
                 step=step,
                 output_grads={id(stack.norm_out): grad} if grad else {},
                 accumulate=accumulate,
+                categories=self._norm_categories(index),
             )
             items += events
             grad = grads.get(id(stack.norm_in))
+        # A leaf made for the stack gets its .grad from the last layer's backward on.
+        items += [
+            Event(allocation_bytes(t.nbytes), _TMP, Phase.BACKWARD, step, f"{t.label}.grad")
+            for t in _stack_held(stack, leaves=True)
+        ]
         cross: GradBytes | None = None
         cache: dict[tuple[object, ...], tuple[list[Event], list[list[int]]]] = {}
         keys = []
+        release = self._stack_held_release(stack)
         for i in reversed(range(len(stack.layers))):
             plan = stack.layers[i]
             key = (
@@ -382,11 +441,14 @@ class StepComposer:
                 bounds[i + 1],
                 cross is not None,
                 grad,
+                i == release,
             )
             if key not in cache:
                 events, grad, layer_cross, layer_held = self._layer_backward(
                     plan, key[2], key[3], grad, step, accumulate, cross
                 )
+                if i == release:
+                    events = events + _stack_held_events(stack, Phase.BACKWARD, step, _ACT)
                 cache[key] = events, layer_held
                 cross = cross or layer_cross
             keys.append(key)
@@ -402,6 +464,7 @@ class StepComposer:
                 step=step,
                 output_grads={id(stack.embed_out): grad},
                 accumulate=accumulate,
+                categories=self._embed_categories(index),
             )
             items += events
         elif grad is not None:
@@ -425,35 +488,36 @@ class StepComposer:
         """Events of one layer's backward, the gradients of its input and of the encoder
         output it reads, and the bytes of gradients it leaves the method's own inputs."""
         lg = plan.graph
-        lg.input.category, lg.output.category = in_cat, out_cat
+        categories = {lg.input: in_cat, lg.output: out_cat}
         events: list[Event] = []
         # A checkpointed layer's input is held by the checkpoint until its backward is done.
-        lg.input.persistent = plan.checkpointed
-        try:
-            recompute = None
-            if plan.checkpointed:  # non-reentrant checkpoint: recomputed at the first unpack
-                recompute = (
-                    recompute_stop(lg.segment)[0],
-                    forward_events(
-                        lg.segment,
-                        phase=Phase.BACKWARD,
-                        step=step,
-                        keep_saved=True,
-                        early_stop=True,
-                    ).events,
-                )
-            if grad is None:
-                return (recompute[1] if recompute else []), None, None, []
-            bwd, grads = backward_events(
-                lg.segment,
-                phase=Phase.BACKWARD,
-                step=step,
-                output_grads={id(lg.output): grad},
-                accumulate=accumulate,
-                recompute=recompute,
+        checkpoint_holds = [lg.input] if plan.checkpointed else []
+        recompute = None
+        if plan.checkpointed:  # non-reentrant checkpoint: recomputed at the first unpack
+            recompute = (
+                recompute_stop(lg.segment)[0],
+                forward_events(
+                    lg.segment,
+                    phase=Phase.BACKWARD,
+                    step=step,
+                    keep_saved=True,
+                    keep=checkpoint_holds,
+                    early_stop=True,
+                    categories=categories,
+                ).events,
             )
-        finally:
-            lg.input.persistent = False
+        if grad is None:
+            return (recompute[1] if recompute else []), None, None, []
+        bwd, grads = backward_events(
+            lg.segment,
+            phase=Phase.BACKWARD,
+            step=step,
+            output_grads={id(lg.output): grad},
+            accumulate=accumulate,
+            recompute=recompute,
+            keep=checkpoint_holds,
+            categories=categories,
+        )
         events += bwd
         if plan.checkpointed:
             events.append(
@@ -494,6 +558,27 @@ def _steps(steps: Sequence[Step], phase: Phase, step: int) -> list[TraceItem]:
     return [
         Event(allocation_bytes(n) if n > 0 else -allocation_bytes(-n), _TMP, phase, step, label)
         for n, label in steps
+    ]
+
+
+def _stack_held(stack: Stack, *, leaves: bool | None = None) -> list[Tensor]:
+    """Tensors a layer made for every layer of its stack; ``leaves``: only those that
+    require grad (leaves autograd keeps, with their .grad, until the graph is freed), or only
+    the others (None: all)."""
+    graphs = {id(p.graph): p.graph for p in stack.layers}.values()
+    return [
+        t
+        for g in graphs
+        for t in g.segment.stack_held
+        if leaves is None or t.requires_grad == leaves
+    ]
+
+
+def _stack_held_events(stack: Stack, phase: Phase, step: int, category: Category) -> list[Event]:
+    """The release of the tensors a layer made for every layer of its stack."""
+    return [
+        Event(-allocation_bytes(t.nbytes), category, phase, step, f"{t.label} released")
+        for t in _stack_held(stack, leaves=False)
     ]
 
 

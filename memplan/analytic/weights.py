@@ -84,11 +84,13 @@ def _quantized(tensor: ParamTensor, setup: TrainingSetup) -> bool:
     # output embedding in 16-bit: get_keys_to_not_convert), heads' linears (BERT's MLM
     # transform, OPT's projections) included. MoE routers and the 3-D expert tensors
     # (copies > 1) are parameters of other modules: they stay in 16-bit
-    # (transformers integrations/bitsandbytes.py, quantizers/quantizer_bnb_4bit.py).
+    # (transformers integrations/bitsandbytes.py, quantizers/quantizer_bnb_4bit.py); so do
+    # the modules a model keeps in fp32 (_keep_in_fp32_modules).
     return (
         setup.quant is not Quantization.NONE
         and tensor.kind in (ParamKind.LINEAR, ParamKind.HEAD_LINEAR)
         and tensor.copies == 1
+        and tensor.quantizable
     )
 
 

@@ -109,15 +109,16 @@ def _load_catalog_model(name: str) -> ModelSpec:
 MAX_CONFIG_BYTES: Final = 16 * MiB
 
 
-def load_config_file(path: Path) -> ModelSpec:
-    """A ModelSpec from a Hugging Face config.json on disk (a file or a model folder)."""
+def load_config_file(path: Path, *, traced_only: bool = False) -> ModelSpec:
+    """A ModelSpec from a Hugging Face config.json on disk (a file or a model folder);
+    ``traced_only``: a model_type no family reads is read for the tracer alone."""
     if _is_dir(path):
         path = path / "config.json"
     config = read_json(path, what="config file", max_bytes=MAX_CONFIG_BYTES)
     if not isinstance(config, dict):
         raise MemplanError(f"{shown(path)}: expected a JSON object, got {type(config).__name__}")
     name = path.parent.name if path.name == "config.json" and path.parent.name else path.stem
-    return spec_from_hf_config(config, name=name, source=shown(path))
+    return spec_from_hf_config(config, name=name, source=shown(path), traced_only=traced_only)
 
 
 def _is_dir(path: Path) -> bool:
@@ -134,12 +135,44 @@ def _exists(path: Path) -> bool:
         return False
 
 
-def load_model(name_or_path: str | Path) -> ModelSpec:
-    """A catalog model by name, or a local config.json (or a folder holding one) by path."""
+def load_model(name_or_path: str | Path, *, traced_only: bool = False) -> ModelSpec:
+    """A catalog model by name, or a local config.json (or a folder holding one) by path.
+
+    ``traced_only``: a config.json whose model_type no family reads is read for the tracer
+    (``simulate``) instead of refused.
+    """
     text = str(name_or_path)
     if isinstance(name_or_path, Path) or text.endswith(".json") or _is_dir(Path(text)):
-        return load_config_file(Path(text).expanduser())
+        return load_config_file(Path(text).expanduser(), traced_only=traced_only)
     path = Path(text).expanduser()
     if "/" in text and _exists(path):
-        return load_config_file(path)
+        return load_config_file(path, traced_only=traced_only)
     return _load_catalog_model(catalog_name(text) or text)
+
+
+def with_overrides(spec: ModelSpec, overrides: dict[str, object]) -> ModelSpec:
+    """``spec`` with some fields replaced (``--model-set``), validated, its parameters recounted
+    from the layout (the catalog's count belongs to the unchanged model)."""
+    from memplan.architecture import count_params
+
+    if not overrides:
+        return spec
+    unknown = sorted(set(overrides) - set(ModelSpec.model_fields) - {"name"})
+    if unknown or "family" in overrides or "num_params" in overrides:
+        field = (unknown or ["family" if "family" in overrides else "num_params"])[0]
+        raise MemplanError(
+            f"--model-set: {field!r} is not a model field memplan can change "
+            f"(e.g. tie_word_embeddings, num_decoder_layers, vocab_size)"
+        )
+    from pydantic import ValidationError
+
+    try:
+        changed = ModelSpec.model_validate({**spec.model_dump(), **overrides, "num_params": None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        message = str(first["msg"]).removeprefix("Value error, ")
+        if where not in overrides:  # a check across fields: its message names them
+            raise MemplanError(f"--model-set: {message}") from None
+        raise MemplanError(f"--model-set {where}={overrides[where]!r}: {message}") from None
+    return changed.model_copy(update={"num_params": count_params(changed)})

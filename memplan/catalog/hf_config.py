@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from memplan.errors import MemplanError
-from memplan.families import family_for_model_type, model_types
+from memplan.families import family, family_for_model_type, model_types
 from memplan.specs.model import ModelSpec
 
 
@@ -25,23 +25,35 @@ def supported_model_types() -> tuple[str, ...]:
 
 
 def spec_from_hf_config(
-    config: Mapping[str, Any], *, name: str, source: str | None = None, **extra: Any
+    config: Mapping[str, Any],
+    *,
+    name: str,
+    source: str | None = None,
+    traced_only: bool = False,
+    **extra: Any,
 ) -> ModelSpec:
     """Build a ModelSpec from a parsed Hugging Face config.json.
 
     ``source`` names the file in error messages; ``extra`` adds catalog fields (num_params,
-    hf_id). Raises MemplanError for unsupported model types and missing or invalid fields.
+    hf_id). ``traced_only``: a model_type no family reads becomes a traced-only spec (what
+    transformers' configuration says) instead of an error. Raises MemplanError for unsupported
+    model types and missing or invalid fields.
     """
     where = source or name
     model_type = config.get("model_type")
     fam = family_for_model_type(model_type) if isinstance(model_type, str) else None
+    if fam is None and traced_only and isinstance(model_type, str):
+        fam = family("traced-only")
     if fam is None:
         found = (
             "has no 'model_type'"
             if model_type is None
             else f"unsupported model_type {model_type!r}"
         )
-        raise MemplanError(f"{where}: {found} (supported: {', '.join(supported_model_types())})")
+        hint = "" if model_type is None else "; `memplan simulate` traces it with transformers"
+        raise MemplanError(
+            f"{where}: {found} (supported: {', '.join(supported_model_types())}){hint}"
+        )
     try:
         fields = fam.read_config(config)
         return ModelSpec(name=name, family=fam.name, **fields, **extra)

@@ -44,7 +44,11 @@ def families() -> dict[str, ModelFamily]:
 
 
 def family(name: str) -> ModelFamily:
-    """The family called ``name`` (``ModelSpec.family``)."""
+    """The family called ``name`` (``ModelSpec.family``; the traced-only one included)."""
+    from memplan.families._traced import FAMILY as TRACED
+
+    if name == TRACED.name:
+        return TRACED
     try:
         return families()[name]
     except KeyError:

@@ -68,6 +68,8 @@ class ModelFamily:
     """Modules of a layer (dotted paths from it, negative indices count from the end) whose
     outputs get the attention and the MLP bottleneck adapter, in every layer stack; None: the
     layer's attention and MLP blocks, found by their usual names."""
+    traced_only: ClassVar[bool] = False
+    """No analytical model: the tracer runs it, ``plan`` refuses it (unregistered families)."""
 
     # -- config.json -------------------------------------------------------------------------
     def read_config(self, config: Config) -> dict[str, Any]:

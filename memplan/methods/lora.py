@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
 from memplan.dtypes import dtype_bytes
+from memplan.errors import MemplanError
 from memplan.methods.base import AddedParam, TuningMethod
 
 if TYPE_CHECKING:
@@ -245,15 +246,25 @@ class LoRA(TuningMethod):
         from peft import LoraConfig, get_peft_model
 
         from memplan.architecture import lora_module_names
+        from memplan.families import family
         from memplan.torchsim.models import peft_task_type
 
         built.model.requires_grad_(False)
-        names = lora_module_names(spec)
+        from memplan.specs.training import ALL_LINEAR
+
+        # A traced-only model: every linear layer but the head, or peft's defaults for its type.
+        targets: list[str] | str | None = None
+        if family(spec.family).traced_only:
+            if setup.lora_targets is not None and set(setup.lora_targets) >= set(ALL_LINEAR):
+                targets = "all-linear"
+        else:
+            names = lora_module_names(spec)
+            targets = sorted({names[r] for r in lora_roles(spec, setup) if r in names})
         config = LoraConfig(
             r=setup.lora_r,
             lora_alpha=setup.lora_alpha,  # type: ignore[arg-type]  # peft annotates int
             lora_dropout=setup.lora_dropout,
-            target_modules=sorted({names[r] for r in lora_roles(spec, setup) if r in names}),
+            target_modules=targets,
             # GPT-2's Conv1D stores (in, out): peft needs fan_in_fan_out=True for it.
             fan_in_fan_out=any(type(m).__name__ == "Conv1D" for m in built.model.modules()),
             bias="none",
@@ -265,7 +276,10 @@ class LoRA(TuningMethod):
             from memplan.torchsim.qlora import LoraLinear4bit
 
             config._register_custom_module({Linear4bit: LoraLinear4bit})
-        return get_peft_model(built.model, config)
+        try:
+            return get_peft_model(built.model, config)
+        except ValueError as exc:  # no default targets for the model type
+            raise MemplanError(f"peft cannot apply LoRA to {spec.name}: {exc}") from exc
 
     def assumptions(self, spec: ModelSpec, setup: TrainingSetup) -> list[str]:
         # The modules that really get adapters: nn.Linear layers of the targeted roles (fused

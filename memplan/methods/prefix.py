@@ -21,9 +21,15 @@ if TYPE_CHECKING:
     from memplan.specs.training import TrainingSetup
 
 
+def _peft_layers(spec: ModelSpec) -> int:
+    """The layers peft makes prefixes for: config.num_hidden_layers, an encoder-decoder's
+    encoder depth (T5's num_layers), whose prefixes go to the decoder's self-attention."""
+    return spec.num_encoder_layers if spec.is_encoder_decoder else spec.num_layers
+
+
 def _table_numel(spec: ModelSpec, prefix_len: int) -> int:
     # peft PrefixEncoder: prefix_len x (num_layers * 2 * kv width).
-    return prefix_len * spec.num_layers * 2 * spec.num_key_value_heads * spec.head_dim
+    return prefix_len * _peft_layers(spec) * 2 * spec.num_key_value_heads * spec.head_dim
 
 
 def _cache_numel(spec: ModelSpec, ctx: StepContext) -> int:
@@ -81,7 +87,13 @@ class Prefix(TuningMethod):
     def outside_forward(self, spec: ModelSpec, ctx: StepContext) -> list[Step]:
         """peft ``get_prompt``: the prompt encoder's rows for every sequence, cast to the
         model's dtype, viewed as each layer's keys and values and copied into a DynamicCache
-        (``torch.cat`` onto an empty cache)."""
+        (``torch.cat`` onto an empty cache).
+
+        An encoder-decoder (num_transformer_submodules=2) concatenates the prompt with itself
+        into self- and cross-attention halves for an EncoderDecoderCache, then replaces its
+        cross-attention cache by an empty one (releasing those copies): only the decoder's
+        self-attention gets prefixes."""
+        enc_dec = spec.is_encoder_decoder
         looked_up = ctx.batch * _table_numel(spec, ctx.prefix_len)
         rows = looked_up * dtype_bytes(ctx.adapter_dtype)
         steps: list[Step] = [(rows, "prompt_encoder")]
@@ -89,9 +101,16 @@ class Prefix(TuningMethod):
             cast = looked_up * dtype_bytes(ctx.weight_dtype)
             steps += [(cast, "prompt to model dtype"), (-rows, "prompt_encoder")]
             rows = cast
+        if enc_dec:  # torch.cat([past_key_values, past_key_values], dim=2)
+            steps += [(2 * rows, "prompt for self- and cross-attention"), (-rows, "prompt")]
+            rows *= 2
         per_layer = _cache_numel(spec, ctx) * dtype_bytes(ctx.weight_dtype)
-        steps += [(per_layer, "prefix cache key/value")] * (2 * spec.num_layers)
-        return [*steps, (-rows, "prompt released")]
+        layers = 2 * _peft_layers(spec)
+        steps += [(per_layer, "prefix cache key/value")] * (layers * (2 if enc_dec else 1))
+        steps.append((-rows, "prompt released"))
+        if enc_dec:
+            steps += [(-per_layer, "cross-attention cache replaced")] * layers
+        return steps
 
     def outside_backward(
         self, spec: ModelSpec, ctx: StepContext, held: Sequence[Sequence[int]]
@@ -101,8 +120,10 @@ class Prefix(TuningMethod):
         held until then (``held``: their bytes per layer), are stacked (UnbindBackward) and
         sliced back (SliceBackward); the layers' are concatenated (SplitBackward), made
         contiguous (ViewBackward), cast back to the table's dtype, and the embedding's
-        backward writes the table's gradient."""
-        looked_up = 2 * spec.num_layers * _cache_numel(spec, ctx)
+        backward writes the table's gradient. An encoder-decoder's layer gradients are first
+        padded to its four (self and cross) key/value slots, and the two halves of the
+        duplicated prompt summed (CatBackward)."""
+        looked_up = 2 * _peft_layers(spec) * _cache_numel(spec, ctx)
         model_bytes = looked_up * dtype_bytes(ctx.weight_dtype)
         layer_bytes = 2 * _cache_numel(spec, ctx) * dtype_bytes(ctx.weight_dtype)
         steps: list[Step] = []
@@ -110,9 +131,17 @@ class Prefix(TuningMethod):
             steps.append((layer_bytes, "UnbindBackward"))
             steps += [(-nbytes, "prefix key/value grad") for nbytes in layer]
             steps += [(layer_bytes, "SliceBackward"), (-layer_bytes, "UnbindBackward")]
-        steps.append((model_bytes, "SplitBackward"))
-        steps += [(-layer_bytes, "SliceBackward")] * len(held)
-        steps += [(model_bytes, "ViewBackward"), (-model_bytes, "SplitBackward")]
+        chunk, split = layer_bytes, model_bytes
+        if spec.is_encoder_decoder:
+            for _ in held:
+                steps += [(2 * layer_bytes, "SliceBackward"), (-layer_bytes, "SliceBackward")]
+            chunk, split = 2 * layer_bytes, 2 * model_bytes
+        steps.append((split, "SplitBackward"))
+        steps += [(-chunk, "SliceBackward")] * len(held)
+        if spec.is_encoder_decoder:
+            steps += [(model_bytes, "CatBackward"), (-split, "SplitBackward")]
+            split = model_bytes
+        steps += [(model_bytes, "ViewBackward"), (-split, "SplitBackward")]
         last = (model_bytes, "ViewBackward")
         if ctx.adapter_dtype is not ctx.weight_dtype:
             last = (looked_up * dtype_bytes(ctx.adapter_dtype), "ToCopyBackward")

@@ -115,9 +115,13 @@ class ModelSpec(BaseModel):
         """Read ``layout`` into the family's layout class (unknown keys are refused there)."""
         if not isinstance(data, dict):
             return data
-        from memplan.families import families
+        from memplan.errors import MemplanError
+        from memplan.families import families, family
 
-        fam = families().get(str(data.get("family")))
+        try:
+            fam = family(str(data.get("family")))
+        except MemplanError:
+            fam = None
         if fam is None:
             raise ValueError(
                 f"unknown family {data.get('family')!r} (known: {', '.join(families())})"

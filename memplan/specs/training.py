@@ -189,6 +189,44 @@ class TrainingSetup(BaseModel):
         default=(),
         description="Fields filled from the method's typical setup (reported as assumptions).",
     )
+    library_versions: dict[str, str] = Field(
+        default_factory=dict,
+        description="Library versions the answer assumes where memory depends on them "
+        "(memplan.versions; e.g. {'bitsandbytes': '0.42.0'}); empty: current releases.",
+    )
+
+    def __hash__(self) -> int:
+        # Frozen, so hashable (plans are cached by setup); the versions dict as sorted pairs.
+        return hash(
+            tuple(
+                tuple(sorted(v.items())) if isinstance(v, dict) else v
+                for v in self.__dict__.values()
+            )
+        )
+
+    @field_validator("library_versions")
+    @classmethod
+    def _known_versions(cls, versions: dict[str, str]) -> dict[str, str]:
+        from memplan.versions import check_versions
+
+        return check_versions(versions)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fields_from_versions(cls, data: Any) -> Any:
+        """Named library versions decide the fields of mechanisms their releases changed."""
+        if not isinstance(data, dict) or not isinstance(data.get("library_versions"), dict):
+            return data
+        from memplan.versions import check_versions, fields_for
+
+        decided = fields_for(check_versions(data["library_versions"]))
+        for field, value in decided.items():
+            if data.get(field) is not None and data[field] != value:
+                raise ValueError(
+                    f"{field}={data[field]} contradicts the library versions assumed "
+                    f"({', '.join(f'{k}={v}' for k, v in data['library_versions'].items())})"
+                )
+        return {**data, **decided}
 
     @model_validator(mode="before")
     @classmethod

@@ -18,9 +18,11 @@ from memplan.errors import MemplanError
 from memplan.specs import TrainingSetup
 
 _TORCH_DTYPES = {DType.FP32: torch.float32, DType.BF16: torch.bfloat16, DType.FP16: torch.float16}
-_ATTENTION_NAMES = ("self_attn", "attn", "self_attention", "attention")
+# T5Block nests its self-attention (T5Attention, before the branch's dropout) and its MLP
+# (T5DenseGatedActDense) in sublayers: layer.0.SelfAttention, layer.<-1>.DenseReluDense.
+_ATTENTION_NAMES = ("self_attn", "attn", "self_attention", "attention", "SelfAttention")
 # OPTDecoderLayer has no MLP module: fc1 and fc2 sit in the layer, fc2's output is the MLP's.
-_MLP_NAMES = ("mlp", "feed_forward", "ffn", "fc2")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "fc2", "DenseReluDense")
 
 
 class BottleneckAdapter(nn.Module):
@@ -42,6 +44,20 @@ def _apply_to_output(adapter: BottleneckAdapter, output: Any) -> Any:
     return adapter(output)
 
 
+def _branch(layer: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
+    """The layer's attention or MLP module: an attribute of the layer, else the first
+    submodule so named (T5's sublayers)."""
+    for n in names:
+        found: object = getattr(layer, n, None)
+        if isinstance(found, nn.Module):
+            return found
+    for n in names:
+        for path, module in layer.named_modules():
+            if path.rsplit(".", 1)[-1] == n and isinstance(module, nn.Module):
+                return module
+    return None
+
+
 def add_bottleneck_adapters(
     model: nn.Module,
     hidden_size: int,
@@ -50,16 +66,13 @@ def add_bottleneck_adapters(
     hooks: tuple[str, str] | None = None,
 ) -> None:
     """Freeze ``model`` and add two trainable adapters (``hidden_size`` wide, the residual
-    stream's width) to every layer: on the outputs of the modules ``hooks`` names (paths from
-    the layer, in every layer stack), or of the attention and MLP blocks of a decoder-only
-    model's layers."""
+    stream's width) to every layer of every stack (an encoder-decoder model has two): on the
+    outputs of the modules ``hooks`` names (paths from the layer), else of the layer's
+    attention and MLP blocks."""
     from memplan.torchsim.models import decoder_layer_stacks
 
-    stacks = decoder_layer_stacks(model)
-    if hooks is None and len(stacks) != 1:
-        raise MemplanError("bottleneck adapters are supported for decoder-only models")
     dtype = _TORCH_DTYPES.get(setup.adapter_dtype, torch.float32)
-    for layer in (layer for stack in stacks for layer in stack):
+    for layer in (layer for stack in decoder_layer_stacks(model) for layer in stack):
         blocks = _hook_points(layer, hooks)
         for block, attr in zip(blocks, ("attention_adapter", "mlp_adapter"), strict=True):
             adapter = BottleneckAdapter(hidden_size, setup.adapter_size, dtype)
@@ -75,8 +88,7 @@ def _hook_points(layer: nn.Module, hooks: tuple[str, str] | None) -> list[nn.Mod
         return [_submodule(layer, path) for path in hooks]
     blocks = []
     for names in (_ATTENTION_NAMES, _MLP_NAMES):
-        found = (getattr(layer, n, None) for n in names)
-        block = next((b for b in found if isinstance(b, nn.Module)), None)
+        block = _branch(layer, names)
         if block is None:
             raise MemplanError(f"no attention/MLP block found in {type(layer).__name__}")
         blocks.append(block)

@@ -14,6 +14,7 @@ from torch import nn
 from memplan.catalog import catalog_names, catalog_record
 from memplan.errors import MemplanError
 from memplan.families import family
+from memplan.families._traced import TracedLayout
 from memplan.specs import Attention, ModelSpec, Precision, TrainingSetup
 from memplan.torchsim.reference_decoder import ReferenceDecoder
 
@@ -58,6 +59,8 @@ def hf_config_dict(spec: ModelSpec) -> dict[str, Any]:
     if spec.name in catalog_names():
         config: dict[str, Any] = dict(catalog_record(spec.name)["config"])
         return config
+    if isinstance(spec.layout, TracedLayout):  # a traced-only model carries its config.json
+        return dict(spec.layout.config)
     if spec.family not in _LLAMA_LIKE:
         raise MemplanError(
             f"{spec.name}: no config.json for family {spec.family!r}; pass hf_config explicitly"
@@ -151,9 +154,9 @@ def _hf_on_meta(
 
     from memplan.catalog.hf_model import hf_class_name
 
-    model_class = getattr(transformers, hf_class_name(config_dict))
     fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures")}
     config = AutoConfig.for_model(config_dict["model_type"], **fields)
+    model_class = _model_class(transformers, hf_class_name(config_dict), config)
     if num_layers is not None and config.num_hidden_layers != num_layers:
         # Rebuild so per-layer lists (layer_types) follow; GPT-2 calls the field n_layer.
         key = config.attribute_map.get("num_hidden_layers", "num_hidden_layers")
@@ -178,6 +181,22 @@ def _hf_on_meta(
     if callable(tie):
         tie()
     return model
+
+
+def _model_class(transformers: Any, name: str, config: Any) -> Any:
+    """The transformers class called ``name``; an Auto class resolves to the config's own."""
+    found = getattr(transformers, name, None)
+    if found is None:
+        raise MemplanError(f"transformers {transformers.__version__} has no class {name}")
+    if name.startswith("Auto"):
+        try:
+            return found._model_mapping[type(config)]
+        except KeyError:
+            raise MemplanError(
+                f"transformers has no {name.removeprefix('Auto')} for model_type "
+                f"{config.model_type!r}"
+            ) from None
+    return found
 
 
 def decoder_layer_stacks(model: nn.Module) -> list[list[nn.Module]]:

@@ -77,9 +77,9 @@ def traced_run(request: RunRequest) -> TracedRun:
 
 def prepare_model(request: RunRequest) -> tuple[nn.Module, BuiltModel]:
     """The model on the meta device with the method applied (allocates nothing)."""
-    from memplan.analytic.predict import check_applicable
+    from memplan.analytic.predict import check_traceable
 
-    check_applicable(request.spec, request.setup)
+    check_traceable(request.spec, request.setup)
     with third_party_warnings_muted():
         built = build_meta_model(
             request.spec,

@@ -26,6 +26,14 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         "num_experts_per_tok": 2,
     },
     "qwen2": {"model_type": "qwen2", **_ROPE, "num_key_value_heads": 2},
+    "qwen3": {"model_type": "qwen3", **_ROPE, "num_key_value_heads": 2, "head_dim": 16},
+    "olmo2": {
+        "model_type": "olmo2",
+        **_ROPE,
+        "num_key_value_heads": 2,
+        "pad_token_id": 1,
+        "eos_token_id": 2,
+    },
     "gemma2": {"model_type": "gemma2", **_ROPE, "num_key_value_heads": 2, "head_dim": 16},
     "phi3": {"model_type": "phi3", **_ROPE, "pad_token_id": 0},
     "gpt2": {
@@ -105,6 +113,22 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
     ),
     ("mixtral-defaults", "mixtral", {"num_local_experts": None, "num_experts_per_tok": None}),
     ("qwen2-tied", "qwen2", {"tie_word_embeddings": True}),
+    (
+        "qwen3-defaults-bias-tied",
+        "qwen3",
+        {
+            "num_attention_heads": 32,
+            "num_key_value_heads": None,
+            "head_dim": None,
+            "attention_bias": True,
+            "tie_word_embeddings": True,
+        },
+    ),
+    (
+        "olmo2-mha-bias-tied",
+        "olmo2",
+        {"num_key_value_heads": None, "attention_bias": True, "tie_word_embeddings": True},
+    ),
     ("gemma2-bias-untied", "gemma2", {"attention_bias": True, "tie_word_embeddings": False}),
     ("phi3-gqa", "phi3", {"num_key_value_heads": 2}),
     ("gpt2-n-inner", "gpt2", {"n_inner": 80}),

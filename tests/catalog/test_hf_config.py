@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from memplan.architecture import count_params
+from memplan.architecture import architecture, count_params
 from memplan.catalog import load_model, spec_from_hf_config
 from memplan.catalog.hf_config import supported_model_types
 from memplan.specs.model import ModelSpec
@@ -20,6 +20,8 @@ FAMILY_COUNTS = {
     "mistral": 78_144,
     "mixtral": 189_248,
     "qwen2": 78_400,
+    "qwen3": 78_208,
+    "olmo2": 78_336,
     "gemma2": 70_208,
     "phi3": 86_336,
     "gpt2": 110_336,
@@ -36,6 +38,8 @@ VARIANT_COUNTS = {
     "mistral-default-kv-heads": 86_336,
     "mixtral-defaults": 337_216,
     "qwen2-tied": 70_208,
+    "qwen3-defaults-bias-tied": 2_167_744,
+    "olmo2-mha-bias-tied": 78_912,
     "gemma2-bias-untied": 78_784,
     "phi3-gqa": 78_144,
     "gpt2-n-inner": 64_928,
@@ -225,3 +229,33 @@ def test_gemma2_and_phi3_details() -> None:
     phi = load_model("phi-3-mini")
     assert phi.gated_mlp
     assert phi.layout.sliding_window == 2047
+
+
+def test_qwen3_head_dim_and_sliding_layers() -> None:
+    # Qwen3Config.head_dim is 128 whatever hidden / heads; q/k/v unbiased unless attention_bias.
+    spec = _spec(variant_config("qwen3", {"head_dim": None}))
+    assert spec.head_dim == 128
+    assert not spec.attention_bias
+    assert spec.layout.sliding_window is None  # use_sliding_window defaults to false
+    sliding = {"use_sliding_window": True, "sliding_window": 8}
+    # layer_types: sliding attention from layer max_window_layers (28 by default) on.
+    assert _spec(variant_config("qwen3", sliding)).layout.sliding_window is None
+    later = {**sliding, "max_window_layers": 1}
+    assert _spec(variant_config("qwen3", later)).layout.sliding_window == 8
+    full = {**sliding, "layer_types": ["full_attention"] * 2}
+    assert _spec(variant_config("qwen3", full)).layout.sliding_window is None
+    qwen3 = load_model("qwen3-0.6b")
+    assert (qwen3.head_dim, qwen3.hidden_size // qwen3.num_attention_heads) == (128, 64)
+    assert qwen3.tie_word_embeddings
+
+
+def test_olmo2_norms_and_defaults() -> None:
+    spec = _spec(variant_config("olmo2", {"num_key_value_heads": None, "mlp_bias": True}))
+    assert spec.num_key_value_heads == spec.num_attention_heads  # Olmo2Config: None -> MHA
+    assert not spec.mlp_bias  # Olmo2MLP hard-codes bias=False
+    names = {t.name for _, t in architecture(spec).tensors()}
+    # Norms after the branches and over the whole q/k projections; no input norm.
+    assert "post_feedforward_layernorm.weight" in names
+    assert "input_layernorm.weight" not in names
+    q_norm = [t for _, t in architecture(spec).tensors() if t.name == "self_attn.q_norm.weight"]
+    assert q_norm[0].shape == (spec.num_attention_heads * spec.head_dim,)

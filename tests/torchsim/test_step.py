@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -160,3 +162,41 @@ def test_qlora_keeps_quantization_state_in_its_own_category() -> None:
     expected = 2 * (4 * attention + 3 * mlp) + shared_dynamic_code
     assert result.trace.final_bytes()[Category.QUANT_STATE] == expected
     assert result.num_params == SPEC.num_params + result.num_trainable_params
+
+
+def test_a_cpu_measurement_verifies_without_a_gpu(tmp_path: Path, run_cli: Any) -> None:
+    """measure --device cpu --out, then verify: the same checks a GPU run gets, on CPU."""
+    out = tmp_path / "run.json"
+    measured = run_cli(
+        "measure",
+        "--model",
+        "tiny-llama",
+        "--method",
+        "lora",
+        "--device",
+        "cpu",
+        "--batch",
+        "2",
+        "--seq",
+        "64",
+        "--out",
+        str(out),
+        "--json",
+    )
+    assert measured.code == 0, measured.err
+    run = run_cli("verify", str(out), "--json")
+    assert run.code == 0, run.err
+    checks = {c["name"]: c for c in run.json()["runs"][0]["checks"]}
+    assert {"allocated peak", "forward peak", "backward peak", "activations at peak"} <= set(checks)
+    peak = checks["allocated peak"]
+    assert peak["measured_bytes"] == measured.json()["peak_bytes"]
+    assert abs(peak["predicted_bytes"] - peak["measured_bytes"]) <= 0.01 * peak["measured_bytes"]
+
+
+def test_a_damaged_cpu_measurement_is_one_line(tmp_path: Path, run_cli: Any) -> None:
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"traced": {"model": "tiny-llama"}, "trace": []}))
+    run = run_cli("verify", str(path))
+    assert run.code == 2
+    assert run.err.count("\n") == 1
+    assert "not a memplan measured run" in run.err
