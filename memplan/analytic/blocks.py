@@ -94,20 +94,35 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
         # torch.autocast casts the activation per op (never cached) and the fp32 weight once
         # (cached for leaf weights that require grad, until autocast exits).
         xin = cast(seg, x, ctx.compute_dtype, f"{spec.label}.input_cast")
+        # The bias is cast first, the same way (addmm's operand); its gradient, a sum over rows
+        # in the compute dtype, is cast back into the fp32 .grad after the weight's.
+        bc = None
+        if spec.bias:
+            bc = seg.op(
+                f"{spec.label}.bias_cast",
+                [],
+                spec.out_features * spec.copies,
+                ctx.compute_dtype,
+                requires_grad=bias_trainable,
+                param_grads=grads[1:],
+            )
+            if bias_trainable:
+                seg.autocast_cached.append(bc)
         # The cast's backward turns the compute-dtype weight gradient into the fp32 .grad.
         wc = seg.op(
             f"{spec.label}.weight_cast",
             [],
             numel_w,
             ctx.compute_dtype,
-            requires_grad=trainable or bias_trainable,
-            param_grads=grads,
+            requires_grad=trainable,
+            param_grads=grads[:1],
         )
         if trainable:
             seg.autocast_cached.append(wc)
+        operands = [xin, wc] + ([bc] if bc is not None else [])
         out = seg.op(
             spec.label,
-            [xin, wc],
+            operands,
             rows * spec.out_features,
             out_dtype,
             saves=[xin if trainable else None, wc if xin.requires_grad else None],
@@ -338,7 +353,9 @@ def attention_core(
     kv_len = kv_len or s
     sdpa = ctx.attention is not Attention.EAGER and not eager_only
     float_mask = None
-    if sdpa and (mask or kv_len != s):
+    # A causal model's prefix keys need a mask (ctx.sdpa_mask); a bidirectional encoder without
+    # padding gets none (create_bidirectional_mask), whatever the keys' length.
+    if sdpa and mask:
         float_mask = seg.op(f"{label}.float_mask", [], b * s * kv_len, q.dtype, requires_grad=False)
     # CPU SDPA has no fused kernel with dropout and falls back to the math (eager-like) path.
     math_fallback = kv_broadcast or (dropout_p > 0 and ctx.device == "cpu")
@@ -419,38 +436,51 @@ def _math_sdpa(
     kv_broadcast: bool = False,
 ) -> Tensor:
     """_scaled_dot_product_attention_math (the CPU path with dropout, or key/value heads to
-    broadcast): 16-bit inputs are upcast to fp32; q and k are scaled by sqrt(scale) into
-    copies kept for backward with v; softmax, dropout and the product run in fp32; the output
-    is cast back. An additive mask is added to the scores in place; key/value heads broadcast
-    to several query heads are expanded by at::matmul (a copy unless the batch is one
-    sequence).
+    broadcast): 16-bit inputs are upcast to fp32 (locals until it returns); q is scaled by
+    sqrt(scale) into a local (``query``), the transposed key into a temporary; softmax, dropout
+    and the product run in fp32; the output is cast back, and so are the attention weights
+    (returned with it, then dropped by scaled_dot_product_attention). at::matmul folds batch
+    and heads with reshape, which copies an operand strided by a transposed view when the
+    batch is more than one sequence (the bmm then saves the copy). An additive mask is added
+    to the scores in place; key/value heads broadcast to several query heads are expanded by
+    at::matmul (a copy unless the batch is one sequence).
     """
     out_dtype = q.dtype
     views = [q, k, v]
+    strided = [t.base is not None and ctx.batched for t in views]
     upcast = [
         cast(seg, t, DType.FP32, f"{label}.{n}_float") for t, n in ((q, "q"), (k, "k"), (v, "v"))
     ]
     q, k, v = upcast
-
     q = seg.op(f"{label}.q_scaled", [q], q.numel, DType.FP32)
-    k = seg.op(f"{label}.k_scaled", [k], k.numel, DType.FP32)
-    upcast += [q, k]
+    k_scaled = k = seg.op(f"{label}.k_scaled", [k], k.numel, DType.FP32)
+    upcast.append(q)
     full_kv = q.numel // ctx.seq_len * kv_len
     expand = kv_broadcast and num_kv_heads != num_heads and ctx.batched
     if expand:
         k = seg.op(f"{label}.k_expand", [k], full_kv, DType.FP32)
+    elif strided[1]:
+        k = seg.op(f"{label}.k_contiguous", [k], k.numel, DType.FP32, passthrough_grad=True)
+    if strided[0]:
+        q = seg.op(f"{label}.q_contiguous", [q], q.numel, DType.FP32, passthrough_grad=True)
     scores_numel = ctx.batch * num_heads * ctx.seq_len * kv_len
     scores = seg.op(f"{label}.qk", [q, k], scores_numel, DType.FP32, saves=_bmm_saves(q, k))
+    seg.hold(k_scaled, label=f"{label}.k_scaled.end")  # a temporary of the matmul's expression
     probs = seg.op(f"{label}.softmax", [scores], scores_numel, DType.FP32, saves_output=True)
     probs = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
+    weights = cast(seg, probs, out_dtype, f"{label}.weights_cast")
     if expand:
         v = seg.op(f"{label}.v_expand", [v], full_kv, DType.FP32)
+    elif strided[2]:
+        v = seg.op(f"{label}.v_contiguous", [v], v.numel, DType.FP32, passthrough_grad=True)
     out = seg.op(f"{label}.pv", [probs, v], q.numel, DType.FP32, saves=_bmm_saves(probs, v))
     out = cast(seg, out, out_dtype, f"{label}.output_cast")
     # C++ locals live until the function returns, and the caller's q/k/v views until it does.
     held = [float_mask] if float_mask else []
-    seg.hold(*upcast, *views, *held, label=f"{label}.locals")
-    return out
+    seg.hold(*upcast, weights, *views, *held, label=f"{label}.locals")
+    # The output is (batch, heads, seq, head_dim) in memory: sdpa_attention_forward's
+    # transpose(1, 2).contiguous() copies it.
+    return seg.op(f"{label}.transpose", [out], out.numel, out.dtype, passthrough_grad=True)
 
 
 def _eager_attention(
@@ -522,13 +552,17 @@ def layer_norm(
 ) -> Tensor:
     """F.layer_norm (native_layer_norm): saves its input and the fp32 mean and rstd per row.
 
-    Under autocast layer_norm runs in fp32 (autocast's fp32 list), so a 16-bit input is cast.
+    Under CUDA autocast layer_norm runs in fp32 (on its fp32 list), so a 16-bit input is cast;
+    CPU autocast leaves layer_norm alone, and the kernel takes a 16-bit input with fp32 weights.
     """
     rows = x.numel // size
     trainable = affine and ctx.trains_norm
-    x_in = cast(seg, x, DType.FP32, f"{label}.autocast") if ctx.amp else x
-    # CUDA keeps mean and rstd in fp32; the CPU kernel returns them in the input's dtype.
-    stat = DType.FP32 if ctx.device == "cuda" else x_in.dtype
+    upcast = ctx.amp and ctx.device == "cuda"
+    x_in = cast(seg, x, DType.FP32, f"{label}.autocast") if upcast else x
+    # CUDA keeps mean and rstd in fp32; the CPU kernel returns them in the input's dtype, or
+    # in fp32 when input and weights differ (layer_norm_cpu's mixed-type path).
+    mixed = affine and x_in.dtype is not ctx.weight_dtype
+    stat = DType.FP32 if ctx.device == "cuda" or mixed else x_in.dtype
     mean = seg.op(f"{label}.mean", [], rows, stat, requires_grad=False)
     rstd = seg.op(f"{label}.rstd", [], rows, stat, requires_grad=False)
     grads = [_param_grad(ctx, f"{label}.weight", size, trainable)]
@@ -540,6 +574,7 @@ def layer_norm(
         x_in.dtype,
         saves=[x_in, mean, rstd],
         param_grads=grads,
+        saves_kernel_outputs=True,  # mean and rstd are native_layer_norm's outputs
     )
 
 

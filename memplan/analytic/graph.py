@@ -73,6 +73,9 @@ class Op:
     # Autograd also saves a parameter (resident, no memory of its own): a frozen linear's
     # weight kept for its input's gradient. It counts for checkpointing's early stop.
     saves_params: bool = False
+    # The kernel also returns tensors recorded as ops of their own before it (native_layer_norm's
+    # mean and rstd), saved as its outputs: packed after the kernel ran.
+    saves_kernel_outputs: bool = False
 
 
 @dataclass
@@ -95,6 +98,8 @@ class Segment:
     # Tensors a KV cache holds (peft's prefix DynamicCache) until the model's output is
     # dropped after the loss: kept past their last use and released by the composer.
     cache_held: list[Tensor] = field(default_factory=list)
+    # The batch's labels when the segment reads them as they are (a view, not a shifted copy).
+    batch_labels: Tensor | None = None
 
     def saved_storage_ids(self) -> frozenset[int]:
         """ids of the storages any op of the segment saves for backward (cached)."""
@@ -132,9 +137,11 @@ class Segment:
         bwd_workspace_bytes: int = 0,
         category: Category | None = None,
         saves_params: bool = False,
+        saves_kernel_outputs: bool = False,
     ) -> Tensor:
         """Record an op. ``saves`` is what autograd keeps when the output requires grad;
-        ``saves_params``: it also keeps a parameter."""
+        ``saves_params``: it also keeps a parameter; ``saves_kernel_outputs``: some of the saved
+        tensors are other outputs of its kernel."""
         ins = tuple(inputs)
         grads = tuple(g for g in param_grads if g.grad_bytes)
         if requires_grad is None:
@@ -161,6 +168,7 @@ class Segment:
                 fwd_workspace_bytes,
                 bwd_workspace_bytes,
                 saves_params and requires_grad,
+                saves_kernel_outputs and requires_grad,
             )
         )
         return out
@@ -219,7 +227,7 @@ def recompute_stop(segment: Segment) -> tuple[int, bool]:
     for index in reversed(range(len(segment.ops))):
         op = segment.ops[index]
         if op.saved or op.saves_params:
-            return index, any(t is op.output for t in op.saved)
+            return index, op.saves_kernel_outputs or any(t is op.output for t in op.saved)
     return -1, False
 
 
@@ -356,6 +364,7 @@ def backward_events(
     recompute: tuple[int, list[Event]] | None = None,
     keep: Iterable[Tensor] = (),
     categories: Categories | None = None,
+    held_output_grads: bool = False,
 ) -> tuple[list[Event], dict[int, GradBytes]]:
     """Events of the segment's backward, given the gradients of its outputs.
 
@@ -367,7 +376,9 @@ def backward_events(
     checkpoint's recomputation (op index, events), run when backward first unpacks a saved
     tensor, at that op; the ops after it have run their backward by then. ``keep``: saved
     storages the caller still holds past their last use (a checkpointed layer's input);
-    ``categories`` as in :func:`forward_events`.
+    ``categories`` as in :func:`forward_events`. ``held_output_grads``: the caller holds the
+    output gradients past their use (the seed torch.autograd.backward makes), so they are
+    not freed here.
     """
     ledger = _Ledger(phase, step)
     cats: Categories = categories or {}
@@ -393,6 +404,7 @@ def backward_events(
 
     for tensor_id, (nbytes, cat) in output_grads.items():
         grad_of[tensor_id] = new_buffer(nbytes, cat, allocate=False)
+        buffers[grad_of[tensor_id]].refs += held_output_grads
 
     save_refs: dict[int, int] = {}
     storages: dict[int, Tensor] = {}

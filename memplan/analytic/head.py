@@ -126,7 +126,9 @@ def cross_entropy(
 
     ``shifted_fp32``: transformers' ForCausalLMLoss, which casts the logits to fp32, pads the
     labels by one and shifts them (int64), then log_softmax (saved) and nll_loss. Otherwise
-    CrossEntropyLoss on the logits in their own dtype with unshifted labels.
+    CrossEntropyLoss with unshifted labels, on the logits in their own dtype, or in fp32 under
+    autocast (CPU casts cross_entropy_loss's input, CUDA runs log_softmax in fp32: on their
+    fp32 lists).
     """
     n = ctx.num_tokens
     padded = None
@@ -137,8 +139,10 @@ def cross_entropy(
         )
         labels = seg.op("labels.shift", [padded], n, DType.INT64, requires_grad=False)
     else:
-        loss_in = logits
-        labels = seg.op("labels", [], n, DType.INT64, requires_grad=False)
+        loss_in = cast(seg, logits, DType.FP32, "logits.autocast") if ctx.amp else logits
+        # labels.view(-1): a view of the batch's labels, allocated with the batch.
+        labels = seg.input(n, DType.INT64, "labels", requires_grad=False, persistent=True)
+        seg.batch_labels = labels
     logp = seg.op("log_softmax", [loss_in], loss_in.numel, loss_in.dtype, saves_output=True)
     # nll_loss returns the loss and the total weight (saved).
     weight = seg.op("nll_loss.total_weight", [], 1, DType.FP32, requires_grad=False)

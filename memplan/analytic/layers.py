@@ -51,7 +51,49 @@ def self_attention(
     kv_broadcast: bool = False,
     mask: bool = False,
 ) -> Tensor:
-    """Prefix keys/values, autocast's casts, attention over the sequence, output projection.
+    """:func:`attention_context` and the output projection ``out``."""
+    attn = attention_context(
+        seg,
+        ctx,
+        spec,
+        qkv,
+        heads=heads,
+        kv_heads=kv_heads,
+        label=label,
+        dropout_p=dropout_p,
+        softmax_fp32=softmax_fp32,
+        eager_only=eager_only,
+        softcap=softcap,
+        head_major_q=head_major_q,
+        mask_dtype=mask_dtype,
+        kv_broadcast=kv_broadcast,
+        mask=mask,
+    )
+    return linear(seg, ctx, attn, out)
+
+
+def attention_context(
+    seg: Segment,
+    ctx: StepContext,
+    spec: ModelSpec,
+    qkv: tuple[Tensor, Tensor, Tensor],
+    *,
+    heads: int,
+    kv_heads: int,
+    label: str,
+    dropout_p: float,
+    softmax_fp32: bool = True,
+    eager_only: bool = False,
+    softcap: bool = False,
+    head_major_q: bool = False,
+    mask_dtype: DType | None = None,
+    kv_broadcast: bool = False,
+    mask: bool = False,
+    hold_qkv: bool = False,
+) -> Tensor:
+    """Prefix keys/values, autocast's casts and attention over the sequence: the context the
+    output projection reads. ``hold_qkv``: the caller's locals keep q and the keys and values
+    (once a cache update replaced them) until the context is made.
 
     Under AMP scaled_dot_product_attention is on autocast's lower-precision list, so q, k and v
     (fp32 after a rotary product with fp32 tables) are cast to the compute dtype first.
@@ -67,9 +109,10 @@ def self_attention(
         k = repeat_kv(seg, k, heads // kv_heads, f"{label}.repeat_k")
         v = repeat_kv(seg, v, heads // kv_heads, f"{label}.repeat_v")
         kv_heads = heads
+    locals_ = (q, k, v)
     if ctx.amp:
         q, k, v = (cast(seg, t, ctx.compute_dtype, f"{t.label}.autocast") for t in (q, k, v))
-    attn = attention_core(
+    context = attention_core(
         seg,
         ctx,
         q,
@@ -88,7 +131,9 @@ def self_attention(
         mask=masked,
         head_major_q=head_major_q,
     )
-    return linear(seg, ctx, attn, out)
+    if hold_qkv:
+        seg.hold(*locals_, label=f"{label}.qkv_locals")
+    return context
 
 
 @dataclass

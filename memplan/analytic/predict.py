@@ -199,9 +199,12 @@ def _micro_batch(
     ids_category = (
         Category.ACTIVATIONS if loop.trains and ctx.trains_embedding else Category.TEMPORARIES
     )
+    # Labels the loss reads unshifted are saved by nll_loss for backward.
+    saved_labels = loop.trains and composer.saves_batch_labels
+    labels_category = Category.ACTIVATIONS if saved_labels else Category.TEMPORARIES
     items: list[TraceItem] = [
         Event(ids_bytes, ids_category, Phase.FORWARD, 0, "input_ids"),
-        Event(ids_bytes, Category.TEMPORARIES, Phase.FORWARD, 0, "labels"),
+        Event(ids_bytes, labels_category, Phase.FORWARD, 0, "labels"),
     ]
     fwd, deferred = composer.forward_items(0)
     items += fwd
@@ -209,7 +212,7 @@ def _micro_batch(
     if loop.trains:
         items += composer.backward_items(0, accumulate=accumulate)
     end_phase = Phase.BACKWARD if loop.trains else Phase.LOSS
-    items.append(Event(-ids_bytes, Category.TEMPORARIES, end_phase, 0, "labels"))
+    items.append(Event(-ids_bytes, labels_category, end_phase, 0, "labels"))
     items.append(Event(-ids_bytes, ids_category, end_phase, 0, "input_ids"))
     return items
 

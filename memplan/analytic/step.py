@@ -67,6 +67,12 @@ class StepComposer:
             cats.append(_ACT if self.autograd and _saves(stack.norm, stack.norm_in) else _TMP)
         return cats
 
+    @property
+    def saves_batch_labels(self) -> bool:
+        """Whether backward keeps the batch's labels themselves (nll_loss saves its target)."""
+        labels = self.graph.loss.batch_labels
+        return labels is not None and self.autograd and _saves(self.graph.loss, labels)
+
     # -- forward ---------------------------------------------------------------------------
     def forward_items(self, step: int) -> tuple[list[TraceItem], int]:
         """Events of every stack's forward, and the bytes deferred to the end of the forward."""
@@ -326,14 +332,18 @@ class StepComposer:
     # -- backward --------------------------------------------------------------------------
     def backward_items(self, step: int, *, accumulate: bool) -> list[TraceItem]:
         g = self.graph
-        items: list[TraceItem] = []
+        # loss.backward() seeds the loss's gradient with ones_like(loss) (autograd's
+        # _make_grads); it and the loss are held until backward returns.
+        seed = allocation_bytes(g.loss_out.nbytes)
+        items: list[TraceItem] = [Event(seed, Category.LOGITS, Phase.BACKWARD, step, "loss seed")]
         events, grads = backward_events(
             g.loss,
             phase=Phase.BACKWARD,
             step=step,
-            output_grads={id(g.loss_out): (4, Category.LOGITS)},
+            output_grads={id(g.loss_out): (g.loss_out.nbytes, Category.LOGITS)},
             accumulate=accumulate,
             categories=self._loss_categories(),
+            held_output_grads=True,
         )
         items += events
         grad = grads.get(id(g.loss_in))
@@ -365,6 +375,10 @@ class StepComposer:
                 category = self._stack_held_category(stack)
                 items.append(Event(-size, category, Phase.BACKWARD, step, f"{t.label} freed"))
                 items.append(Event(-size, _TMP, Phase.BACKWARD, step, f"{t.label}.grad freed"))
+        items += [
+            Event(-seed, Category.LOGITS, Phase.BACKWARD, step, label)
+            for label in ("loss seed", "loss released")
+        ]
         return items
 
     def _tail_items(self, step: int, accumulate: bool, held: list[list[int]]) -> list[TraceItem]:

@@ -81,13 +81,14 @@ class ModelState:
 
 def _quantized(tensor: ParamTensor, setup: TrainingSetup) -> bool:
     # replace_with_bnb_linear swaps every nn.Linear except the LM head (transformers keeps the
-    # output embedding in 16-bit: get_keys_to_not_convert). MoE routers and the 3-D expert
-    # tensors (copies > 1) are parameters of other modules: they stay in 16-bit
+    # output embedding in 16-bit: get_keys_to_not_convert), heads' linears (BERT's MLM
+    # transform, OPT's projections) included. MoE routers and the 3-D expert tensors
+    # (copies > 1) are parameters of other modules: they stay in 16-bit
     # (transformers integrations/bitsandbytes.py, quantizers/quantizer_bnb_4bit.py); so do
     # the modules a model keeps in fp32 (_keep_in_fp32_modules).
     return (
         setup.quant is not Quantization.NONE
-        and tensor.kind is ParamKind.LINEAR
+        and tensor.kind in (ParamKind.LINEAR, ParamKind.HEAD_LINEAR)
         and tensor.copies == 1
         and tensor.quantizable
     )
@@ -119,7 +120,17 @@ def model_state(
             TensorGroup(added.label, share, added.dtype, added.count, shape=added.shape)
         )
         state.num_trainable_params += added.full_numel * added.count
-    if rotary := family(arch.spec.family).rotary_dim(arch.spec):
+    quantized = any(_quantized(t, setup) for block in arch.blocks for t in block.params)
+    if quantized and setup.double_quant:
+        # Double quantization's 8-bit code book, made once on the device and shared by every
+        # weight (bitsandbytes' module-level name2qmap["dynamic"], 256 fp32 values).
+        state.groups.append(
+            TensorGroup("quant_state.dynamic_code", 256, DType.FP32, 1, Category.QUANT_STATE)
+        )
+    fam = family(arch.spec.family)
+    for name, numel, dtype in fam.buffers(arch.spec):
+        state.groups.append(TensorGroup(name, numel, dtype, 1, Category.FROZEN_WEIGHTS))
+    if rotary := fam.rotary_dim(arch.spec):
         # The rotary embedding module's inv_freq and original_inv_freq buffers (fp32).
         state.groups.append(
             TensorGroup("rotary_emb.inv_freq", rotary // 2, DType.FP32, 2, Category.FROZEN_WEIGHTS)

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from memplan.analytic.layers import LayerGraph
     from memplan.analytic.model_graph import StackBuilder, Stacks
     from memplan.architecture import Block
+    from memplan.dtypes import DType
     from memplan.specs.model import ModelSpec
     from memplan.specs.training import Attention, LinearRole, TrainingSetup
 
@@ -63,6 +64,10 @@ class ModelFamily:
     """A decoder whose eager attention reads an additive causal mask (create_causal_mask)."""
     num_eager_masks: ClassVar[int] = 1
     """Additive (batch, 1, seq, seq) masks a causal model's forward builds for eager attention."""
+    adapter_hooks: ClassVar[tuple[str, str] | None] = None
+    """Modules of a layer (dotted paths from it, negative indices count from the end) whose
+    outputs get the attention and the MLP bottleneck adapter, in every layer stack; None: the
+    layer's attention and MLP blocks, found by their usual names."""
     traced_only: ClassVar[bool] = False
     """No analytical model: the tracer runs it, ``plan`` refuses it (unregistered families)."""
 
@@ -83,6 +88,10 @@ class ModelFamily:
     def rotary_dim(self, spec: ModelSpec) -> int:
         """Dimensions per head with rotary embeddings (0: no rotary; sizes inv_freq buffers)."""
         return spec.head_dim if spec.position_embedding == "rope" else 0
+
+    def buffers(self, spec: ModelSpec) -> tuple[tuple[str, int, DType], ...]:
+        """Buffers the model registers besides the rotary tables: (name, elements, dtype)."""
+        return ()
 
     def sliding_window(self, spec: ModelSpec) -> int | None:
         """Span of sliding-window attention in tokens (None: every layer attends to all)."""

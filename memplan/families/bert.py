@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from memplan.analytic.graph import Segment, Tensor
     from memplan.analytic.layers import LayerGraph
     from memplan.architecture import Block, Params
+    from memplan.dtypes import DType
     from memplan.specs.model import ModelSpec
 
 # BERT classes (config.json 'architectures') -> (pooler, MLM head, extra linear head as
@@ -62,6 +63,9 @@ class Bert(ModelFamily):
     layout_type = BertLayout
     lora_roles = ("q", "v")  # query, value
     causal = False
+    # BertSelfOutput and BertOutput: dense -> dropout -> LayerNorm(x + input); an adapter
+    # adapts the dropout's output before the residual sum.
+    adapter_hooks = ("attention.output.dropout", "output.dropout")
 
     def layout(self, spec: ModelSpec) -> BertLayout:
         assert isinstance(spec.layout, BertLayout)
@@ -108,6 +112,17 @@ class Bert(ModelFamily):
 
     def hf_class(self, config: Config) -> str:
         return str((config.get("architectures") or ["BertForMaskedLM"])[0])
+
+    def buffers(self, spec: ModelSpec) -> tuple[tuple[str, int, DType], ...]:
+        """BertEmbeddings' position_ids (an arange) and token_type_ids (zeros), int64 rows of
+        max_position_embeddings."""
+        from memplan.dtypes import DType
+
+        rows = spec.max_position_embeddings
+        return (
+            ("embeddings.position_ids", rows, DType.INT64),
+            ("embeddings.token_type_ids", rows, DType.INT64),
+        )
 
     # -- parameters ---------------------------------------------------------------------------
     def blocks(self, spec: ModelSpec) -> tuple[Block, ...]:
@@ -205,22 +220,31 @@ class Bert(ModelFamily):
         output_requires_grad: bool,
         stack: str = "model",
     ) -> Tensor:
-        """BertEmbeddings: word + token-type + position lookups, LayerNorm, dropout."""
+        """BertEmbeddings: word + token-type + position lookups, LayerNorm, dropout.
+
+        The token-type ids are the registered buffer gathered at the positions (one int64 row,
+        expanded over the batch), saved by the lookup when its table trains; the position ids
+        are a view of their buffer. The lookups and the LayerNorm's output are locals until
+        BertEmbeddings returns.
+        """
         from memplan.analytic.blocks import dropout, layer_norm, residual_add
         from memplan.analytic.head import table_grad, token_embedding
+        from memplan.dtypes import DType
 
         h, trainable = spec.hidden_size, ctx.trains_embedding
-        x = token_embedding(spec, ctx, seg, output_requires_grad=output_requires_grad)
+        words = token_embedding(spec, ctx, seg, output_requires_grad=output_requires_grad)
         type_rows = self.layout(spec).type_vocab_size
+        type_ids = seg.op("token_type_ids", [], ctx.seq_len, DType.INT64, requires_grad=False)
         types = seg.op(
             "token_type_embeddings",
-            [],
+            [type_ids],
             ctx.num_tokens * h,
             ctx.weight_dtype,
+            saves=[type_ids],
             param_grads=[table_grad(ctx, "token_type", type_rows * h, trainable=trainable)],
             requires_grad=trainable,
         )
-        x = residual_add(seg, x, types, "add_token_types")
+        x = residual_add(seg, words, types, "add_token_types")
         pos = seg.op(
             "position_embeddings",
             [],
@@ -232,35 +256,38 @@ class Bert(ModelFamily):
             requires_grad=trainable,
         )
         x = residual_add(seg, x, pos, "add_positions")
-        x = layer_norm(seg, ctx, x, "LayerNorm", h)
+        normed = layer_norm(seg, ctx, x, "LayerNorm", h)
         seg.model_locals.clear()  # BertEmbeddings' locals end with it
-        x = dropout(seg, ctx, x, spec.hidden_dropout, "embed_dropout")
+        x = dropout(seg, ctx, normed, spec.hidden_dropout, "embed_dropout")
+        seg.hold(words, type_ids, types, pos, normed, label="embeddings.locals")
         seg.model_locals.append(x)  # BertModel's `embedding_output`
         return x
 
     def final_norm(
         self, spec: ModelSpec, ctx: StepContext, x: Tensor, seg: Segment, *, stack: str = "model"
     ) -> Tensor:
-        return x  # post-LN layers: no norm after the last one
+        """Post-LN layers have no norm after the last one; an MLM head's transform (dense,
+        activation, LayerNorm: BertPredictionHeadTransform) runs here, before the decoder."""
+        from memplan.analytic.blocks import LinearSpec, activation, layer_norm, linear
+
+        if not BERT_HEADS[self.layout(spec).architecture][1]:
+            return x
+        h = spec.hidden_size
+        dense = LinearSpec("cls.predictions.transform.dense", h, h, None, bias=True)
+        t = linear(seg, ctx, x, dense)
+        t = activation(seg, t, spec.hidden_act, "cls.predictions.transform.act")
+        return layer_norm(seg, ctx, t, "cls.predictions.transform.LayerNorm", h)
 
     def head(
         self, spec: ModelSpec, ctx: StepContext, x: Tensor, seg: Segment
     ) -> tuple[Tensor, Tensor]:
-        """The MLM head (dense, activation, LayerNorm, tied decoder with bias) and
-        CrossEntropyLoss on the logits in their own dtype; or a classification head."""
-        from memplan.analytic.blocks import LinearSpec, activation, layer_norm, linear
+        """The MLM decoder (tied to the word embedding, with its bias) and CrossEntropyLoss
+        over every position; or a classification head."""
         from memplan.analytic.head import cross_entropy, lm_head
 
         if "Classification" in self.layout(spec).architecture:
             return self._classification_loss(spec, ctx, x, seg)
-        h = spec.hidden_size
-        dense = LinearSpec(
-            "cls.predictions.transform.dense", h, h, None, bias=True, quantizable=False
-        )
-        t = linear(seg, ctx, x, dense)
-        t = activation(seg, t, spec.hidden_act, "cls.predictions.transform.act")
-        t = layer_norm(seg, ctx, t, "cls.predictions.transform.LayerNorm", h)
-        logits = lm_head(spec, ctx, t, seg, bias=True)
+        logits = lm_head(spec, ctx, x, seg, bias=True)
         return cross_entropy(ctx, seg, logits, x, shifted_fp32=False), logits
 
     def _classification_loss(
@@ -288,10 +315,26 @@ class Bert(ModelFamily):
 
 
 def _bert_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -> LayerGraph:
-    """BertLayer: post-LayerNorm self-attention and MLP with dropout after each branch."""
-    from memplan.analytic.blocks import LinearSpec, dropout, layer_norm, residual_add
+    """BertLayer: post-LayerNorm self-attention and MLP with dropout after each branch.
+
+    Python locals keep tensors past their last use: BertSelfAttention's query/key/value
+    layers (the keys and values a cache update returned) until it returns, BertAttention's
+    context until BertSelfOutput returns, each output module's branch (``hidden_states``)
+    until its LayerNorm returns; the attention output, feed_forward_chunk's
+    ``intermediate_output``, under eager attention the attention weights (BertLayer's ``_``),
+    and the encoder loop's ``hidden_states`` (the layer's input) until the layer returns.
+    """
+    from memplan.analytic.blocks import (
+        LinearSpec,
+        activation,
+        dropout,
+        layer_norm,
+        linear,
+        residual_add,
+    )
     from memplan.analytic.graph import Segment
-    from memplan.analytic.layers import LayerGraph, plain_mlp, qkv_projections, self_attention
+    from memplan.analytic.layers import LayerGraph, attention_context, qkv_projections
+    from memplan.specs.training import Attention
 
     seg = Segment("layer")
     tp = ctx.tensor_parallel_degree
@@ -300,27 +343,49 @@ def _bert_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
     x = seg.input(n * h, ctx.activation_dtype, "layer.input", requires_grad=input_requires_grad)
     names = ("attention.self.query", "attention.self.key", "attention.self.value")
     q, k, v = qkv_projections(seg, ctx, spec, x, names=names)
-    o = self_attention(
+    # .view(..., heads, head_dim).transpose(1, 2): (batch, heads, seq, head_dim) views.
+    q, k, v = (
+        seg.op(f"{t.label}.heads", [t], t.numel, t.dtype, view_of=t, passthrough_grad=True)
+        for t in (q, k, v)
+    )
+    context = attention_context(
         seg,
         ctx,
         spec,
         (q, k, v),
-        LinearSpec("attention.output.dense", heads * spec.head_dim, h, "o", bias=True),
         heads=heads,
         kv_heads=heads,
         label="attention",
         dropout_p=spec.attention_dropout,
         softmax_fp32=False,
+        hold_qkv=True,  # BertSelfAttention's query/key/value layers
     )
-    o = dropout(seg, ctx, o, spec.hidden_dropout, "attention.output.dropout")
+    # eager_attention_forward returns the dropped-out probabilities (the product's left
+    # operand) as the attention weights; SDPA returns none.
+    weights = None
+    if ctx.attention is Attention.EAGER:
+        weights = next(op for op in reversed(seg.ops) if op.name == "attention.pv").inputs[0]
+    dense = LinearSpec("attention.output.dense", heads * spec.head_dim, h, "o", bias=True)
+    d = linear(seg, ctx, context, dense)
+    o = dropout(seg, ctx, d, spec.hidden_dropout, "attention.output.dropout")
+    # The dense output stays bound while the dropout module's forward hooks run.
     o = ctx.method.branch_output(seg, ctx, o, "adapter_attn")
+    seg.hold(d, label="attention.output.dense.end")
     h1 = layer_norm(
         seg, ctx, residual_add(seg, o, x, "attention.residual"), "attention.output.LayerNorm", h
     )
-    m = plain_mlp(seg, ctx, spec, h1, ("intermediate.dense", "output.dense"))
-    m = dropout(seg, ctx, m, spec.hidden_dropout, "output.dropout")
+    seg.hold(context, o, label="attention.locals")
+    i = spec.intermediate_size // tp
+    up = LinearSpec("intermediate.dense", h, i, "up", bias=True)
+    inter = activation(seg, linear(seg, ctx, h1, up), spec.hidden_act, "mlp.act")
+    down = LinearSpec("output.dense", i, h, "down", bias=True)
+    d = linear(seg, ctx, inter, down)
+    m = dropout(seg, ctx, d, spec.hidden_dropout, "output.dropout")
     m = ctx.method.branch_output(seg, ctx, m, "adapter_mlp")
+    seg.hold(d, label="output.dense.end")
     out = layer_norm(seg, ctx, residual_add(seg, m, h1, "output.residual"), "output.LayerNorm", h)
+    held = [m, inter, h1, x] + ([weights] if weights is not None else [])
+    seg.hold(*held, label="layer.locals")
     return LayerGraph(seg, x, out, ())
 
 

@@ -68,13 +68,18 @@ class Adapter(TuningMethod):
         )
         u = seg.op(f"{label}.up", [a], x.numel, ctx.adapter_dtype, saves=[a], param_grads=[up_grad])
         out = cast(seg, u, x.dtype, f"{label}.output_cast")
-        return residual_add(seg, x, out, f"{label}.residual")
+        y = residual_add(seg, x, out, f"{label}.residual")
+        # The cast input and the up projection's output are locals of the adapter's forward.
+        seg.hold(xa, u, label=f"{label}.locals")
+        return y
 
     def apply(self, built: Any, spec: ModelSpec, setup: TrainingSetup) -> Any:
+        from memplan.families import family
         from memplan.torchsim.adapters import add_bottleneck_adapters
 
         built.model.requires_grad_(False)
-        add_bottleneck_adapters(built.model, spec.hidden_size, setup, built.notes)
+        hooks = family(spec.family).adapter_hooks
+        add_bottleneck_adapters(built.model, spec.hidden_size, setup, built.notes, hooks)
         return built.model
 
     def assumptions(self, spec: ModelSpec, setup: TrainingSetup) -> list[str]:

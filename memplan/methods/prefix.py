@@ -168,9 +168,11 @@ class Prefix(TuningMethod):
                 "prefix tuning needs a transformers model (peft feeds past_key_values)"
             )
         built.model.requires_grad_(False)
-        config = PrefixTuningConfig(
-            task_type=peft_task_type(built), num_virtual_tokens=setup.prefix_len
-        )
+        # Prompt learning needs a task type; peft has none for masked LMs, whose model its
+        # feature-extraction wrapper calls with the prefix cache and the other arguments
+        # (labels included) as they are.
+        task_type = peft_task_type(built) or "FEATURE_EXTRACTION"
+        config = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=setup.prefix_len)
         return get_peft_model(built.model, config)
 
     def assumptions(self, spec: ModelSpec, setup: TrainingSetup) -> list[str]:

@@ -59,19 +59,51 @@ def _branch(layer: nn.Module, names: tuple[str, ...]) -> nn.Module | None:
 
 
 def add_bottleneck_adapters(
-    model: nn.Module, hidden_size: int, setup: TrainingSetup, notes: list[str]
+    model: nn.Module,
+    hidden_size: int,
+    setup: TrainingSetup,
+    notes: list[str],
+    hooks: tuple[str, str] | None = None,
 ) -> None:
     """Freeze ``model`` and add two trainable adapters (``hidden_size`` wide, the residual
-    stream's width) to every layer of every stack (an encoder-decoder model has two)."""
+    stream's width) to every layer of every stack (an encoder-decoder model has two): on the
+    outputs of the modules ``hooks`` names (paths from the layer), else of the layer's
+    attention and MLP blocks."""
     from memplan.torchsim.models import decoder_layer_stacks
 
     dtype = _TORCH_DTYPES.get(setup.adapter_dtype, torch.float32)
     for layer in (layer for stack in decoder_layer_stacks(model) for layer in stack):
-        for names, attr in ((_ATTENTION_NAMES, "attention_adapter"), (_MLP_NAMES, "mlp_adapter")):
-            block = _branch(layer, names)
-            if block is None:
-                raise MemplanError(f"no attention/MLP block found in {type(layer).__name__}")
+        blocks = _hook_points(layer, hooks)
+        for block, attr in zip(blocks, ("attention_adapter", "mlp_adapter"), strict=True):
             adapter = BottleneckAdapter(hidden_size, setup.adapter_size, dtype)
             layer.add_module(attr, adapter)
             block.register_forward_hook(lambda m, a, out, ad=adapter: _apply_to_output(ad, out))
-    notes.append(f"adapter: bottleneck {setup.adapter_size} after attention and MLP, {dtype}")
+    where = "after " + " and ".join(hooks) if hooks else "after attention and MLP"
+    notes.append(f"adapter: bottleneck {setup.adapter_size} {where}, {dtype}")
+
+
+def _hook_points(layer: nn.Module, hooks: tuple[str, str] | None) -> list[nn.Module]:
+    """The modules of ``layer`` whose outputs get the attention and the MLP adapter."""
+    if hooks is not None:
+        return [_submodule(layer, path) for path in hooks]
+    blocks = []
+    for names in (_ATTENTION_NAMES, _MLP_NAMES):
+        block = _branch(layer, names)
+        if block is None:
+            raise MemplanError(f"no attention/MLP block found in {type(layer).__name__}")
+        blocks.append(block)
+    return blocks
+
+
+def _submodule(layer: nn.Module, path: str) -> nn.Module:
+    """``layer``'s module at a dotted ``path``; an integer part indexes a ModuleList (negative
+    from its end)."""
+    module = layer
+    for part in path.split("."):
+        if part.lstrip("-").isdigit() and isinstance(module, nn.ModuleList):
+            module = module[int(part)]
+        elif isinstance(child := getattr(module, part, None), nn.Module):
+            module = child
+        else:
+            raise MemplanError(f"no module {path!r} in {type(layer).__name__}")
+    return module

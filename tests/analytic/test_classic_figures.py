@@ -85,6 +85,8 @@ def _nf4_bytes(*, double_quant: bool) -> int:
     total += 2 * blk(2 * V * H)  # embed_tokens and lm_head stay bf16
     total += (2 * L + 1) * blk(2 * H)  # RMSNorm weights stay bf16
     total += 2 * blk(4 * 128 // 2)  # the rotary module's inv_freq buffers (fp32, head_dim / 2)
+    if double_quant:
+        total += blk(4 * 256)  # the shared 8-bit code book double quantization builds once
     return total
 
 
