@@ -70,6 +70,9 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
         deq = seg.op(f"{spec.label}.dequantize", [], numel_w, deq_dtype, requires_grad=False)
         deq = cast(seg, deq, ctx.compute_dtype, f"{spec.label}.dequantize_cast")
         needs_grad_input = xin.requires_grad
+        deq_compute = numel_w * dtype_bytes(ctx.compute_dtype)
+        deq_both = 0 if deq_dtype is ctx.compute_dtype else numel_w * dtype_bytes(deq_dtype)
+        deq_both += deq_compute if deq_both else 0
         out = seg.op(
             spec.label,
             [xin, deq],
@@ -79,11 +82,11 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
             saves=[xin] if ctx.quant_matmul_saves_input else [],
             param_grads=grads,
             requires_grad=needs_grad_input or bias_trainable,
-            bwd_workspace_bytes=_dequantize_workspace(
-                numel_w, rows * spec.in_features, deq_dtype, ctx.compute_dtype
-            )
-            if needs_grad_input
-            else 0,
+            # MatMul4Bit.backward: the weight dequantized in QuantState.dtype and its copy in
+            # grad_output's dtype exist together; the first is freed before the matmul
+            # allocates grad_input, the copy after it.
+            bwd_pre_workspace_bytes=deq_both if needs_grad_input else 0,
+            bwd_workspace_bytes=deq_compute if needs_grad_input else 0,
         )
         if four_bit:
             # Linear4bit.forward returns the product .to(inp_dtype) (fp32 under AMP: the
@@ -138,19 +141,6 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
             saves_params=x.requires_grad,  # mm keeps the weight for the input's gradient
         )
     return ctx.method.linear(seg, ctx, x, out, spec, quantized=quantized)
-
-
-def _dequantize_workspace(
-    numel_w: int, numel_grad_input: int, deq_dtype: DType, compute_dtype: DType
-) -> int:
-    """Bytes MatMul4Bit.backward holds beyond grad_input: the weight dequantized in
-    QuantState.dtype and its copy in grad_output's dtype (the compute dtype) exist together;
-    the first is freed before the matmul allocates grad_input, the copy after it."""
-    compute = numel_w * dtype_bytes(compute_dtype)
-    if deq_dtype is compute_dtype:
-        return compute
-    both = numel_w * dtype_bytes(deq_dtype) + compute
-    return max(both - numel_grad_input * dtype_bytes(compute_dtype), compute)
 
 
 def grouped_linear(

@@ -76,6 +76,9 @@ class Op:
     # The kernel also returns tensors recorded as ops of their own before it (native_layer_norm's
     # mean and rstd), saved as its outputs: packed after the kernel ran.
     saves_kernel_outputs: bool = False
+    # Transient in the backward before the input gradients are allocated (a dequantized
+    # weight and its compute-dtype copy, the first freed before grad_input exists).
+    bwd_pre_workspace_bytes: int = 0
 
 
 @dataclass
@@ -138,6 +141,7 @@ class Segment:
         category: Category | None = None,
         saves_params: bool = False,
         saves_kernel_outputs: bool = False,
+        bwd_pre_workspace_bytes: int = 0,
     ) -> Tensor:
         """Record an op. ``saves`` is what autograd keeps when the output requires grad;
         ``saves_params``: it also keeps a parameter; ``saves_kernel_outputs``: some of the saved
@@ -169,6 +173,7 @@ class Segment:
                 bwd_workspace_bytes,
                 saves_params and requires_grad,
                 saves_kernel_outputs and requires_grad,
+                bwd_pre_workspace_bytes,
             )
         )
         return out
@@ -423,6 +428,9 @@ def backward_events(
         out_buffer = grad_of.pop(id(op.output), None)
         if out_buffer is None:
             continue
+        if op.bwd_pre_workspace_bytes:
+            label = f"{op.output.label} backward"
+            ledger.transient(op.bwd_pre_workspace_bytes, category, label)
         new_grads: list[tuple[Tensor, int]] = []
         for t in op.inputs:
             if not t.requires_grad:
