@@ -21,6 +21,7 @@ from memplan.analytic.blocks import (
     layer_norm,
     linear,
     partial_rotary,
+    promote,
     repeat_kv,
     residual_add,
     rms_norm,
@@ -28,7 +29,7 @@ from memplan.analytic.blocks import (
 )
 from memplan.analytic.context import StepContext
 from memplan.analytic.graph import Segment, Tensor
-from memplan.dtypes import DType
+from memplan.dtypes import DType, dtype_bytes
 from memplan.specs.model import ModelSpec
 
 
@@ -134,6 +135,10 @@ class RopeStyle:
     # Qwen3: RMSNorms on each head of the queries and keys (over head_dim) before the rotary
     # embedding.
     head_qk_norm: bool = False
+    # MoE routers: the top-k weights renormalized to sum to one (Mixtral always; Qwen3-MoE's
+    # norm_topk_prob), and cast to the router logits' dtype before the experts (Qwen3-MoE).
+    topk_renormalize: bool = True
+    topk_weights_cast: bool = False
 
 
 def rope_decoder_layer(
@@ -180,7 +185,14 @@ def rope_decoder_layer(
     norm2 = "pre_feedforward_layernorm" if gemma else "post_attention_layernorm"
     hn2 = rms_norm(seg, ctx, h1, norm2, h, gemma=gemma)
     if spec.is_moe:
-        m = moe_mlp(seg, ctx, spec, hn2)
+        m = moe_mlp(
+            seg,
+            ctx,
+            spec,
+            hn2,
+            renormalize=style.topk_renormalize,
+            cast_weights=style.topk_weights_cast,
+        )
     else:
         m = gated_mlp(
             seg, ctx, spec, hn2, intermediate=spec.intermediate_size // tp, fused=style.fused_mlp
@@ -251,19 +263,30 @@ def gated_mlp(
     return linear(seg, ctx, p, LinearSpec("mlp.down_proj", intermediate, h, "down", bias=bias))
 
 
-def moe_mlp(seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor) -> Tensor:
-    """A sparse MoE block as transformers >= 5 runs it (MixtralSparseMoeBlock): the top-k
-    router, then the experts' default implementation, ``grouped_mm_experts_forward``
-    (integrations/moe.py; ``get_correct_experts_implementation`` picks "grouped_mm", on CUDA
-    and on CPU alike).
+def moe_mlp(
+    seg: Segment,
+    ctx: StepContext,
+    spec: ModelSpec,
+    x: Tensor,
+    *,
+    renormalize: bool = True,
+    cast_weights: bool = False,
+) -> Tensor:
+    """A sparse MoE block as transformers >= 5 runs it (MixtralSparseMoeBlock,
+    Qwen3MoeSparseMoeBlock): the top-k router, then the experts' default implementation,
+    ``grouped_mm_experts_forward`` (integrations/moe.py; ``get_correct_experts_implementation``
+    picks "grouped_mm", on CUDA and on CPU alike).
 
     The tokens x top-k (token, expert) pairs are sorted by expert; the routed copies of the
-    tokens run through the experts' two grouped matmuls, are scaled by their fp32 routing
-    weight, put back in token order and summed over the top-k.
+    tokens run through the experts' two grouped matmuls, are scaled by their routing weight
+    (fp32, or the logits' dtype with ``cast_weights``), put back in token order and summed over
+    the top-k. ``renormalize``, ``cast_weights``: topk_router's.
     """
     n, h = ctx.num_tokens, spec.hidden_size
     pairs = n * spec.num_experts_per_token
-    weights, index, router_locals = topk_router(seg, ctx, spec, x)
+    weights, index, router_locals = topk_router(
+        seg, ctx, spec, x, renormalize=renormalize, cast_weights=cast_weights
+    )
     # torch.sort(expert_ids): the sorted ids (a local) and the permutation (kept by gathers).
     ids = seg.op("mlp.experts.sorted_ids", [index], pairs, DType.INT64, requires_grad=False)
     perm = seg.op("mlp.experts.perm", [index], pairs, DType.INT64, requires_grad=False)
@@ -281,9 +304,9 @@ def moe_mlp(seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor) -> Tenso
         "mlp.experts.gather_weights",
         [weights, perm],
         pairs,
-        DType.FP32,
+        weights.dtype,
         saves=[perm],
-        bwd_workspace_bytes=pairs * 4,
+        bwd_workspace_bytes=weights.nbytes,
     )
     # histc over the sorted ids (as fp32 on CPU, int32 on CUDA: 4 bytes), cumsum to offsets.
     histc_in = seg.op("mlp.experts.histc_input", [ids], pairs, DType.FP32, requires_grad=False)
@@ -294,22 +317,32 @@ def moe_mlp(seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor) -> Tenso
         "mlp.experts.offsets", [counts], spec.num_experts, DType.INT32, requires_grad=False
     )
     y = _grouped_experts(seg, ctx, spec, routed, offsets)
-    # proj_out * sample_weights: the fp32 weights promote the product to fp32. Backward
-    # computes proj_out's gradient in fp32 too; the engine casts it to proj_out's dtype after
-    # the node released its saved tensors (validate_outputs), and sums grad * proj_out over
-    # the hidden dimension for the weights' gradient.
-    if y.dtype is not DType.FP32:
-        y = seg.op("mlp.experts.promote", [y], y.numel, DType.FP32, view_of=y)
+    # proj_out * sample_weights: fp32 weights (or fp32 grouped-matmul outputs under AMP)
+    # promote the product to fp32. Backward computes both gradients in the product's dtype;
+    # the engine casts each to its input's dtype after the node released its saved tensors
+    # (validate_outputs), and sums grad * proj_out over the hidden dimension for the weights'
+    # gradient.
+    dtype = promote(y.dtype, pair_weights.dtype)
+    if y.dtype is not dtype:
+        y = seg.op("mlp.experts.promote", [y], y.numel, dtype, view_of=y)
+    if pair_weights.dtype is not dtype:
+        pair_weights = seg.op(
+            "mlp.experts.promote_weights",
+            [pair_weights],
+            pairs,
+            dtype,
+            view_of=pair_weights,
+        )
     weighted = seg.op(
         "mlp.experts.route_weight",
         [y, pair_weights],
         pairs * h,
-        DType.FP32,
+        dtype,
         saves=[
             y if pair_weights.requires_grad else None,
             pair_weights if y.requires_grad else None,
         ],
-        bwd_workspace_bytes=pairs * h * 4,
+        bwd_workspace_bytes=pairs * h * dtype_bytes(dtype),
     )
     # inv_perm = empty_like(perm); inv_perm[perm] = arange(pairs): back to token order.
     inverse = seg.op(
@@ -324,12 +357,13 @@ def moe_mlp(seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor) -> Tenso
         "mlp.experts.unpermute",
         [weighted, inverse],
         pairs * h,
-        DType.FP32,
+        dtype,
         saves=[inverse],
-        bwd_workspace_bytes=pairs * h * 4,
+        bwd_workspace_bytes=weighted.nbytes,
     )
-    # .view(tokens, top_k, h).sum(dim=1), then .to(hidden_states.dtype).
-    summed = seg.op("mlp.experts.sum", [ordered], n * h, DType.FP32)
+    # .view(tokens, top_k, h).sum(dim=1) (in the product's dtype), then
+    # .to(hidden_states.dtype).
+    summed = seg.op("mlp.experts.sum", [ordered], n * h, dtype)
     out = cast(seg, summed, x.dtype, "mlp.experts.output_cast")
     # Locals of the experts' forward and the block's (the router logits) until they return.
     seg.hold(ids, histc_in, counts, *router_locals, label="mlp.locals")
@@ -337,10 +371,21 @@ def moe_mlp(seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor) -> Tenso
 
 
 def topk_router(
-    seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor
+    seg: Segment,
+    ctx: StepContext,
+    spec: ModelSpec,
+    x: Tensor,
+    *,
+    renormalize: bool = True,
+    cast_weights: bool = False,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """MixtralTopKRouter: F.linear to expert logits, fp32 softmax, top-k, the top-k weights
     renormalized in place. Returns the weights, the expert indices and the block's locals.
+
+    Qwen3MoeTopKRouter: the renormalization only with ``norm_topk_prob`` (``renormalize``),
+    then the weights cast to the logits' dtype (``cast_weights``); softmax(dtype=float) casts
+    the logits to fp32 first, as ``.float()`` does (except CUDA fp16 logits, whose
+    half_to_float kernel skips the copy).
     """
     n, h = ctx.num_tokens, spec.hidden_size
     e, k = spec.num_experts, spec.num_experts_per_token
@@ -351,6 +396,11 @@ def topk_router(
     probs = seg.op("mlp.gate.softmax", [logits32], n * e, DType.FP32, saves_output=True)
     index = seg.op("mlp.gate.topk_indices", [probs], n * k, DType.INT64, requires_grad=False)
     top = seg.op("mlp.gate.topk", [probs, index], n * k, DType.FP32, saves=[index])
+    if not renormalize:
+        weights = top
+        if cast_weights:  # router_top_value.to(router_logits.dtype)
+            weights = cast(seg, top, logits.dtype, "mlp.gate.weights_cast")
+        return weights, index, (logits, weights)
     total = seg.op("mlp.gate.sum", [top], n, DType.FP32)
     # An in-place division keeps a copy of its original input for the divisor's gradient,
     # -grad * self / other**2 (three temporaries of the weights' size).
@@ -364,6 +414,9 @@ def topk_router(
         saves=[original, total],
         bwd_workspace_bytes=3 * top.nbytes,
     )
+    if cast_weights:  # router_top_value.to(router_logits.dtype): the fp32 weights are freed
+        weights = cast(seg, weights, logits.dtype, "mlp.gate.weights_cast")
+        return weights, index, (logits, weights)
     return weights, index, (logits, top)
 
 

@@ -59,6 +59,9 @@ class ModelFamily:
     layout_type: ClassVar[type[Layout]] = Layout
     lora_roles: ClassVar[tuple[LinearRole, ...]] = ("q", "v")
     """peft's default LoRA targets as roles (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)."""
+    lora_expert_roles: ClassVar[tuple[LinearRole, ...]] = ()
+    """Roles whose peft target name its transformers-v5 MoE conversion turns into a parameter
+    target (``target_parameters``, lora.ParamWrapper): LoRA there is not modeled."""
     causal: ClassVar[bool] = True
     """A decoder whose eager attention reads an additive causal mask (create_causal_mask)."""
     num_eager_masks: ClassVar[int] = 1
