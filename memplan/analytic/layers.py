@@ -62,9 +62,10 @@ def self_attention(
     q, k, v = qkv
     k, v = ctx.method.attention_kv(seg, ctx, k, v, kv_heads * spec.head_dim)
     masked = (mask or ctx.sdpa_mask) and not eager_only
-    if ctx.sdpa_mask and not eager_only and kv_heads != heads and not kv_broadcast:
+    if ctx.sdpa_mask and not eager_only and 1 < kv_heads != heads and not kv_broadcast:
         # sdpa_attention_forward turns enable_gqa off when it passes a mask, so repeat_kv
-        # copies the key/value heads (transformers integrations/sdpa_attention.py).
+        # copies the key/value heads (transformers integrations/sdpa_attention.py); one key/value
+        # head (multi-query) expands into a view: the reshape merges a dimension of size one.
         k = repeat_kv(seg, k, heads // kv_heads, f"{label}.repeat_k")
         v = repeat_kv(seg, v, heads // kv_heads, f"{label}.repeat_v")
         kv_heads = heads
@@ -109,13 +110,14 @@ def rope_tables(
     rotary_dim: int = 0,
     *,
     dtype: DType | None = None,
+    label: str = "rope",
 ) -> tuple[Tensor, Tensor]:
     """cos and sin of LlamaRotaryEmbedding: (1, seq, rotary_dim or head_dim) in the activation
     dtype (``dtype``: a rotary embedding that returns them in another, OLMo2's fp32)."""
     numel = ctx.seq_len * (rotary_dim or spec.head_dim)
     dtype = dtype or ctx.activation_dtype
-    cos = seg.input(numel, dtype, "rope.cos", requires_grad=False, persistent=True)
-    sin = seg.input(numel, dtype, "rope.sin", requires_grad=False, persistent=True)
+    cos = seg.input(numel, dtype, f"{label}.cos", requires_grad=False, persistent=True)
+    sin = seg.input(numel, dtype, f"{label}.sin", requires_grad=False, persistent=True)
     return cos, sin
 
 
@@ -139,6 +141,10 @@ class RopeStyle:
     # norm_topk_prob), and cast to the router logits' dtype before the experts (Qwen3-MoE).
     topk_renormalize: bool = True
     topk_weights_cast: bool = False
+    # Rotary tables the model's forward makes once for every layer (Gemma3: one per layer
+    # type, of its own base), and the one this layer reads.
+    rope_tables: tuple[str, ...] = ("rope",)
+    rope_table: int = 0
 
 
 def rope_decoder_layer(
@@ -156,12 +162,13 @@ def rope_decoder_layer(
     heads, kv_heads = spec.num_attention_heads // tp, spec.num_key_value_heads // tp
     gemma = style.gemma_norms
     x = seg.input(n * h, ctx.activation_dtype, "layer.input", requires_grad=input_requires_grad)
-    cos, sin = rope_tables(spec, ctx, seg)
+    tables = [rope_tables(spec, ctx, seg, label=label) for label in style.rope_tables]
+    cos, sin = tables[style.rope_table]
 
     hn = rms_norm(seg, ctx, x, "input_layernorm", h, gemma=gemma)
     q, k, v = qkv_projections(seg, ctx, spec, hn, names=style.qkv)
     if style.head_qk_norm:
-        q, k = qk_norms(seg, ctx, spec, q, k, per_head=True)
+        q, k = qk_norms(seg, ctx, spec, q, k, per_head=True, gemma=gemma)
     q = rotary(seg, q, cos, sin, "q_rope", cat=style.rotary_cat)
     k = rotary(seg, k, cos, sin, "k_rope", cat=style.rotary_cat)
     o = self_attention(
@@ -197,13 +204,13 @@ def rope_decoder_layer(
         m = gated_mlp(
             seg, ctx, spec, hn2, intermediate=spec.intermediate_size // tp, fused=style.fused_mlp
         )
-    if gemma:
-        m = rms_norm(seg, ctx, m, "post_feedforward_layernorm", h, gemma=True)
     m = ctx.method.branch_output(seg, ctx, m, "adapter_mlp")
     seg.hold(hn2)  # ... and the second norm's output until the MLP returns
+    if gemma:  # after the MLP module (and the hooks on its output)
+        m = rms_norm(seg, ctx, m, "post_feedforward_layernorm", h, gemma=True)
     out = residual_add(seg, h1, m, "residual_mlp")
     seg.hold(x)  # the caller's `hidden_states` keeps the layer input until the layer returns
-    return LayerGraph(seg, x, out, (cos, sin))
+    return LayerGraph(seg, x, out, tuple(t for table in tables for t in table))
 
 
 def qk_norms(
@@ -215,20 +222,21 @@ def qk_norms(
     *,
     per_head: bool,
     fp32_product: bool = False,
+    gemma: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """self_attn.q_norm and k_norm: RMSNorms of the q and k projections' outputs.
 
     ``per_head``: over the head_dim of the (batch, seq, heads, head_dim) views (Qwen3),
     else over the whole projection width before the reshape (OLMo2). Each is rms_norm's op
-    sequence (``fp32_product``: OLMo2's weight product in fp32); its output replaces the
-    projection's, which is freed unless saved.
+    sequence (``fp32_product``: OLMo2's weight product in fp32; ``gemma``: Gemma3RMSNorm's
+    (1 + weight) in fp32); its output replaces the projection's, which is freed unless saved.
     """
     tp = ctx.tensor_parallel_degree
     d = spec.head_dim
     q_size = d if per_head else spec.num_attention_heads // tp * d
     k_size = d if per_head else spec.num_key_value_heads // tp * d
-    q = rms_norm(seg, ctx, q, "self_attn.q_norm", q_size, fp32_product=fp32_product)
-    k = rms_norm(seg, ctx, k, "self_attn.k_norm", k_size, fp32_product=fp32_product)
+    q = rms_norm(seg, ctx, q, "self_attn.q_norm", q_size, fp32_product=fp32_product, gemma=gemma)
+    k = rms_norm(seg, ctx, k, "self_attn.k_norm", k_size, fp32_product=fp32_product, gemma=gemma)
     return q, k
 
 

@@ -117,10 +117,14 @@ def model_state(
             TensorGroup(added.label, share, added.dtype, added.count, shape=added.shape)
         )
         state.num_trainable_params += added.full_numel * added.count
-    if rotary := family(arch.spec.family).rotary_dim(arch.spec):
+    fam = family(arch.spec.family)
+    if rotary := fam.rotary_dim(arch.spec):
         # The rotary embedding module's inv_freq and original_inv_freq buffers (fp32).
+        pairs = fam.rotary_tables(arch.spec)
         state.groups.append(
-            TensorGroup("rotary_emb.inv_freq", rotary // 2, DType.FP32, 2, Category.FROZEN_WEIGHTS)
+            TensorGroup(
+                "rotary_emb.inv_freq", rotary // 2, DType.FP32, 2 * pairs, Category.FROZEN_WEIGHTS
+            )
         )
     return state
 

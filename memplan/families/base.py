@@ -87,6 +87,11 @@ class ModelFamily:
         """Dimensions per head with rotary embeddings (0: no rotary; sizes inv_freq buffers)."""
         return spec.head_dim if spec.position_embedding == "rope" else 0
 
+    def rotary_tables(self, spec: ModelSpec) -> int:
+        """inv_freq / original_inv_freq buffer pairs of the rotary embedding (Gemma3: one pair
+        per layer type)."""
+        return 1
+
     def sliding_window(self, spec: ModelSpec) -> int | None:
         """Span of sliding-window attention in tokens (None: every layer attends to all)."""
         window = getattr(spec.layout, "sliding_window", None)
