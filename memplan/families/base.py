@@ -87,6 +87,11 @@ class ModelFamily:
         """Dimensions per head with rotary embeddings (0: no rotary; sizes inv_freq buffers)."""
         return spec.head_dim if spec.position_embedding == "rope" else 0
 
+    def layer_period(self, spec: ModelSpec) -> int:
+        """Layers after which the layers' kinds repeat (1: every layer alike); a traced model's
+        layers are folded in groups of this many."""
+        return 1
+
     def rotary_tables(self, spec: ModelSpec) -> int:
         """inv_freq / original_inv_freq buffer pairs of the rotary embedding (Gemma3: one pair
         per layer type)."""

@@ -110,6 +110,14 @@ class Gemma3(Gemma2):
         # Gemma3RotaryEmbedding: {layer_type}_inv_freq and _original_inv_freq per layer type.
         return len(set(self.layout(spec).layer_types))
 
+    def layer_period(self, spec: ModelSpec) -> int:
+        types = self.layout(spec).layer_types
+        return next(
+            p
+            for p in range(1, len(types) + 1)
+            if all(t == types[i % p] for i, t in enumerate(types))
+        )
+
     def attention(self, requested: Attention) -> Attention:
         return requested  # _supports_sdpa = True: no soft-capped scores
 
