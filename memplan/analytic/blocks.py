@@ -494,8 +494,10 @@ def _eager_attention(
     transpose."""
     b, s = ctx.batch, ctx.seq_len
     # repeat_kv (expand + reshape) materializes full heads; so does matmul's broadcast, unless
-    # the batch is one sequence.
-    if num_kv_heads != num_heads and (not kv_broadcast or ctx.batched):
+    # the batch is one sequence. One key/value head expands into a view (the reshape merges a
+    # dimension of size one), which matmul folds into a copy only for a batch of sequences.
+    broadcast = kv_broadcast or num_kv_heads == 1
+    if num_kv_heads != num_heads and (not broadcast or ctx.batched):
         k = repeat_kv(seg, k, num_heads // num_kv_heads, f"{label}.repeat_k")
         v = repeat_kv(seg, v, num_heads // num_kv_heads, f"{label}.repeat_v")
     scores_numel = b * num_heads * s * kv_len

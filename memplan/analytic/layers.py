@@ -21,6 +21,7 @@ from memplan.analytic.blocks import (
     layer_norm,
     linear,
     partial_rotary,
+    promote,
     repeat_kv,
     residual_add,
     rms_norm,
@@ -28,7 +29,7 @@ from memplan.analytic.blocks import (
 )
 from memplan.analytic.context import StepContext
 from memplan.analytic.graph import Segment, Tensor
-from memplan.dtypes import DType
+from memplan.dtypes import DType, dtype_bytes
 from memplan.specs.model import ModelSpec
 
 
@@ -103,9 +104,10 @@ def attention_context(
     q, k, v = qkv
     k, v = ctx.method.attention_kv(seg, ctx, k, v, kv_heads * spec.head_dim)
     masked = (mask or ctx.sdpa_mask) and not eager_only
-    if ctx.sdpa_mask and not eager_only and kv_heads != heads and not kv_broadcast:
+    if ctx.sdpa_mask and not eager_only and 1 < kv_heads != heads and not kv_broadcast:
         # sdpa_attention_forward turns enable_gqa off when it passes a mask, so repeat_kv
-        # copies the key/value heads (transformers integrations/sdpa_attention.py).
+        # copies the key/value heads (transformers integrations/sdpa_attention.py); one key/value
+        # head (multi-query) expands into a view: the reshape merges a dimension of size one.
         k = repeat_kv(seg, k, heads // kv_heads, f"{label}.repeat_k")
         v = repeat_kv(seg, v, heads // kv_heads, f"{label}.repeat_v")
         kv_heads = heads
@@ -153,13 +155,14 @@ def rope_tables(
     rotary_dim: int = 0,
     *,
     dtype: DType | None = None,
+    label: str = "rope",
 ) -> tuple[Tensor, Tensor]:
     """cos and sin of LlamaRotaryEmbedding: (1, seq, rotary_dim or head_dim) in the activation
     dtype (``dtype``: a rotary embedding that returns them in another, OLMo2's fp32)."""
     numel = ctx.seq_len * (rotary_dim or spec.head_dim)
     dtype = dtype or ctx.activation_dtype
-    cos = seg.input(numel, dtype, "rope.cos", requires_grad=False, persistent=True)
-    sin = seg.input(numel, dtype, "rope.sin", requires_grad=False, persistent=True)
+    cos = seg.input(numel, dtype, f"{label}.cos", requires_grad=False, persistent=True)
+    sin = seg.input(numel, dtype, f"{label}.sin", requires_grad=False, persistent=True)
     return cos, sin
 
 
@@ -179,6 +182,14 @@ class RopeStyle:
     # Qwen3: RMSNorms on each head of the queries and keys (over head_dim) before the rotary
     # embedding.
     head_qk_norm: bool = False
+    # MoE routers: the top-k weights renormalized to sum to one (Mixtral always; Qwen3-MoE's
+    # norm_topk_prob), and cast to the router logits' dtype before the experts (Qwen3-MoE).
+    topk_renormalize: bool = True
+    topk_weights_cast: bool = False
+    # Rotary tables the model's forward makes once for every layer (Gemma3: one per layer
+    # type, of its own base), and the one this layer reads.
+    rope_tables: tuple[str, ...] = ("rope",)
+    rope_table: int = 0
 
 
 def rope_decoder_layer(
@@ -196,12 +207,13 @@ def rope_decoder_layer(
     heads, kv_heads = spec.num_attention_heads // tp, spec.num_key_value_heads // tp
     gemma = style.gemma_norms
     x = seg.input(n * h, ctx.activation_dtype, "layer.input", requires_grad=input_requires_grad)
-    cos, sin = rope_tables(spec, ctx, seg)
+    tables = [rope_tables(spec, ctx, seg, label=label) for label in style.rope_tables]
+    cos, sin = tables[style.rope_table]
 
     hn = rms_norm(seg, ctx, x, "input_layernorm", h, gemma=gemma)
     q, k, v = qkv_projections(seg, ctx, spec, hn, names=style.qkv)
     if style.head_qk_norm:
-        q, k = qk_norms(seg, ctx, spec, q, k, per_head=True)
+        q, k = qk_norms(seg, ctx, spec, q, k, per_head=True, gemma=gemma)
     q = rotary(seg, q, cos, sin, "q_rope", cat=style.rotary_cat)
     k = rotary(seg, k, cos, sin, "k_rope", cat=style.rotary_cat)
     o = self_attention(
@@ -225,18 +237,25 @@ def rope_decoder_layer(
     norm2 = "pre_feedforward_layernorm" if gemma else "post_attention_layernorm"
     hn2 = rms_norm(seg, ctx, h1, norm2, h, gemma=gemma)
     if spec.is_moe:
-        m = moe_mlp(seg, ctx, spec, hn2)
+        m = moe_mlp(
+            seg,
+            ctx,
+            spec,
+            hn2,
+            renormalize=style.topk_renormalize,
+            cast_weights=style.topk_weights_cast,
+        )
     else:
         m = gated_mlp(
             seg, ctx, spec, hn2, intermediate=spec.intermediate_size // tp, fused=style.fused_mlp
         )
-    if gemma:
-        m = rms_norm(seg, ctx, m, "post_feedforward_layernorm", h, gemma=True)
     m = ctx.method.branch_output(seg, ctx, m, "adapter_mlp")
     seg.hold(hn2)  # ... and the second norm's output until the MLP returns
+    if gemma:  # after the MLP module (and the hooks on its output)
+        m = rms_norm(seg, ctx, m, "post_feedforward_layernorm", h, gemma=True)
     out = residual_add(seg, h1, m, "residual_mlp")
     seg.hold(x)  # the caller's `hidden_states` keeps the layer input until the layer returns
-    return LayerGraph(seg, x, out, (cos, sin))
+    return LayerGraph(seg, x, out, tuple(t for table in tables for t in table))
 
 
 def qk_norms(
@@ -248,20 +267,21 @@ def qk_norms(
     *,
     per_head: bool,
     fp32_product: bool = False,
+    gemma: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """self_attn.q_norm and k_norm: RMSNorms of the q and k projections' outputs.
 
     ``per_head``: over the head_dim of the (batch, seq, heads, head_dim) views (Qwen3),
     else over the whole projection width before the reshape (OLMo2). Each is rms_norm's op
-    sequence (``fp32_product``: OLMo2's weight product in fp32); its output replaces the
-    projection's, which is freed unless saved.
+    sequence (``fp32_product``: OLMo2's weight product in fp32; ``gemma``: Gemma3RMSNorm's
+    (1 + weight) in fp32); its output replaces the projection's, which is freed unless saved.
     """
     tp = ctx.tensor_parallel_degree
     d = spec.head_dim
     q_size = d if per_head else spec.num_attention_heads // tp * d
     k_size = d if per_head else spec.num_key_value_heads // tp * d
-    q = rms_norm(seg, ctx, q, "self_attn.q_norm", q_size, fp32_product=fp32_product)
-    k = rms_norm(seg, ctx, k, "self_attn.k_norm", k_size, fp32_product=fp32_product)
+    q = rms_norm(seg, ctx, q, "self_attn.q_norm", q_size, fp32_product=fp32_product, gemma=gemma)
+    k = rms_norm(seg, ctx, k, "self_attn.k_norm", k_size, fp32_product=fp32_product, gemma=gemma)
     return q, k
 
 
@@ -296,19 +316,30 @@ def gated_mlp(
     return linear(seg, ctx, p, LinearSpec("mlp.down_proj", intermediate, h, "down", bias=bias))
 
 
-def moe_mlp(seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor) -> Tensor:
-    """A sparse MoE block as transformers >= 5 runs it (MixtralSparseMoeBlock): the top-k
-    router, then the experts' default implementation, ``grouped_mm_experts_forward``
-    (integrations/moe.py; ``get_correct_experts_implementation`` picks "grouped_mm", on CUDA
-    and on CPU alike).
+def moe_mlp(
+    seg: Segment,
+    ctx: StepContext,
+    spec: ModelSpec,
+    x: Tensor,
+    *,
+    renormalize: bool = True,
+    cast_weights: bool = False,
+) -> Tensor:
+    """A sparse MoE block as transformers >= 5 runs it (MixtralSparseMoeBlock,
+    Qwen3MoeSparseMoeBlock): the top-k router, then the experts' default implementation,
+    ``grouped_mm_experts_forward`` (integrations/moe.py; ``get_correct_experts_implementation``
+    picks "grouped_mm", on CUDA and on CPU alike).
 
     The tokens x top-k (token, expert) pairs are sorted by expert; the routed copies of the
-    tokens run through the experts' two grouped matmuls, are scaled by their fp32 routing
-    weight, put back in token order and summed over the top-k.
+    tokens run through the experts' two grouped matmuls, are scaled by their routing weight
+    (fp32, or the logits' dtype with ``cast_weights``), put back in token order and summed over
+    the top-k. ``renormalize``, ``cast_weights``: topk_router's.
     """
     n, h = ctx.num_tokens, spec.hidden_size
     pairs = n * spec.num_experts_per_token
-    weights, index, router_locals = topk_router(seg, ctx, spec, x)
+    weights, index, router_locals = topk_router(
+        seg, ctx, spec, x, renormalize=renormalize, cast_weights=cast_weights
+    )
     # torch.sort(expert_ids): the sorted ids (a local) and the permutation (kept by gathers).
     ids = seg.op("mlp.experts.sorted_ids", [index], pairs, DType.INT64, requires_grad=False)
     perm = seg.op("mlp.experts.perm", [index], pairs, DType.INT64, requires_grad=False)
@@ -326,9 +357,9 @@ def moe_mlp(seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor) -> Tenso
         "mlp.experts.gather_weights",
         [weights, perm],
         pairs,
-        DType.FP32,
+        weights.dtype,
         saves=[perm],
-        bwd_workspace_bytes=pairs * 4,
+        bwd_workspace_bytes=weights.nbytes,
     )
     # histc over the sorted ids (as fp32 on CPU, int32 on CUDA: 4 bytes), cumsum to offsets.
     histc_in = seg.op("mlp.experts.histc_input", [ids], pairs, DType.FP32, requires_grad=False)
@@ -339,22 +370,32 @@ def moe_mlp(seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor) -> Tenso
         "mlp.experts.offsets", [counts], spec.num_experts, DType.INT32, requires_grad=False
     )
     y = _grouped_experts(seg, ctx, spec, routed, offsets)
-    # proj_out * sample_weights: the fp32 weights promote the product to fp32. Backward
-    # computes proj_out's gradient in fp32 too; the engine casts it to proj_out's dtype after
-    # the node released its saved tensors (validate_outputs), and sums grad * proj_out over
-    # the hidden dimension for the weights' gradient.
-    if y.dtype is not DType.FP32:
-        y = seg.op("mlp.experts.promote", [y], y.numel, DType.FP32, view_of=y)
+    # proj_out * sample_weights: fp32 weights (or fp32 grouped-matmul outputs under AMP)
+    # promote the product to fp32. Backward computes both gradients in the product's dtype;
+    # the engine casts each to its input's dtype after the node released its saved tensors
+    # (validate_outputs), and sums grad * proj_out over the hidden dimension for the weights'
+    # gradient.
+    dtype = promote(y.dtype, pair_weights.dtype)
+    if y.dtype is not dtype:
+        y = seg.op("mlp.experts.promote", [y], y.numel, dtype, view_of=y)
+    if pair_weights.dtype is not dtype:
+        pair_weights = seg.op(
+            "mlp.experts.promote_weights",
+            [pair_weights],
+            pairs,
+            dtype,
+            view_of=pair_weights,
+        )
     weighted = seg.op(
         "mlp.experts.route_weight",
         [y, pair_weights],
         pairs * h,
-        DType.FP32,
+        dtype,
         saves=[
             y if pair_weights.requires_grad else None,
             pair_weights if y.requires_grad else None,
         ],
-        bwd_workspace_bytes=pairs * h * 4,
+        bwd_workspace_bytes=pairs * h * dtype_bytes(dtype),
     )
     # inv_perm = empty_like(perm); inv_perm[perm] = arange(pairs): back to token order.
     inverse = seg.op(
@@ -369,12 +410,13 @@ def moe_mlp(seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor) -> Tenso
         "mlp.experts.unpermute",
         [weighted, inverse],
         pairs * h,
-        DType.FP32,
+        dtype,
         saves=[inverse],
-        bwd_workspace_bytes=pairs * h * 4,
+        bwd_workspace_bytes=weighted.nbytes,
     )
-    # .view(tokens, top_k, h).sum(dim=1), then .to(hidden_states.dtype).
-    summed = seg.op("mlp.experts.sum", [ordered], n * h, DType.FP32)
+    # .view(tokens, top_k, h).sum(dim=1) (in the product's dtype), then
+    # .to(hidden_states.dtype).
+    summed = seg.op("mlp.experts.sum", [ordered], n * h, dtype)
     out = cast(seg, summed, x.dtype, "mlp.experts.output_cast")
     # Locals of the experts' forward and the block's (the router logits) until they return.
     seg.hold(ids, histc_in, counts, *router_locals, label="mlp.locals")
@@ -382,10 +424,21 @@ def moe_mlp(seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor) -> Tenso
 
 
 def topk_router(
-    seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor
+    seg: Segment,
+    ctx: StepContext,
+    spec: ModelSpec,
+    x: Tensor,
+    *,
+    renormalize: bool = True,
+    cast_weights: bool = False,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """MixtralTopKRouter: F.linear to expert logits, fp32 softmax, top-k, the top-k weights
     renormalized in place. Returns the weights, the expert indices and the block's locals.
+
+    Qwen3MoeTopKRouter: the renormalization only with ``norm_topk_prob`` (``renormalize``),
+    then the weights cast to the logits' dtype (``cast_weights``); softmax(dtype=float) casts
+    the logits to fp32 first, as ``.float()`` does (except CUDA fp16 logits, whose
+    half_to_float kernel skips the copy).
     """
     n, h = ctx.num_tokens, spec.hidden_size
     e, k = spec.num_experts, spec.num_experts_per_token
@@ -396,6 +449,11 @@ def topk_router(
     probs = seg.op("mlp.gate.softmax", [logits32], n * e, DType.FP32, saves_output=True)
     index = seg.op("mlp.gate.topk_indices", [probs], n * k, DType.INT64, requires_grad=False)
     top = seg.op("mlp.gate.topk", [probs, index], n * k, DType.FP32, saves=[index])
+    if not renormalize:
+        weights = top
+        if cast_weights:  # router_top_value.to(router_logits.dtype)
+            weights = cast(seg, top, logits.dtype, "mlp.gate.weights_cast")
+        return weights, index, (logits, weights)
     total = seg.op("mlp.gate.sum", [top], n, DType.FP32)
     # An in-place division keeps a copy of its original input for the divisor's gradient,
     # -grad * self / other**2 (three temporaries of the weights' size).
@@ -409,6 +467,9 @@ def topk_router(
         saves=[original, total],
         bwd_workspace_bytes=3 * top.nbytes,
     )
+    if cast_weights:  # router_top_value.to(router_logits.dtype): the fp32 weights are freed
+        weights = cast(seg, weights, logits.dtype, "mlp.gate.weights_cast")
+        return weights, index, (logits, weights)
     return weights, index, (logits, top)
 
 

@@ -132,8 +132,11 @@ def model_state(
         state.groups.append(TensorGroup(name, numel, dtype, 1, Category.FROZEN_WEIGHTS))
     if rotary := fam.rotary_dim(arch.spec):
         # The rotary embedding module's inv_freq and original_inv_freq buffers (fp32).
+        pairs = fam.rotary_tables(arch.spec)
         state.groups.append(
-            TensorGroup("rotary_emb.inv_freq", rotary // 2, DType.FP32, 2, Category.FROZEN_WEIGHTS)
+            TensorGroup(
+                "rotary_emb.inv_freq", rotary // 2, DType.FP32, 2 * pairs, Category.FROZEN_WEIGHTS
+            )
         )
     return state
 

@@ -60,6 +60,9 @@ class ModelFamily:
     layout_type: ClassVar[type[Layout]] = Layout
     lora_roles: ClassVar[tuple[LinearRole, ...]] = ("q", "v")
     """peft's default LoRA targets as roles (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING)."""
+    lora_expert_roles: ClassVar[tuple[LinearRole, ...]] = ()
+    """Roles whose peft target name its transformers-v5 MoE conversion turns into a parameter
+    target (``target_parameters``, lora.ParamWrapper): LoRA there is not modeled."""
     causal: ClassVar[bool] = True
     """A decoder whose eager attention reads an additive causal mask (create_causal_mask)."""
     num_eager_masks: ClassVar[int] = 1
@@ -92,6 +95,16 @@ class ModelFamily:
     def buffers(self, spec: ModelSpec) -> tuple[tuple[str, int, DType], ...]:
         """Buffers the model registers besides the rotary tables: (name, elements, dtype)."""
         return ()
+
+    def layer_period(self, spec: ModelSpec) -> int:
+        """Layers after which the layers' kinds repeat (1: every layer alike); a traced model's
+        layers are folded in groups of this many."""
+        return 1
+
+    def rotary_tables(self, spec: ModelSpec) -> int:
+        """inv_freq / original_inv_freq buffer pairs of the rotary embedding (Gemma3: one pair
+        per layer type)."""
+        return 1
 
     def sliding_window(self, spec: ModelSpec) -> int | None:
         """Span of sliding-window attention in tokens (None: every layer attends to all)."""

@@ -111,6 +111,18 @@ class LoRA(TuningMethod):
     defaults: ClassVar[dict[str, Any]] = {"precision": "bf16", "optimizer": "adamw"}
 
     def unsupported(self, spec: ModelSpec, setup: TrainingSetup) -> str | None:
+        from memplan.families import family
+
+        experts = sorted(lora_roles(spec, setup) & set(family(spec.family).lora_expert_roles))
+        if experts and spec.is_moe:
+            # peft convert_peft_config_for_transformers: the v4 expert names become
+            # target_parameters of the fused 3-D experts, wrapped by lora.ParamWrapper.
+            return (
+                f"lora_targets {','.join(experts)} on {spec.name}: peft puts lora.ParamWrapper "
+                "adapters on the MoE parameters of these roles (its transformers-v5 MoE "
+                "conversion; they refuse lora_dropout != 0), which memplan does not model; "
+                "target the attention projections (q,k,v,o)"
+            )
         if targeted_linears(spec, setup):
             return None
         from memplan.architecture import ParamKind, architecture

@@ -164,9 +164,12 @@ def _hf_on_meta(
     config = AutoConfig.for_model(config_dict["model_type"], **fields)
     model_class = _model_class(transformers, hf_class_name(config_dict), config)
     if num_layers is not None and config.num_hidden_layers != num_layers:
-        # Rebuild so per-layer lists (layer_types) follow; GPT-2 calls the field n_layer.
+        # Rebuild so per-layer lists (layer_types) follow: an explicit list keeps its first
+        # layers, else the configuration class derives it; GPT-2 calls the field n_layer.
         key = config.attribute_map.get("num_hidden_layers", "num_hidden_layers")
         fields = {k: v for k, v in fields.items() if k != "layer_types"} | {key: num_layers}
+        if isinstance(config_dict.get("layer_types"), list):
+            fields["layer_types"] = config_dict["layer_types"][:num_layers]
         config = AutoConfig.for_model(config_dict["model_type"], **fields)
     with init_empty_weights(include_buffers=False):
         try:

@@ -13,12 +13,14 @@ model whose layers do not fold is traced layer by layer (and the result says so)
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from torch import nn
 
+from memplan.families import family
 from memplan.specs import ModelSpec, TrainingSetup
 from memplan.torchsim.fold import FoldError, fold_events, keyed_events
 from memplan.torchsim.models import Backend
@@ -89,14 +91,18 @@ def trace_step(
 def _folded(request: RunRequest, start: float) -> TraceResult:
     """Trace n and n + p layers; fold n to n + p and compare; if equal, fold n to full depth.
 
-    p is the period of the layers (2 when every second layer is checkpointed). The first layer
+    p is the period of the layers (2 when every second layer is checkpointed; the family's
+    pattern of layer kinds, Gemma3's five sliding-window layers and a full one). The first layer
     can differ from the others (its input is the embedding, which needs no gradient under
     PEFT), and so can its neighbour's backward: repeating from layer 1 is tried, then layer 2.
     """
     if request.spec.is_encoder_decoder:
         raise FoldError("encoder-decoder models have two layer stacks")
     setup, target = request.setup, request.spec.num_decoder_layers
-    period = setup.grad_ckpt_every if setup.grad_ckpt else 1
+    period = math.lcm(
+        setup.grad_ckpt_every if setup.grad_ckpt else 1,
+        family(request.spec.family).layer_period(request.spec),
+    )
     runs: dict[int, TracedRun] = {}
 
     def run(num_layers: int) -> TracedRun:

@@ -27,6 +27,15 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
     },
     "qwen2": {"model_type": "qwen2", **_ROPE, "num_key_value_heads": 2},
     "qwen3": {"model_type": "qwen3", **_ROPE, "num_key_value_heads": 2, "head_dim": 16},
+    "qwen3_moe": {
+        "model_type": "qwen3_moe",
+        **_ROPE,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+    },
     "olmo2": {
         "model_type": "olmo2",
         **_ROPE,
@@ -35,6 +44,7 @@ FAMILY_CONFIGS: dict[str, dict[str, Any]] = {
         "eos_token_id": 2,
     },
     "gemma2": {"model_type": "gemma2", **_ROPE, "num_key_value_heads": 2, "head_dim": 16},
+    "gemma3_text": {"model_type": "gemma3_text", **_ROPE, "num_key_value_heads": 2, "head_dim": 16},
     "phi3": {"model_type": "phi3", **_ROPE, "pad_token_id": 0},
     "gpt2": {
         "model_type": "gpt2",
@@ -130,6 +140,13 @@ VARIANTS: list[tuple[str, str, dict[str, Any]]] = [
         {"num_key_value_heads": None, "attention_bias": True, "tie_word_embeddings": True},
     ),
     ("gemma2-bias-untied", "gemma2", {"attention_bias": True, "tie_word_embeddings": False}),
+    (
+        "qwen3_moe-defaults",
+        "qwen3_moe",
+        {"num_experts": None, "num_experts_per_tok": None, "head_dim": None},
+    ),
+    ("qwen3_moe-dense", "qwen3_moe", {"num_experts": 0}),
+    ("gemma3-bias-untied", "gemma3_text", {"attention_bias": True, "tie_word_embeddings": False}),
     ("phi3-gqa", "phi3", {"num_key_value_heads": 2}),
     ("gpt2-n-inner", "gpt2", {"n_inner": 80}),
     ("gpt2-cross-attention", "gpt2", {"add_cross_attention": True}),

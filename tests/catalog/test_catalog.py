@@ -111,7 +111,7 @@ def _write(tmp_path: Path, config: dict[str, Any] | str, folder: str = "model") 
 def test_minimal_config_of_each_family_loads_by_path(tmp_path: Path, model_type: str) -> None:
     path = _write(tmp_path, FAMILY_CONFIGS[model_type], folder=model_type)
     spec = load_model(path)
-    assert spec.family == ("t5" if model_type == "mt5" else model_type)
+    assert spec.family == {"mt5": "t5", "gemma3_text": "gemma3"}.get(model_type, model_type)
     assert spec.name == model_type  # the folder holding config.json
     assert spec.vocab_size == 128
     assert count_params(spec) > 0
@@ -153,7 +153,7 @@ def test_json_that_is_not_an_object(tmp_path: Path) -> None:
 def test_unsupported_model_type_lists_the_supported_ones(tmp_path: Path) -> None:
     message = _error(tmp_path, {"model_type": "mamba", "hidden_size": 64})
     assert "unsupported model_type 'mamba'" in message
-    assert "supported: bert, bloom, falcon, gemma2, gpt2, gpt_neox, llama" in message
+    assert "supported: bert, bloom, falcon, gemma2, gemma3_text, gpt2, gpt_neox, llama" in message
 
 
 def test_missing_model_type(tmp_path: Path) -> None:

@@ -77,3 +77,20 @@ def test_llama_2_70b_lora_step_simulates_in_well_under_a_minute() -> None:
     assert result.num_params == 68_976_648_192 + lora
     weights = result.trace.peak().breakdown_bytes
     assert weights[next(c for c in weights if c.value == "frozen_weights")] >= 2 * 68_976_648_192
+
+
+def test_layers_of_two_kinds_fold_only_whole_patterns() -> None:
+    # Gemma3's five sliding-window layers then a full one: short models of 4 and 5 layers hold
+    # sliding layers only, so folding must go by whole patterns (here none fits: every layer
+    # is traced); 64 tokens reach the 48-token window, so the kinds differ (the mask).
+    from memplan.catalog import catalog_record
+
+    base = load_model("tiny-gemma3")
+    types = tuple("full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(16))
+    layout = base.layout.model_copy(update={"layer_types": types})
+    spec = base.model_copy(update={"num_decoder_layers": 16, "layout": layout})
+    config = {**catalog_record("tiny-gemma3")["config"], "sliding_window_pattern": 6}
+    setup = TrainingSetup(method="full", precision="bf16", seq_len=64, micro_batch_size=1)
+    folded = trace_step(spec, setup, mode="fake", steps=1, hf_config=config)
+    traced = trace_step(spec, setup, mode="fake", fold=False, steps=1, hf_config=config)
+    assert _signature(folded) == _signature(traced)
