@@ -415,6 +415,7 @@ def test_a_higher_zero_stage_never_increases_per_gpu_model_state(
 def test_more_gpus_under_zero_3_never_increase_per_gpu_memory(
     name: str, method: str, gpus: int, fsdp: bool
 ) -> None:
+    assume(_runs(name, method))
     setup = TrainingSetup(method=method, micro_batch_size=2, seq_len=32)
     sharding = "fsdp" if fsdp else "deepspeed"
     peaks = [
