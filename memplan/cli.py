@@ -176,6 +176,12 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
         help="ZeRO-Offload of optimizer state (and parameters) to host memory",
     )
     q.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    q.add_argument(
+        "--fsdp-wrap",
+        choices=["blocks", "trainable"],
+        help="FSDP units: whole blocks mixing frozen and trainable parameters (default; their "
+        "gradients cover the frozen part) or the trainable modules alone (peft's wrap policy)",
+    )
 
 
 def setup_from_args(args: argparse.Namespace, spec: Any) -> Any:
@@ -248,12 +254,15 @@ def _assumed_versions(items: list[str]) -> dict[str, str]:
 def parallel_from_args(args: argparse.Namespace) -> Any:
     from memplan.specs import ParallelSetup
 
+    if args.fsdp_wrap and not args.fsdp:
+        raise MemplanError("--fsdp-wrap describes FSDP's units: it needs --fsdp")
     return ParallelSetup(
         num_gpus=args.gpus,
         zero_stage=args.zero if args.zero is not None else (None if args.fsdp else 0),
         sharding="fsdp" if args.fsdp else "deepspeed",
         offload=args.offload,
         tensor_parallel_degree=args.tp,
+        fsdp_mixed_units=args.fsdp_wrap != "trainable",
     )
 
 
@@ -778,7 +787,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _cmd_simulate(args: argparse.Namespace) -> int:
     from memplan.simulate import trace_and_compare
 
-    if args.gpus != 1 or args.zero or args.fsdp or args.tp != 1 or args.offload != "none":
+    if (
+        args.gpus != 1
+        or args.zero
+        or args.fsdp
+        or args.fsdp_wrap
+        or args.tp != 1
+        or args.offload != "none"
+    ):
         raise MemplanError(
             "simulate traces one GPU without sharding; plan covers ZeRO/FSDP/TP layouts"
         )

@@ -29,7 +29,7 @@ if [[ -z "${ESTIMATORS_SKIP_INSTALL:-}" ]]; then
     # llm-analysis 0.2.2 pins transformers<5 and huggingface-hub<0.15 for its Hub config
     # loader, which this comparison does not use (it builds ModelConfig itself); installing its
     # pins would downgrade what accelerate needs, so it goes in without them.
-    "$VENV/bin/python" -m pip install -q --no-deps llm-analysis fire \
+    "$VENV/bin/python" -m pip install -q --no-deps llm-analysis fire termcolor \
         || echo "compare_estimators: llm-analysis did not install; its column will say so" >&2
     # memplan's own core requirements, so the comparison imports memplan from this checkout.
     "$VENV/bin/python" -m pip install -q "pydantic>=2.6" "rich>=13.0"

@@ -125,13 +125,15 @@ class Sharded:
         ]
 
     def accumulation_bytes(self, state: ModelState) -> int:
-        """FSDP no_sync(): the non-final micro-batches accumulate unsharded gradients of the
-        trainable parameters (0 when no_sync does not run). Frozen parameters get none: peft's
-        fsdp_auto_wrap_policy wraps the trainable modules in units of their own, so frozen
-        flat parameters never require grad."""
+        """FSDP no_sync(): the non-final micro-batches accumulate unsharded gradients of every
+        FlatParameter that requires grad (0 when no_sync does not run). A unit that mixes
+        frozen and trainable parameters (``fsdp_mixed_units``, use_orig_params=True) has one
+        gradient for its whole flat parameter, frozen part included; units of trainable
+        modules alone (peft's fsdp_auto_wrap_policy) hold the trainable parameters' only."""
         if not self.shard.unsharded_accumulation:
             return 0
-        nbytes = state.num_trainable_params * dtype_bytes(self.ctx.weight_dtype)
+        numel = state.num_params if self.parallel.fsdp_mixed_units else state.num_trainable_params
+        nbytes = numel * dtype_bytes(self.ctx.weight_dtype)
         return allocation_bytes(nbytes // self.parallel.tensor_parallel_degree)
 
     @property

@@ -51,6 +51,13 @@ class ParallelSetup(BaseModel):
         description="DeepSpeed stage3_max_live_parameters: gathered parameters kept on the GPU "
         "at once under ZeRO-3; None: DeepSpeed's default 1e9.",
     )
+    fsdp_mixed_units: bool = Field(
+        default=True,
+        description="FSDP wraps whole transformer blocks, frozen and trainable parameters in one "
+        "FlatParameter (use_orig_params=True: Lightning/litgpt, a transformer-layer auto-wrap "
+        "policy), whose gradient covers the frozen ones too; False: the trainable modules are "
+        "units of their own (peft's fsdp_auto_wrap_policy), frozen units get no gradient.",
+    )
 
     @model_validator(mode="before")
     @classmethod
