@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from memplan.analytic.graph import Segment, Tensor
     from memplan.analytic.layers import RopeStyle
     from memplan.architecture import Block
+    from memplan.dtypes import DType
     from memplan.specs.model import ModelSpec
     from memplan.specs.training import Attention, TrainingSetup
 
@@ -53,6 +54,13 @@ class Gemma2(Llama):
     def layout(self, spec: ModelSpec) -> Gemma2Layout:
         assert isinstance(spec.layout, Gemma2Layout)
         return spec.layout
+
+    def buffers(self, spec: ModelSpec) -> tuple[tuple[str, int, DType], ...]:
+        """Gemma's scaled embedding registers its scale as a 0-d buffer
+        (``nn.Buffer(torch.tensor(embed_scale))``, one element: one 512-byte block)."""
+        from memplan.dtypes import DType
+
+        return (("embed_tokens.embed_scale", 1, DType.FP32),)
 
     def read_config(self, config: Config) -> dict[str, Any]:
         """Gemma2Config: head_dim defaults to 256 (not hidden / heads); embeddings tied."""
