@@ -348,7 +348,8 @@ def attention_core(
     if sdpa and mask:
         float_mask = seg.op(f"{label}.float_mask", [], b * s * kv_len, q.dtype, requires_grad=False)
     # CPU SDPA has no fused kernel with dropout and falls back to the math (eager-like) path.
-    math_fallback = kv_broadcast or (dropout_p > 0 and ctx.device == "cpu")
+    # ... and none for values narrower than the queries and keys (check_head_dim_size_cpp).
+    math_fallback = kv_broadcast or (ctx.device == "cpu" and (dropout_p > 0 or v.numel != k.numel))
     if math_fallback and sdpa:
         return _math_sdpa(
             seg,
@@ -463,7 +464,9 @@ def _math_sdpa(
         v = seg.op(f"{label}.v_expand", [v], full_kv, DType.FP32)
     elif strided[2]:
         v = seg.op(f"{label}.v_contiguous", [v], v.numel, DType.FP32, passthrough_grad=True)
-    out = seg.op(f"{label}.pv", [probs, v], q.numel, DType.FP32, saves=_bmm_saves(probs, v))
+    # The context has the values' head width (MLA: v_head_dim below the q/k heads').
+    out_numel = q.numel * v.numel // k.numel
+    out = seg.op(f"{label}.pv", [probs, v], out_numel, DType.FP32, saves=_bmm_saves(probs, v))
     out = cast(seg, out, out_dtype, f"{label}.output_cast")
     # C++ locals live until the function returns, and the caller's q/k/v views until it does.
     held = [float_mask] if float_mask else []
@@ -520,8 +523,9 @@ def _eager_attention(
     seg.hold(masked)  # `attn_weights` names the masked scores until the softmax replaces them
     probs = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
     v = _bmm_operand(seg, ctx, v, f"{label}.v_contiguous")
-    out = seg.op(f"{label}.pv", [probs, v], q.numel, q.dtype, saves=_bmm_saves(probs, v))
-    return seg.op(f"{label}.transpose", [out], q.numel, q.dtype, passthrough_grad=True)
+    out_numel = q.numel * v.numel // k.numel  # the values' head width (MLA's v_head_dim)
+    out = seg.op(f"{label}.pv", [probs, v], out_numel, q.dtype, saves=_bmm_saves(probs, v))
+    return seg.op(f"{label}.transpose", [out], out_numel, q.dtype, passthrough_grad=True)
 
 
 def _bmm_operand(seg: Segment, ctx: StepContext, x: Tensor, label: str) -> Tensor:

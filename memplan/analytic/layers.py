@@ -293,6 +293,7 @@ def gated_mlp(
     *,
     intermediate: int,
     fused: bool = False,
+    prefix: str = "mlp.",
 ) -> Tensor:
     """LlamaMLP: down_proj(act_fn(gate_proj(x)) * up_proj(x)); the activation saves its input.
 
@@ -309,11 +310,13 @@ def gated_mlp(
         a = activation(seg, g, spec.hidden_act, "mlp.act_fn")
         u = seg.op("mlp.up", [gu], gu.numel // 2, gu.dtype, view_of=gu, passthrough_grad=True)
     else:
-        g = linear(seg, ctx, x, LinearSpec("mlp.gate_proj", h, intermediate, "gate", bias=bias))
-        a = activation(seg, g, spec.hidden_act, "mlp.act_fn")
-        u = linear(seg, ctx, x, LinearSpec("mlp.up_proj", h, intermediate, "up", bias=bias))
-    p = seg.op("mlp.mul", [a, u], a.numel, a.dtype, saves=[a, u])
-    return linear(seg, ctx, p, LinearSpec("mlp.down_proj", intermediate, h, "down", bias=bias))
+        gate = LinearSpec(f"{prefix}gate_proj", h, intermediate, "gate", bias=bias)
+        g = linear(seg, ctx, x, gate)
+        a = activation(seg, g, spec.hidden_act, f"{prefix}act_fn")
+        u = linear(seg, ctx, x, LinearSpec(f"{prefix}up_proj", h, intermediate, "up", bias=bias))
+    p = seg.op(f"{prefix}mul", [a, u], a.numel, a.dtype, saves=[a, u])
+    down = LinearSpec(f"{prefix}down_proj", intermediate, h, "down", bias=bias)
+    return linear(seg, ctx, p, down)
 
 
 def moe_mlp(

@@ -29,6 +29,10 @@ from memplan.families.base import Config, Layout
 from memplan.families.llama import Llama
 
 if TYPE_CHECKING:
+    from memplan.analytic.context import StepContext
+    from memplan.analytic.graph import Segment, Tensor
+    from memplan.analytic.layers import LayerGraph
+    from memplan.analytic.model_graph import StackBuilder, Stacks
     from memplan.architecture import Block
     from memplan.specs.model import ModelSpec
 
@@ -70,6 +74,9 @@ class DeepseekV2(Llama):
     hf_model_class = "DeepseekV2ForCausalLM"
     layout_type = DeepseekV2Layout
     default_max_positions = 2048
+    # peft maps deepseek_v2 to qwen2_moe's conversion pattern: gate_proj/up_proj name the
+    # experts' 3-D gate_up_proj, down_proj their down_proj, gate the router (lora.ParamWrapper).
+    lora_expert_roles = ("gate", "up", "down", "router")
 
     def layout(self, spec: ModelSpec) -> DeepseekV2Layout:
         assert isinstance(spec.layout, DeepseekV2Layout)
@@ -111,6 +118,14 @@ class DeepseekV2(Llama):
             "routed_scaling_factor": float(config.get("routed_scaling_factor", 1.0)),
         }
         return fields
+
+    def unsupported(self, spec: ModelSpec, method: str) -> str | None:
+        if method == "prefix":
+            return (
+                "method=prefix cannot run on DeepSeek-V2: its cache holds one compressed latent "
+                "per token, and peft's per-head prefix keys/values do not concatenate to it"
+            )
+        return None
 
     def rotary_dim(self, spec: ModelSpec) -> int:
         # DeepseekV2Config.__post_init__ sets head_dim = qk_rope_head_dim: inv_freq's width.
@@ -205,6 +220,168 @@ class DeepseekV2(Llama):
             *linear_params("mlp.shared_experts.up_proj", shared, h, "up", bias=spec.mlp_bias),
             *linear_params("mlp.shared_experts.down_proj", h, shared, "down", bias=spec.mlp_bias),
         ]
+
+    # -- the step ------------------------------------------------------------------------------
+    def stacks(self, spec: ModelSpec, ctx: StepContext, build: StackBuilder) -> Stacks:
+        """One stack: first_k_dense_replace dense layers, then MoE layers."""
+        from memplan.analytic.model_graph import LayerPlan
+
+        dense = self.layout(spec).first_k_dense_replace
+        stacks = build.single(spec, ctx, self.layer, spec.num_layers)
+        stack = stacks.stacks[0]
+        graphs: dict[tuple[bool, bool], LayerGraph] = {}
+        rg = stack.embed_out.requires_grad
+        plans = []
+        for i, plan in enumerate(stack.layers):
+            key = (i >= dense and spec.num_experts > 0, rg)
+            if key not in graphs:
+                graphs[key] = self.layer(spec, ctx, input_requires_grad=rg, moe=key[0])
+            graph = graphs[key]
+            plans.append(LayerPlan(graph, plan.checkpointed))
+            rg = graph.output.requires_grad
+        stack.layers = plans
+        return stacks
+
+    def layer(
+        self, spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool, moe: bool = True
+    ) -> LayerGraph:
+        """DeepseekV2DecoderLayer: pre-RMSNorm MLA attention + dense MLP or MoE block."""
+        from memplan.analytic.blocks import residual_add, rms_norm
+        from memplan.analytic.graph import Segment
+        from memplan.analytic.layers import LayerGraph, gated_mlp
+        from memplan.dtypes import DType
+
+        seg = Segment("layer")
+        h, n = spec.hidden_size, ctx.num_tokens
+        lay = self.layout(spec)
+        x = seg.input(n * h, ctx.activation_dtype, "layer.input", requires_grad=input_requires_grad)
+        # DeepseekV2RotaryEmbedding: one complex64 freqs_cis (seq, qk_rope / 2) per forward.
+        freqs = seg.input(
+            ctx.seq_len * lay.qk_rope_head_dim,
+            DType.FP32,
+            "rope.freqs_cis",
+            requires_grad=False,
+            persistent=True,
+        )
+        hn = rms_norm(seg, ctx, x, "input_layernorm", h)
+        o = self._attention(seg, ctx, spec, hn, freqs)
+        o = ctx.method.branch_output(seg, ctx, o, "adapter_attn")
+        seg.hold(hn)  # `hidden_states` names the norm output until self_attn returns
+        h1 = residual_add(seg, x, o, "residual_attn")
+        hn2 = rms_norm(seg, ctx, h1, "post_attention_layernorm", h)
+        if moe:
+            m = self._moe(seg, ctx, spec, hn2)
+        else:
+            m = gated_mlp(seg, ctx, spec, hn2, intermediate=spec.intermediate_size)
+        m = ctx.method.branch_output(seg, ctx, m, "adapter_mlp")
+        seg.hold(hn2)  # ... and the second norm's output until the MLP returns
+        out = residual_add(seg, h1, m, "residual_mlp")
+        seg.hold(x)  # the caller's `hidden_states` keeps the layer input until the layer returns
+        return LayerGraph(seg, x, out, (freqs,))
+
+    def _attention(
+        self, seg: Segment, ctx: StepContext, spec: ModelSpec, hn: Tensor, freqs: Tensor
+    ) -> Tensor:
+        """DeepseekV2Attention (MLA) up to and including o_proj."""
+        from memplan.analytic.blocks import LinearSpec, linear, rms_norm
+        from memplan.analytic.layers import attention_context
+
+        h, n = spec.hidden_size, ctx.num_tokens
+        heads = spec.num_attention_heads
+        lay = self.layout(spec)
+        nope, rope, vd, kvr = (
+            lay.qk_nope_head_dim,
+            lay.qk_rope_head_dim,
+            lay.v_head_dim,
+            lay.kv_lora_rank,
+        )
+        qk = nope + rope
+        bias = spec.attention_bias
+        if lay.q_lora_rank is None:
+            q = linear(seg, ctx, hn, LinearSpec("self_attn.q_proj", h, heads * qk, "q", bias=False))
+        else:
+            r = lay.q_lora_rank
+            qa = linear(seg, ctx, hn, LinearSpec("self_attn.q_a_proj", h, r, None, bias=bias))
+            qa = rms_norm(seg, ctx, qa, "self_attn.q_a_layernorm", r)
+            q_b = LinearSpec("self_attn.q_b_proj", r, heads * qk, "q", bias=False)
+            q = linear(seg, ctx, qa, q_b)
+        # torch.split of the (batch, heads, seq, qk) view: two strided views of q.
+        q_nope = _view(seg, q, n * heads * nope, "self_attn.q_nope")
+        q_pe = _view(seg, q, n * heads * rope, "self_attn.q_pe")
+        ckv = linear(
+            seg,
+            ctx,
+            hn,
+            LinearSpec("self_attn.kv_a_proj_with_mqa", h, kvr + rope, "k", bias=bias),
+        )
+        kv_nope = _view(seg, ckv, n * kvr, "self_attn.kv_nope")
+        k_pe = _view(seg, ckv, n * rope, "self_attn.k_pe")
+        latent = rms_norm(seg, ctx, kv_nope, "self_attn.kv_a_layernorm", kvr)
+        q_pe = _complex_rotary(seg, q_pe, freqs, "self_attn.q_rope")
+        k_pe = _complex_rotary(seg, k_pe, freqs, "self_attn.k_rope")
+        # torch.cat((q_nope, q_pe)): the queries, a new (batch, heads, seq, qk) tensor.
+        query = seg.op(
+            "self_attn.query_cat", [q_nope, q_pe], n * heads * qk, q.dtype, passthrough_grad=True
+        )
+        kv = linear(
+            seg,
+            ctx,
+            latent,
+            LinearSpec("self_attn.kv_b_proj", kvr, heads * (nope + vd), "v", bias=False),
+        )
+        k_nope = _view(seg, kv, n * heads * nope, "self_attn.k_nope")
+        value = _view(seg, kv, n * heads * vd, "self_attn.value")
+        # expand_kv: new_empty keys, k_nope and the head-expanded rotary key copied in (copy_).
+        key = seg.op(
+            "self_attn.key_states",
+            [k_nope, k_pe],
+            n * heads * qk,
+            kv.dtype,
+            passthrough_grad=True,
+        )
+        context = attention_context(
+            seg,
+            ctx,
+            spec,
+            (query, key, value),
+            heads=heads,
+            kv_heads=heads,
+            label="self_attn",
+            dropout_p=spec.attention_dropout,
+            head_major_q=True,
+        )
+        return linear(
+            seg, ctx, context, LinearSpec("self_attn.o_proj", heads * vd, h, "o", bias=bias)
+        )
+
+    def _moe(self, seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor) -> Tensor:
+        """DeepseekV2Moe: routed experts (grouped_mm) plus the shared-expert MLP."""
+        from memplan.analytic.blocks import residual_add
+        from memplan.analytic.layers import gated_mlp, moe_mlp
+
+        lay = self.layout(spec)
+        moe_spec = spec.model_copy(update={"intermediate_size": lay.moe_intermediate_size})
+        routed = moe_mlp(seg, ctx, moe_spec, x, renormalize=False)
+        shared = lay.moe_intermediate_size * lay.n_shared_experts
+        # shared_experts(residuals): a DeepseekV2MLP of n_shared_experts x moe width.
+        s = gated_mlp(seg, ctx, spec, x, intermediate=shared, prefix="mlp.shared_experts.")
+        return residual_add(seg, routed, s, "mlp.shared_add")
+
+
+def _view(seg: Segment, x: Tensor, numel: int, label: str) -> Tensor:
+    """A view of part of ``x`` (split, slice); its gradient flows into x's."""
+    return seg.op(label, [x], numel, x.dtype, view_of=x, passthrough_grad=True)
+
+
+def _complex_rotary(seg: Segment, x: Tensor, freqs: Tensor, label: str) -> Tensor:
+    """apply_rotary_emb: x.float() viewed as complex, times freqs_cis (complex64, the only
+    tensor the product saves), back to real and .type_as(x)."""
+    from memplan.analytic.blocks import cast
+    from memplan.dtypes import DType
+
+    xf = cast(seg, x, DType.FP32, f"{label}.float")
+    prod = seg.op(f"{label}.mul", [xf], x.numel, DType.FP32, saves=[freqs])
+    return cast(seg, prod, x.dtype, f"{label}.type_as")
 
 
 FAMILY = DeepseekV2()
