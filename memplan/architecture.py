@@ -61,6 +61,8 @@ class ParamTensor:
     copies: int = 1
     # False: bitsandbytes leaves it a plain nn.Linear (a model's _keep_in_fp32_modules).
     quantizable: bool = True
+    # True: stored in fp32 whatever the load dtype (a model's _keep_in_fp32_modules_strict).
+    keep_fp32: bool = False
 
     @property
     def numel(self) -> int:

@@ -7,6 +7,7 @@ families with layers of their own (BERT, T5) build them from the pieces here.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -327,6 +328,8 @@ def moe_mlp(
     *,
     renormalize: bool = True,
     cast_weights: bool = False,
+    fp32_router: bool = False,
+    scaled: bool = False,
 ) -> Tensor:
     """A sparse MoE block as transformers >= 5 runs it (MixtralSparseMoeBlock,
     Qwen3MoeSparseMoeBlock): the top-k router, then the experts' default implementation,
@@ -341,7 +344,14 @@ def moe_mlp(
     n, h = ctx.num_tokens, spec.hidden_size
     pairs = n * spec.num_experts_per_token
     weights, index, router_locals = topk_router(
-        seg, ctx, spec, x, renormalize=renormalize, cast_weights=cast_weights
+        seg,
+        ctx,
+        spec,
+        x,
+        renormalize=renormalize,
+        cast_weights=cast_weights,
+        fp32_router=fp32_router,
+        scaled=scaled,
     )
     # torch.sort(expert_ids): the sorted ids (a local) and the permutation (kept by gathers).
     ids = seg.op("mlp.experts.sorted_ids", [index], pairs, DType.INT64, requires_grad=False)
@@ -434,6 +444,8 @@ def topk_router(
     *,
     renormalize: bool = True,
     cast_weights: bool = False,
+    fp32_router: bool = False,
+    scaled: bool = False,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """MixtralTopKRouter: F.linear to expert logits, fp32 softmax, top-k, the top-k weights
     renormalized in place. Returns the weights, the expert indices and the block's locals.
@@ -445,13 +457,21 @@ def topk_router(
     """
     n, h = ctx.num_tokens, spec.hidden_size
     e, k = spec.num_experts, spec.num_experts_per_token
-    logits = linear(
-        seg, ctx, x, LinearSpec("mlp.gate", h, e, "router", bias=False, quantizable=False)
-    )
+    router = LinearSpec("mlp.gate", h, e, "router", bias=False, quantizable=False)
+    if fp32_router and not ctx.amp:
+        # DeepseekV2TopkRouter: F.linear(x.type(fp32), weight.type(fp32)) with a weight kept in
+        # fp32 (_keep_in_fp32_modules_strict): the input's fp32 copy, fp32 logits (autocast
+        # would cast both back to its dtype).
+        xf = cast(seg, x, DType.FP32, "mlp.gate.input_float")
+        logits = linear(seg, dataclasses.replace(ctx, weight_dtype=DType.FP32), xf, router)
+    else:
+        logits = linear(seg, ctx, x, router)
     logits32 = cast(seg, logits, DType.FP32, "mlp.gate.logits_float")
     probs = seg.op("mlp.gate.softmax", [logits32], n * e, DType.FP32, saves_output=True)
     index = seg.op("mlp.gate.topk_indices", [probs], n * k, DType.INT64, requires_grad=False)
     top = seg.op("mlp.gate.topk", [probs, index], n * k, DType.FP32, saves=[index])
+    if scaled:  # topk_weights * routed_scaling_factor: a new tensor, nothing saved
+        top = seg.op("mlp.gate.scale", [top], n * k, DType.FP32, passthrough_grad=True)
     if not renormalize:
         weights = top
         if cast_weights:  # router_top_value.to(router_logits.dtype)

@@ -175,6 +175,7 @@ def _add_base_tensor(
     category = Category.TRAINABLE_WEIGHTS if trainable else Category.FROZEN_WEIGHTS
     share = _share(tensor, numel, tp=tp, shards=shards, vocab=ctx.vocab_size)
     shape = tensor.shape if tensor.copies == 1 else (tensor.copies, *tensor.shape)
-    state.groups.append(TensorGroup(label, share, ctx.weight_dtype, count, category, shape))
+    dtype = DType.FP32 if tensor.keep_fp32 else ctx.weight_dtype
+    state.groups.append(TensorGroup(label, share, dtype, count, category, shape))
     if trainable:
         state.num_trainable_params += numel * count

@@ -211,7 +211,7 @@ class DeepseekV2(Llama):
         shared = i * lay.n_shared_experts
         return [
             # DeepseekV2TopkRouter.weight: (experts, hidden), kept fp32 by the model.
-            ParamTensor("mlp.gate.weight", (e, h), ParamKind.ROUTER, "router"),
+            ParamTensor("mlp.gate.weight", (e, h), ParamKind.ROUTER, "router", keep_fp32=True),
             ParamTensor(
                 "mlp.experts.gate_up_proj", (2 * i, h), ParamKind.LINEAR, "gate_up", copies=e
             ),
@@ -361,7 +361,9 @@ class DeepseekV2(Llama):
 
         lay = self.layout(spec)
         moe_spec = spec.model_copy(update={"intermediate_size": lay.moe_intermediate_size})
-        routed = moe_mlp(seg, ctx, moe_spec, x, renormalize=False)
+        # DeepseekV2TopkRouter: fp32 router, greedy top-k of the softmax (no renormalization),
+        # times routed_scaling_factor; the experts' grouped_mm implementation.
+        routed = moe_mlp(seg, ctx, moe_spec, x, renormalize=False, fp32_router=True, scaled=True)
         shared = lay.moe_intermediate_size * lay.n_shared_experts
         # shared_experts(residuals): a DeepseekV2MLP of n_shared_experts x moe width.
         s = gated_mlp(seg, ctx, spec, x, intermediate=shared, prefix="mlp.shared_experts.")
