@@ -63,6 +63,9 @@ class ParamTensor:
     quantizable: bool = True
     # True: stored in fp32 whatever the load dtype (a model's _keep_in_fp32_modules_strict).
     keep_fp32: bool = False
+    # False: tensor parallelism replicates it (MLA's kv_a_proj_with_mqa: every head reads the
+    # whole latent).
+    tp_split: bool = True
 
     @property
     def numel(self) -> int:

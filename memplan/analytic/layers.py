@@ -92,6 +92,7 @@ def attention_context(
     kv_broadcast: bool = False,
     mask: bool = False,
     hold_qkv: bool = False,
+    context_numel: int | None = None,
 ) -> Tensor:
     """Prefix keys/values, autocast's casts and attention over the sequence: the context the
     output projection reads. ``hold_qkv``: the caller's locals keep q and the keys and values
@@ -133,6 +134,7 @@ def attention_context(
         kv_len=ctx.seq_len + ctx.prefix_len,
         mask=masked,
         head_major_q=head_major_q,
+        context_numel=context_numel,
     )
     if hold_qkv:
         seg.hold(*locals_, label=f"{label}.qkv_locals")

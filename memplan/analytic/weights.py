@@ -100,7 +100,7 @@ def _share(tensor: ParamTensor, numel: int, *, tp: int, shards: int, vocab: int)
         (tensor.role is not None and tensor.role not in ROW_PARALLEL_ROLES)
         or tensor.shape == (vocab,)  # the vocab-parallel LM head's output bias (BERT MLM)
     )
-    if tensor.kind in _TP_SPLIT or column_bias:
+    if tensor.tp_split and (tensor.kind in _TP_SPLIT or column_bias):
         numel = -(-numel // tp)
     return -(-numel // shards)
 

@@ -20,6 +20,7 @@ moe_intermediate_size x n_shared_experts added to their output. The first
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, NonNegativeInt, PositiveInt
@@ -181,10 +182,16 @@ class DeepseekV2(Llama):
                 *norm_params(p + "q_a_layernorm", lay.q_lora_rank, with_bias=False),
                 *linear_params(p + "q_b_proj", heads * qk, lay.q_lora_rank, "q", bias=False),
             ]
+        # kv_a_proj_with_mqa: the key/value latent plus the shared rotary key ("k"), replicated
+        # under tensor parallelism (every head's kv_b_proj reads the whole latent).
+        latent = lay.kv_lora_rank + rope
+        kv_a = [
+            dataclasses.replace(t, tp_split=False)
+            for t in linear_params(p + "kv_a_proj_with_mqa", latent, h, "k", bias=bias)
+        ]
         return [
             *q,
-            # kv_a_proj_with_mqa: the key/value latent plus the shared rotary key ("k").
-            *linear_params(p + "kv_a_proj_with_mqa", lay.kv_lora_rank + rope, h, "k", bias=bias),
+            *kv_a,
             *norm_params(p + "kv_a_layernorm", lay.kv_lora_rank, with_bias=False),
             # kv_b_proj: each head's unrotated key and its value ("v").
             *linear_params(
@@ -272,7 +279,8 @@ class DeepseekV2(Llama):
         if moe:
             m = self._moe(seg, ctx, spec, hn2)
         else:
-            m = gated_mlp(seg, ctx, spec, hn2, intermediate=spec.intermediate_size)
+            tp = ctx.tensor_parallel_degree
+            m = gated_mlp(seg, ctx, spec, hn2, intermediate=spec.intermediate_size // tp)
         m = ctx.method.branch_output(seg, ctx, m, "adapter_mlp")
         seg.hold(hn2)  # ... and the second norm's output until the MLP returns
         out = residual_add(seg, h1, m, "residual_mlp")
@@ -287,7 +295,7 @@ class DeepseekV2(Llama):
         from memplan.analytic.layers import attention_context
 
         h, n = spec.hidden_size, ctx.num_tokens
-        heads = spec.num_attention_heads
+        heads = spec.num_attention_heads // ctx.tensor_parallel_degree  # this GPU's heads
         lay = self.layout(spec)
         nope, rope, vd, kvr = (
             lay.qk_nope_head_dim,
@@ -349,6 +357,7 @@ class DeepseekV2(Llama):
             label="self_attn",
             dropout_p=spec.attention_dropout,
             head_major_q=True,
+            context_numel=n * heads * vd,  # values of v_head_dim
         )
         return linear(
             seg, ctx, context, LinearSpec("self_attn.o_proj", heads * vd, h, "o", bias=bias)
@@ -364,7 +373,7 @@ class DeepseekV2(Llama):
         # DeepseekV2TopkRouter: fp32 router, greedy top-k of the softmax (no renormalization),
         # times routed_scaling_factor; the experts' grouped_mm implementation.
         routed = moe_mlp(seg, ctx, moe_spec, x, renormalize=False, fp32_router=True, scaled=True)
-        shared = lay.moe_intermediate_size * lay.n_shared_experts
+        shared = lay.moe_intermediate_size * lay.n_shared_experts // ctx.tensor_parallel_degree
         # shared_experts(residuals): a DeepseekV2MLP of n_shared_experts x moe width.
         s = gated_mlp(seg, ctx, spec, x, intermediate=shared, prefix="mlp.shared_experts.")
         return residual_add(seg, routed, s, "mlp.shared_add")
