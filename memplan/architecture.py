@@ -61,6 +61,11 @@ class ParamTensor:
     copies: int = 1
     # False: bitsandbytes leaves it a plain nn.Linear (a model's _keep_in_fp32_modules).
     quantizable: bool = True
+    # True: stored in fp32 whatever the load dtype (a model's _keep_in_fp32_modules_strict).
+    keep_fp32: bool = False
+    # False: tensor parallelism replicates it (MLA's kv_a_proj_with_mqa: every head reads the
+    # whole latent).
+    tp_split: bool = True
 
     @property
     def numel(self) -> int:

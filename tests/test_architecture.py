@@ -280,6 +280,10 @@ class TestAgainstTransformers:
             assert family not in mapping  # peft asks for target_modules; memplan assumes qkv_proj
             assert ours == {"qkv_proj"}
             return
+        if family == "deepseek_v2":
+            assert family not in mapping  # peft asks for target_modules; no v_proj to name
+            assert ours == {"q_proj", "kv_b_proj"}  # the queries and the per-head keys/values
+            return
         if family in ("olmo2", "qwen3_moe"):
             assert family not in mapping  # peft asks for target_modules; memplan takes Llama's
             assert ours == set(mapping["llama"])

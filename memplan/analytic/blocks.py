@@ -323,6 +323,7 @@ def attention_core(
     mask_dtype: DType | None = None,
     kv_broadcast: bool = False,
     head_major_q: bool = False,
+    context_numel: int | None = None,
 ) -> Tensor:
     """Scaled dot-product attention over (batch, heads, seq, head_dim) tensors.
 
@@ -337,7 +338,9 @@ def attention_core(
     key/value heads than query heads reach SDPA or matmul without repeat_kv or ``enable_gqa``,
     to be broadcast: the fused SDPA kernels need equal heads, so SDPA takes torch's math
     kernel. ``head_major_q``: q is laid out (batch, heads, seq, head_dim) in memory (a rotary
-    ``cat``), not a transposed view.
+    ``cat``), not a transposed view. ``context_numel``: the output's size when the values'
+    heads are narrower than the queries' and keys' (MLA); CPU SDPA then has no fused kernel
+    (check_head_dim_size_cpp) and runs the math path.
     """
     b, s = ctx.batch, ctx.seq_len
     kv_len = kv_len or s
@@ -348,7 +351,9 @@ def attention_core(
     if sdpa and mask:
         float_mask = seg.op(f"{label}.float_mask", [], b * s * kv_len, q.dtype, requires_grad=False)
     # CPU SDPA has no fused kernel with dropout and falls back to the math (eager-like) path.
-    math_fallback = kv_broadcast or (dropout_p > 0 and ctx.device == "cpu")
+    # ... and none for values narrower than the queries and keys (check_head_dim_size_cpp).
+    narrow_v = context_numel is not None
+    math_fallback = kv_broadcast or (ctx.device == "cpu" and (dropout_p > 0 or narrow_v))
     if math_fallback and sdpa:
         return _math_sdpa(
             seg,
@@ -363,6 +368,7 @@ def attention_core(
             dropout_p=dropout_p,
             float_mask=float_mask,
             kv_broadcast=kv_broadcast,
+            context_numel=context_numel,
         )
     if not sdpa:
         return _eager_attention(
@@ -380,6 +386,7 @@ def attention_core(
             softcap=softcap,
             mask_dtype=q.dtype if mask_dtype is None else mask_dtype,
             kv_broadcast=kv_broadcast,
+            context_numel=context_numel,
         )
     # Flash / memory-efficient SDPA (and flash-attn 2) save q, k, v, the output and the fp32
     # log-sum-exp per (batch, head, query), and the mask they were given; the output is
@@ -391,7 +398,7 @@ def attention_core(
     out = seg.op(
         f"{label}.sdpa",
         inputs,
-        q.numel,
+        q.numel if context_numel is None else context_numel,
         q.dtype,
         saves=inputs,
         saves_output=True,
@@ -401,7 +408,7 @@ def attention_core(
         # The CPU flash kernel lays its output out like q: sdpa_attention_forward's
         # transpose(1, 2).contiguous() then copies a heads-major one (CUDA's is (b, s, heads,
         # d) already).
-        out = seg.op(f"{label}.transpose", [out], q.numel, q.dtype, passthrough_grad=True)
+        out = seg.op(f"{label}.transpose", [out], out.numel, q.dtype, passthrough_grad=True)
     return out
 
 
@@ -424,6 +431,7 @@ def _math_sdpa(
     dropout_p: float,
     float_mask: Tensor | None = None,
     kv_broadcast: bool = False,
+    context_numel: int | None = None,
 ) -> Tensor:
     """_scaled_dot_product_attention_math (the CPU path with dropout, or key/value heads to
     broadcast): 16-bit inputs are upcast to fp32 (locals until it returns); q is scaled by
@@ -463,7 +471,9 @@ def _math_sdpa(
         v = seg.op(f"{label}.v_expand", [v], full_kv, DType.FP32)
     elif strided[2]:
         v = seg.op(f"{label}.v_contiguous", [v], v.numel, DType.FP32, passthrough_grad=True)
-    out = seg.op(f"{label}.pv", [probs, v], q.numel, DType.FP32, saves=_bmm_saves(probs, v))
+    # The context has the values' head width (MLA: v_head_dim below the q/k heads').
+    out_numel = q.numel if context_numel is None else context_numel
+    out = seg.op(f"{label}.pv", [probs, v], out_numel, DType.FP32, saves=_bmm_saves(probs, v))
     out = cast(seg, out, out_dtype, f"{label}.output_cast")
     # C++ locals live until the function returns, and the caller's q/k/v views until it does.
     held = [float_mask] if float_mask else []
@@ -489,6 +499,7 @@ def _eager_attention(
     mask_dtype: DType,
     softcap: bool = False,
     kv_broadcast: bool = False,
+    context_numel: int | None = None,
 ) -> Tensor:
     """eager_attention_forward: repeat_kv, q @ k^T * scale, + mask, softmax, dropout, @ v,
     transpose."""
@@ -520,8 +531,9 @@ def _eager_attention(
     seg.hold(masked)  # `attn_weights` names the masked scores until the softmax replaces them
     probs = dropout(seg, ctx, probs, dropout_p, f"{label}.attn_dropout")
     v = _bmm_operand(seg, ctx, v, f"{label}.v_contiguous")
-    out = seg.op(f"{label}.pv", [probs, v], q.numel, q.dtype, saves=_bmm_saves(probs, v))
-    return seg.op(f"{label}.transpose", [out], q.numel, q.dtype, passthrough_grad=True)
+    out_numel = q.numel if context_numel is None else context_numel
+    out = seg.op(f"{label}.pv", [probs, v], out_numel, q.dtype, saves=_bmm_saves(probs, v))
+    return seg.op(f"{label}.transpose", [out], out_numel, q.dtype, passthrough_grad=True)
 
 
 def _bmm_operand(seg: Segment, ctx: StepContext, x: Tensor, label: str) -> Tensor:

@@ -7,6 +7,7 @@ families with layers of their own (BERT, T5) build them from the pieces here.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -91,6 +92,7 @@ def attention_context(
     kv_broadcast: bool = False,
     mask: bool = False,
     hold_qkv: bool = False,
+    context_numel: int | None = None,
 ) -> Tensor:
     """Prefix keys/values, autocast's casts and attention over the sequence: the context the
     output projection reads. ``hold_qkv``: the caller's locals keep q and the keys and values
@@ -132,6 +134,7 @@ def attention_context(
         kv_len=ctx.seq_len + ctx.prefix_len,
         mask=masked,
         head_major_q=head_major_q,
+        context_numel=context_numel,
     )
     if hold_qkv:
         seg.hold(*locals_, label=f"{label}.qkv_locals")
@@ -293,6 +296,7 @@ def gated_mlp(
     *,
     intermediate: int,
     fused: bool = False,
+    prefix: str = "mlp.",
 ) -> Tensor:
     """LlamaMLP: down_proj(act_fn(gate_proj(x)) * up_proj(x)); the activation saves its input.
 
@@ -309,11 +313,13 @@ def gated_mlp(
         a = activation(seg, g, spec.hidden_act, "mlp.act_fn")
         u = seg.op("mlp.up", [gu], gu.numel // 2, gu.dtype, view_of=gu, passthrough_grad=True)
     else:
-        g = linear(seg, ctx, x, LinearSpec("mlp.gate_proj", h, intermediate, "gate", bias=bias))
-        a = activation(seg, g, spec.hidden_act, "mlp.act_fn")
-        u = linear(seg, ctx, x, LinearSpec("mlp.up_proj", h, intermediate, "up", bias=bias))
-    p = seg.op("mlp.mul", [a, u], a.numel, a.dtype, saves=[a, u])
-    return linear(seg, ctx, p, LinearSpec("mlp.down_proj", intermediate, h, "down", bias=bias))
+        gate = LinearSpec(f"{prefix}gate_proj", h, intermediate, "gate", bias=bias)
+        g = linear(seg, ctx, x, gate)
+        a = activation(seg, g, spec.hidden_act, f"{prefix}act_fn")
+        u = linear(seg, ctx, x, LinearSpec(f"{prefix}up_proj", h, intermediate, "up", bias=bias))
+    p = seg.op(f"{prefix}mul", [a, u], a.numel, a.dtype, saves=[a, u])
+    down = LinearSpec(f"{prefix}down_proj", intermediate, h, "down", bias=bias)
+    return linear(seg, ctx, p, down)
 
 
 def moe_mlp(
@@ -324,6 +330,8 @@ def moe_mlp(
     *,
     renormalize: bool = True,
     cast_weights: bool = False,
+    fp32_router: bool = False,
+    scaled: bool = False,
 ) -> Tensor:
     """A sparse MoE block as transformers >= 5 runs it (MixtralSparseMoeBlock,
     Qwen3MoeSparseMoeBlock): the top-k router, then the experts' default implementation,
@@ -338,7 +346,14 @@ def moe_mlp(
     n, h = ctx.num_tokens, spec.hidden_size
     pairs = n * spec.num_experts_per_token
     weights, index, router_locals = topk_router(
-        seg, ctx, spec, x, renormalize=renormalize, cast_weights=cast_weights
+        seg,
+        ctx,
+        spec,
+        x,
+        renormalize=renormalize,
+        cast_weights=cast_weights,
+        fp32_router=fp32_router,
+        scaled=scaled,
     )
     # torch.sort(expert_ids): the sorted ids (a local) and the permutation (kept by gathers).
     ids = seg.op("mlp.experts.sorted_ids", [index], pairs, DType.INT64, requires_grad=False)
@@ -431,6 +446,8 @@ def topk_router(
     *,
     renormalize: bool = True,
     cast_weights: bool = False,
+    fp32_router: bool = False,
+    scaled: bool = False,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """MixtralTopKRouter: F.linear to expert logits, fp32 softmax, top-k, the top-k weights
     renormalized in place. Returns the weights, the expert indices and the block's locals.
@@ -442,13 +459,21 @@ def topk_router(
     """
     n, h = ctx.num_tokens, spec.hidden_size
     e, k = spec.num_experts, spec.num_experts_per_token
-    logits = linear(
-        seg, ctx, x, LinearSpec("mlp.gate", h, e, "router", bias=False, quantizable=False)
-    )
+    router = LinearSpec("mlp.gate", h, e, "router", bias=False, quantizable=False)
+    if fp32_router and not ctx.amp:
+        # DeepseekV2TopkRouter: F.linear(x.type(fp32), weight.type(fp32)) with a weight kept in
+        # fp32 (_keep_in_fp32_modules_strict): the input's fp32 copy, fp32 logits (autocast
+        # would cast both back to its dtype).
+        xf = cast(seg, x, DType.FP32, "mlp.gate.input_float")
+        logits = linear(seg, dataclasses.replace(ctx, weight_dtype=DType.FP32), xf, router)
+    else:
+        logits = linear(seg, ctx, x, router)
     logits32 = cast(seg, logits, DType.FP32, "mlp.gate.logits_float")
     probs = seg.op("mlp.gate.softmax", [logits32], n * e, DType.FP32, saves_output=True)
     index = seg.op("mlp.gate.topk_indices", [probs], n * k, DType.INT64, requires_grad=False)
     top = seg.op("mlp.gate.topk", [probs, index], n * k, DType.FP32, saves=[index])
+    if scaled:  # topk_weights * routed_scaling_factor: a new tensor, nothing saved
+        top = seg.op("mlp.gate.scale", [top], n * k, DType.FP32, passthrough_grad=True)
     if not renormalize:
         weights = top
         if cast_weights:  # router_top_value.to(router_logits.dtype)

@@ -100,7 +100,7 @@ def _share(tensor: ParamTensor, numel: int, *, tp: int, shards: int, vocab: int)
         (tensor.role is not None and tensor.role not in ROW_PARALLEL_ROLES)
         or tensor.shape == (vocab,)  # the vocab-parallel LM head's output bias (BERT MLM)
     )
-    if tensor.kind in _TP_SPLIT or column_bias:
+    if tensor.tp_split and (tensor.kind in _TP_SPLIT or column_bias):
         numel = -(-numel // tp)
     return -(-numel // shards)
 
@@ -175,6 +175,7 @@ def _add_base_tensor(
     category = Category.TRAINABLE_WEIGHTS if trainable else Category.FROZEN_WEIGHTS
     share = _share(tensor, numel, tp=tp, shards=shards, vocab=ctx.vocab_size)
     shape = tensor.shape if tensor.copies == 1 else (tensor.copies, *tensor.shape)
-    state.groups.append(TensorGroup(label, share, ctx.weight_dtype, count, category, shape))
+    dtype = DType.FP32 if tensor.keep_fp32 else ctx.weight_dtype
+    state.groups.append(TensorGroup(label, share, dtype, count, category, shape))
     if trainable:
         state.num_trainable_params += numel * count

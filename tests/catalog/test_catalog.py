@@ -153,7 +153,10 @@ def test_json_that_is_not_an_object(tmp_path: Path) -> None:
 def test_unsupported_model_type_lists_the_supported_ones(tmp_path: Path) -> None:
     message = _error(tmp_path, {"model_type": "mamba", "hidden_size": 64})
     assert "unsupported model_type 'mamba'" in message
-    assert "supported: bert, bloom, falcon, gemma2, gemma3_text, gpt2, gpt_neox, llama" in message
+    assert (
+        "supported: bert, bloom, deepseek_v2, falcon, gemma2, gemma3_text, gpt2, gpt_neox, llama"
+        in message
+    )
 
 
 def test_missing_model_type(tmp_path: Path) -> None:
