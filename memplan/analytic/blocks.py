@@ -185,21 +185,8 @@ def rms_norm(
     cast back (Olmo2RMSNorm's ``(weight * x).to(input_dtype)``).
     T5LayerNorm computes the same quantities as Llama's.
     """
-    rows = x.numel // size
     trainable = ctx.trains_norm
-    x32 = cast(seg, x, DType.FP32, f"{label}.upcast")
-    # pow_backward: grad * (2 * x.pow(1)) keeps two fp32 temporaries beside the result.
-    sq = seg.op(
-        f"{label}.pow",
-        [x32],
-        x32.numel,
-        DType.FP32,
-        saves=[x32],
-        bwd_workspace_bytes=2 * x32.nbytes,
-    )
-    var = seg.op(f"{label}.mean", [sq], rows, DType.FP32)
-    var_eps = seg.op(f"{label}.add_eps", [var], rows, DType.FP32, passthrough_grad=True)
-    rstd = seg.op(f"{label}.rsqrt", [var_eps], rows, DType.FP32, saves_output=True)
+    x32, rstd = rms_statistics(seg, x, label, size)
     # mul backward for rstd: (grad * x).sum(-1) materializes grad * x before the reduction.
     normed = seg.op(
         f"{label}.mul_rstd",
@@ -246,6 +233,25 @@ def rms_norm(
         saves_params=normed.requires_grad,  # mul keeps the weight for the input's gradient
     )
     return cast(seg, out, x.dtype, f"{label}.downcast") if fp32_product else out
+
+
+def rms_statistics(seg: Segment, x: Tensor, label: str, size: int) -> tuple[Tensor, Tensor]:
+    """An RMS norm's fp32 statistics: (x.float(), rsqrt(x.float().pow(2).mean(-1) + eps))."""
+    rows = x.numel // size
+    x32 = cast(seg, x, DType.FP32, f"{label}.upcast")
+    # pow_backward: grad * (2 * x.pow(1)) keeps two fp32 temporaries beside the result.
+    sq = seg.op(
+        f"{label}.pow",
+        [x32],
+        x32.numel,
+        DType.FP32,
+        saves=[x32],
+        bwd_workspace_bytes=2 * x32.nbytes,
+    )
+    var = seg.op(f"{label}.mean", [sq], rows, DType.FP32)
+    var_eps = seg.op(f"{label}.add_eps", [var], rows, DType.FP32, passthrough_grad=True)
+    rstd = seg.op(f"{label}.rsqrt", [var_eps], rows, DType.FP32, saves_output=True)
+    return x32, rstd
 
 
 def promote(a: DType, b: DType) -> DType:

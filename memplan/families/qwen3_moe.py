@@ -127,31 +127,10 @@ class Qwen3Moe(Qwen3):
     def assumptions(self, spec: ModelSpec, setup: TrainingSetup) -> list[str]:
         if not spec.num_experts:
             return []
-        from memplan.architecture import architecture
-        from memplan.dtypes import Quantization
+        from memplan.families._moe import grouped_experts_assumptions
 
-        lines = [
-            "qwen3_moe: experts run transformers' grouped_mm implementation "
-            "(integrations/moe.py): top-k routed copies of each token sorted by expert, the "
-            "grouped matmuls in the weights' dtype (not autocast); no router aux loss "
-            "(output_router_logits off)"
-        ]
-        if setup.quant is not Quantization.NONE:
-            arch = architecture(spec)
-            experts = sum(b.repeat * t.numel for b, t in arch.tensors() if t.copies > 1)
-            lines.append(
-                f"qwen3_moe: {setup.quant.value} replaces nn.Linear modules only (transformers "
-                "replace_with_bnb_linear): the experts' 3-D gate_up_proj/down_proj "
-                f"({experts:,} of {arch.num_params:,} parameters) and the router stay "
-                f"{setup.precision.weight_dtype.value}"
-            )
-        if setup.tuning.uses_lora:
-            lines.append(
-                "qwen3_moe: peft target_modules (all-linear too) match nn.Linear modules: "
-                "gate_up_proj and down_proj are 3-D parameters of Qwen3MoeExperts and get no "
-                "adapter, nor does the router; LoRA sits on the attention projections"
-            )
-        return lines
+        note = "; no router aux loss (output_router_logits off)"
+        return grouped_experts_assumptions("qwen3_moe", "Qwen3MoeExperts", spec, setup, note=note)
 
 
 def _sliding_window(config: Config) -> int | None:

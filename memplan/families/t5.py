@@ -548,24 +548,11 @@ def _t5_norm(seg: Segment, ctx: StepContext, x: Tensor, label: str, size: int) -
     input itself (16-bit times fp32 promotes to fp32: mul saves x and the rsqrt), cast to a
     16-bit weight's dtype, times the weight.
     """
-    from memplan.analytic.blocks import cast, promote
+    from memplan.analytic.blocks import cast, promote, rms_statistics
     from memplan.dtypes import DType, dtype_bytes
 
-    rows = x.numel // size
     trainable = ctx.trains_norm
-    x32 = cast(seg, x, DType.FP32, f"{label}.upcast")
-    # pow_backward: grad * (2 * x.pow(1)) keeps two fp32 temporaries beside the result.
-    sq = seg.op(
-        f"{label}.pow",
-        [x32],
-        x32.numel,
-        DType.FP32,
-        saves=[x32],
-        bwd_workspace_bytes=2 * x32.nbytes,
-    )
-    var = seg.op(f"{label}.mean", [sq], rows, DType.FP32)
-    var_eps = seg.op(f"{label}.add_eps", [var], rows, DType.FP32, passthrough_grad=True)
-    rstd = seg.op(f"{label}.rsqrt", [var_eps], rows, DType.FP32, saves_output=True)
+    _, rstd = rms_statistics(seg, x, label, size)
     normed_dtype = promote(x.dtype, DType.FP32)
     # mul backward for rstd: (grad * x).sum(-1) materializes grad * x before the reduction.
     normed = seg.op(
