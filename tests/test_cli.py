@@ -367,6 +367,7 @@ def test_model_set_changes_the_model_and_recounts(run_cli: Any) -> None:
         (["--model-set", "family=gpt2"], "'family' is not a model field memplan can change"),
         (["--model-set", "vocab_size=0"], "--model-set vocab_size=0:"),
         (["--model-set", "novalue"], "expected FIELD=VALUE"),
+        (["--model-set", "hidden_size=true"], "hidden_size is not a true/false field"),
         (["--cuda-context", "1GiB"], "--cuda-context needs --gpu"),
         (["--gpu", "a100-80gb", "--cuda-context", "lots"], "cannot read memory size 'lots'"),
     ],

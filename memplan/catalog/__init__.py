@@ -166,6 +166,12 @@ def with_overrides(spec: ModelSpec, overrides: dict[str, object]) -> ModelSpec:
         )
     from pydantic import ValidationError
 
+    for field, value in overrides.items():
+        # JSON's true/false would pass as 1/0 for a size: a bool only sets a bool field.
+        if isinstance(value, bool) and ModelSpec.model_fields[field].annotation is not bool:
+            raise MemplanError(
+                f"--model-set {field}={str(value).lower()}: {field} is not a true/false field"
+            )
     try:
         changed = ModelSpec.model_validate({**spec.model_dump(), **overrides, "num_params": None})
     except ValidationError as exc:
