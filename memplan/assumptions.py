@@ -130,17 +130,46 @@ def _method_lines(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
 def _parallel_lines(parallel: ParallelSetup, prediction: Prediction) -> list[str]:
     shard = prediction.shard
     lines = []
-    if parallel.num_gpus > 1 or parallel.zero_stage:
-        who = "PyTorch FSDP" if parallel.sharding.value == "fsdp" else "DeepSpeed ZeRO"
+    strategy = parallel.fsdp_strategy
+    if strategy is not None:
+        split = (
+            f"model state split {parallel.shard_degree} ways"
+            if parallel.zero_stage
+            else "every rank holds the whole model state"
+        )
+        lines.append(
+            f"{parallel.num_gpus} GPUs, data-parallel degree {parallel.data_parallel_degree}, "
+            f"PyTorch FSDP {strategy.name} ({split}): per-GPU share shown"
+        )
+        if (
+            parallel.zero_stage
+            and prediction.state.num_trainable_params < prediction.state.num_params
+        ):
+            wrap = (
+                "whole blocks, frozen and trainable parameters in one FlatParameter: its "
+                "gradient covers the frozen part (use_orig_params=True, litgpt/Lightning)"
+                if parallel.fsdp_mixed_units
+                else "peft's fsdp_auto_wrap_policy (the Hugging Face Trainer's for a peft "
+                "model): trainable modules are units of their own, frozen units get no gradient"
+            )
+            lines.append(f"FSDP units: {wrap}")
+    elif parallel.num_gpus > 1 or parallel.zero_stage:
         lines.append(
             f"{parallel.num_gpus} GPUs, data-parallel degree {shard.data_parallel_degree}, "
-            f"{who} stage {parallel.zero_stage}: per-GPU share shown"
+            f"DeepSpeed ZeRO stage {parallel.zero_stage}: per-GPU share shown"
         )
     if shard.master_weights:
         lines.append("fp32 master weights of the trainable parameters (ZeRO mixed precision)")
-    if prediction.requested_amp:
+    if prediction.requested_amp and strategy is not None:
         lines.append(
-            "AMP under DeepSpeed/FSDP: 16-bit weights for compute, fp32 master weights (no "
+            "AMP under FSDP: MixedPrecision keeps the fp32 FlatParameters and their gradient "
+            "shards, all-gathers 16-bit copies for compute and reduce-scatters 16-bit "
+            "gradients; the optimizer steps the fp32 shards (no master copy, no autocast "
+            "weight copies)"
+        )
+    elif prediction.requested_amp:
+        lines.append(
+            "AMP under DeepSpeed: 16-bit weights for compute, fp32 master weights (no "
             "autocast weight copies)"
         )
     if parallel.offload is not Offload.NONE:

@@ -57,7 +57,7 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training setup (unset flags take the method's typical values)")
     from memplan.dtypes import Quantization
     from memplan.methods import method_names
-    from memplan.specs import Attention, Offload, Optimizer, OptimizerImpl, Precision
+    from memplan.specs import Attention, FSDPStrategy, Offload, Optimizer, OptimizerImpl, Precision
 
     g.add_argument(
         "--method",
@@ -177,10 +177,23 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
     )
     q.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     q.add_argument(
+        "--fsdp-strategy",
+        choices=[s.value for s in FSDPStrategy],
+        help="FSDP's ShardingStrategy (implies --fsdp; default full-shard); hybrid-shard shards "
+        "within a node of --gpus-per-node GPUs and replicates across nodes",
+    )
+    q.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs of one node, the shard group of --fsdp-strategy hybrid-shard (default 8)",
+    )
+    q.add_argument(
         "--fsdp-wrap",
         choices=["blocks", "trainable"],
-        help="FSDP units: whole blocks mixing frozen and trainable parameters (default; their "
-        "gradients cover the frozen part) or the trainable modules alone (peft's wrap policy)",
+        help="FSDP units: the trainable modules alone (default: peft's wrap policy, which the "
+        "Hugging Face Trainer uses for a peft model) or whole blocks mixing frozen and "
+        "trainable parameters (litgpt/Lightning; their gradients cover the frozen part)",
     )
 
 
@@ -252,17 +265,40 @@ def _assumed_versions(items: list[str]) -> dict[str, str]:
 
 
 def parallel_from_args(args: argparse.Namespace) -> Any:
-    from memplan.specs import ParallelSetup
+    from memplan.specs import FSDPStrategy, ParallelSetup
 
-    if args.fsdp_wrap and not args.fsdp:
+    fsdp = args.fsdp or args.fsdp_strategy is not None
+    if args.fsdp_wrap and not fsdp:
         raise MemplanError("--fsdp-wrap describes FSDP's units: it needs --fsdp")
+    zero = args.zero if args.zero is not None else (None if fsdp else 0)
+    group = None
+    if args.fsdp_strategy is not None:
+        strategy = FSDPStrategy(args.fsdp_strategy)
+        if args.zero is not None and args.zero != strategy.zero_stage:
+            raise MemplanError(
+                f"--zero {args.zero} contradicts --fsdp-strategy {strategy.value} "
+                f"(ZeRO-{strategy.zero_stage}): give one of them"
+            )
+        zero = strategy.zero_stage
+        if strategy is FSDPStrategy.HYBRID_SHARD:
+            group = min(args.gpus_per_node or 8, args.gpus // args.tp)
+    if args.gpus_per_node is not None:
+        if args.gpus_per_node < 1:
+            raise MemplanError(
+                f"--gpus-per-node must be a positive integer, got {args.gpus_per_node}"
+            )
+        if group is None:
+            raise MemplanError(
+                "--gpus-per-node sizes the shard group of --fsdp-strategy hybrid-shard"
+            )
     return ParallelSetup(
         num_gpus=args.gpus,
-        zero_stage=args.zero if args.zero is not None else (None if args.fsdp else 0),
-        sharding="fsdp" if args.fsdp else "deepspeed",
+        zero_stage=zero,
+        sharding="fsdp" if fsdp else "deepspeed",
         offload=args.offload,
         tensor_parallel_degree=args.tp,
-        fsdp_mixed_units=args.fsdp_wrap != "trainable",
+        fsdp_mixed_units=args.fsdp_wrap == "blocks",
+        shard_group_size=group,
     )
 
 
@@ -791,6 +827,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         args.gpus != 1
         or args.zero
         or args.fsdp
+        or args.fsdp_strategy
         or args.fsdp_wrap
         or args.tp != 1
         or args.offload != "none"

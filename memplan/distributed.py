@@ -58,7 +58,7 @@ def master_weights_on(setup: TrainingSetup, parallel: ParallelSetup) -> bool:
 def shard_plan(spec: ModelSpec, setup: TrainingSetup, parallel: ParallelSetup) -> ShardPlan:
     """The sharding of ``parallel`` applied to ``spec`` and ``setup`` (validated)."""
     check_layout(spec, parallel)
-    dp = parallel.data_parallel_degree
+    dp = parallel.shard_degree  # HYBRID_SHARD: the ranks of one node
     stage = parallel.zero_stage
     fsdp = parallel.sharding is Sharding.FSDP and stage >= 2
     offload_opt = parallel.offload is not Offload.NONE

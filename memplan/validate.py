@@ -266,8 +266,8 @@ def case_command(case: ReferenceCase, directory: Path | None = None) -> str:
         argv += ["--zero", str(parallel.zero_stage)]
     if parallel.offload.value != "none":
         argv += ["--offload", parallel.offload.value]
-    if not parallel.fsdp_mixed_units:
-        argv += ["--fsdp-wrap", "trainable"]
+    if parallel.fsdp_mixed_units:
+        argv += ["--fsdp-wrap", "blocks"]
     if mapping.gpu is not None:
         argv += ["--gpu", mapping.gpu]
         if mapping.cuda_context_bytes:

@@ -185,6 +185,24 @@ def _bad(run_cli: Run, *argv: str) -> str:
     return lines[0]
 
 
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (("--fsdp",), "PyTorch FSDP FULL_SHARD (model state split 16 ways)"),
+        (("--fsdp-strategy", "shard-grad-op"), "PyTorch FSDP SHARD_GRAD_OP (model state split 16"),
+        (("--fsdp-strategy", "no-shard"), "FSDP NO_SHARD (every rank holds the whole model state)"),
+        (("--fsdp-strategy", "hybrid-shard"), "PyTorch FSDP HYBRID_SHARD (model state split 8"),
+        (("--fsdp-strategy", "hybrid-shard", "--gpus-per-node", "4"), "split 4 ways"),
+    ],
+)
+def test_fsdp_strategies_are_named_in_the_assumptions(
+    run_cli: Run, flags: tuple[str, ...], words: str
+) -> None:
+    result = run_cli("plan", "llama-2-7b", "--gpus", "16", *flags, "--json")
+    assert result.code == 0, result.err
+    assert any(words in line for line in result.json()["assumptions"])
+
+
 def test_unknown_model_suggests_close_names(run_cli: Run) -> None:
     line = _bad(run_cli, "plan", "lama-2-7b")
     assert "unknown model 'lama-2-7b'" in line
@@ -264,6 +282,20 @@ def test_unknown_gpu_hint_names_a_real_command(run_cli: Run) -> None:
         ("plan", "llama-2-7b", "--batch", "two"),
         ("plan", "llama-2-7b", "--lora-targets", "foo"),
         ("plan", "llama-2-7b", "--fsdp", "--zero", "1", "--gpus", "2"),
+        ("plan", "llama-2-7b", "--fsdp-strategy", "no-shard", "--zero", "3", "--gpus", "2"),
+        ("plan", "llama-2-7b", "--fsdp-strategy", "sideways", "--gpus", "2"),
+        ("plan", "llama-2-7b", "--gpus", "16", "--gpus-per-node", "8"),
+        (
+            "plan",
+            "llama-2-7b",
+            "--gpus",
+            "16",
+            "--fsdp-strategy",
+            "hybrid-shard",
+            "--gpus-per-node",
+            "3",
+        ),
+        ("plan", "llama-2-7b", "--gpus", "2", "--fsdp", "--offload", "optimizer"),
         ("plan", "llama-2-7b", "--offload", "optimizer"),
         ("plan", "llama-2-7b", "--method", "full", "--quant", "nf4"),
         ("bogus-command",),

@@ -204,3 +204,90 @@ def test_fsdp_accumulation_gradients_follow_the_wrap_units(mixed: bool) -> None:
         assert held >= state.num_params * 2 - 512
     else:  # bf16 unsharded adapter gradients at most
         assert held <= state.num_trainable_params * 2 + 512
+
+
+# -- FSDP: precision policies, strategies, wrap units ---------------------------------------
+
+
+def _state(spec: ModelSpec, setup: TrainingSetup, parallel: ParallelSetup) -> dict[Category, int]:
+    from memplan.analytic.predict import predict
+
+    return predict(spec, setup, parallel).state.bytes_by_category()
+
+
+def test_fsdp_mixed_precision_keeps_fp32_shards_without_masters(llama_2_7b: ModelSpec) -> None:
+    """FSDP MixedPrecision over an fp32 load: the FlatParameter shard is fp32 and the optimizer
+    steps it (no master copy); DeepSpeed's bf16 mode keeps 16-bit weights plus fp32 masters."""
+    from memplan.analytic.predict import predict
+
+    amp = TrainingSetup(method="full", precision="bf16-amp")
+    fsdp8 = ParallelSetup(num_gpus=8, sharding="fsdp")
+    fsdp = predict(llama_2_7b, amp, fsdp8)
+    deepspeed = predict(llama_2_7b, amp, ParallelSetup(num_gpus=8, zero_stage=3))
+    n = llama_2_7b.num_params
+    fsdp_state = fsdp.state.bytes_by_category()
+    assert fsdp.master_bytes == 0
+    # fp32 shards of every parameter: 4 bytes / 8 ranks (each tensor rounded by the allocator)
+    assert fsdp_state[Category.TRAINABLE_WEIGHTS] == pytest.approx(n * 4 / 8, rel=1e-3)
+    ds_state = deepspeed.state.bytes_by_category()
+    assert ds_state[Category.TRAINABLE_WEIGHTS] == pytest.approx(n * 2 / 8, rel=1e-3)
+    assert deepspeed.master_bytes == pytest.approx(n * 4 / 8, rel=1e-3)
+    # the gradient shard is fp32 (cast after the 16-bit reduce-scatter): 4 bytes / 8 ranks
+    grads = fsdp.trace.category_peaks()[Category.GRADIENTS]
+    ds_grads = deepspeed.trace.category_peaks()[Category.GRADIENTS]
+    assert grads >= n * 4 / 8 > ds_grads
+    # pure 16-bit FSDP (a bf16 load): bf16 shards, no masters
+    pure = predict(llama_2_7b, TrainingSetup(method="full", precision="bf16"), fsdp8)
+    assert pure.master_bytes == 0
+    pure_bytes = pure.state.bytes_by_category()[Category.TRAINABLE_WEIGHTS]
+    assert pure_bytes == pytest.approx(n * 2 / 8, rel=1e-3)
+
+
+def test_fsdp_lora_frozen_weights_keep_the_loaded_dtype(llama_2_7b: ModelSpec) -> None:
+    amp = TrainingSetup(method="lora", precision="bf16-amp")
+    state = _state(llama_2_7b, amp, ParallelSetup(num_gpus=4, sharding="fsdp"))
+    assert state[Category.FROZEN_WEIGHTS] == pytest.approx(llama_2_7b.num_params * 4 / 4, rel=1e-3)
+
+
+def test_hybrid_shard_splits_model_state_within_a_node(llama_2_7b: ModelSpec) -> None:
+    """HYBRID_SHARD on 4 nodes of 8: each rank holds what FULL_SHARD on 8 GPUs gives it."""
+    setup = TrainingSetup(method="full", precision="bf16")
+    hybrid = ParallelSetup(num_gpus=32, sharding="fsdp", shard_group_size=8)
+    full8 = ParallelSetup(num_gpus=8, sharding="fsdp")
+    full32 = ParallelSetup(num_gpus=32, sharding="fsdp")
+    assert _state(llama_2_7b, setup, hybrid) == _state(llama_2_7b, setup, full8)
+    assert sum(_state(llama_2_7b, setup, full32).values()) < sum(
+        _state(llama_2_7b, setup, hybrid).values()
+    )
+    assert shard_plan(llama_2_7b, setup, hybrid).weight_divisor == 8
+
+
+def test_fsdp_no_shard_holds_the_whole_model(llama_2_7b: ModelSpec) -> None:
+    setup = TrainingSetup(method="full", precision="bf16")
+    no_shard = ParallelSetup(num_gpus=8, sharding="fsdp", zero_stage=0)
+    plan = shard_plan(llama_2_7b, setup, no_shard)
+    assert (plan.weight_divisor, plan.grad_divisor, plan.optimizer_divisor) == (1, 1, 1)
+    assert _state(llama_2_7b, setup, no_shard) == _state(llama_2_7b, setup, ParallelSetup())
+
+
+def test_fsdp_lora_default_units_give_frozen_weights_no_gradients() -> None:
+    """The 70B LoRA run under FSDP with gradient accumulation: with the Hugging Face Trainer's
+    wrap policy (peft's, the default) the per-GPU gradients are the adapters' alone."""
+    from memplan.analytic.predict import predict
+    from memplan.catalog import load_model
+
+    spec = load_model("llama-2-70b")
+    setup = TrainingSetup(
+        method="lora",
+        precision="bf16-amp",
+        micro_batch_size=8,
+        seq_len=2048,
+        grad_accum_steps=4,
+        grad_ckpt=True,
+        attention="flash",
+    )
+    prediction = predict(spec, setup, ParallelSetup(num_gpus=8, sharding="fsdp"))
+    grads = prediction.trace.category_peaks()[Category.GRADIENTS]
+    trainable = prediction.state.num_trainable_params
+    assert grads < trainable * 4 * 2  # fp32 adapter gradients, at most a second copy
+    assert grads < 0.001 * spec.num_params

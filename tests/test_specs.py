@@ -11,6 +11,7 @@ from memplan.dtypes import Quantization
 from memplan.methods import method_names, methods
 from memplan.specs import (
     ALL_LINEAR,
+    FSDPStrategy,
     ModelSpec,
     Offload,
     Optimizer,
@@ -118,7 +119,7 @@ def test_fsdp_has_no_zero_stage_1() -> None:
     _, msg = _only_error(exc)
     assert "FSDP" in msg
     assert "zero_stage=2" in msg
-    for stage in (2, 3):
+    for stage in (0, 2, 3):
         assert ParallelSetup(num_gpus=2, sharding="fsdp", zero_stage=stage).zero_stage == stage
 
 
@@ -286,9 +287,41 @@ def test_setup_round_trips_through_json_without_refilling_defaults(method: str) 
 
 def test_fsdp_alone_means_full_shard() -> None:
     assert ParallelSetup(num_gpus=2, sharding="fsdp").zero_stage == 3
+    assert ParallelSetup(num_gpus=2, sharding="fsdp").fsdp_strategy is FSDPStrategy.FULL_SHARD
     assert ParallelSetup(num_gpus=2, sharding="fsdp", zero_stage=2).zero_stage == 2
-    with pytest.raises(ValidationError, match="FSDP has no ZeRO-0 equivalent"):
-        ParallelSetup(num_gpus=2, sharding="fsdp", zero_stage=0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "strategy"),
+    [
+        ({"zero_stage": 3}, FSDPStrategy.FULL_SHARD),
+        ({"zero_stage": 2}, FSDPStrategy.SHARD_GRAD_OP),
+        ({"zero_stage": 0}, FSDPStrategy.NO_SHARD),
+        ({"zero_stage": 3, "shard_group_size": 8}, FSDPStrategy.HYBRID_SHARD),
+        ({"zero_stage": 3, "shard_group_size": 16}, FSDPStrategy.FULL_SHARD),  # one group
+    ],
+)
+def test_fsdp_strategy_of_a_layout(fields: dict[str, int], strategy: FSDPStrategy) -> None:
+    parallel = ParallelSetup(num_gpus=16, sharding="fsdp", **fields)
+    assert parallel.fsdp_strategy is strategy
+    assert strategy.zero_stage == parallel.zero_stage
+    assert ParallelSetup(num_gpus=16).fsdp_strategy is None
+
+
+@pytest.mark.parametrize(
+    ("fields", "words"),
+    [
+        ({"sharding": "fsdp", "offload": "optimizer"}, "FSDP cannot offload the optimizer"),
+        ({"sharding": "fsdp", "shard_group_size": 3}, "does not divide"),
+        ({"sharding": "fsdp", "zero_stage": 0, "shard_group_size": 8}, "that shards"),
+        ({"zero_stage": 3, "shard_group_size": 8}, "DeepSpeed ZeRO shards across every"),
+    ],
+)
+def test_sharding_layouts_refused_in_one_line(fields: dict[str, object], words: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        ParallelSetup(num_gpus=16, **fields)
+    _, msg = _only_error(exc)
+    assert words in msg
 
 
 # -- kbit_prep: the Hugging Face QLoRA recipe ----------------------------------------------

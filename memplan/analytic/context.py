@@ -46,6 +46,9 @@ class StepContext:
     device: str = "cuda"  # "cuda" or "cpu": decides kernel workspaces and fallbacks
     tensor_parallel_degree: int = 1
     grad_divisor: int = 1  # ranks each gradient is sharded across (ZeRO-2/3, FSDP)
+    # FSDP MixedPrecision: the gradient shard is cast to the FlatParameter's dtype (fp32)
+    # after the 16-bit reduce-scatter (FSDP _cast_grad_to_param_dtype); None: weight dtype.
+    grad_shard_dtype: DType | None = None
     # What the method trains of the base model, by kind of tensor.
     trains_linear: bool = False  # linear weights
     trains_bias: bool = False  # bias terms (linear and norm biases)
@@ -73,6 +76,7 @@ class StepContext:
         seq_len: int | None = None,
         tensor_parallel_degree: int = 1,
         grad_divisor: int = 1,
+        grad_shard_dtype: DType | None = None,
     ) -> StepContext:
         tuning = method(setup.method)
         seq_len = seq_len or setup.seq_len
@@ -104,6 +108,7 @@ class StepContext:
             device=setup.device,
             tensor_parallel_degree=tensor_parallel_degree,
             grad_divisor=grad_divisor,
+            grad_shard_dtype=grad_shard_dtype,
             trains_linear=tuning.trains(ParamKind.LINEAR, bias=False),
             trains_bias=tuning.trains(ParamKind.BIAS, bias=True),
             trains_norm=tuning.trains(ParamKind.NORM, bias=False),
@@ -125,9 +130,10 @@ class StepContext:
         if not trainable:
             return ParamGrad(label, 0)
         itemsize = dtype_bytes(dtype or self.weight_dtype)
+        shard_itemsize = dtype_bytes(dtype or self.grad_shard_dtype or self.weight_dtype)
         share = -(-numel // self.grad_divisor)
         full = numel * itemsize if self.grad_divisor > 1 else 0
-        return ParamGrad(label, share * itemsize, accumulates, full, tie, buffered_in)
+        return ParamGrad(label, share * shard_itemsize, accumulates, full, tie, buffered_in)
 
 
 def _sdpa_mask(spec: ModelSpec, setup: TrainingSetup, kv_len: int, prefix_len: int) -> bool:

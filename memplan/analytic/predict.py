@@ -8,12 +8,13 @@ from dataclasses import dataclass
 from memplan.analytic.context import StepContext
 from memplan.analytic.model_graph import build_model_graph
 from memplan.analytic.optimizer import OptimizerBytes, optimizer_bytes
-from memplan.analytic.sharding import Sharded, effective_setup
+from memplan.analytic.sharding import Sharded, effective_setup, fsdp_storage_dtype
 from memplan.analytic.step import StepComposer
 from memplan.analytic.symbolic import BATCH, SEQ_LEN, Count
 from memplan.analytic.weights import ModelState, model_state
 from memplan.architecture import architecture
 from memplan.distributed import ShardPlan, shard_plan
+from memplan.dtypes import DType
 from memplan.errors import MemplanError
 from memplan.families import families, family
 from memplan.loop import STEPS, TrainingLoop
@@ -63,6 +64,7 @@ def _decoder_context(
     setup: TrainingSetup,
     parallel: ParallelSetup,
     shard: ShardPlan,
+    storage_dtype: DType | None,
     *,
     symbolic: bool,
 ) -> StepContext:
@@ -72,6 +74,7 @@ def _decoder_context(
         seq_len=setup.decoder_seq_len,
         tensor_parallel_degree=parallel.tensor_parallel_degree,
         grad_divisor=shard.grad_divisor,
+        grad_shard_dtype=storage_dtype,
     )
     if not symbolic:
         return ctx
@@ -138,18 +141,26 @@ def predict(
     check_applicable(spec, setup)
     requested = setup
     setup = effective_setup(setup, parallel)
+    storage_dtype = fsdp_storage_dtype(requested, parallel)
     shard = shard_plan(spec, setup, parallel)
     ctx = StepContext.build(
         spec,
         setup,
         tensor_parallel_degree=parallel.tensor_parallel_degree,
         grad_divisor=shard.grad_divisor,
+        grad_shard_dtype=storage_dtype,
     )
     if symbolic:
         ctx = _symbolic(ctx, SEQ_LEN)
     sharded = Sharded(shard, parallel, ctx)
     loop = TrainingLoop.of(setup)
-    state = model_state(architecture(spec), setup, ctx, weight_divisor=shard.weight_divisor)
+    state = model_state(
+        architecture(spec),
+        setup,
+        ctx,
+        weight_divisor=shard.weight_divisor,
+        storage_dtype=storage_dtype,
+    )
     groups = sharded.optimizer_groups(state)
     opt = optimizer_bytes(groups, setup.optimizer, setup.optimizer_impl, device=setup.device)
     load, cpu_bytes = sharded.load_items(state, groups, opt, trains=loop.trains)
@@ -162,7 +173,7 @@ def predict(
         ckpt_every=setup.grad_ckpt_every,
         autograd=loop.trains,
         input_grads_hook=loop.input_embeddings_require_grad,
-        decoder_ctx=_decoder_context(spec, setup, parallel, shard, symbolic=symbolic)
+        decoder_ctx=_decoder_context(spec, setup, parallel, shard, storage_dtype, symbolic=symbolic)
         if spec.is_encoder_decoder
         else None,
     )

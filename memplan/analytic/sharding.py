@@ -22,7 +22,7 @@ from memplan.analytic.optimizer import OptimizerBytes
 from memplan.analytic.weights import ModelState, TensorGroup
 from memplan.distributed import ShardPlan
 from memplan.dtypes import DType, dtype_bytes
-from memplan.specs.parallel import ParallelSetup
+from memplan.specs.parallel import ParallelSetup, Sharding
 from memplan.specs.training import Precision, TrainingSetup
 from memplan.trace import Category, Event, Phase, TraceItem, allocation_bytes
 
@@ -32,18 +32,31 @@ _HALF = {Precision.BF16_AMP: Precision.BF16, Precision.FP16_AMP: Precision.FP16}
 def effective_setup(setup: TrainingSetup, parallel: ParallelSetup) -> TrainingSetup:
     """The regime a sharded run really uses for an AMP precision request.
 
-    DeepSpeed's bf16/fp16 modes convert the model to 16-bit and step fp32 master weights;
-    FSDP's MixedPrecision gathers 16-bit copies of fp32 shards. Neither runs torch.autocast
-    over fp32 weights, so neither keeps per-op weight casts: both become 16-bit weights with
-    fp32 master weights (for FSDP this counts the 16-bit copy as a shard, 2 bytes/param/N).
+    Neither DeepSpeed nor FSDP runs torch.autocast over fp32 weights, so neither keeps per-op
+    weight casts: the step computes with 16-bit weights. DeepSpeed's bf16/fp16 modes convert
+    the model to 16-bit and step fp32 master weights (16-bit weights + fp32 masters); FSDP's
+    MixedPrecision keeps the loaded fp32 FlatParameter, which the optimizer steps directly (no
+    master copy), and all-gathers 16-bit copies of it (:func:`fsdp_storage_dtype`).
     """
-    sharded = parallel.uses_deepspeed or (
-        parallel.sharding.value == "fsdp" and parallel.zero_stage >= 2
-    )
-    if not (sharded and setup.precision in _HALF):
+    fsdp = parallel.sharding is Sharding.FSDP
+    if not ((parallel.uses_deepspeed or fsdp) and setup.precision in _HALF):
         return setup
-    master = True if setup.master_weights is None else setup.master_weights
+    default_master = not fsdp  # FSDP: the fp32 FlatParameter is what the optimizer updates
+    master = default_master if setup.master_weights is None else setup.master_weights
     return setup.model_copy(update={"precision": _HALF[setup.precision], "master_weights": master})
+
+
+def fsdp_storage_dtype(requested: TrainingSetup, parallel: ParallelSetup) -> DType | None:
+    """The dtype FSDP keeps parameters and gradient shards in when it is not the compute dtype.
+
+    FSDP MixedPrecision(param_dtype=16-bit) over a model loaded in fp32 (an AMP request:
+    accelerate's fsdp mixed_precision) keeps each FlatParameter and its gradient shard in fp32
+    and casts to 16-bit only for the all-gather and the reduce-scatter
+    (torch/distributed/fsdp/_flat_param.py, _runtime_utils.py _cast_grad_to_param_dtype).
+    """
+    if parallel.sharding is Sharding.FSDP and requested.precision in _HALF:
+        return requested.precision.weight_dtype
+    return None
 
 
 @dataclass(frozen=True)

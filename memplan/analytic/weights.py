@@ -106,14 +106,21 @@ def _share(tensor: ParamTensor, numel: int, *, tp: int, shards: int, vocab: int)
 
 
 def model_state(
-    arch: Architecture, setup: TrainingSetup, ctx: StepContext, *, weight_divisor: int = 1
+    arch: Architecture,
+    setup: TrainingSetup,
+    ctx: StepContext,
+    *,
+    weight_divisor: int = 1,
+    storage_dtype: DType | None = None,
 ) -> ModelState:
-    """Every parameter, quantization state and adapter this GPU holds."""
+    """Every parameter, quantization state and adapter this GPU holds; ``storage_dtype``:
+    the dtype parameters are kept in when it is not the one they compute in (FSDP
+    MixedPrecision keeps the loaded fp32 FlatParameter and gathers 16-bit copies)."""
     state = ModelState(num_params=arch.num_params)
     state.layer_params = max((sum(t.numel for t in b.params) for b in arch.blocks), default=0)
     for block in arch.blocks:
         for tensor in block.params:
-            _add_base_tensor(state, block, tensor, setup, ctx, weight_divisor)
+            _add_base_tensor(state, block, tensor, setup, ctx, weight_divisor, storage_dtype)
     for added in ctx.method.added_params(arch, setup, ctx):
         share = -(-added.numel // weight_divisor)
         state.groups.append(
@@ -148,6 +155,7 @@ def _add_base_tensor(
     setup: TrainingSetup,
     ctx: StepContext,
     shards: int,
+    storage_dtype: DType | None,
 ) -> None:
     # MoE experts are one 3-D parameter of every expert's matrix (transformers >= 5).
     count = block.repeat
@@ -175,7 +183,7 @@ def _add_base_tensor(
     category = Category.TRAINABLE_WEIGHTS if trainable else Category.FROZEN_WEIGHTS
     share = _share(tensor, numel, tp=tp, shards=shards, vocab=ctx.vocab_size)
     shape = tensor.shape if tensor.copies == 1 else (tensor.copies, *tensor.shape)
-    dtype = DType.FP32 if tensor.keep_fp32 else ctx.weight_dtype
+    dtype = DType.FP32 if tensor.keep_fp32 else (storage_dtype or ctx.weight_dtype)
     state.groups.append(TensorGroup(label, share, dtype, count, category, shape))
     if trainable:
         state.num_trainable_params += numel * count

@@ -1,7 +1,7 @@
 """Validated inputs of a plan: the model, the training setup and the parallel layout."""
 
 from memplan.specs.model import Family, ModelSpec
-from memplan.specs.parallel import Offload, ParallelSetup, Sharding
+from memplan.specs.parallel import FSDPStrategy, Offload, ParallelSetup, Sharding
 from memplan.specs.training import (
     ALL_LINEAR,
     Attention,
@@ -16,6 +16,7 @@ from memplan.specs.training import (
 __all__ = [
     "ALL_LINEAR",
     "Attention",
+    "FSDPStrategy",
     "Family",
     "LinearRole",
     "Method",

@@ -13,7 +13,20 @@ class Sharding(StrEnum):
     """Who shards model state across data-parallel ranks."""
 
     DEEPSPEED = "deepspeed"  # DeepSpeed ZeRO stages 1-3
-    FSDP = "fsdp"  # PyTorch FSDP: SHARD_GRAD_OP (~ZeRO-2) or FULL_SHARD (~ZeRO-3)
+    FSDP = "fsdp"  # PyTorch FSDP: NO_SHARD (~DDP), SHARD_GRAD_OP (~ZeRO-2), FULL_SHARD (~ZeRO-3)
+
+
+class FSDPStrategy(StrEnum):
+    """torch.distributed.fsdp.ShardingStrategy, as (ZeRO stage, sharded within a node)."""
+
+    FULL_SHARD = "full-shard"  # parameters, gradients and optimizer state: ZeRO-3
+    SHARD_GRAD_OP = "shard-grad-op"  # gradients and optimizer state: ZeRO-2
+    HYBRID_SHARD = "hybrid-shard"  # FULL_SHARD within a node, replicated across nodes
+    NO_SHARD = "no-shard"  # every rank holds everything (DistributedDataParallel's layout)
+
+    @property
+    def zero_stage(self) -> int:
+        return {"full-shard": 3, "shard-grad-op": 2, "hybrid-shard": 3, "no-shard": 0}[self.value]
 
 
 class Offload(StrEnum):
@@ -52,11 +65,19 @@ class ParallelSetup(BaseModel):
         "at once under ZeRO-3; None: DeepSpeed's default 1e9.",
     )
     fsdp_mixed_units: bool = Field(
-        default=True,
+        default=False,
         description="FSDP wraps whole transformer blocks, frozen and trainable parameters in one "
         "FlatParameter (use_orig_params=True: Lightning/litgpt, a transformer-layer auto-wrap "
-        "policy), whose gradient covers the frozen ones too; False: the trainable modules are "
-        "units of their own (peft's fsdp_auto_wrap_policy), frozen units get no gradient.",
+        "policy), whose gradient covers the frozen ones too; False (the default: the Hugging "
+        "Face Trainer replaces the wrap policy of a peft model by peft's fsdp_auto_wrap_policy, "
+        "transformers distributed/fsdp.py update_fsdp_plugin_peft): the trainable modules are "
+        "units of their own, frozen units get no gradient.",
+    )
+    shard_group_size: PositiveInt | None = Field(
+        default=None,
+        description="Data-parallel ranks that shard model state among themselves; None: all of "
+        "them. FSDP's HYBRID_SHARD shards within a node (the GPUs of one node) and replicates "
+        "across nodes.",
     )
 
     @model_validator(mode="before")
@@ -75,11 +96,29 @@ class ParallelSetup(BaseModel):
                 f"tensor_parallel_degree={self.tensor_parallel_degree} does not divide "
                 f"num_gpus={self.num_gpus}"
             )
-        if self.sharding is Sharding.FSDP and self.zero_stage in (0, 1):
+        if self.sharding is Sharding.FSDP and self.zero_stage == 1:
             raise ValueError(
-                f"FSDP has no ZeRO-{self.zero_stage} equivalent: use zero_stage=2 "
-                "(SHARD_GRAD_OP) or 3 (FULL_SHARD, FSDP's default)"
+                "FSDP has no ZeRO-1 equivalent: use zero_stage=2 (SHARD_GRAD_OP), 3 "
+                "(FULL_SHARD, FSDP's default) or 0 (NO_SHARD)"
             )
+        if self.sharding is Sharding.FSDP and self.offload is Offload.OPTIMIZER:
+            raise ValueError(
+                "FSDP's CPUOffload moves parameters and gradients, and the optimizer steps on the "
+                "host: use offload=optimizer+params (FSDP cannot offload the optimizer alone)"
+            )
+        if self.shard_group_size is not None:
+            if self.data_parallel_degree % self.shard_group_size:
+                raise ValueError(
+                    f"shard_group_size={self.shard_group_size} does not divide the "
+                    f"data-parallel degree {self.data_parallel_degree}"
+                )
+            if self.zero_stage == 0:
+                raise ValueError("shard_group_size needs a ZeRO stage or FSDP strategy that shards")
+            if self.sharding is not Sharding.FSDP:
+                raise ValueError(
+                    "shard_group_size is FSDP's HYBRID_SHARD: DeepSpeed ZeRO shards across every "
+                    "data-parallel rank"
+                )
         if self.offload is Offload.OPTIMIZER_AND_PARAMS and self.zero_stage != 3:
             raise ValueError(
                 f"offload=optimizer+params needs zero_stage=3 (parameters are sharded only at "
@@ -93,6 +132,25 @@ class ParallelSetup(BaseModel):
     def data_parallel_degree(self) -> int:
         """Replicas that shard model state among themselves."""
         return self.num_gpus // self.tensor_parallel_degree
+
+    @property
+    def shard_degree(self) -> int:
+        """Ranks each sharded tensor is split across (the whole data-parallel group, or one
+        node's GPUs under HYBRID_SHARD)."""
+        return self.shard_group_size or self.data_parallel_degree
+
+    @property
+    def fsdp_strategy(self) -> FSDPStrategy | None:
+        """FSDP's ShardingStrategy of this layout (None: not FSDP)."""
+        if self.sharding is not Sharding.FSDP:
+            return None
+        if self.zero_stage == 0:
+            return FSDPStrategy.NO_SHARD
+        if self.zero_stage == 2:
+            return FSDPStrategy.SHARD_GRAD_OP
+        if self.shard_group_size not in (None, self.data_parallel_degree):
+            return FSDPStrategy.HYBRID_SHARD
+        return FSDPStrategy.FULL_SHARD
 
     @property
     def uses_deepspeed(self) -> bool:

@@ -142,13 +142,14 @@ def parallel_setups(draw: st.DrawFn, name: str) -> ParallelSetup:
     tp = draw(st.sampled_from((1, 2))) if gpus > 1 else 1
     stage = draw(st.integers(0, 3))
     fields: dict[str, Any] = {"num_gpus": gpus, "tensor_parallel_degree": tp, "zero_stage": stage}
-    if stage >= 2 and draw(st.booleans()):
-        fields["sharding"] = "fsdp"
+    fsdp = stage != 1 and draw(st.booleans())
+    if fsdp:
+        fields["sharding"] = "fsdp"  # stage 0: NO_SHARD
     if stage >= 1:
+        # FSDP's CPUOffload moves parameters too (no optimizer-only offload)
+        offloads = ("none", "none") + (() if fsdp else ("optimizer",))
         fields["offload"] = draw(
-            st.sampled_from(
-                ("none", "none", "optimizer") + (("optimizer+params",) if stage == 3 else ())
-            )
+            st.sampled_from(offloads + (("optimizer+params",) if stage == 3 else ()))
         )
     parallel = ParallelSetup(**fields)
     try:
