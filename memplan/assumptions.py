@@ -50,6 +50,7 @@ def assumptions(
         f"precision: {_PRECISION[setup.precision]}",
         f"attention: {setup.attention.value} on {setup.device}",
     ]
+    out += _stack_lines(setup)
     if setup.defaults_from_method:
         fields = ", ".join(f"{f}={_value(getattr(setup, f))}" for f in setup.defaults_from_method)
         out.append(f"typical {setup.method} defaults applied: {fields}")
@@ -125,6 +126,21 @@ def _method_lines(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     if not setup.logits_fp32:
         lines.append("cross-entropy on logits in the compute dtype (no fp32 upcast)")
     return lines
+
+
+def _stack_lines(setup: TrainingSetup) -> list[str]:
+    """The stack, and each default it gave the setup with the source it comes from."""
+    from memplan.stacks import Request, stack
+
+    entry = stack(setup.stack)
+    given = entry.defaults(Request(setup.tuning, quantized=setup.quant is not Quantization.NONE))
+    sources = "; ".join(
+        f"{f}={_value(getattr(setup, f))} ({given[f].source})"
+        for f in setup.defaults_from_stack
+        if f in given
+    )
+    line = f"stack {entry.name}: {entry.summary}"
+    return [f"{line}; defaults: {sources}" if sources else line]
 
 
 def _parallel_lines(parallel: ParallelSetup, prediction: Prediction) -> list[str]:

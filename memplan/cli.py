@@ -58,7 +58,15 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
     from memplan.dtypes import Quantization
     from memplan.methods import method_names
     from memplan.specs import Attention, FSDPStrategy, Offload, Optimizer, OptimizerImpl, Precision
+    from memplan.stacks import DEFAULT_STACK, stacks
 
+    g.add_argument(
+        "--stack",
+        default=DEFAULT_STACK,
+        choices=list(stacks()),
+        help=f"the training stack whose defaults fill unset flags (default {DEFAULT_STACK}; "
+        "`memplan stacks` lists each stack's defaults and their sources)",
+    )
     g.add_argument(
         "--method",
         default="full",
@@ -203,6 +211,7 @@ def setup_from_args(args: argparse.Namespace, spec: Any) -> Any:
     from memplan.specs import TrainingSetup
 
     fields: dict[str, Any] = {
+        "stack": args.stack,
         "method": args.method,
         "precision": args.precision,
         "quant": args.quant,
@@ -297,9 +306,74 @@ def parallel_from_args(args: argparse.Namespace) -> Any:
         sharding="fsdp" if fsdp else "deepspeed",
         offload=args.offload,
         tensor_parallel_degree=args.tp,
-        fsdp_mixed_units=args.fsdp_wrap == "blocks",
+        fsdp_mixed_units=(
+            args.fsdp_wrap == "blocks"
+            if args.fsdp_wrap
+            else _stack_parallel_default(args, "fsdp_mixed_units", False)
+        ),
         shard_group_size=group,
     )
+
+
+def _stack_parallel_default(args: argparse.Namespace, field: str, default: Any) -> Any:
+    """The value the run's stack gives a ParallelSetup field the flags leave unset."""
+    from memplan.stacks import stack
+
+    given = stack(args.stack).parallel_defaults().get(field)
+    return default if given is None else given.value
+
+
+def _cmd_stacks(args: argparse.Namespace) -> int:
+    from memplan.methods import method
+    from memplan.stacks import Request, stacks
+
+    requests = {
+        "lora": Request(method("lora"), quantized=False),
+        "qlora": Request(method("qlora"), quantized=True),
+        "full": Request(method("full"), quantized=False),
+    }
+    rows: list[dict[str, Any]] = []
+    for entry in stacks().values():
+        by_run = {
+            run: {f: {"value": d.value, "source": d.source} for f, d in entry.defaults(r).items()}
+            for run, r in requests.items()
+        }
+        sharded = {
+            f: {"value": d.value, "source": d.source} for f, d in entry.parallel_defaults().items()
+        }
+        rows.append(
+            {"name": entry.name, "summary": entry.summary, "defaults": by_run, "sharded": sharded}
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    from memplan.report import stdout_console
+
+    console = stdout_console()
+    for row in rows:
+        console.print(f"[bold]{row['name']}[/bold]: {row['summary']}", soft_wrap=True)
+        for run, fields in row["defaults"].items():
+            for field, d in fields.items():
+                console.print(
+                    f"  {run}: {field}={_plain(d['value'])}  ({d['source']})",
+                    soft_wrap=True,
+                    markup=False,
+                )
+        for field, d in row["sharded"].items():
+            console.print(
+                f"  sharded: {field}={_plain(d['value'])}  ({d['source']})",
+                soft_wrap=True,
+                markup=False,
+            )
+    return 0
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple | list):
+        return ",".join(map(str, value))
+    return str(getattr(value, "value", value))
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -636,6 +710,7 @@ EXAMPLES: dict[str, tuple[str, str]] = {
         "memplan compare llama-2-7b --models llama-65b --methods lora,qlora --plot cmp.png",
     ),
     "models": ("memplan models", "memplan models --json"),
+    "stacks": ("memplan stacks", "memplan stacks --json"),
     "gpus": ("memplan gpus", "memplan gpus --json"),
     "fit": (
         "memplan fit llama-3.1-8b --method lora --gpu rtx-4090",
@@ -717,6 +792,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the built-in model catalog")
     m.add_argument("--json", action="store_true", help="print one JSON object")
     m.set_defaults(func=_cmd_models)
+
+    st = sub.add_parser("stacks", help="list training stacks and the defaults each gives a run")
+    st.add_argument("--json", action="store_true", help="print one JSON object")
+    st.set_defaults(func=_cmd_stacks)
 
     g = sub.add_parser("gpus", help="list hardware profiles")
     g.add_argument("--json", action="store_true", help="print one JSON object")

@@ -166,6 +166,7 @@ def varied(setup: TrainingSetup, **changes: Any) -> TrainingSetup:
     data.update(changes)
     # Fields the method filled in and the caller now sets are no longer assumptions.
     data["defaults_from_method"] = tuple(f for f in setup.defaults_from_method if f not in changes)
+    data["defaults_from_stack"] = tuple(f for f in setup.defaults_from_stack if f not in changes)
     return TrainingSetup(**data)
 
 

@@ -466,7 +466,8 @@ def _with(setup: TrainingSetup, **fields: Any) -> TrainingSetup:
 
 def _switch_method(setup: TrainingSetup, method: Method) -> TrainingSetup:
     """The new method's typical setup, keeping the fields the given setup set explicitly."""
-    explicit = setup.model_fields_set - {"defaults_from_method", *setup.defaults_from_method}
+    filled = {*setup.defaults_from_method, *setup.defaults_from_stack}
+    explicit = setup.model_fields_set - {"defaults_from_method", "defaults_from_stack", *filled}
     return TrainingSetup(**{**setup.model_dump(include=explicit), "method": method})
 
 

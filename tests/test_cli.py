@@ -416,3 +416,26 @@ def test_model_and_context_flags_refuse_bad_values(
 def test_cuda_context_is_the_devices_own(run_cli: Any) -> None:
     run = run_cli("plan", "llama-2-7b", "--gpu", "a100-80gb", "--cuda-context", "1GiB", "--json")
     assert run.json()["cuda_context_bytes"] == 2**30
+
+
+def test_stacks_lists_every_stack_with_its_sources(run_cli: Run) -> None:
+    from memplan.stacks import stacks
+
+    rows = run_cli("stacks", "--json").json()
+    assert [r["name"] for r in rows] == list(stacks())
+    for row in rows:
+        for fields in row["defaults"].values():
+            assert all(d["source"] for d in fields.values())
+
+
+def test_plan_names_its_stack_and_the_defaults_it_gave(run_cli: Run) -> None:
+    result = run_cli("plan", "llama-2-7b", "--method", "lora", "--json")
+    lines = [a for a in result.json()["assumptions"] if a.startswith("stack hf-trainer")]
+    assert len(lines) == 1
+    assert "optimizer_impl=fused (transformers TrainingArguments.optim" in lines[0]
+    assert result.json()["setup"]["stack"] == "hf-trainer"
+
+
+def test_unknown_stack_is_one_line(run_cli: Run) -> None:
+    line = _bad(run_cli, "plan", "llama-2-7b", "--stack", "nemo")
+    assert "nemo" in line

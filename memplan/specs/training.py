@@ -110,6 +110,23 @@ _KBIT_PREP_PRECISION: Final = {
 }
 
 
+def _fill_stack_defaults(data: dict[str, Any], tuning: TuningMethod) -> dict[str, Any]:
+    """``data`` with the fields it leaves out set by its stack (memplan.stacks)."""
+    from memplan.stacks import DEFAULT_STACK, Request, stacks
+
+    entry = stacks().get(data.get("stack") or DEFAULT_STACK)
+    if entry is None:
+        return data  # the field validator reports the unknown stack
+    quant = data.get("quant") or tuning.defaults.get("quant") or Quantization.NONE
+    try:
+        quantized = Quantization(quant) is not Quantization.NONE
+    except ValueError:
+        return data  # the field validator reports the unknown quantization
+    request = Request(tuning, quantized=quantized)
+    filled = {k: d.value for k, d in entry.defaults(request).items() if data.get(k) is None}
+    return {**data, **filled, "defaults_from_stack": tuple(sorted(filled))}
+
+
 def _kbit_prep_precision(data: Any) -> Any:
     """With ``kbit_prep``, precision bf16/fp16 (torch_dtype of the load, Trainer(bf16=True))
     is the AMP regime: the preparation upcasts every 16-bit parameter to fp32."""
@@ -209,6 +226,15 @@ class TrainingSetup(BaseModel):
     prefix_len: PositiveInt = Field(
         default=30, le=MAX_SEQ_LEN, description="Virtual tokens of prefix tuning."
     )
+    stack: str = Field(
+        default="hf-trainer",
+        description="The training stack whose defaults fill the fields left out "
+        "(memplan.stacks: hf-trainer, trl-sft, axolotl, ...); explicit fields override it.",
+    )
+    defaults_from_stack: tuple[str, ...] = Field(
+        default=(),
+        description="Fields filled from the stack's defaults (reported as assumptions).",
+    )
     defaults_from_method: tuple[str, ...] = Field(
         default=(),
         description="Fields filled from the method's typical setup (reported as assumptions).",
@@ -255,18 +281,32 @@ class TrainingSetup(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _fill_method_defaults(cls, data: Any) -> Any:
-        """Fields left out take the method's typical setup (reported as assumptions)."""
+        """Fields left out take the stack's defaults, then the method's typical setup (both
+        reported as assumptions)."""
         from memplan.methods import methods
 
-        if not isinstance(data, dict) or data.get("defaults_from_method"):
-            return _kbit_prep_precision(data)
+        if not isinstance(data, dict):
+            return data
         name = data.get("method", "full")
         tuning = methods().get(name) if isinstance(name, str) else None
         if tuning is None:
             return data  # the field validator reports the unknown method
+        if not data.get("defaults_from_stack"):
+            data = _fill_stack_defaults(data, tuning)
+        if data.get("defaults_from_method"):
+            return _kbit_prep_precision(data)
         filled = {k: v for k, v in tuning.defaults.items() if data.get(k) is None}
         data = {**data, **filled, "defaults_from_method": tuple(sorted(filled))}
         return _kbit_prep_precision(data)
+
+    @field_validator("stack")
+    @classmethod
+    def _known_stack(cls, name: str) -> str:
+        from memplan.stacks import stacks
+
+        if name not in stacks():
+            raise ValueError(f"unknown stack {name!r} (known: {', '.join(stacks())})")
+        return name
 
     @field_validator("method")
     @classmethod
