@@ -64,14 +64,14 @@ def running_server(*args: str) -> Iterator[Server]:
     started = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "memplan.cli", "serve", "--port", str(port), *args],
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
     try:
         while True:
             if proc.poll() is not None:
-                raise AssertionError(f"memplan serve ended: {proc.stderr.read().decode()}")
+                raise AssertionError(f"memplan serve ended: {proc.communicate()[1].decode()}")
             try:
                 with urllib.request.urlopen(url + "/api/choices", timeout=5) as response:
                     if response.status == 200:
@@ -85,10 +85,10 @@ def running_server(*args: str) -> Iterator[Server]:
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=30)
+            proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            proc.communicate()
 
 
 @pytest.fixture(scope="session")
