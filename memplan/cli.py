@@ -19,19 +19,6 @@ from memplan.errors import MemplanError
 
 EXIT_BAD_INPUT = 2
 
-_FIELD_FLAGS = {
-    "micro_batch_size": "--batch",
-    "seq_len": "--seq",
-    "grad_accum_steps": "--grad-accum",
-    "grad_ckpt_every": "--grad-ckpt-every",
-    "lora_r": "--lora-r",
-    "lora_alpha": "--lora-alpha",
-    "lora_dropout": "--lora-dropout",
-    "num_gpus": "--gpus",
-    "zero_stage": "--zero",
-    "tensor_parallel_degree": "--tp",
-}
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
@@ -39,8 +26,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _fail(message: str, status: int = EXIT_BAD_INPUT) -> NoReturn:
-    line = " ".join(message.split()) if not message.isprintable() else message
-    print(f"memplan: error: {line}", file=sys.stderr)
+    from memplan.answers import one_line
+
+    print(f"memplan: error: {one_line(message)}", file=sys.stderr)
     raise SystemExit(status)
 
 
@@ -377,7 +365,7 @@ def _plain(value: Any) -> str:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from memplan.plan import plan
+    from memplan.answers import dumps, plan_json, planned
 
     spec = model_from_args(args)
     setup, parallel = setup_from_args(args, spec), parallel_from_args(args)
@@ -390,19 +378,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
         context = parse_capacity(args.cuda_context)
         gpu = resolve_gpu(args.gpu).model_copy(update={"context_bytes": context})
-    result = plan(spec, setup, parallel, gpu=gpu, safety=args.safety)
-    fixes = []
-    if result.verdict == "does not fit" and args.gpu:
-        from memplan.plan import resolve_gpu
-        from memplan.recommend import changes, cheapest_fixes
-
-        target = gpu if not isinstance(gpu, str) else resolve_gpu(gpu)
-        fixes = cheapest_fixes(changes(spec, setup, parallel, target, result))
+    result, fixes = planned(spec, setup, parallel, gpu=gpu, safety=args.safety)
     if args.json:
-        payload = result.model_dump(mode="json")
-        if result.verdict == "does not fit":
-            payload["fixes"] = [c.model_dump(mode="json") for c in fixes]
-        print(json.dumps(payload, indent=2))
+        print(dumps(plan_json(result, fixes)))
     else:
         from memplan.report import print_plan
 
@@ -628,7 +606,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     )
     shown = result if args.table else result.model_copy(update={"table": None})
     if args.json:
-        print(json.dumps(shown.model_dump(mode="json"), indent=2))
+        from memplan.answers import dumps, fit_json
+
+        print(dumps(fit_json(shown)))
     else:
         from memplan.report_fit import print_fit
 
@@ -658,7 +638,9 @@ def _cmd_recommend(args: argparse.Namespace) -> int:
         parallel=parallel_from_args(args),
     )
     if args.json:
-        print(json.dumps(result.model_dump(mode="json"), indent=2))
+        from memplan.answers import dumps, recommend_json
+
+        print(dumps(recommend_json(result)))
     else:
         from memplan.report_fit import print_recommend
 
@@ -733,6 +715,7 @@ EXAMPLES: dict[str, tuple[str, str]] = {
         "memplan verify validation/results/h100.json --plot v.png",
     ),
     "validate": ("memplan validate", "memplan validate --json"),
+    "serve": ("memplan serve", "memplan serve --port 8080 --time-limit 60"),
 }
 
 
@@ -895,8 +878,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder holding cases/ and configs/ (default: memplan/references of this checkout)",
     )
     v.set_defaults(func=_cmd_validate)
+
+    w = sub.add_parser(
+        "serve", help="the planner as a local web page (plan, fit, recommend; extra web)"
+    )
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    w.add_argument("--port", type=_port, default=8000, help="port to listen on (default 8000)")
+    w.add_argument(
+        "--time-limit",
+        type=_seconds,
+        default=30.0,
+        metavar="SECONDS",
+        help="longest a request may compute before it is refused (default 30)",
+    )
+    w.set_defaults(func=_cmd_serve)
     _with_examples(parser)
     return parser
+
+
+def _port(text: str) -> int:
+    """A TCP port, 0 (any free one) to 65535."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535, got {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds such as 30, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from memplan.web.app import serve
+    except ImportError as exc:
+        if exc.name not in ("starlette", "uvicorn", "anyio") and not str(exc.name).startswith(
+            ("starlette.", "uvicorn.")
+        ):
+            raise
+        raise MemplanError(
+            f"memplan serve needs the web extra ({exc.name} is missing): pip install 'memplan[web]'"
+        ) from None
+    return serve(host=args.host, port=args.port, time_limit_s=args.time_limit)
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -1019,18 +1048,6 @@ def _version() -> str:
     return f"memplan {__version__}"
 
 
-def _validation_message(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    message = str(first["msg"]).removeprefix("Value error, ")
-    if not first["loc"]:  # a cross-field check: its message names the fields
-        return message
-    field = str(first["loc"][0])
-    flag = _FIELD_FLAGS.get(field, f"--{field.replace('_', '-')}")
-    value = first.get("input")
-    shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
-    return f"invalid {flag}: {message}{shown}"
-
-
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 EXIT_INTERNAL = 1
 
@@ -1046,10 +1063,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
         func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
-    except MemplanError as exc:
-        _fail(str(exc))
-    except ValidationError as exc:
-        _fail(_validation_message(exc))
+    except (MemplanError, ValidationError) as exc:
+        from memplan.answers import error_message
+
+        _fail(error_message(exc))
     except KeyboardInterrupt:
         _fail("interrupted", EXIT_INTERRUPTED)
     except BrokenPipeError:  # e.g. `memplan models | head`: the reader left

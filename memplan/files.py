@@ -53,6 +53,12 @@ def read_json(path: str | Path, *, what: str = "file", max_bytes: int = MAX_JSON
         data = Path(path).read_bytes()
     except OSError as exc:
         raise MemplanError(f"cannot read {what} {where}: {exc.strerror or exc}") from exc
+    return parse_json_bytes(data, where=where, what=what)
+
+
+def parse_json_bytes(data: bytes, *, where: str, what: str = "file") -> Any:
+    """The JSON value in ``data`` (the bytes of ``where``); a one-line MemplanError naming
+    ``where`` otherwise. What :func:`read_json` does once the file is read."""
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

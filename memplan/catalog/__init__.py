@@ -18,11 +18,17 @@ from typing import Any, Final
 
 from memplan.catalog.hf_config import spec_from_hf_config
 from memplan.errors import MemplanError
-from memplan.files import read_json, shown
+from memplan.files import parse_json_bytes, read_json, shown
 from memplan.specs.model import ModelSpec
 from memplan.units import MiB
 
-__all__ = ["catalog_names", "catalog_record", "load_model", "spec_from_hf_config"]
+__all__ = [
+    "catalog_names",
+    "catalog_record",
+    "load_config_bytes",
+    "load_model",
+    "spec_from_hf_config",
+]
 
 
 def _data_dir() -> Any:
@@ -115,10 +121,30 @@ def load_config_file(path: Path, *, traced_only: bool = False) -> ModelSpec:
     if _is_dir(path):
         path = path / "config.json"
     config = read_json(path, what="config file", max_bytes=MAX_CONFIG_BYTES)
-    if not isinstance(config, dict):
-        raise MemplanError(f"{shown(path)}: expected a JSON object, got {type(config).__name__}")
     name = path.parent.name if path.name == "config.json" and path.parent.name else path.stem
-    return spec_from_hf_config(config, name=name, source=shown(path), traced_only=traced_only)
+    return _spec_from_config(config, name=name, source=shown(path), traced_only=traced_only)
+
+
+def load_config_bytes(data: bytes, *, filename: str) -> ModelSpec:
+    """A ModelSpec from the bytes of a config.json that arrived without a folder (an upload),
+    named by its file name; the messages are those :func:`load_config_file` gives for a file
+    of that name."""
+    source = shown(filename)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise MemplanError(
+            f"config file {source} is {len(data):,} bytes: too large for a JSON config file "
+            f"(at most {MAX_CONFIG_BYTES:,})"
+        )
+    config = parse_json_bytes(data, where=source, what="config file")
+    return _spec_from_config(config, name=Path(filename).stem or "config", source=source)
+
+
+def _spec_from_config(
+    config: object, *, name: str, source: str, traced_only: bool = False
+) -> ModelSpec:
+    if not isinstance(config, dict):
+        raise MemplanError(f"{source}: expected a JSON object, got {type(config).__name__}")
+    return spec_from_hf_config(config, name=name, source=source, traced_only=traced_only)
 
 
 def _is_dir(path: Path) -> bool:
