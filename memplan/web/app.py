@@ -62,6 +62,7 @@ def choices() -> dict[str, Any]:
     from memplan.methods import method_names
     from memplan.report import CATEGORY_LABELS
     from memplan.specs import Attention, Offload, Optimizer, Precision
+    from memplan.stacks import stacks
 
     return {
         "models": [
@@ -80,6 +81,7 @@ def choices() -> dict[str, Any]:
             }
             for p in list_profiles()
         ],
+        "stacks": list(stacks()),
         "methods": list(method_names()),
         "precisions": [p.value for p in Precision],
         "quants": [q.value for q in Quantization],

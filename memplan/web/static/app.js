@@ -356,6 +356,7 @@ async function start() {
   for (const m of choices.models) {
     list.append(el("option", { value: m.name }, m.hf_id || ""));
   }
+  fillSelect($("stack"), choices.stacks);
   fillSelect($("method"), choices.methods);
   fillSelect($("precision"), choices.precisions, "method's default");
   fillSelect($("quant"), choices.quants, "method's default");
