@@ -140,7 +140,8 @@ def _stack_lines(setup: TrainingSetup) -> list[str]:
         if f in given
     )
     line = f"stack {entry.name}: {entry.summary}"
-    return [f"{line}; defaults: {sources}" if sources else line]
+    lines = [f"{line}; defaults: {sources}" if sources else line]
+    return lines + [f"not modelled: {text}" for text in entry.not_modelled]
 
 
 def _parallel_lines(parallel: ParallelSetup, prediction: Prediction) -> list[str]:

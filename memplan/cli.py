@@ -167,9 +167,10 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
     )
     q.add_argument(
         "--offload",
-        default="none",
+        default=None,
         choices=[o.value for o in Offload],
-        help="ZeRO-Offload of optimizer state (and parameters) to host memory",
+        help="ZeRO-Offload of optimizer state (and parameters) to host memory (default none; "
+        "a stack that offloads when sharded, fsdp-qlora, sets it with --fsdp)",
     )
     q.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     q.add_argument(
@@ -292,7 +293,8 @@ def parallel_from_args(args: argparse.Namespace) -> Any:
         num_gpus=args.gpus,
         zero_stage=zero,
         sharding="fsdp" if fsdp else "deepspeed",
-        offload=args.offload,
+        offload=args.offload
+        or (_stack_parallel_default(args, "offload", "none") if fsdp and zero != 0 else "none"),
         tensor_parallel_degree=args.tp,
         fsdp_mixed_units=(
             args.fsdp_wrap == "blocks"
@@ -938,7 +940,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         or args.fsdp_strategy
         or args.fsdp_wrap
         or args.tp != 1
-        or args.offload != "none"
+        or args.offload not in (None, "none")
     ):
         raise MemplanError(
             "simulate traces one GPU without sharding; plan covers ZeRO/FSDP/TP layouts"

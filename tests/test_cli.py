@@ -439,3 +439,15 @@ def test_plan_names_its_stack_and_the_defaults_it_gave(run_cli: Run) -> None:
 def test_unknown_stack_is_one_line(run_cli: Run) -> None:
     line = _bad(run_cli, "plan", "llama-2-7b", "--stack", "nemo")
     assert "nemo" in line
+
+
+def test_a_stack_sets_sharding_defaults_the_flags_leave_out(run_cli: Run) -> None:
+    argv = ("plan", "llama-2-7b", "--method", "qlora", "--stack", "fsdp-qlora", "--gpus", "2")
+    offloaded = run_cli(*argv, "--fsdp", "--json").json()
+    assert offloaded["parallel"]["offload"] == "optimizer+params"
+    assert offloaded["cpu_bytes"] > 0
+    explicit = run_cli(*argv, "--fsdp", "--offload", "none", "--json").json()
+    assert explicit["parallel"]["offload"] == "none"
+    assert explicit["device_bytes"] > offloaded["device_bytes"]
+    # unsharded, the stack's offload does not apply
+    assert run_cli(*argv[:-2], "--json").json()["parallel"]["offload"] == "none"

@@ -47,6 +47,9 @@ class TrainingStack:
     """One line: the project and the entry point its defaults come from."""
     rank: ClassVar[int] = 100
     """Position in lists of stacks (lower first)."""
+    not_modelled: ClassVar[tuple[str, ...]] = ()
+    """Memory features the stack uses that memplan does not model, each with the side the
+    answer errs on (shown in the assumptions)."""
 
     def defaults(self, request: Request) -> Mapping[str, Default]:
         """TrainingSetup fields this stack sets for ``request`` (fields the user leaves out)."""

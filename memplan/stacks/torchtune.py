@@ -1,0 +1,48 @@
+"""torchtune's single-device recipes (recipes/lora_finetune_single_device.py and the
+recipes/configs/llama3_1/8B_{lora,qlora}_single_device.yaml configs).
+
+Pure bf16 (dtype: bf16, no autocast), adapters in bf16 too (the recipe checks
+validate_expected_param_dtype), activation checkpointing on, AdamW(fused=True); QLoRA
+quantizes the base linears with torchao's to_nf4 (blocks of 64, scales quantized in blocks of
+256: the same bytes as bitsandbytes' NF4 with double quantization).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from memplan.stacks.base import Default, Request, TrainingStack
+
+_BF16 = Default("bf16", "torchtune configs dtype: bf16 (set_default_dtype, no autocast)")
+_CKPT = Default(True, "torchtune 8B_lora/qlora_single_device.yaml enable_activation_checkpointing")
+_FUSED = Default("fused", "torchtune configs optimizer torch.optim.AdamW fused=True")
+_ADAMW = Default("adamw", "torchtune configs optimizer torch.optim.AdamW fused=True")
+_BF16_ADAPTERS = Default("bf16", "torchtune recipe validate_expected_param_dtype(dtype=bf16)")
+_DQ = Default(True, "torchtune modules/peft/lora.py to_nf4 (scaler_block_size=256)")
+
+
+class Torchtune(TrainingStack):
+    name = "torchtune"
+    summary = "torchtune single-device LoRA/QLoRA recipes (pure bf16, checkpointing on)"
+    rank = 50
+    not_modelled = (
+        "torchtune's own model code (not the Hugging Face modeling file memplan follows)",
+        "torchtune's LinearCrossEntropyLoss (8 chunks, masked tokens dropped) is modelled as "
+        "full fp32 logits (an over-estimate)",
+    )
+
+    def defaults(self, request: Request) -> Mapping[str, Default]:
+        out = {
+            "precision": _BF16,
+            "grad_ckpt": _CKPT,
+            "optimizer": _ADAMW,
+            "optimizer_impl": _FUSED,
+        }
+        if request.adapters:
+            out["adapter_dtype"] = _BF16_ADAPTERS
+        if request.quantized:
+            out["double_quant"] = _DQ
+        return out
+
+
+STACK = Torchtune()
