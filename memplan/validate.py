@@ -181,6 +181,7 @@ class CaseResult(BaseModel):
     source: str
     model: str
     method: str = Field(default="full", description="The case's fine-tuning method.")
+    stack: str = Field(default="hf-trainer", description="The training stack the case ran.")
     metric: str = Field(description="What the publisher measured.")
     compared: Compared = Field(description="The memplan number set against it.")
     compared_because: str
@@ -207,6 +208,7 @@ class CaseResult(BaseModel):
 
 # TrainingSetup / ParallelSetup fields and the plan flags that set them.
 _SETUP_FLAGS: Final = {
+    "stack": "--stack",
     "method": "--method",
     "precision": "--precision",
     "quant": "--quant",
@@ -318,6 +320,7 @@ def evaluate_case(
         source=case.source,
         model=result.model,
         method=str(result.setup["method"]),
+        stack=str(result.setup.get("stack", "hf-trainer")),
         metric=case.metric,
         compared=compared,
         compared_because=because,
@@ -392,6 +395,9 @@ class SourceSummary(BaseModel):
     median_abs_error: float
     max_abs_error: float
     worst_case: str
+    median_error: float = Field(description="Median signed error (negative: predicted low).")
+    lowest_error: float = Field(description="Most negative signed error.")
+    highest_error: float = Field(description="Most positive signed error.")
 
 
 class ValidationReport(BaseModel):
@@ -421,6 +427,9 @@ def _source_summary(rows: list[CaseResult]) -> SourceSummary:
         median_abs_error=statistics.median(r.abs_error for r in rows),
         max_abs_error=worst.abs_error,
         worst_case=worst.id,
+        median_error=statistics.median(r.error_fraction for r in rows),
+        lowest_error=min(r.error_fraction for r in rows),
+        highest_error=max(r.error_fraction for r in rows),
     )
 
 
@@ -429,14 +438,17 @@ def summarize(rows: Iterable[CaseResult]) -> dict[str, Any]:
     rows = list(rows)
     reliable = [r for r in rows if not r.suspect]
     by_source: dict[str, list[CaseResult]] = {}
+    by_stack: dict[str, list[CaseResult]] = {}
     for r in rows:
         by_source.setdefault(r.source, []).append(r)
+        by_stack.setdefault(r.stack, []).append(r)
     misses = [r.id for r in rows if r.abs_error > MISS_THRESHOLD]
     unexplained = [r.id for r in rows if r.abs_error > EXPLANATION_THRESHOLD and not r.explanation]
     return {
         "all": _source_summary(rows).model_dump(),
         "without_suspect": _source_summary(reliable).model_dump(),
         "per_source": {s: _source_summary(rs).model_dump() for s, rs in sorted(by_source.items())},
+        "per_stack": {s: _source_summary(rs).model_dump() for s, rs in sorted(by_stack.items())},
         "over_10_percent": misses,
         "over_30_percent_unexplained": unexplained,
     }
@@ -533,6 +545,12 @@ def print_report(report: ValidationReport, *, simulate: bool = False) -> None:
         console.print(
             f"  {source}: {s['cases']} cases, median {s['median_abs_error']:.1%}, "
             f"worst {s['max_abs_error']:.1%} ({s['worst_case']})"
+        )
+    for stack, s in summary["per_stack"].items():
+        console.print(
+            f"  stack {stack}: {s['cases']} cases, median {s['median_error']:+.1%} "
+            f"(|error| {s['median_abs_error']:.1%}), signed range {s['lowest_error']:+.1%} .. "
+            f"{s['highest_error']:+.1%}"
         )
     if simulate:
         console.print(f"simulator: {report.simulator}")

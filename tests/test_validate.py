@@ -178,3 +178,19 @@ def test_cli_prints_each_case_as_its_command(run_cli: Any) -> None:
     lines = run.out.splitlines()
     assert [line.split(": ", 1)[0] for line in lines] == [c.id for c in CASES]
     assert all(": memplan plan " in line for line in lines)
+
+
+def test_every_case_names_its_stack_and_is_summarised_per_stack() -> None:
+    from memplan.stacks import stacks
+    from memplan.validate import load_cases, summarize, validate
+
+    cases = load_cases()
+    assert all(case.memplan.setup.get("stack") in stacks() for case in cases)
+    report = validate()
+    per_stack = summarize(report.rows)["per_stack"]
+    assert sum(s["cases"] for s in per_stack.values()) == len(cases)
+    for stack, s in per_stack.items():
+        rows = [r for r in report.rows if r.stack == stack]
+        assert s["lowest_error"] == min(r.error_fraction for r in rows)
+        assert s["highest_error"] == max(r.error_fraction for r in rows)
+    assert all(f"--stack {r.stack}" in r.command for r in report.rows)

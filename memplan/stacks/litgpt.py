@@ -18,7 +18,6 @@ from memplan.stacks.base import Default, Request, TrainingStack
 
 _MIXED = Default("bf16-amp", "litgpt utils.get_default_supported_precision: bf16-mixed")
 _TRUE = Default("bf16", "litgpt finetune/lora.py: quantize needs bf16-true")
-_NO_UPCAST = Default(False, "litgpt utils.chunked_cross_entropy on bf16 logit chunks")
 _FOREACH = Default("foreach", "litgpt utils.instantiate_torch_optimizer: AdamW without fused=")
 _ADAMW = Default("adamw", "litgpt finetune/lora.py optimizer='AdamW'")
 _PAGED = Default("paged-adamw", "litgpt finetune/lora.py: bnb.optim.PagedAdamW when quantized")
@@ -34,11 +33,13 @@ class LitGPT(TrainingStack):
     rank = 60
     not_modelled = (
         "litgpt's own model code (not the Hugging Face modeling file memplan follows)",
-        "the LM head runs in 128-token chunks: modelled as whole bf16 logits (an over-estimate)",
+        "the LM head and cross-entropy run in 128-token chunks on bf16 logits that stay alive "
+        "until backward (utils.chunked_cross_entropy): modelled as the Hugging Face loss over "
+        "whole logits with their fp32 upcast",
     )
 
     def defaults(self, request: Request) -> Mapping[str, Default]:
-        out = {"logits_fp32": _NO_UPCAST, "grad_ckpt": _NO_CKPT}
+        out = {"grad_ckpt": _NO_CKPT}
         if request.quantized:
             out |= {"precision": _TRUE, "optimizer": _PAGED, "double_quant": _NO_DQ}
         else:

@@ -33,7 +33,6 @@ DOCUMENTED: list[tuple[str, str, str, Any, str]] = [
     ("litgpt", "qlora", "precision", Precision.BF16, "finetune/lora.py bf16-true"),
     ("litgpt", "qlora", "optimizer", Optimizer.PAGED_ADAMW, "finetune/lora.py PagedAdamW"),
     ("litgpt", "qlora", "double_quant", False, "BitsandbytesPrecision('nf4')"),
-    ("litgpt", "lora", "logits_fp32", False, "utils.py chunked_cross_entropy"),
     ("litgpt", "lora", "optimizer_impl", OptimizerImpl.FOREACH, "AdamW without fused="),
     ("unsloth", "qlora", "optimizer", Optimizer.ADAMW_8BIT, "rl.py UnslothSFTConfig optim"),
     ("unsloth", "qlora", "lora_r", 16, "llama.py get_peft_model r=16"),
