@@ -209,6 +209,11 @@ class TrainingSetup(BaseModel):
     prefix_len: PositiveInt = Field(
         default=30, le=MAX_SEQ_LEN, description="Virtual tokens of prefix tuning."
     )
+    prompt_len: PositiveInt = Field(
+        default=20,
+        le=MAX_SEQ_LEN,
+        description="Virtual tokens of prompt tuning and P-tuning (peft num_virtual_tokens).",
+    )
     defaults_from_method: tuple[str, ...] = Field(
         default=(),
         description="Fields filled from the method's typical setup (reported as assumptions).",
