@@ -136,6 +136,11 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--adapter-size", type=int, help="bottleneck width of adapters (default 64)")
     g.add_argument("--prefix-len", type=int, help="virtual tokens of prefix tuning (default 30)")
     g.add_argument(
+        "--prompt-len",
+        type=int,
+        help="virtual tokens of prompt tuning and p-tuning (peft num_virtual_tokens; default 20)",
+    )
+    g.add_argument(
         "--device",
         choices=["cuda", "cpu"],
         help="kernels the step runs (default cuda; cpu: what a CPU step allocates)",
@@ -225,6 +230,7 @@ def setup_from_args(args: argparse.Namespace, spec: Any) -> Any:
         "adapter_dtype": args.adapter_dtype,
         "adapter_size": args.adapter_size,
         "prefix_len": args.prefix_len,
+        "prompt_len": args.prompt_len,
         "device": args.device,
         "library_versions": _assumed_versions(args.assume) if args.assume else None,
     }

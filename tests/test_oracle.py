@@ -187,11 +187,14 @@ def test_refused_combinations_say_why(family: str, method: str, ckpt: bool) -> N
 # -- trainable tensors ----------------------------------------------------------------------
 
 
+_LORA_PARTS = ("lora_A", "lora_B", "lora_magnitude_vector")  # DoRA adds the magnitude
+
+
 def _analytical_key(label: str) -> str:
     """A trainable tensor's name as the leaf of its module path: 'q_proj.lora_A',
     'ln_1.bias', 'down.weight' (memplan labels are block.tensor[.part])."""
     parts = label.split(".")
-    if parts[-1] in ("lora_A", "lora_B"):  # block.module.weight.lora_X
+    if parts[-1] in _LORA_PARTS:  # block.module.weight.lora_X
         return f"{parts[-3]}.{parts[-1]}"
     return ".".join(parts[-2:])
 
@@ -199,7 +202,7 @@ def _analytical_key(label: str) -> str:
 def _torch_key(name: str) -> str:
     """The same key for a torch parameter name (peft adds '.default' and '.weight')."""
     parts = [p for p in name.split(".") if p != "default"]
-    for part in ("lora_A", "lora_B"):
+    for part in _LORA_PARTS:
         if part in parts:
             i = parts.index(part)
             return f"{parts[i - 1]}.{part}"

@@ -38,6 +38,8 @@ class StepContext:
     attention: Attention
     adapter_size: int = 0  # bottleneck width of adapters (method=adapter)
     prefix_len: int = 0  # virtual tokens prepended to keys/values (method=prefix)
+    # Virtual tokens prepended to every sequence (prompt tuning): ``seq_len`` counts them.
+    virtual_tokens: int = 0
     # Decisions the kernels make on the shape (a symbolic trace holds for one regime):
     batched: bool = True  # micro-batch > 1: matmul's batch-and-heads reshape copies views
     sdpa_mask: bool = False  # SDPA is handed a materialized mask (see _sdpa_mask)
@@ -60,6 +62,11 @@ class StepContext:
         return self.batch * self.seq_len
 
     @property
+    def input_tokens(self) -> Count:
+        """Tokens of the batch (its input_ids), without the method's virtual tokens."""
+        return self.batch * (self.seq_len - self.virtual_tokens)
+
+    @property
     def activation_dtype(self) -> DType:
         """Dtype of the residual stream (fp32 under AMP: embeddings and norms run in fp32)."""
         return self.weight_dtype
@@ -79,7 +86,9 @@ class StepContext:
         grad_shard_dtype: DType | None = None,
     ) -> StepContext:
         tuning = method(setup.method)
-        seq_len = seq_len or setup.seq_len
+        # The model runs the batch's tokens after the method's virtual ones (not a decoder's).
+        virtual = 0 if seq_len else tuning.virtual_tokens(setup)
+        seq_len = (seq_len or setup.seq_len) + virtual
         prefix_len = tuning.kv_prefix_len(setup)
         return cls(
             batch=setup.micro_batch_size,
@@ -101,6 +110,7 @@ class StepContext:
             attention=family(spec.family).attention(setup.attention),
             adapter_size=setup.adapter_size,
             prefix_len=prefix_len,
+            virtual_tokens=virtual,
             batched=setup.micro_batch_size > 1,
             sdpa_mask=_sdpa_mask(spec, setup, seq_len + prefix_len, prefix_len),
             quant_matmul_saves_input=setup.quant_matmul_saves_input,

@@ -79,6 +79,9 @@ class Op:
     # Transient in the backward before the input gradients are allocated (a dequantized
     # weight and its compute-dtype copy, the first freed before grad_input exists).
     bwd_pre_workspace_bytes: int = 0
+    # A hold that only autograd makes: the saved tensors of a graph no gradient ever reaches
+    # (a detached product's), alive while that graph is; without autograd it does nothing.
+    autograd_only: bool = False
 
 
 @dataclass
@@ -95,6 +98,9 @@ class Segment:
     # Tensors a caller's local variables keep until its forward returns (the model's
     # inputs_embeds): kept past their last use here and released by the composer.
     model_locals: list[Tensor] = field(default_factory=list)
+    # Those of them a method's forward around the model keeps (peft's prompt-tuning
+    # inputs_embeds): released when that forward returns, after the loss.
+    outer_locals: list[Tensor] = field(default_factory=list)
     # Tensors a layer makes for every layer of its stack (T5's first layer's position bias):
     # kept past the layer and released by the composer when the stack no longer needs them.
     stack_held: list[Tensor] = field(default_factory=list)
@@ -111,11 +117,12 @@ class Segment:
             self._saved_ids = (len(self.ops), ids)
         return self._saved_ids[1]
 
-    def hold(self, *tensors: Tensor, label: str = "hold") -> None:
+    def hold(self, *tensors: Tensor, label: str = "hold", autograd_only: bool = False) -> None:
         """Keep ``tensors`` alive until this point: a Python variable still refers to them
         (the caller's ``hidden_states`` during a layer, a norm's output during the module
-        that reads it)."""
+        that reads it); ``autograd_only``: only when autograd records (see Op)."""
         self.op(label, tensors, 0, DType.UINT8, requires_grad=False)
+        self.ops[-1].autograd_only = autograd_only
 
     def input(
         self, numel: int, dtype: DType, label: str, *, requires_grad: bool, persistent: bool = False
@@ -263,7 +270,10 @@ def forward_events(
     keep_ids = {id(t.storage) for t in keep}
     defer_ids = {id(t.storage) for t in defer}
     last_use: dict[int, int] = {}
+    skipped = {index for index, op in enumerate(segment.ops) if op.autograd_only and not keep_saved}
     for index, op in enumerate(segment.ops):
+        if index in skipped:
+            continue
         for t in op.inputs:
             last_use[id(t.storage)] = index
     saved: dict[int, Tensor] = {}
@@ -279,6 +289,8 @@ def forward_events(
         stop, stop_output = recompute_stop(segment)
     live: dict[int, Tensor] = {}  # storages the recomputation's locals hold at its stop
     for index, op in enumerate(ops[: stop + 1]):
+        if index in skipped:
+            continue
         out = op.output
         if index == stop and not stop_output:
             live.update((id(t.storage), t.storage) for t in op.inputs)

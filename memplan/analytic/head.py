@@ -55,7 +55,7 @@ def token_embedding(
     allocated until the forward returns.
     """
     trainable = ctx.trains_embedding
-    n, h = ctx.num_tokens, spec.hidden_size
+    n, h = ctx.input_tokens, spec.hidden_size
     if tie is None:
         tie = "last" if spec.tie_word_embeddings else ""
     buffered = buffered_in or (

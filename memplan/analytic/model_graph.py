@@ -61,6 +61,7 @@ class ModelGraph:
     tail_grads: list[ParamGrad] = field(default_factory=list)
     # What the method runs outside the layers (TuningMethod.outside_forward/_backward).
     outside_forward: list[Step] = field(default_factory=list)
+    forward_end: list[Step] = field(default_factory=list)
     outside_backward: OutsideBackward | None = None
 
 
@@ -171,6 +172,7 @@ def build_model_graph(
     loss_out, logits = fam.head(spec, head_ctx, loss_in, loss)
     graph = ModelGraph(stacks, loss, loss_in, loss_out, logits, autograd, links)
     graph.outside_forward = ctx.method.outside_forward(spec, ctx)
+    graph.forward_end = ctx.method.forward_end(spec, ctx)
     graph.outside_backward = functools.partial(ctx.method.outside_backward, spec, ctx)
     graph.tail_grads += ctx.method.tail_grads(spec, ctx)
     graph.tail_grads += fam.tail_grads(spec, ctx)

@@ -56,7 +56,7 @@ def _mirror_frees(
 
 def _symbolic(ctx: StepContext, seq_len: Count) -> StepContext:
     """``ctx`` with a symbolic micro-batch and the given (symbolic or fixed) length."""
-    return dataclasses.replace(ctx, batch=BATCH, seq_len=seq_len)
+    return dataclasses.replace(ctx, batch=BATCH, seq_len=seq_len + ctx.virtual_tokens)
 
 
 def _decoder_context(
@@ -206,7 +206,7 @@ def _micro_batch(
     """One micro-batch: token ids and labels, forward, loss, backward (the first creates
     .grad, later ones accumulate into it); every step reuses these events."""
     # int64 input_ids (saved by a trainable embedding for its backward) and labels.
-    ids_bytes = allocation_bytes(ctx.num_tokens * 8)
+    ids_bytes = allocation_bytes(ctx.input_tokens * 8)
     ids_category = (
         Category.ACTIVATIONS if loop.trains and ctx.trains_embedding else Category.TEMPORARIES
     )

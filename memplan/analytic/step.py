@@ -143,21 +143,24 @@ class StepComposer:
     def _stack_held_category(self, stack: Stack) -> Category:
         return _TMP if self._stack_held_release(stack) is None else _ACT
 
-    def _release_locals(self, stack: Stack, step: int) -> list[Event]:
-        """The model forward returns: its locals (inputs_embeds ...) die unless still needed."""
+    def _release_locals(self, stack: Stack, step: int, *, outer: bool = False) -> list[Event]:
+        """The model forward returns: its locals (inputs_embeds ...) die unless still needed;
+        ``outer``: those a method's forward around the model keeps, which die after the loss."""
         saved = stack.embed.saved_storage_ids() if self.autograd else frozenset()
         index = self.graph.stacks.index(stack)
         released = []
         leaves = _grad_leaves(stack)
         for t in stack.embed.model_locals:
+            if any(t is o for o in stack.embed.outer_locals) != outer:
+                continue
             if t is stack.embed_out:  # handed to the first layer: kept when that layer holds it
                 if stack.layers and self.boundaries[index][0] is _TMP:
                     released.append((t, "inputs_embeds released"))
             elif id(t.storage) not in saved and t not in leaves:
                 released.append((t, f"{t.label} released"))
+        phase = Phase.LOSS if outer else Phase.FORWARD
         return [
-            Event(-allocation_bytes(t.nbytes), _TMP, Phase.FORWARD, step, label)
-            for t, label in released
+            Event(-allocation_bytes(t.nbytes), _TMP, phase, step, label) for t, label in released
         ]
 
     def _embed_categories(self, index: int) -> dict[Tensor, Category]:
@@ -284,6 +287,9 @@ class StepComposer:
             categories=self._loss_categories(),
         )
         items: list[TraceItem] = list(result.events)
+        items += _steps(g.forward_end, Phase.LOSS, step)
+        for stack in g.stacks:
+            items += self._release_locals(stack, step, outer=True)
         # The training loop drops the model output before backward: its KV cache (peft's
         # prefix DynamicCache) and the logits; the autocast weight cache is cleared when the
         # forward's autocast context exits.
@@ -584,14 +590,15 @@ def _stack_held_events(stack: Stack, phase: Phase, step: int, category: Category
 
 def _grad_leaves(stack: Stack) -> list[Tensor]:
     """Embedding outputs made leaves that require grad (peft's enable_input_require_grads on a
-    frozen table) that nothing else keeps for backward: autograd's AccumulateGrad node holds
-    them, and the gradient it stores in their ``.grad``, until the graph is freed after
-    backward (the first layer's input and saved tensors are released with their readers)."""
+    frozen table: an output that requires grad while none of its op's inputs do) that nothing
+    else keeps for backward: autograd's AccumulateGrad node holds them, and the gradient it
+    stores in their ``.grad``, until the graph is freed after backward (the first layer's
+    input and saved tensors are released with their readers)."""
     saved = stack.embed.saved_storage_ids()
     return [
         op.output
         for op in stack.embed.ops
-        if not op.inputs
+        if not any(t.requires_grad for t in op.inputs)
         and not op.param_grads
         and op.output.requires_grad
         and op.output is not stack.embed_out

@@ -147,7 +147,8 @@ class ModelFamily:
         two); returns the first layer's input."""
         from memplan.analytic.head import token_embedding
 
-        return token_embedding(spec, ctx, seg, output_requires_grad=output_requires_grad)
+        x = token_embedding(spec, ctx, seg, output_requires_grad=output_requires_grad)
+        return ctx.method.inputs_embeds(seg, ctx, x)
 
     def layer(self, spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool) -> LayerGraph:
         raise NotImplementedError

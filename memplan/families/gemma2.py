@@ -128,11 +128,13 @@ class Gemma2(Llama):
         # Gemma2TextScaledWordEmbedding multiplies the lookup by sqrt(hidden_size) inside the
         # module: the scaled tensor is the model's `inputs_embeds` (and the output
         # enable_input_require_grads marks), the lookup a temporary.
-        x = super().embedding(spec, ctx, seg, output_requires_grad=False)
+        from memplan.analytic.head import token_embedding
+
+        x = token_embedding(spec, ctx, seg, output_requires_grad=False)
         rg = output_requires_grad or x.requires_grad
         scaled = seg.op("embed_scale", [x], x.numel, x.dtype, requires_grad=rg)
         seg.model_locals[-1] = scaled
-        return scaled
+        return ctx.method.inputs_embeds(seg, ctx, scaled)
 
     def final_norm(
         self, spec: ModelSpec, ctx: StepContext, x: Tensor, seg: Segment, *, stack: str = "model"

@@ -123,6 +123,15 @@ class TuningMethod:
         """Keys and values as attention reads them."""
         return k, v
 
+    def virtual_tokens(self, setup: TrainingSetup) -> int:
+        """Positions the method prepends to every sequence the model runs (prompt tuning)."""
+        return 0
+
+    def inputs_embeds(self, seg: Segment, ctx: StepContext, x: Tensor) -> Tensor:
+        """The model's ``inputs_embeds`` given the word embeddings ``x`` of the batch's tokens
+        (the last of ``seg.model_locals``)."""
+        return x
+
     def kv_prefix_len(self, setup: TrainingSetup) -> int:
         """Key/value positions added in front of the sequence in every attention layer."""
         return 0
@@ -130,6 +139,11 @@ class TuningMethod:
     def outside_forward(self, spec: ModelSpec, ctx: StepContext) -> list[Step]:
         """Temporaries the method allocates (+bytes) and frees (-bytes) before the layers run,
         in order; what stays allocated is the layers' input (``attention_kv``), freed there."""
+        return []
+
+    def forward_end(self, spec: ModelSpec, ctx: StepContext) -> list[Step]:
+        """Temporaries of ``outside_forward`` released when the method's forward returns,
+        after the model's loss."""
         return []
 
     def outside_backward(

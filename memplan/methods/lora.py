@@ -292,6 +292,7 @@ class LoRA(TuningMethod):
             names = lora_module_names(spec)
             targets = sorted({names[r] for r in lora_roles(spec, setup) if r in names})
         config = LoraConfig(
+            **self.peft_options(setup),
             r=setup.lora_r,
             lora_alpha=setup.lora_alpha,  # type: ignore[arg-type]  # peft annotates int
             lora_dropout=setup.lora_dropout,
@@ -311,6 +312,10 @@ class LoRA(TuningMethod):
             return get_peft_model(built.model, config)
         except ValueError as exc:  # no default targets for the model type
             raise MemplanError(f"peft cannot apply LoRA to {spec.name}: {exc}") from exc
+
+    def peft_options(self, setup: TrainingSetup) -> dict[str, Any]:
+        """LoraConfig options beyond the shared LoRA settings (a LoRA variant's switch)."""
+        return {}
 
     def assumptions(self, spec: ModelSpec, setup: TrainingSetup) -> list[str]:
         # The modules that really get adapters: nn.Linear layers of the targeted roles (fused

@@ -226,6 +226,11 @@ class TrainingSetup(BaseModel):
     prefix_len: PositiveInt = Field(
         default=30, le=MAX_SEQ_LEN, description="Virtual tokens of prefix tuning."
     )
+    prompt_len: PositiveInt = Field(
+        default=20,
+        le=MAX_SEQ_LEN,
+        description="Virtual tokens of prompt tuning and P-tuning (peft num_virtual_tokens).",
+    )
     stack: str = Field(
         default="hf-trainer",
         description="The training stack whose defaults fill the fields left out "

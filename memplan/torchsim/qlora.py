@@ -3,7 +3,8 @@
 peft dispatches LoRA on bitsandbytes ``Linear4bit`` to ``peft.tuners.lora.bnb.Linear4bit``,
 whose forward differs from the plain ``lora.Linear``: it clones the 4-bit layer's output
 ("defensively clone", a full output-sized temporary), and casts the input to the adapter dtype
-only when autocast is off. This class registers through ``LoraConfig._register_custom_module``
+only when autocast is off; a LoRA variant (DoRA) adds its own output to the clone and the sum
+is cast back. This class registers through ``LoraConfig._register_custom_module``
 and keeps that forward.
 """
 
@@ -35,6 +36,13 @@ class LoraLinear4bit(LoraLinear):
             assert isinstance(adapter_dtype, torch.dtype)
             if requires_conversion:
                 x = self._cast_input_dtype(x, adapter_dtype)
+            if active_adapter in self.lora_variant:  # DoRA: its variant adds to the result
+                result = self.lora_variant[active_adapter].forward(
+                    self, active_adapter=active_adapter, x=x, result=result
+                )
+                if requires_conversion:
+                    result = result.to(expected_dtype)
+                continue
             output = lora_b(lora_a(dropout(x))) * scaling
             if requires_conversion:
                 output = output.to(expected_dtype)

@@ -320,6 +320,17 @@ class Linear4bit(nn.Linear):
         self.quant_nested_code = dynamic.clone()  # code.to(device, copy=True)
         self.quant_dynamic_code = dynamic
 
+    # peft's dequantize_module_weight (DoRA's weight norm) dequantizes a module that has
+    # ``W_q`` through its ``dequantize()``; for bitsandbytes' layers it calls
+    # bnb.functional.dequantize_4bit. These two give this layer the same answer: the whole
+    # weight in QuantState.dtype.
+    @property
+    def W_q(self) -> torch.Tensor:  # noqa: N802 (peft's attribute name)
+        return self.weight
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_weight(self.weight, self.quant_state())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # bnb casts a bias of another dtype in place, then computes in compute_dtype.
         if self.bias is not None and self.bias.dtype != x.dtype:

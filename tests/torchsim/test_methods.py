@@ -108,3 +108,53 @@ def test_kbit_prep_quantizes_from_bf16_and_upcasts_every_other_parameter() -> No
     packed = {id(m.weight) for m in quantized}
     others = {p.dtype for p in model.parameters() if id(p) not in packed}
     assert others == {torch.float32}  # embeddings, norms, LM head and adapters
+
+
+# Trainable parameters of Llama-3.2-3B (28 layers, hidden 3072, 8 key/value heads of 128) under
+# peft's defaults, as peft's get_nb_trainable_parameters counts them on the meta-device model.
+LLAMA_3B_TRAINABLE = {
+    # r=8 on q_proj (3072 -> 3072) and v_proj (3072 -> 1024): 8 * (6144 + 4096) per layer
+    "lora": 28 * 8 * (3072 + 3072 + 3072 + 1024),
+    # LoRA plus a magnitude per output of q_proj and v_proj
+    "dora": 28 * (8 * (3072 + 3072 + 3072 + 1024) + 3072 + 1024),
+    # 20 virtual tokens x hidden 3072
+    "prompt-tuning": 20 * 3072,
+}
+
+
+@pytest.mark.parametrize("method", sorted(LLAMA_3B_TRAINABLE))
+def test_trainable_count_matches_peft_on_llama_3b(method: str) -> None:
+    from memplan.analytic.context import StepContext
+    from memplan.analytic.weights import model_state
+    from memplan.architecture import architecture
+    from memplan.torchsim.runner import RunRequest, prepare_model
+
+    spec = load_model("llama-3.2-3b")
+    setup = TrainingSetup(method=method)
+    state = model_state(architecture(spec), setup, StepContext.build(spec, setup))
+    model, _ = prepare_model(RunRequest(spec, setup))
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert state.num_trainable_params == trainable == LLAMA_3B_TRAINABLE[method]
+
+
+def test_prompt_tuning_lengthens_every_sequence() -> None:
+    from memplan.analytic.context import StepContext
+
+    setup = TrainingSetup(method="prompt-tuning", seq_len=100, prompt_len=12)
+    ctx = StepContext.build(load_model("tiny-llama"), setup)
+    assert (ctx.seq_len, ctx.input_tokens) == (112, 100)
+
+
+def test_prompt_tuning_is_refused_where_peft_extends_no_labels() -> None:
+    with pytest.raises(MemplanError, match="decoder-only causal LMs"):
+        _run("tiny-bert", "prompt-tuning")
+
+
+def test_dora_on_4bit_weights_matches_the_traced_step() -> None:
+    from memplan.analytic.predict import predict
+
+    spec = load_model("tiny-llama")
+    setup = TrainingSetup(method="dora", quant="nf4", micro_batch_size=2, seq_len=64, device="cpu")  # type: ignore[arg-type]
+    measured = trace_step(spec, setup, mode="cpu").trace.peak().peak_bytes
+    predicted = predict(spec, setup).trace.peak().peak_bytes
+    assert predicted == pytest.approx(measured, rel=0.01)
