@@ -167,8 +167,12 @@ class Gemma3MM(Gemma3):
         # Gemma3MultiModalProjector: mm_soft_emb_norm (Gemma3RMSNorm over the vision width) and
         # mm_input_projection_weight (vision width x text width, an nn.Parameter).
         projector = [
-            ParamTensor("mm_input_projection_weight", (d, spec.hidden_size), ParamKind.OTHER),
-            *norm_params("mm_soft_emb_norm", d, with_bias=False),
+            ParamTensor(
+                "multi_modal_projector.mm_input_projection_weight",
+                (d, spec.hidden_size),
+                ParamKind.OTHER,
+            ),
+            *norm_params("multi_modal_projector.mm_soft_emb_norm", d, with_bias=False),
         ]
         vision = (
             Block("vision_tower.embeddings", _idle(embeddings)),
@@ -177,7 +181,7 @@ class Gemma3MM(Gemma3):
                 "vision_tower.post_layernorm",
                 _idle(norm_params("post_layernorm", d, with_bias=True)),
             ),
-            Block("multi_modal_projector", _idle(projector)),
+            Block("projector", _idle(projector)),
         )
         return (*super().blocks(spec), *vision)
 
