@@ -107,3 +107,17 @@ def test_vision_head_is_refused_in_one_line() -> None:
 def test_bitfit_is_refused_where_only_the_tower_has_biases() -> None:
     with pytest.raises(MemplanError, match="never runs"):
         predict(load_model("tiny-gemma3_mm"), TrainingSetup(method="bitfit"))
+
+
+@pytest.mark.torch
+def test_tracer_shortens_the_text_model_and_leaves_the_tower_out_of_the_layer_stacks() -> None:
+    pytest.importorskip("transformers")
+    from memplan.torchsim.models import build_meta_model, decoder_layer_stacks
+    from memplan.torchsim.runner import _layer_prefix
+
+    built = build_meta_model(load_model("gemma-3-27b"), TrainingSetup(method="lora"), num_layers=7)
+    text = built.model.config.get_text_config()
+    assert (text.num_hidden_layers, len(text.layer_types)) == (7, 7)
+    assert built.model.config.vision_config.num_hidden_layers == 27  # the tower is whole
+    assert [len(stack) for stack in decoder_layer_stacks(built.model)] == [7]
+    assert _layer_prefix(built.model) == "model.language_model.layers"

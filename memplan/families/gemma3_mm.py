@@ -205,14 +205,28 @@ class Gemma3MM(Gemma3):
             "partitions)",
         ]
         if setup.tuning.uses_lora:
-            lines.append(
-                "gemma3: peft has no default LoRA targets for model_type gemma3 "
-                "(get_peft_model asks for target_modules); the targets are named as for "
-                "gemma3_text, and peft's suffix match applies q_proj, k_proj, v_proj (and "
-                "all-linear every linear) to the vision tower too: those adapters train but get "
-                "no gradient from text-only steps"
-            )
+            lines.append(self._lora_line(spec, setup))
         return lines
+
+    def _lora_line(self, spec: ModelSpec, setup: TrainingSetup) -> str:
+        from memplan.architecture import ParamKind, architecture
+        from memplan.methods.lora import lora_roles
+
+        roles = lora_roles(spec, setup)
+        tower = [
+            (b, t)
+            for b, t in architecture(spec).tensors()
+            if not t.in_step and t.kind is ParamKind.LINEAR and t.role in roles
+        ]
+        # peft's lora_A (r x in) and lora_B (out x r) on each matched module.
+        numel = sum(setup.lora_r * (t.in_features + t.out_features) * b.repeat for b, t in tower)
+        modules = ", ".join(dict.fromkeys(t.name.split(".")[-2] for _, t in tower)) or "none"
+        return (
+            "gemma3: peft has no default LoRA targets for model_type gemma3 (get_peft_model "
+            "asks for target_modules); the targets are named as for gemma3_text, and peft's "
+            f"suffix match also takes the vision tower's modules of those names ({modules}): "
+            f"{numel:,} adapter parameters there train but get no gradient from text-only steps"
+        )
 
 
 def _section(config: Config, key: str, defaults: dict[str, Any]) -> dict[str, Any]:
