@@ -43,6 +43,9 @@ class ParamKind(StrEnum):
     # nn.Linear outside the transformer layers with no LoRA role: BERT's pooler, MLM transform
     # and classifiers, OPT's project_in / project_out (bitsandbytes quantizes them).
     HEAD_LINEAR = "head_linear"
+    # A weight of no nn.Linear or nn.Embedding: SigLIP's patch-embedding convolution, Gemma3's
+    # projector matrix (an nn.Parameter used with torch.matmul); never quantized, never targeted.
+    OTHER = "other"
 
 
 # Megatron splits the output of column-parallel layers and the input of row-parallel ones: the
@@ -66,6 +69,9 @@ class ParamTensor:
     # False: tensor parallelism replicates it (MLA's kv_a_proj_with_mqa: every head reads the
     # whole latent).
     tp_split: bool = True
+    # False: no op of a text-only step reads it (a vision tower): it may require grad, but it
+    # never gets a .grad, so torch's optimizers make no state for it.
+    in_step: bool = True
 
     @property
     def numel(self) -> int:
@@ -250,36 +256,65 @@ def _suffixes(module: str) -> list[str]:
     return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
 
 
-def lora_module_names(spec: ModelSpec) -> dict[LinearRole, str]:
-    """Each role's Hugging Face module name, as a peft ``target_modules`` entry.
+def lora_target_names(spec: ModelSpec) -> dict[LinearRole, tuple[str, ...]]:
+    """Each role's Hugging Face module names, as peft ``target_modules`` entries.
 
-    The name is the shortest dotted suffix that peft's suffix matching selects exactly the
-    role's modules with (``q_proj``; GPT-2's attention output ``attn.c_proj``, not the MLP's
-    ``mlp.c_proj``). Where none exists, the first module's path inside its layer is given:
+    A name is the shortest dotted suffix that peft's suffix matching selects the role's
+    modules with and no others (``q_proj``; GPT-2's attention output ``attn.c_proj``, not the
+    MLP's ``mlp.c_proj``). A role whose modules have different names gets one per name
+    (Gemma3's attention output: the text model's ``o_proj``, the vision tower's ``out_proj``).
+    Where no suffix selects a role alone, the first module's path inside its layer is given:
     BERT's down projection ``output.dense`` also matches ``attention.output.dense``, so
     targeting it alone needs a regular expression.
+
+    >>> from memplan.catalog import load_model
+    >>> lora_target_names(load_model("gpt2"))["qkv"]
+    ('c_attn',)
+    """
+    arch = architecture(spec)
+    linear_kinds = (ParamKind.LINEAR, ParamKind.ROUTER, ParamKind.HEAD_LINEAR)
+    linears = [(t.role, _module(t)) for _, t in arch.tensors() if t.kind in linear_kinds]
+    names: dict[LinearRole, tuple[str, ...]] = {}
+    for role in dict.fromkeys(r for r, _ in linears if r is not None):
+        own = [m for r, m in linears if r == role]
+        others = [m for r, m in linears if r != role]
+        names[role] = _selecting(own, others) or _by_leaf(own, others) or (_nearest(own, others),)
+    return names
+
+
+def _selecting(own: list[str], others: list[str]) -> tuple[str, ...]:
+    """The shortest suffix that selects every module of ``own`` and none of ``others``."""
+    for suffix in _suffixes(own[0]):
+        if all(_matches(m, suffix) for m in own) and not any(_matches(m, suffix) for m in others):
+            return (suffix,)
+    return ()
+
+
+def _by_leaf(own: list[str], others: list[str]) -> tuple[str, ...]:
+    """One selecting suffix per distinct module name of ``own`` (none if one has none)."""
+    leaves = dict.fromkeys(m.rsplit(".", 1)[-1] for m in own)
+    if len(leaves) < 2:
+        return ()
+    found: list[str] = []
+    for leaf in leaves:
+        group = [m for m in own if m.rsplit(".", 1)[-1] == leaf]
+        chosen = _selecting(group, others)
+        if not chosen:
+            return ()
+        found += chosen
+    return tuple(found)
+
+
+def _nearest(own: list[str], others: list[str]) -> str:
+    """A suffix of the first module that selects no other role's modules (or its path)."""
+    return next((s for s in _suffixes(own[0]) if not any(_matches(m, s) for m in others)), own[0])
+
+
+def lora_module_names(spec: ModelSpec) -> dict[LinearRole, str]:
+    """Each role's first target name (:func:`lora_target_names`).
 
     >>> from memplan.catalog import load_model
     >>> lora_module_names(load_model("gpt2"))["qkv"]
     'c_attn'
     """
-    arch = architecture(spec)
-    linear_kinds = (ParamKind.LINEAR, ParamKind.ROUTER, ParamKind.HEAD_LINEAR)
-    linears = [(t.role, _module(t)) for _, t in arch.tensors() if t.kind in linear_kinds]
-    names: dict[LinearRole, str] = {}
-    for role in dict.fromkeys(r for r, _ in linears if r is not None):
-        own = [m for r, m in linears if r == role]
-        others = [m for r, m in linears if r != role]
-
-        def exact(target: str, own: list[str] = own, others: list[str] = others) -> bool:
-            return all(_matches(m, target) for m in own) and not any(
-                _matches(m, target) for m in others
-            )
-
-        candidates = [s for s in _suffixes(own[0]) if exact(s)]
-        if not candidates:  # no suffix covers all of the role's modules without others
-            candidates = [
-                s for s in _suffixes(own[0]) if not any(_matches(m, s) for m in others)
-            ] or [own[0]]
-        names[role] = candidates[0]
-    return names
+    return {role: names[0] for role, names in lora_target_names(spec).items()}

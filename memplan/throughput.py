@@ -81,6 +81,8 @@ def matmul_params(spec: ModelSpec) -> MatmulParams:
     """
     layer = head = 0
     for block, tensor in architecture(spec).tensors():
+        if not tensor.in_step:  # a vision tower: text-only tokens never multiply with it
+            continue
         numel = tensor.numel * block.repeat
         if tensor.copies > 1 and spec.num_experts_per_token:  # experts: top-k of them per token
             numel = numel // tensor.copies * spec.num_experts_per_token

@@ -13,6 +13,7 @@ from memplan.architecture import (
     architecture,
     count_params,
     lora_module_names,
+    lora_target_names,
 )
 from memplan.catalog import catalog_names, catalog_record, load_model, spec_from_hf_config
 from memplan.families import families
@@ -259,16 +260,16 @@ class TestAgainstTransformers:
             for _, t in architecture(spec).tensors()
             if t.role is not None and t.kind is not ParamKind.BIAS
         }
-        for role, target in lora_module_names(spec).items():
-            # peft selects a module when its name equals the target or ends with "." + target.
-            chosen = {m for m in modules if m == target or m.endswith(f".{target}")}
+        for role, targets in lora_target_names(spec).items():
+            # peft selects a module when its name equals a target or ends with "." + target.
+            chosen = {m for m in modules for t in targets if m == t or m.endswith(f".{t}")}
             expected = {m for m in modules if role_of.get(_inside_layer(m)) == role}
             if family == "bert" and role == "down":  # output.dense also ends attention.output.dense
                 assert chosen == expected | {
                     m for m in modules if m.endswith("attention.output.dense")
                 }
                 continue
-            assert chosen == expected, (role, target)
+            assert chosen == expected, (role, targets)
 
     @pytest.mark.parametrize("family", FAMILIES)
     def test_default_lora_roles_are_peft_defaults(self, family: Family) -> None:
@@ -283,6 +284,10 @@ class TestAgainstTransformers:
         if family == "deepseek_v2":
             assert family not in mapping  # peft asks for target_modules; no v_proj to name
             assert ours == {"q_proj", "kv_b_proj"}  # the queries and the per-head keys/values
+            return
+        if family == "gemma3_mm":
+            assert "gemma3" not in mapping  # peft asks for target_modules; memplan names
+            assert ours == set(mapping["gemma3_text"])  # the text model's q_proj, v_proj
             return
         if family in ("olmo2", "qwen3_moe"):
             assert family not in mapping  # peft asks for target_modules; memplan takes Llama's

@@ -68,14 +68,22 @@ class Sharded:
     ctx: StepContext
 
     def optimizer_groups(self, state: ModelState) -> list[TensorGroup]:
-        """Trainable tensors as the optimizer sees them: its shard, in fp32 with masters."""
+        """Trainable tensors as the optimizer sees them: its shard, in fp32 with masters.
+
+        A tensor that gets no gradient (a vision tower under text-only batches) has no state
+        in torch.optim (state is made for parameters whose .grad is set); DeepSpeed's ZeRO
+        optimizer flattens every parameter that requires grad into its fp32 partitions at
+        initialization (stage_1_and_2.py, stage3.py), used or not.
+        """
         # ``state`` already holds this GPU's parameter shard under ZeRO-3 / FULL_SHARD
         # (weight_divisor), so only the remaining factor of the optimizer's sharding applies.
         divisor = self.shard.optimizer_divisor // self.shard.weight_divisor
         dtype_of = (lambda _: DType.FP32) if self.shard.master_weights else (lambda g: g.dtype)
+        every = self.parallel.uses_deepspeed
         return [
             TensorGroup(g.label, -(-g.numel // divisor), dtype_of(g), g.count, shape=g.shape)
             for g in state.trainable
+            if g.gets_grad or every
         ]
 
     def master_bytes(self, groups: list[TensorGroup]) -> int:

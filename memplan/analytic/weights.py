@@ -39,6 +39,9 @@ class TensorGroup:
     count: int
     category: Category = Category.TRAINABLE_WEIGHTS
     shape: tuple[int, ...] = ()  # the full tensor's shape (factored optimizer states)
+    # False: no op of the step reads it (ParamTensor.in_step): a trainable tensor that gets
+    # no .grad, so torch.optim makes no state for it (AdamW._init_group skips grad None).
+    gets_grad: bool = True
 
     @property
     def nbytes(self) -> int:
@@ -124,7 +127,14 @@ def model_state(
     for added in ctx.method.added_params(arch, setup, ctx):
         share = -(-added.numel // weight_divisor)
         state.groups.append(
-            TensorGroup(added.label, share, added.dtype, added.count, shape=added.shape)
+            TensorGroup(
+                added.label,
+                share,
+                added.dtype,
+                added.count,
+                shape=added.shape,
+                gets_grad=added.in_step,
+            )
         )
         state.num_trainable_params += added.full_numel * added.count
     quantized = any(_quantized(t, setup) for block in arch.blocks for t in block.params)
@@ -184,6 +194,8 @@ def _add_base_tensor(
     share = _share(tensor, numel, tp=tp, shards=shards, vocab=ctx.vocab_size)
     shape = tensor.shape if tensor.copies == 1 else (tensor.copies, *tensor.shape)
     dtype = DType.FP32 if tensor.keep_fp32 else (storage_dtype or ctx.weight_dtype)
-    state.groups.append(TensorGroup(label, share, dtype, count, category, shape))
+    state.groups.append(
+        TensorGroup(label, share, dtype, count, category, shape, gets_grad=tensor.in_step)
+    )
     if trainable:
         state.num_trainable_params += numel * count

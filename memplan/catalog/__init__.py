@@ -1,9 +1,10 @@
 """Built-in model catalog (Hugging Face configs shipped as data) and config.json loading.
 
 Each ``data/<name>.json`` holds the model's published ``config.json`` fields, its Hugging Face
-id, a one-line description, and ``num_params``: ``sum(p.numel())`` of the transformers model
-built from that config on the meta device (``scripts/catalog_counts.py`` checks and rewrites it;
-see :mod:`memplan.catalog.hf_model`).
+id (and, as ``hf_aliases``, other repositories with the same config.json: an
+instruction-tuned ``-it`` beside its ``-pt``), a one-line description, and ``num_params``:
+``sum(p.numel())`` of the transformers model built from that config on the meta device
+(``scripts/catalog_counts.py`` checks and rewrites it; see :mod:`memplan.catalog.hf_model`).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def catalog_names() -> tuple[str, ...]:
 
 @cache
 def catalog_record(name: str) -> dict[str, Any]:
-    """The raw catalog record (name, hf_id, description, num_params, config) of a built-in model."""
+    """The raw catalog record (name, hf_id, [hf_aliases], description, num_params, config) of a
+    built-in model."""
     if name not in catalog_names():
         raise MemplanError(_unknown_model_message(name))
     data: dict[str, Any] = json.loads(_record_files()[name].read_text())
@@ -75,9 +77,10 @@ def hub_ids() -> dict[str, str]:
     """Hugging Face repository id (lower case) -> catalog name, for every record that has one."""
     ids = {}
     for name in catalog_names():
-        hf_id = json.loads(_record_files()[name].read_text()).get("hf_id")
-        if isinstance(hf_id, str):
-            ids[hf_id.lower()] = name
+        record = json.loads(_record_files()[name].read_text())
+        for hf_id in [record.get("hf_id"), *record.get("hf_aliases", [])]:
+            if isinstance(hf_id, str):
+                ids[hf_id.lower()] = name
     return ids
 
 

@@ -11,7 +11,7 @@ base ``rope_local_base_freq``, global ``rope_theta``) and both masks (``create_c
 it runs SDPA; final-logit soft-capping is off unless configured.
 
 The multimodal ``gemma3`` model_type (Gemma3ForConditionalGeneration: a SigLIP vision tower and
-a projector around this text model) is another class and is not modeled.
+a projector around this text model) is the ``gemma3_mm`` family, built on this one.
 """
 
 from __future__ import annotations

@@ -49,6 +49,9 @@ class AddedParam:
     full_numel: int  # elements of one whole tensor (for the trainable-parameter count)
     dtype: DType
     shape: tuple[int, ...] = ()
+    # False: added to a module no op of the step runs (a vision tower under text-only inputs):
+    # it trains, but gets no .grad and so no optimizer state.
+    in_step: bool = True
 
 
 class TuningMethod:

@@ -28,8 +28,14 @@ class BitFit(TuningMethod):
     def unsupported(self, spec: ModelSpec, setup: TrainingSetup) -> str | None:
         from memplan.architecture import architecture, is_bias
 
-        if any(is_bias(t) for _, t in architecture(spec).tensors()):
+        biases = [t for _, t in architecture(spec).tensors() if is_bias(t)]
+        if any(t.in_step for t in biases):
             return None
+        if biases:  # nothing trained is used: the loss would not require grad
+            return (
+                f"method=bitfit trains biases, and {spec.name} has them only in modules a "
+                "text-only step never runs (its vision tower)"
+            )
         return f"method=bitfit trains biases, and {spec.name} has none"
 
     def apply(self, built: Any, spec: ModelSpec, setup: TrainingSetup) -> Any:

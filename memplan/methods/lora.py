@@ -165,7 +165,13 @@ class LoRA(TuningMethod):
                 label = f"{block.name}.{t.name}.{part}"
                 out.append(
                     AddedParam(
-                        label, rows * cols, block.repeat, full, ctx.adapter_dtype, (rows, cols)
+                        label,
+                        rows * cols,
+                        block.repeat,
+                        full,
+                        ctx.adapter_dtype,
+                        (rows, cols),
+                        in_step=t.in_step,
                     )
                 )
         return out
@@ -276,7 +282,7 @@ class LoRA(TuningMethod):
         """peft ``get_peft_model`` with ``LoraConfig`` on the roles' modules."""
         from peft import LoraConfig, get_peft_model
 
-        from memplan.architecture import lora_module_names
+        from memplan.architecture import lora_target_names
         from memplan.families import family
         from memplan.torchsim.models import peft_task_type
 
@@ -289,8 +295,8 @@ class LoRA(TuningMethod):
             if setup.lora_targets is not None and set(setup.lora_targets) >= set(ALL_LINEAR):
                 targets = "all-linear"
         else:
-            names = lora_module_names(spec)
-            targets = sorted({names[r] for r in lora_roles(spec, setup) if r in names})
+            names = lora_target_names(spec)
+            targets = sorted({n for r in lora_roles(spec, setup) for n in names.get(r, ())})
         config = LoraConfig(
             **self.peft_options(setup),
             r=setup.lora_r,
@@ -320,7 +326,7 @@ class LoRA(TuningMethod):
     def assumptions(self, spec: ModelSpec, setup: TrainingSetup) -> list[str]:
         # The modules that really get adapters: nn.Linear layers of the targeted roles (fused
         # 3-D expert tensors are no nn.Linear, so peft's target_modules never select them).
-        from memplan.architecture import ParamKind, architecture, lora_module_names
+        from memplan.architecture import ParamKind, architecture, lora_target_names
 
         roles = lora_roles(spec, setup)
         targeted = {
@@ -328,8 +334,8 @@ class LoRA(TuningMethod):
             for _, t in architecture(spec).tensors()
             if t.kind is ParamKind.LINEAR and t.role in roles and t.copies == 1
         }
-        names = lora_module_names(spec)
-        modules = sorted(names[r] for r in targeted if r is not None)
+        names = lora_target_names(spec)
+        modules = sorted(n for r in targeted if r is not None for n in names[r])
         dropout = (
             f"; dropout {setup.lora_dropout} saves a mask per targeted input"
             if setup.lora_dropout

@@ -163,13 +163,15 @@ def _hf_on_meta(
     fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures")}
     config = AutoConfig.for_model(config_dict["model_type"], **fields)
     model_class = _model_class(transformers, hf_class_name(config_dict), config)
-    if num_layers is not None and config.num_hidden_layers != num_layers:
-        # Rebuild so per-layer lists (layer_types) follow: an explicit list keeps its first
-        # layers, else the configuration class derives it; GPT-2 calls the field n_layer.
-        key = config.attribute_map.get("num_hidden_layers", "num_hidden_layers")
-        fields = {k: v for k, v in fields.items() if k != "layer_types"} | {key: num_layers}
-        if isinstance(config_dict.get("layer_types"), list):
-            fields["layer_types"] = config_dict["layer_types"][:num_layers]
+    # A model with sub-configurations (Gemma3's text_config beside its vision_config) keeps
+    # its decoder depth in the text one (PreTrainedConfig.get_text_config).
+    text = config.get_text_config()
+    if num_layers is not None and text.num_hidden_layers != num_layers:
+        if text is config:
+            fields = _with_layers(config, config_dict, fields, num_layers)
+        else:
+            nested = dict(config_dict["text_config"])
+            fields["text_config"] = _with_layers(text, nested, nested, num_layers)
         config = AutoConfig.for_model(config_dict["model_type"], **fields)
     with init_empty_weights(include_buffers=False):
         try:
@@ -192,6 +194,19 @@ def _hf_on_meta(
     return model
 
 
+def _with_layers(
+    config: Any, config_dict: dict[str, Any], fields: dict[str, Any], num_layers: int
+) -> dict[str, Any]:
+    """``fields`` for a copy of ``config`` with ``num_layers`` layers, so that per-layer lists
+    (layer_types) follow: an explicit list keeps its first layers, else the configuration
+    class derives it; GPT-2 calls the field n_layer."""
+    key = config.attribute_map.get("num_hidden_layers", "num_hidden_layers")
+    fields = {k: v for k, v in fields.items() if k != "layer_types"} | {key: num_layers}
+    if isinstance(config_dict.get("layer_types"), list):
+        fields["layer_types"] = config_dict["layer_types"][:num_layers]
+    return fields
+
+
 def _model_class(transformers: Any, name: str, config: Any) -> Any:
     """The transformers class called ``name``; an Auto class resolves to the config's own."""
     found = getattr(transformers, name, None)
@@ -209,9 +224,17 @@ def _model_class(transformers: Any, name: str, config: Any) -> Any:
 
 
 def decoder_layer_stacks(model: nn.Module) -> list[list[nn.Module]]:
-    """The lists of repeated transformer blocks (one for decoders, two for T5)."""
+    """The lists of repeated transformer blocks (one for decoders, two for T5).
+
+    A vision tower's encoder layers are not among them: a sub-model whose main input is
+    ``pixel_values`` (SiglipVisionModel.main_input_name) never runs on a text-only batch.
+    """
+    vision = [m for m in model.modules() if getattr(m, "main_input_name", "") == "pixel_values"]
+    inside_vision = {id(sub) for tower in vision for sub in tower.modules()}
     stacks = []
     for module in model.modules():
+        if id(module) in inside_vision:
+            continue
         if isinstance(module, nn.ModuleList) and len(module) > 0:
             kinds = {type(child) for child in module}
             name = next(iter(kinds)).__name__

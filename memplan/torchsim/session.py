@@ -138,7 +138,11 @@ def _vocab(model: nn.Module) -> int:
     (peft's get_base_model, DDP / DeepSpeed / FSDP's ``.module``)."""
     inner: Any = model
     while True:
-        size = getattr(getattr(inner, "config", None), "vocab_size", None) or getattr(
+        config = getattr(inner, "config", None)
+        # A multimodal config keeps the vocabulary in its text part (get_text_config).
+        getter = getattr(config, "get_text_config", None)
+        text = getter() if callable(getter) else config
+        size = getattr(text, "vocab_size", None) or getattr(
             getattr(inner, "spec", None), "vocab_size", None
         )
         if size:

@@ -41,6 +41,10 @@ KNOWN_TOTALS = {
     "bert-base": 109_514_298,
     "qwen2.5-0.5b": 494_032_768,
     "qwen3-8b": 8_190_735_360,
+    # Gemma3ForConditionalGeneration: text model, SigLIP vision tower and projector.
+    "gemma-3-4b": 4_300_079_472,
+    "gemma-3-12b": 12_187_325_040,
+    "gemma-3-27b": 27_432_406_640,
 }
 
 
@@ -58,7 +62,10 @@ def test_catalog_lists_every_data_file_and_the_required_models() -> None:
 @pytest.mark.parametrize("path", RECORD_FILES, ids=lambda p: p.stem)
 def test_record_loads_and_its_layout_counts_its_num_params(path: Path) -> None:
     record = _record(path)
-    assert set(record) == RECORD_KEYS
+    assert set(record) - {"hf_aliases"} == RECORD_KEYS
+    for alias in record.get("hf_aliases", []):
+        assert alias.count("/") == 1
+        assert load_model(alias).name == path.stem
     assert record["name"] == path.stem
     assert record["description"].strip()
     assert "\n" not in record["description"]
@@ -111,7 +118,9 @@ def _write(tmp_path: Path, config: dict[str, Any] | str, folder: str = "model") 
 def test_minimal_config_of_each_family_loads_by_path(tmp_path: Path, model_type: str) -> None:
     path = _write(tmp_path, FAMILY_CONFIGS[model_type], folder=model_type)
     spec = load_model(path)
-    assert spec.family == {"mt5": "t5", "gemma3_text": "gemma3"}.get(model_type, model_type)
+    assert spec.family == {"mt5": "t5", "gemma3_text": "gemma3", "gemma3": "gemma3_mm"}.get(
+        model_type, model_type
+    )
     assert spec.name == model_type  # the folder holding config.json
     assert spec.vocab_size == 128
     assert count_params(spec) > 0
@@ -154,8 +163,8 @@ def test_unsupported_model_type_lists_the_supported_ones(tmp_path: Path) -> None
     message = _error(tmp_path, {"model_type": "mamba", "hidden_size": 64})
     assert "unsupported model_type 'mamba'" in message
     assert (
-        "supported: bert, bloom, deepseek_v2, falcon, gemma2, gemma3_text, gpt2, gpt_neox, llama"
-        in message
+        "supported: bert, bloom, deepseek_v2, falcon, gemma2, gemma3, gemma3_text, gpt2, gpt_neox, "
+        "llama" in message
     )
 
 

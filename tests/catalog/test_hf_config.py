@@ -25,6 +25,7 @@ FAMILY_COUNTS = {
     "olmo2": 78_336,
     "gemma2": 70_208,
     "gemma3_text": 70_272,
+    "gemma3": 462_272,  # Gemma3TextConfig's head_dim 256, a 2-layer SigLIP, the projector
     "phi3": 86_336,
     "gpt2": 110_336,
     "gpt_neox": 75_200,
@@ -46,6 +47,7 @@ VARIANT_COUNTS = {
     "qwen3_moe-defaults": 1_630_592,
     "qwen3_moe-dense": 78_208,
     "gemma3-bias-untied": 78_848,
+    "gemma3-vision-untied": 470_464,
     "phi3-gqa": 78_144,
     "gpt2-n-inner": 64_928,
     "gpt2-cross-attention": 143_872,
