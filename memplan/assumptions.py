@@ -5,7 +5,7 @@ from __future__ import annotations
 from memplan.analytic.predict import Prediction
 from memplan.dtypes import Quantization
 from memplan.families import family
-from memplan.overheads import CUDA_CONTEXT_BYTES
+from memplan.overheads import CUDA_CONTEXT_BYTES, communicator_bytes
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import Offload, ParallelSetup
 from memplan.specs.training import Optimizer, OptimizerImpl, Precision, TrainingSetup
@@ -76,6 +76,13 @@ def assumptions(
             "recomputed in backward"
         )
     out += _parallel_lines(parallel, prediction)
+    if nccl := communicator_bytes(parallel.process_group_sizes):
+        groups = ", ".join(str(n) for n in parallel.process_group_sizes if n > 1)
+        out.append(
+            f"NCCL communicators: {format_bytes(nccl)} outside the allocator for process groups "
+            f"of {groups} ranks (named terms NCCL_COMMUNICATOR_BYTES, "
+            "NCCL_PAIR_COMMUNICATOR_BYTES: measured through PyTorch on A100s with NVLink)"
+        )
     out.append(
         f"CUDA context: {format_bytes(CUDA_CONTEXT_BYTES)} outside the allocator (named term "
         "CUDA_CONTEXT_BYTES); reserved memory from a replay of the trace through the caching-"

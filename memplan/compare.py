@@ -655,6 +655,7 @@ _TABLE_ROWS: Final = {
     "temporaries": "temporaries",
     "allocator_overhead": "allocator",
     "cuda_context": "CUDA context",
+    "communicators": "NCCL",
 }
 
 
@@ -665,6 +666,8 @@ def _stack_value(result: PlanResult, key: str) -> int:
         return result.allocator_overhead_bytes
     if key == "cuda_context":
         return result.cuda_context_bytes
+    if key == "communicators":
+        return result.communicator_bytes
     return result.breakdown_bytes.get(key, 0)
 
 

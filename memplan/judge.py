@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan.analytic.predict import predict
+from memplan.overheads import communicator_bytes
 from memplan.plan import GpuTarget, PlanResult, device_verdict, judged, plan
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import ParallelSetup
@@ -106,7 +107,10 @@ class Judge:
         """Proof without a replay: plan() reserves at least the allocated peak."""
         c = self.cheap(setup, parallel)
         device = self._device(target)
-        return not device_verdict(c.peak_bytes, c.paged_bytes, device, paging=paging)[1]
+        nccl = communicator_bytes(parallel.process_group_sizes)
+        return not device_verdict(
+            c.peak_bytes, c.paged_bytes, device, paging=paging, communicator_bytes=nccl
+        )[1]
 
     def likely_fits(
         self,
@@ -119,7 +123,10 @@ class Judge:
         """Estimate: reserved = peak x (reserved / peak of the latest plan())."""
         reserved = self.estimated_reserved(setup, parallel)
         paged = self.cheap(setup, parallel).paged_bytes
-        return device_verdict(reserved, paged, self._device(target), paging=paging)[1]
+        nccl = communicator_bytes(parallel.process_group_sizes)
+        return device_verdict(
+            reserved, paged, self._device(target), paging=paging, communicator_bytes=nccl
+        )[1]
 
     def fits(
         self,
@@ -134,7 +141,13 @@ class Judge:
             return self.likely_fits(setup, parallel, target, paging=paging)
         result = self.plan(setup, parallel)
         device = self._device(target)
-        return device_verdict(result.reserved_bytes, result.paged_bytes, device, paging=paging)[1]
+        return device_verdict(
+            result.reserved_bytes,
+            result.paged_bytes,
+            device,
+            paging=paging,
+            communicator_bytes=result.communicator_bytes,
+        )[1]
 
     def device_and_host_bytes(
         self, setup: TrainingSetup, parallel: ParallelSetup, target: GpuTarget | None = None
@@ -144,8 +157,14 @@ class Judge:
         if not self.confirm:
             c = self.cheap(setup, parallel)
             reserved = self.estimated_reserved(setup, parallel)
-            return device_verdict(reserved, c.paged_bytes, device)[0], c.cpu_bytes
+            nccl = communicator_bytes(parallel.process_group_sizes)
+            return device_verdict(reserved, c.paged_bytes, device, communicator_bytes=nccl)[
+                0
+            ], c.cpu_bytes
         result = self.plan(setup, parallel)
-        return device_verdict(result.reserved_bytes, result.paged_bytes, device)[
-            0
-        ], result.cpu_bytes
+        return device_verdict(
+            result.reserved_bytes,
+            result.paged_bytes,
+            device,
+            communicator_bytes=result.communicator_bytes,
+        )[0], result.cpu_bytes

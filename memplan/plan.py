@@ -14,7 +14,7 @@ from memplan.assumptions import assumptions
 from memplan.catalog import load_model
 from memplan.errors import MemplanError
 from memplan.hardware import HardwareProfile, has_profile, load_profile
-from memplan.overheads import CUDA_CONTEXT_BYTES
+from memplan.overheads import CUDA_CONTEXT_BYTES, communicator_bytes
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import ParallelSetup
 from memplan.specs.training import TrainingSetup
@@ -61,15 +61,22 @@ class Verdict(StrEnum):
 
 
 def device_verdict(
-    reserved_bytes: int, paged_bytes: int, target: GpuTarget, *, paging: bool = False
+    reserved_bytes: int,
+    paged_bytes: int,
+    target: GpuTarget,
+    *,
+    paging: bool = False,
+    communicator_bytes: int = 0,
 ) -> tuple[int, bool]:
     """(device bytes, fits): plan()'s rule for a reservation judged on ``target``.
 
-    device = reserved + CUDA context + paged optimizer state; it fits when the device bytes are
-    within capacity. ``paging``: it also fits when it would once the paged state moves to host
-    memory (bnb paged optimizers evict their state under pressure, at a cost in speed).
+    device = reserved + CUDA context + NCCL communicators + paged optimizer state; it fits when
+    the device bytes are within capacity. ``paging``: it also fits when it would once the paged
+    state moves to host memory (bnb paged optimizers evict their state under pressure, at a
+    cost in speed).
     """
-    device = reserved_bytes + (target.context_bytes or CUDA_CONTEXT_BYTES) + paged_bytes
+    context = target.context_bytes or CUDA_CONTEXT_BYTES
+    device = reserved_bytes + context + communicator_bytes + paged_bytes
     margin = target.capacity_bytes - device
     return device, margin >= 0 or (paging and margin + paged_bytes >= 0)
 
@@ -97,6 +104,10 @@ class PlanResult(BaseModel):
         description="reserved_bytes - peak_bytes (cached and fragmented blocks)."
     )
     cuda_context_bytes: int = Field(description="CUDA context outside the allocator (NVML only).")
+    communicator_bytes: int = Field(
+        default=0,
+        description="NCCL communicators' buffers outside the allocator (NVML only; multi-GPU).",
+    )
     paged_bytes: int = Field(
         description="Paged optimizer state in unified memory (may move to host)."
     )
@@ -208,7 +219,8 @@ def result_from_trace(
         peak.peak_bytes,
     )
     context = (target.context_bytes if target else 0) or CUDA_CONTEXT_BYTES
-    device = reserved + context + paged_bytes
+    communicators = communicator_bytes(parallel.process_group_sizes)
+    device = reserved + context + communicators + paged_bytes
     state_bytes = sum(peak.breakdown_bytes[c] for c in MODEL_STATE_CATEGORIES) + paged_bytes
     phase_peaks = {f"{step}:{phase.value}": v for (step, phase), v in trace.phase_peaks().items()}
     result = PlanResult(
@@ -224,6 +236,7 @@ def result_from_trace(
         reserved_bytes=reserved,
         allocator_overhead_bytes=reserved - peak.peak_bytes,
         cuda_context_bytes=context,
+        communicator_bytes=communicators,
         paged_bytes=paged_bytes,
         device_bytes=device,
         cpu_bytes=cpu_bytes,
@@ -244,7 +257,12 @@ def judged(result: PlanResult, target: GpuTarget, *, safety: float | None = None
     ``safety``: the margin, as a fraction of the device bytes, below which a fit is borderline
     (default: the largest underestimate memplan made on published runs of the method).
     """
-    device, fits = device_verdict(result.reserved_bytes, result.paged_bytes, target)
+    device, fits = device_verdict(
+        result.reserved_bytes,
+        result.paged_bytes,
+        target,
+        communicator_bytes=result.communicator_bytes,
+    )
     margin = target.capacity_bytes - device
     band = error_band(str(result.setup["method"]))
     if safety is None:

@@ -62,6 +62,7 @@ from memplan.trace import Category, Event, Phase, Trace  # noqa: E402
 from memplan.units import GiB, gib  # noqa: E402
 
 PAGED_OPTIMIZER_STATE: Final = "paged_optimizer_state"  # bnb paged state in unified memory
+NCCL_COMMUNICATORS: Final = "nccl_communicators"  # NCCL buffers outside the allocator
 
 # One colour per category, shared by every picture (Paul Tol's colour-blind safe sets).
 CATEGORY_COLORS: Final[Mapping[str, str]] = {
@@ -77,18 +78,21 @@ CATEGORY_COLORS: Final[Mapping[str, str]] = {
     Category.TEMPORARIES.value: "#997744",
     Category.ALLOCATOR_OVERHEAD.value: "#BBBBBB",
     Category.CUDA_CONTEXT.value: "#555555",
+    NCCL_COMMUNICATORS: "#888888",
 }
 LABELS: Final[Mapping[str, str]] = {
     **CATEGORY_LABELS,
     PAGED_OPTIMIZER_STATE: "optimizer state (paged)",
     Category.ALLOCATOR_OVERHEAD.value: "allocator overhead",
     Category.CUDA_CONTEXT.value: "CUDA context",
+    NCCL_COMMUNICATORS: "NCCL communicators",
 }
 # Bottom to top of a bar: the allocated categories, then what the device adds on top.
 STACK_ORDER: Final[tuple[str, ...]] = (
     *(c.value for c in Category if c not in (Category.CUDA_CONTEXT, Category.ALLOCATOR_OVERHEAD)),
     Category.ALLOCATOR_OVERHEAD.value,
     Category.CUDA_CONTEXT.value,
+    NCCL_COMMUNICATORS,
     PAGED_OPTIMIZER_STATE,
 )
 # Traces overlaid on one timeline: first analytical, then simulated, then measured.
@@ -154,6 +158,7 @@ def device_stack_bytes(result: PlanResult) -> dict[str, int]:
     stack = {key: result.breakdown_bytes.get(key, 0) for key in STACK_ORDER}
     stack[Category.ALLOCATOR_OVERHEAD.value] = result.allocator_overhead_bytes
     stack[Category.CUDA_CONTEXT.value] = result.cuda_context_bytes
+    stack[NCCL_COMMUNICATORS] = result.communicator_bytes
     stack[PAGED_OPTIMIZER_STATE] = result.paged_bytes
     return stack
 

@@ -102,6 +102,12 @@ def breakdown_table(result: PlanResult) -> Table:
         _gib(result.cuda_context_bytes),
         f"{100 * result.cuda_context_bytes / total:.1f}",
     )
+    if result.communicator_bytes:
+        table.add_row(
+            "NCCL communicators",
+            _gib(result.communicator_bytes),
+            f"{100 * result.communicator_bytes / total:.1f}",
+        )
     if result.paged_bytes:
         table.add_row(
             "paged optimizer state",

@@ -385,7 +385,7 @@ def simulated_bytes(
     if compared == "reserved_bytes":
         return reserved, "ok"
     paged = traced.outside_allocator_bytes.get(Placement.PAGED, 0)
-    return reserved + result.cuda_context_bytes + paged, "ok"
+    return reserved + result.cuda_context_bytes + result.communicator_bytes + paged, "ok"
 
 
 class SourceSummary(BaseModel):

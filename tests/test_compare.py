@@ -103,8 +103,13 @@ def test_zero_stages_are_plans_of_each_layout() -> None:
     assert by_name["ZeRO-1 4 GPUs"] == plan(
         "llama-2-7b", setup, ParallelSetup(num_gpus=4, zero_stage=1)
     )
-    # Plain data parallelism replicates everything; sharding shrinks each GPU's share.
-    assert by_name["ZeRO-0 1 GPU"].device_bytes == by_name["ZeRO-0 4 GPUs"].device_bytes
+    # Plain data parallelism replicates everything (plus NCCL's communicator on each GPU);
+    # sharding shrinks each GPU's share.
+    replicated = by_name["ZeRO-0 4 GPUs"]
+    assert by_name["ZeRO-0 1 GPU"].reserved_bytes == replicated.reserved_bytes
+    assert replicated.device_bytes == (
+        by_name["ZeRO-0 1 GPU"].device_bytes + replicated.communicator_bytes
+    )
     assert (
         by_name["ZeRO-0 4 GPUs"].device_bytes
         > by_name["ZeRO-1 4 GPUs"].device_bytes

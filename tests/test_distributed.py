@@ -291,3 +291,44 @@ def test_fsdp_lora_default_units_give_frozen_weights_no_gradients() -> None:
     trainable = prediction.state.num_trainable_params
     assert grads < trainable * 4 * 2  # fp32 adapter gradients, at most a second copy
     assert grads < 0.001 * spec.num_params
+
+
+# -- NCCL communicators -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "groups"),
+    [
+        ({}, [1]),
+        ({"num_gpus": 2, "zero_stage": 3}, [2]),
+        ({"num_gpus": 8, "tensor_parallel_degree": 2}, [8, 2, 4]),
+        ({"num_gpus": 8, "tensor_parallel_degree": 8}, [8]),
+        ({"num_gpus": 32, "sharding": "fsdp", "shard_group_size": 8}, [32, 8, 4]),
+    ],
+)
+def test_process_groups_of_a_layout(fields: dict[str, object], groups: list[int]) -> None:
+    assert ParallelSetup(**fields).process_group_sizes == groups
+
+
+def test_nccl_communicators_count_on_the_device_outside_the_allocator() -> None:
+    from memplan.overheads import (
+        NCCL_COMMUNICATOR_BYTES,
+        NCCL_PAIR_COMMUNICATOR_BYTES,
+        communicator_bytes,
+    )
+    from memplan.plan import plan
+
+    assert communicator_bytes([1]) == 0
+    assert communicator_bytes([2]) == NCCL_PAIR_COMMUNICATOR_BYTES
+    assert (
+        communicator_bytes([8, 2, 4]) == NCCL_COMMUNICATOR_BYTES * 2 + NCCL_PAIR_COMMUNICATOR_BYTES
+    )
+    single = plan("llama-2-7b", TrainingSetup(method="lora"))
+    assert single.communicator_bytes == 0
+    eight = plan("llama-2-7b", TrainingSetup(method="lora"), ParallelSetup(num_gpus=8))
+    assert eight.communicator_bytes == NCCL_COMMUNICATOR_BYTES
+    assert eight.device_bytes == (
+        eight.reserved_bytes + eight.cuda_context_bytes + eight.communicator_bytes
+    )
+    # the allocated peak of a replicated (DDP) step is the single GPU's
+    assert eight.peak_bytes == single.peak_bytes

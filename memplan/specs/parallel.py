@@ -153,5 +153,17 @@ class ParallelSetup(BaseModel):
         return FSDPStrategy.FULL_SHARD
 
     @property
+    def process_group_sizes(self) -> list[int]:
+        """Ranks of each NCCL communicator one rank joins: the world group (DDP, ZeRO and FSDP
+        run their collectives on it), a tensor-parallel and a data-parallel group when TP
+        splits the world, and HYBRID_SHARD's shard and replica groups."""
+        sizes = [self.num_gpus]
+        if 1 < self.tensor_parallel_degree < self.num_gpus:
+            sizes += [self.tensor_parallel_degree, self.data_parallel_degree]
+        if self.shard_degree < self.data_parallel_degree and self.zero_stage:
+            sizes += [self.shard_degree, self.data_parallel_degree // self.shard_degree]
+        return sizes
+
+    @property
     def uses_deepspeed(self) -> bool:
         return self.sharding is Sharding.DEEPSPEED and self.zero_stage > 0

@@ -123,6 +123,7 @@ function segments(r) {
     .map(([key, label]) => [label, r.breakdown_bytes[key]]);
   parts.push(["allocator overhead", r.allocator_overhead_bytes]);
   parts.push(["CUDA context", r.cuda_context_bytes]);
+  if (r.communicator_bytes) parts.push(["NCCL communicators", r.communicator_bytes]);
   if (r.paged_bytes) parts.push(["paged optimizer state", r.paged_bytes]);
   return parts.filter(([, bytes]) => bytes > 0);
 }
