@@ -20,7 +20,7 @@ from memplan.families import families, family
 from memplan.loop import STEPS, TrainingLoop
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import ParallelSetup
-from memplan.specs.training import TrainingSetup
+from memplan.specs.training import LossKind, TrainingSetup
 from memplan.trace import Category, Event, Phase, Repeat, Trace, TraceItem, allocation_bytes
 
 
@@ -93,6 +93,22 @@ def check_applicable(spec: ModelSpec, setup: TrainingSetup) -> None:
     reason = setup.tuning.unsupported(spec, setup) or fam.unsupported(spec, setup.method)
     if reason:
         raise MemplanError(reason)
+    if setup.loss is not LossKind.FULL and fam.own_loss:
+        raise MemplanError(
+            f"loss={setup.loss.value} is modelled for causal LM heads; {spec.name} ({fam.name}) "
+            f"has {fam.own_loss}: use loss=full"
+        )
+
+
+def check_parallel(setup: TrainingSetup, parallel: ParallelSetup) -> None:
+    """Raise MemplanError for setups memplan does not model on this parallel layout."""
+    if setup.optimizer_in_backward and (
+        parallel.num_gpus > 1 or parallel.zero_stage or parallel.fsdp_strategy is not None
+    ):
+        raise MemplanError(
+            "optimizer_in_backward is modelled on one GPU (torchtune's single-device recipe); "
+            "with data parallelism or ZeRO/FSDP sharding it is not"
+        )
 
 
 def check_traceable(spec: ModelSpec, setup: TrainingSetup) -> None:
@@ -102,6 +118,8 @@ def check_traceable(spec: ModelSpec, setup: TrainingSetup) -> None:
     if not fam.traced_only:
         check_applicable(spec, setup)
         return
+    if setup.loss is not LossKind.FULL:
+        raise MemplanError(f"{spec.name} is traced only: loss=full (its own loss)")
     from memplan.specs.training import ALL_LINEAR
 
     reason = fam.unsupported(spec, setup.method)
@@ -139,6 +157,7 @@ def predict(
     """
     parallel = parallel or ParallelSetup()
     check_applicable(spec, setup)
+    check_parallel(setup, parallel)
     requested = setup
     setup = effective_setup(setup, parallel)
     storage_dtype = fsdp_storage_dtype(requested, parallel)

@@ -71,6 +71,10 @@ class ModelFamily:
     """Modules of a layer (dotted paths from it, negative indices count from the end) whose
     outputs get the attention and the MLP bottleneck adapter, in every layer stack; None: the
     layer's attention and MLP blocks, found by their usual names."""
+    own_loss: ClassVar[str] = ""
+    """What the family's head computes instead of a causal LM's head and shifted cross-entropy
+    (a masked-LM head, logit soft-capping): the losses of ``TrainingSetup.loss`` other than
+    ``full`` are modelled for a plain causal LM head only."""
     traced_only: ClassVar[bool] = False
     """No analytical model: the tracer runs it, ``plan`` refuses it (unregistered families)."""
 

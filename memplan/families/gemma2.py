@@ -45,6 +45,7 @@ class Gemma2Layout(Layout):
 
 class Gemma2(Llama):
     name = "gemma2"
+    own_loss = "logit soft-capping (tanh on the whole logits)"
     model_types = ("gemma2",)
     tiny_model = "tiny-gemma2"
     hf_model_class = "Gemma2ForCausalLM"
