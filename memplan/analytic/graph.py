@@ -341,6 +341,13 @@ def _tied_sum(ledger: _Ledger, g: ParamGrad, *, accumulate: bool, first_step: bo
         step_in_backward(ledger, g, first_step=first_step)
 
 
+def step_in_backward_events(g: ParamGrad, step: int, *, first_step: bool) -> list[Event]:
+    """:func:`step_in_backward` for a gradient written outside a segment's replay."""
+    ledger = _Ledger(Phase.BACKWARD, step)
+    step_in_backward(ledger, g, first_step=first_step)
+    return ledger.events
+
+
 def step_in_backward(ledger: _Ledger, g: ParamGrad, *, first_step: bool) -> None:
     """The post-accumulate-grad hook of torchtune's optimizer_in_bwd, once ``g``'s .grad is
     complete: ``optimizer.step()`` (the state created on the first step, the step's

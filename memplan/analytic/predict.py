@@ -203,8 +203,22 @@ def predict(
         )
         for accumulate in loop.distinct_micro_batches
     ]
+    # An optimizer stepping inside backward creates its state in the first step's backward.
+    steady = (
+        [_micro_batch(composer, ctx, loop, accumulate=False, first_step=False)]
+        if setup.optimizer_in_backward
+        else micro
+    )
     for step in range(steps):
-        items = _step_items(micro, loop, opt, sharded, state, first=step == 0)
+        items = _step_items(
+            micro if step == 0 else steady,
+            loop,
+            opt,
+            sharded,
+            state,
+            first=step == 0,
+            in_backward=setup.optimizer_in_backward,
+        )
         trace.add(Repeat(tuple(items), 1, f"step {step}", step=step))
     on_device = sharded.optimizer_on_device
     return Prediction(
@@ -220,7 +234,12 @@ def predict(
 
 
 def _micro_batch(
-    composer: StepComposer, ctx: StepContext, loop: TrainingLoop, *, accumulate: bool
+    composer: StepComposer,
+    ctx: StepContext,
+    loop: TrainingLoop,
+    *,
+    accumulate: bool,
+    first_step: bool = True,
 ) -> list[TraceItem]:
     """One micro-batch: token ids and labels, forward, loss, backward (the first creates
     .grad, later ones accumulate into it); every step reuses these events."""
@@ -240,7 +259,7 @@ def _micro_batch(
     items += fwd
     items += composer.loss_items(0, deferred)
     if loop.trains:
-        items += composer.backward_items(0, accumulate=accumulate)
+        items += composer.backward_items(0, accumulate=accumulate, first_step=first_step)
     end_phase = Phase.BACKWARD if loop.trains else Phase.LOSS
     items.append(Event(-ids_bytes, labels_category, end_phase, 0, "labels"))
     items.append(Event(-ids_bytes, ids_category, end_phase, 0, "input_ids"))
@@ -255,9 +274,11 @@ def _step_items(
     state: ModelState,
     *,
     first: bool,
+    in_backward: bool = False,
 ) -> list[TraceItem]:
     """One optimizer step: its micro-batches, the optimizer (state created on the first
-    step, the step's workspace) and zero_grad."""
+    step, the step's workspace) and zero_grad; ``in_backward``: the optimizer stepped each
+    parameter inside backward and freed its gradient there (nothing is left to do)."""
     items = list(micro[0])
     held = sharded.accumulation_bytes(state)
     no_sync = "unsharded gradients (no_sync)"
@@ -267,7 +288,7 @@ def _step_items(
         items.append(Repeat(tuple(micro[1]), loop.micro_batches - 1, "micro-batches"))
     if held:
         items.append(Event(-held, Category.GRADIENTS, Phase.BACKWARD, 0, no_sync))
-    if not loop.trains:
+    if not loop.trains or in_backward:
         return items
     if sharded.optimizer_on_device:
         if first and opt.state_bytes:

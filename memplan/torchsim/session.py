@@ -22,7 +22,7 @@ from memplan.specs import LossKind, TrainingSetup
 from memplan.torchsim.losses import chunked_loss
 from memplan.torchsim.materialize import materialize
 from memplan.torchsim.models import COMPUTE_DTYPES, BuiltModel, lm_head_of
-from memplan.torchsim.optimizers import build_optimizer, state_placement
+from memplan.torchsim.optimizers import OptimizerInBackward, build_optimizer, state_placement
 from memplan.torchsim.quant import Linear4bit
 from memplan.torchsim.tracker import MemoryTracker
 from memplan.trace import Category, Phase
@@ -258,6 +258,10 @@ def train_step(session: Session, step: int) -> None:
 def mark_optimizer_state(
     tracker: MemoryTracker, optimizer: TorchOptimizer, model: nn.Module
 ) -> None:
+    if isinstance(optimizer, OptimizerInBackward):
+        for inner in optimizer.optimizers.values():
+            mark_optimizer_state(tracker, inner, model)
+        return
     names = {id(p): n for n, p in model.named_parameters()}
     for param, state in optimizer.state.items():
         for key, value in state.items():
