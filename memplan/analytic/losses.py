@@ -145,6 +145,9 @@ def chunked_cross_entropy(
         logp = seg.op(f"log_softmax{i}", [loss_in], loss_in.numel, DType.FP32, saves_output=True)
         weight = seg.op(f"nll_loss{i}.total_weight", [], 1, DType.FP32, requires_grad=False)
         part = seg.op(f"nll_loss{i}", [logp, target, weight], 1, DType.FP32, saves=[target, weight])
+        # compute_cross_entropy's local ``logits`` and the ``.float()`` argument live until it
+        # returns.
+        seg.hold(logits, loss_in, label=f"chunk{i}.locals")
         # total_loss += loss: in place (AddBackward hands the gradient on to both operands).
         total = seg.op(f"total_loss.add{i}", [total, part], 1, DType.FP32, view_of=total,
                        passthrough_grad=True)  # fmt: skip

@@ -93,10 +93,11 @@ def check_applicable(spec: ModelSpec, setup: TrainingSetup) -> None:
     reason = setup.tuning.unsupported(spec, setup) or fam.unsupported(spec, setup.method)
     if reason:
         raise MemplanError(reason)
-    if setup.loss is not LossKind.FULL and fam.own_loss:
+    own_loss = fam.loss_refusal(spec)
+    if setup.loss is not LossKind.FULL and own_loss:
         raise MemplanError(
             f"loss={setup.loss.value} is modelled for causal LM heads; {spec.name} ({fam.name}) "
-            f"has {fam.own_loss}: use loss=full"
+            f"has {own_loss}: use loss=full"
         )
 
 

@@ -176,6 +176,10 @@ class ModelFamily:
         """Gradients of parameters used outside the layer graphs, written as backward ends."""
         return []
 
+    def loss_refusal(self, spec: ModelSpec) -> str:
+        """What ``spec``'s head computes instead of a plain causal LM head ('' when plain)."""
+        return self.own_loss
+
     # -- methods ---------------------------------------------------------------------------------
     def unsupported(self, spec: ModelSpec, method: str) -> str | None:
         """Why ``method`` cannot run on ``spec`` (None: it can)."""
