@@ -223,7 +223,8 @@ def test_features_analytical_equals_measured_within_one_percent(
 @pytest.mark.parametrize(("family", "method", "feature"), _feature_cases(refused=True))
 def test_refused_features_say_why(family: str, method: str, feature: str) -> None:
     reason = _feature_refusal(family, method, feature)
-    assert reason is not None and "\n" not in reason
+    assert reason is not None
+    assert "\n" not in reason
     with pytest.raises(MemplanError, match=re.escape(reason)):
         prepare_model(RunRequest(load_model(TINY[family]), _feature_setup(method, feature)))
 
