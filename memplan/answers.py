@@ -27,6 +27,7 @@ FIELD_FLAGS: Final = {
     "target_seq_len": "--target-seq",
     "grad_accum_steps": "--grad-accum",
     "grad_ckpt_every": "--grad-ckpt-every",
+    "loss_chunks": "--loss chunked:N",
     "attention": "--attn",
     "lora_r": "--lora-r",
     "lora_alpha": "--lora-alpha",

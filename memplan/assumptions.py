@@ -8,7 +8,7 @@ from memplan.families import family
 from memplan.overheads import CUDA_CONTEXT_BYTES, communicator_bytes
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import Offload, ParallelSetup
-from memplan.specs.training import Optimizer, OptimizerImpl, Precision, TrainingSetup
+from memplan.specs.training import LossKind, Optimizer, OptimizerImpl, Precision, TrainingSetup
 from memplan.units import format_bytes
 
 _PRECISION = {
@@ -65,6 +65,13 @@ def assumptions(
             }[setup.optimizer_impl]
             line += f"; {impl}"
         out.append(line + "; states are created on the first step()")
+        if setup.optimizer_in_backward:
+            out.append(
+                "optimizer in backward (torchtune optimizer_in_bwd, torchtune/modules/optim.py): "
+                "one optimizer per parameter, stepped in its post-accumulate-grad hook and its "
+                "gradient freed at once, so gradients never accumulate over the model; each "
+                "parameter's state is created during the first step's backward"
+            )
     if setup.grad_ckpt:
         every = (
             "every layer"
@@ -132,7 +139,40 @@ def _method_lines(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
         lines.append("4-bit matmuls keep their input for backward (bitsandbytes before 0.43.2)")
     if not setup.logits_fp32:
         lines.append("cross-entropy on logits in the compute dtype (no fp32 upcast)")
-    return lines
+    return lines + _loss_lines(spec, setup)
+
+
+def _loss_lines(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
+    """What the loss keeps of the logits (memplan.analytic.losses)."""
+    if setup.loss is LossKind.FULL:
+        return []
+    if setup.loss is LossKind.CHUNKED:
+        upcast = "an fp32 cross-entropy" if setup.logits_fp32 else "a cross-entropy"
+        return [
+            f"loss: chunked into {setup.num_loss_chunks} chunks of the counted tokens "
+            "(torchtune LinearCrossEntropyLoss, eager as its recipes run it with compile "
+            "off): the counted tokens' hidden states copied (index_select), then the LM head "
+            f"and {upcast} chunk by chunk; every chunk's fp32 log-probabilities stay saved for "
+            "backward, the whole logits and their gradient never exist at once"
+        ]
+    if setup.loss is LossKind.FUSED_LINEAR:
+        from memplan.analytic.losses import liger_chunk_rows
+
+        rows = liger_chunk_rows(
+            setup.micro_batch_size * setup.seq_len, spec.hidden_size, spec.vocab_size
+        )
+        return [
+            "loss: Liger fused linear cross-entropy (LigerFusedLinearCrossEntropyFunction), "
+            "modelled from its source, not traced (Triton kernels, no CPU path): logits of "
+            f"{rows} tokens at a time; the gradients of the hidden states and of a trainable "
+            "LM head are computed in the forward and kept until backward"
+        ]
+    return [
+        "loss: Apple cut cross-entropy (cut_cross_entropy.linear_cross_entropy), modelled "
+        "from its source, not traced (Triton kernels; its torch.compile fallback materializes "
+        "the logits): keeps the hidden states, the LM head weight (16-bit copies under "
+        "autocast) and one fp32 log-sum-exp per token; backward recomputes logits in blocks"
+    ]
 
 
 def _stack_lines(setup: TrainingSetup) -> list[str]:
@@ -140,7 +180,12 @@ def _stack_lines(setup: TrainingSetup) -> list[str]:
     from memplan.stacks import Request, stack
 
     entry = stack(setup.stack)
-    given = entry.defaults(Request(setup.tuning, quantized=setup.quant is not Quantization.NONE))
+    request = Request(
+        setup.tuning,
+        quantized=setup.quant is not Quantization.NONE,
+        accumulates=setup.grad_accum_steps > 1,
+    )
+    given = entry.defaults(request)
     sources = "; ".join(
         f"{f}={_value(getattr(setup, f))} ({given[f].source})"
         for f in setup.defaults_from_stack

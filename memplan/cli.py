@@ -102,6 +102,21 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
         help="fp32 master copy of 16-bit weights "
         "(default: on under DeepSpeed ZeRO with 16-bit weights)",
     )
+    g.add_argument(
+        "--optimizer-in-backward",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="step each parameter's optimizer in its post-accumulate-grad hook and free its "
+        "gradient (torchtune's optimizer_in_bwd; needs --grad-accum 1)",
+    )
+    g.add_argument(
+        "--loss",
+        type=_loss_flag,
+        metavar="full|chunked[:N]|fused-linear|cut",
+        help="loss implementation: full (transformers: whole logits, fp32 upcast; default), "
+        "chunked[:N] (torchtune's LinearCrossEntropyLoss: N chunks of tokens, default 8), "
+        "fused-linear (Liger) or cut (Apple's cut cross-entropy)",
+    )
     g.add_argument("--batch", type=int, help="micro-batch size (default 1)")
     g.add_argument("--seq", type=int, help="sequence length in tokens (default 512)")
     g.add_argument("--target-seq", type=int, help="decoder length of encoder-decoder models")
@@ -199,6 +214,27 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _loss_flag(text: str) -> tuple[str, int | None]:
+    """``--loss full|chunked[:N]|fused-linear|cut``: the kind and chunked's number of chunks."""
+    from memplan.specs import LossKind
+
+    kind, colon, chunks = text.partition(":")
+    kinds = [k.value for k in LossKind]
+    if kind not in kinds:
+        raise argparse.ArgumentTypeError(
+            f"unknown loss {text!r} (full, chunked[:N], fused-linear or cut)"
+        )
+    if not colon:
+        return kind, None
+    if kind != "chunked":
+        raise argparse.ArgumentTypeError(f"only chunked takes a number of chunks, not {kind}")
+    if not chunks.isdigit() or int(chunks) < 1:
+        raise argparse.ArgumentTypeError(
+            f"chunked:N needs a positive number of chunks, got {chunks!r}"
+        )
+    return kind, int(chunks)
+
+
 def setup_from_args(args: argparse.Namespace, spec: Any) -> Any:
     """The TrainingSetup the flags describe (``--lora-targets`` read against ``spec``)."""
     from memplan.methods.lora import parse_targets
@@ -213,6 +249,9 @@ def setup_from_args(args: argparse.Namespace, spec: Any) -> Any:
         "kbit_prep": args.kbit_prep,
         "optimizer": args.optimizer,
         "optimizer_impl": args.optimizer_impl,
+        "optimizer_in_backward": args.optimizer_in_backward,
+        "loss": args.loss[0] if args.loss else None,
+        "loss_chunks": args.loss[1] if args.loss else None,
         "master_weights": args.master_weights,
         "micro_batch_size": args.batch,
         "seq_len": args.seq,

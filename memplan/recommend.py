@@ -552,6 +552,8 @@ def _layout(parallel: ParallelSetup, **fields: Any) -> ParallelSetup:
 
 
 def _layout_edits(parallel: ParallelSetup, setup: TrainingSetup) -> list[_Edit]:
+    if setup.optimizer_in_backward:  # modelled on one GPU only (predict.check_parallel)
+        return []
     edits = []
     fsdp = parallel.sharding is Sharding.FSDP
     stages = range(parallel.zero_stage + 1, 4) if parallel.data_parallel_degree > 1 else range(0)
@@ -619,7 +621,10 @@ def _edits(
 def _smaller_batch(
     judge: Judge, setup: TrainingSetup, parallel: ParallelSetup, target: GpuTarget
 ) -> _Edit | None:
-    """Largest divisor of the micro-batch that fits, accumulating to the same effective batch."""
+    """Largest divisor of the micro-batch that fits, accumulating to the same effective batch
+    (none when the optimizer steps in backward: it cannot accumulate)."""
+    if setup.optimizer_in_backward:
+        return None
     batch = setup.micro_batch_size
     divisors = [d for d in range(batch - 1, 0, -1) if batch % d == 0]
     tried = [
@@ -703,8 +708,8 @@ def changes(
     Each is judged by plan() on ``target``; ``scale_out`` adds the recommended device counts
     above the given one. On a hardware profile, changes needing software it lacks are left
     out (:mod:`memplan.support`), and one its machines cannot hold (host memory for offload,
-    devices per node) does not fit. A chunked loss is not offered: the analytical model has no
-    chunked cross-entropy to judge it with.
+    devices per node) does not fit. A different loss (``--loss``) is not offered: it changes the
+    training code, not a setting of it; ``plan --loss`` judges one.
     """
     judge = judge or Judge(spec)
     profile = load_profile(target.profile) if target.profile is not None else None

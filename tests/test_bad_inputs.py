@@ -173,6 +173,13 @@ BAD_FLAGS = [
     ("--tp", "3"),
     ("--lora-targets", ""),
     ("--lora-targets", "gate"),
+    ("--loss", "chunked:0"),
+    ("--loss", "chunked:-2"),
+    ("--loss", "chunked:x"),
+    ("--loss", "chunked:"),
+    ("--loss", "bogus"),
+    ("--loss", "cut:4"),
+    ("--loss", "chunked:99999999999"),
 ]
 
 
@@ -189,10 +196,24 @@ def test_bad_flags(run_cli: Run, flag: str, value: str) -> None:
         (["--method", "full", "--prefix-len", "5"], "prefix_len configures method prefix"),
         (["--method", "prefix", "--grad-ckpt"], "cannot use grad_ckpt"),
         (["--method", "bitfit"], "has none"),  # tiny-llama has no biases
+        # torchtune's recipes: "Gradient accumulation is not supported with optimizer in bwd".
+        (["--method", "full", "--optimizer-in-backward", "--grad-accum", "2"], "grad_accum"),
+        (["--method", "frozen", "--optimizer-in-backward"], "trains no weights"),
+        (["--optimizer-in-backward", "--optimizer", "adafactor"], "adafactor"),
+        (["--optimizer-in-backward", "--gpus", "2"], "one GPU"),
+        (["--optimizer-in-backward", "--gpus", "4", "--zero", "3"], "one GPU"),
+        (["--loss", "chunked", "--fsdp", "--gpus", "2", "--optimizer-in-backward"], "one GPU"),
     ],
 )
 def test_settings_that_do_not_apply_are_refused(run_cli: Run, argv: list[str], needle: str) -> None:
     assert needle in _one_line_error(run_cli("plan", "tiny-llama", *argv))
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-t5", "tiny-gemma2"])
+@pytest.mark.parametrize("loss", ["chunked", "chunked:4", "fused-linear", "cut"])
+def test_losses_of_causal_lm_heads_only(run_cli: Run, model: str, loss: str) -> None:
+    """A masked-LM head, an encoder-decoder head, soft-capped logits: only --loss full."""
+    assert "use loss=full" in _one_line_error(run_cli("plan", model, "--loss", loss))
 
 
 def test_recommend_token_counts(run_cli: Run) -> None:

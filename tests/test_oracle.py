@@ -159,6 +159,76 @@ def test_analytical_equals_measured_within_one_percent(
         )
 
 
+# -- memory features of the training stacks ---------------------------------------------------
+
+# Each feature the tracer runs for real, with the methods it is held to on every family: the
+# grid grows by families x methods, one shape (torchtune's chunked loss on 126 counted tokens:
+# 8 chunks of 16 and 15 rows; optimizer-in-backward through register_post_accumulate_grad_hook).
+FEATURES: dict[str, dict[str, Any]] = {
+    "chunked-loss": {"loss": "chunked"},
+    "optimizer-in-backward": {"optimizer_in_backward": True},
+}
+FEATURE_METHODS = {"chunked-loss": ("full", "lora"), "optimizer-in-backward": ("full", "lora")}
+FEATURE_SHAPE = (2, 64)
+
+
+def _feature_setup(method: str, feature: str) -> TrainingSetup:
+    batch, seq = FEATURE_SHAPE
+    fields = {"method": method, "micro_batch_size": batch, "seq_len": seq, "device": "cpu"}
+    return TrainingSetup(**fields, **FEATURES[feature])
+
+
+def _feature_refusal(family: str, method: str, feature: str) -> str | None:
+    try:
+        check_applicable(load_model(TINY[family]), _feature_setup(method, feature))
+    except MemplanError as exc:
+        return str(exc)
+    return None
+
+
+def _feature_cases(*, refused: bool) -> list[Any]:
+    return [
+        pytest.param(family, method, feature, id=f"{TINY[family]}-{method}-{feature}")
+        for feature, methods in FEATURE_METHODS.items()
+        for family, method in itertools.product(TINY, methods)
+        if not _refusal(family, method, False)
+        and bool(_feature_refusal(family, method, feature)) == refused
+    ]
+
+
+@pytest.mark.parametrize(("family", "method", "feature"), _feature_cases(refused=False))
+def test_features_analytical_equals_measured_within_one_percent(
+    family: str, method: str, feature: str
+) -> None:
+    torch.set_num_threads(1)
+    spec = load_model(TINY[family])
+    setup = _feature_setup(method, feature)
+    measured = trace_step(spec, setup, mode="cpu").trace
+    analytical = predict(spec, setup).trace
+    peak, predicted = measured.peak(), analytical.peak()
+    assert predicted.peak_bytes == pytest.approx(peak.peak_bytes, rel=TOLERANCE), (
+        f"predicted {predicted.peak_bytes:,} B in {predicted.phase.value}, measured "
+        f"{peak.peak_bytes:,} B in {peak.phase.value}"
+    )
+    allowed = TOLERANCE * peak.peak_bytes
+    most, predicted_most = measured.category_peaks(), analytical.category_peaks()
+    for category in ALLOCATED_CATEGORIES:
+        at_peak = abs(predicted.breakdown_bytes[category] - peak.breakdown_bytes[category])
+        assert at_peak <= allowed or abs(predicted_most[category] - most[category]) <= allowed, (
+            f"{category.value}: predicted {predicted.breakdown_bytes[category]:,} B at the "
+            f"peak, measured {peak.breakdown_bytes[category]:,} B"
+        )
+
+
+@pytest.mark.parametrize(("family", "method", "feature"), _feature_cases(refused=True))
+def test_refused_features_say_why(family: str, method: str, feature: str) -> None:
+    reason = _feature_refusal(family, method, feature)
+    assert reason is not None
+    assert "\n" not in reason
+    with pytest.raises(MemplanError, match=re.escape(reason)):
+        prepare_model(RunRequest(load_model(TINY[family]), _feature_setup(method, feature)))
+
+
 # -- what is refused ------------------------------------------------------------------------
 
 

@@ -12,7 +12,14 @@ from memplan.families import family
 from memplan.methods import TuningMethod, method
 from memplan.methods.lora import lora_roles
 from memplan.specs.model import ModelSpec
-from memplan.specs.training import Attention, LinearRole, TrainingSetup
+from memplan.specs.training import (
+    Attention,
+    LinearRole,
+    LossKind,
+    Optimizer,
+    OptimizerImpl,
+    TrainingSetup,
+)
 from memplan.trace import Category
 
 
@@ -45,6 +52,10 @@ class StepContext:
     sdpa_mask: bool = False  # SDPA is handed a materialized mask (see _sdpa_mask)
     quant_matmul_saves_input: bool = False  # bitsandbytes < 0.43.2 MatMul4Bit
     logits_fp32: bool = True  # ForCausalLMLoss upcasts logits
+    loss: LossKind = LossKind.FULL  # how the LM head and cross-entropy run
+    loss_chunks: int = 1  # chunks of loss=chunked
+    # The optimizer each parameter is stepped with inside backward (optimizer_in_bwd).
+    optimizer_in_backward: tuple[Optimizer, OptimizerImpl] | None = None
     device: str = "cuda"  # "cuda" or "cpu": decides kernel workspaces and fallbacks
     tensor_parallel_degree: int = 1
     grad_divisor: int = 1  # ranks each gradient is sharded across (ZeRO-2/3, FSDP)
@@ -115,6 +126,11 @@ class StepContext:
             sdpa_mask=_sdpa_mask(spec, setup, seq_len + prefix_len, prefix_len),
             quant_matmul_saves_input=setup.quant_matmul_saves_input,
             logits_fp32=setup.logits_fp32,
+            loss=setup.loss,
+            loss_chunks=setup.num_loss_chunks,
+            optimizer_in_backward=(
+                (setup.optimizer, setup.optimizer_impl) if setup.optimizer_in_backward else None
+            ),
             device=setup.device,
             tensor_parallel_degree=tensor_parallel_degree,
             grad_divisor=grad_divisor,
@@ -143,7 +159,25 @@ class StepContext:
         shard_itemsize = dtype_bytes(dtype or self.grad_shard_dtype or self.weight_dtype)
         share = -(-numel // self.grad_divisor)
         full = numel * itemsize if self.grad_divisor > 1 else 0
-        return ParamGrad(label, share * shard_itemsize, accumulates, full, tie, buffered_in)
+        step = None
+        if self.optimizer_in_backward is not None:
+            step = _in_backward_step(label, numel, dtype or self.weight_dtype, self)
+        return ParamGrad(
+            label, share * shard_itemsize, accumulates, full, tie, buffered_in, None, step
+        )
+
+
+def _in_backward_step(label: str, numel: int, dtype: DType, ctx: StepContext) -> tuple[int, int]:
+    """(state bytes, step temporaries) of the optimizer torchtune's OptimizerInBackward builds
+    for one parameter (``optimizer_cls([p])``): memplan.analytic.optimizer for that tensor."""
+    from memplan.analytic.optimizer import optimizer_bytes
+    from memplan.analytic.weights import TensorGroup
+
+    assert ctx.optimizer_in_backward is not None
+    kind, impl = ctx.optimizer_in_backward
+    one = optimizer_bytes([TensorGroup(label, numel, dtype, 1)], kind, impl, device=ctx.device)
+    # bnb paged states live in unified memory, outside the allocator (as in one optimizer).
+    return one.state_bytes, one.step_temp_bytes
 
 
 def _sdpa_mask(spec: ModelSpec, setup: TrainingSetup, kv_len: int, prefix_len: int) -> bool:

@@ -58,6 +58,13 @@ class ParamGrad:
     # ("last") arrives; their sum becomes .grad.
     tie: str = ""
     buffered_in: Category = Category.LOGITS  # category of the buffered first contribution
+    # Computed in the forward by a fused kernel and saved for backward (Liger's fused linear
+    # cross-entropy): backward hands this buffer to AccumulateGrad, which steals it as .grad.
+    precomputed: Tensor | None = None
+    # The optimizer steps this parameter in its post-accumulate-grad hook and frees .grad
+    # (torchtune's optimizer_in_bwd): the state it creates on the first step, the step's
+    # temporaries.
+    in_backward_step: tuple[int, int] | None = None
 
 
 @dataclass(eq=False)
@@ -82,6 +89,9 @@ class Op:
     # A hold that only autograd makes: the saved tensors of a graph no gradient ever reaches
     # (a detached product's), alive while that graph is; without autograd it does nothing.
     autograd_only: bool = False
+    # A saved tensor the backward returns as its input's gradient (a fused kernel computed
+    # it in the forward): no new gradient is allocated, the saved one is handed on.
+    input_grad_from_saved: Tensor | None = None
 
 
 @dataclass
@@ -328,7 +338,7 @@ def forward_events(
     return ForwardResult(ledger.events, list(saved.values()), list(deferred.values()))
 
 
-def _tied_sum(ledger: _Ledger, g: ParamGrad, *, accumulate: bool) -> None:
+def _tied_sum(ledger: _Ledger, g: ParamGrad, *, accumulate: bool, first_step: bool) -> None:
     """The embedding's gradient, summed with the buffered LM-head one into .grad.
 
     AccumulateGrad runs after the embedding's node has released its incoming gradient.
@@ -339,6 +349,28 @@ def _tied_sum(ledger: _Ledger, g: ParamGrad, *, accumulate: bool) -> None:
         ledger.alloc(g.grad_bytes, Category.GRADIENTS, f"{g.label}.grad")
     ledger.free(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
     ledger.free(g.grad_bytes, g.buffered_in, f"{g.label} grad (tied, buffered)")
+    if not accumulate:
+        step_in_backward(ledger, g, first_step=first_step)
+
+
+def step_in_backward_events(g: ParamGrad, step: int, *, first_step: bool) -> list[Event]:
+    """:func:`step_in_backward` for a gradient written outside a segment's replay."""
+    ledger = _Ledger(Phase.BACKWARD, step)
+    step_in_backward(ledger, g, first_step=first_step)
+    return ledger.events
+
+
+def step_in_backward(ledger: _Ledger, g: ParamGrad, *, first_step: bool) -> None:
+    """The post-accumulate-grad hook of torchtune's optimizer_in_bwd, once ``g``'s .grad is
+    complete: ``optimizer.step()`` (the state created on the first step, the step's
+    temporaries), then ``zero_grad()`` frees .grad (torchtune/modules/optim.py)."""
+    if g.in_backward_step is None:
+        return
+    state_bytes, temp_bytes = g.in_backward_step
+    if first_step:
+        ledger.alloc(state_bytes, Category.OPTIMIZER_STATE, f"{g.label} optimizer state")
+    ledger.transient(temp_bytes, Category.TEMPORARIES, f"{g.label} optimizer step")
+    ledger.free(g.grad_bytes, Category.GRADIENTS, f"{g.label}.grad (stepped)")
 
 
 @dataclass(slots=True)
@@ -382,6 +414,7 @@ def backward_events(
     keep: Iterable[Tensor] = (),
     categories: Categories | None = None,
     held_output_grads: bool = False,
+    first_step: bool = True,
 ) -> tuple[list[Event], dict[int, GradBytes]]:
     """Events of the segment's backward, given the gradients of its outputs.
 
@@ -395,7 +428,7 @@ def backward_events(
     storages the caller still holds past their last use (a checkpointed layer's input);
     ``categories`` as in :func:`forward_events`. ``held_output_grads``: the caller holds the
     output gradients past their use (the seed torch.autograd.backward makes), so they are
-    not freed here.
+    not freed here. ``first_step``: an optimizer stepping in backward creates its state.
     """
     ledger = _Ledger(phase, step)
     cats: Categories = categories or {}
@@ -444,8 +477,15 @@ def backward_events(
             label = f"{op.output.label} backward"
             ledger.transient(op.bwd_pre_workspace_bytes, category, label)
         new_grads: list[tuple[Tensor, int]] = []
+        stolen: set[int] = set()  # saved buffers AccumulateGrad takes as .grad
         for t in op.inputs:
             if not t.requires_grad:
+                continue
+            src = op.input_grad_from_saved
+            if src is not None:
+                stolen.add(id(src.storage))
+                cat = _category(segment, src.storage, cats, saved=True)
+                new_grads.append((t, new_buffer(src.nbytes, cat, allocate=False)))
                 continue
             # Views, adds and other passthrough ops hand the output gradient on unchanged when
             # no dtype cast is needed; otherwise autograd casts it (a new tensor).
@@ -455,6 +495,13 @@ def backward_events(
             else:
                 new_grads.append((t, new_buffer(t.nbytes, category, allocate=True)))
         for g in op.param_grads:
+            if g.precomputed is not None:
+                # The kernel's saved gradient buffer: stolen as .grad, or added into it (and
+                # freed with the saved tensors) by a later micro-batch.
+                if not (accumulate or g.accumulates):
+                    stolen.add(id(g.precomputed.storage))
+                    step_in_backward(ledger, g, first_step=first_step)
+                continue
             if g.unsharded_bytes > g.grad_bytes:  # full gradient, reduce-scattered into a shard
                 ledger.transient(
                     g.unsharded_bytes, Category.TEMPORARIES, f"{g.label} unsharded grad"
@@ -468,25 +515,42 @@ def backward_events(
                 ledger.alloc(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad (tied sum)")
                 ledger.free(g.grad_bytes, g.buffered_in, f"{g.label} grad (tied, buffered)")
                 ledger.free(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
+            elif g.tie in ("sum", "sum-last"):
+                # A weight used by several ops of one segment (the LM head run chunk by
+                # chunk): its AccumulateGrad's InputBuffer adds each contribution to the
+                # buffered ones out of place; after the last, the sum is stolen as .grad.
+                ledger.alloc(g.grad_bytes, category, f"{g.label} grad")
+                last = g.tie == "sum-last"
+                if last and (accumulate or g.accumulates):
+                    ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label}.grad +=")
+                else:
+                    sum_category = Category.GRADIENTS if last else g.buffered_in
+                    ledger.alloc(g.grad_bytes, sum_category, f"{g.label} grad (sum)")
+                ledger.free(g.grad_bytes, g.buffered_in, f"{g.label} grad (buffered)")
+                ledger.free(g.grad_bytes, category, f"{g.label} grad")
+                if last and not (accumulate or g.accumulates):
+                    step_in_backward(ledger, g, first_step=first_step)
             elif g.tie == "last":  # the node's contribution; summed once the node is done
                 ledger.alloc(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
             elif accumulate or g.accumulates:  # AccumulateGrad adds into the existing .grad
                 ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
             else:  # the first gradient is stolen into .grad without a copy
                 ledger.alloc(g.grad_bytes, Category.GRADIENTS, f"{g.label}.grad")
+                step_in_backward(ledger, g, first_step=first_step)
         if op.bwd_workspace_bytes:
             ledger.transient(op.bwd_workspace_bytes, category, f"{op.output.label} backward")
         for t in op.saved:
             sid = id(t.storage)
             save_refs[sid] -= 1
-            if save_refs[sid] == 0 and not (t.storage.persistent or sid in keep_ids):
+            kept = t.storage.persistent or sid in keep_ids or sid in stolen
+            if save_refs[sid] == 0 and not kept:
                 storage = storages[sid]
                 freed_as = _category(segment, storage, cats, saved=True)
                 ledger.free(storage.nbytes, freed_as, storage.label)
         release(out_buffer)
         for g in op.param_grads:
             if g.tie == "last":
-                _tied_sum(ledger, g, accumulate=accumulate)
+                _tied_sum(ledger, g, accumulate=accumulate, first_step=first_step)
         for t, buffer in new_grads:
             if _split_of(op) is t:
                 # The gradient of one part of a split (chunk, split): SplitBackward concatenates

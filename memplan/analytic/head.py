@@ -14,6 +14,7 @@ from memplan.analytic.context import StepContext
 from memplan.analytic.graph import ParamGrad, Segment, Tensor
 from memplan.dtypes import DType
 from memplan.specs.model import ModelSpec
+from memplan.specs.training import LossKind
 from memplan.trace import Category
 
 
@@ -156,7 +157,12 @@ def cross_entropy(
 def causal_lm_loss(
     spec: ModelSpec, ctx: StepContext, x: Tensor, seg: Segment
 ) -> tuple[Tensor, Tensor]:
-    """LM head and ForCausalLMLoss (logits upcast to fp32 unless the setup says otherwise)."""
+    """LM head and ForCausalLMLoss (logits upcast to fp32 unless the setup says otherwise),
+    or a loss that never holds the whole logits (:mod:`memplan.analytic.losses`)."""
+    if ctx.loss is not LossKind.FULL:
+        from memplan.analytic.losses import BUILDERS
+
+        return BUILDERS[ctx.loss](spec, ctx, x, seg)
     logits = lm_head(spec, ctx, x, seg)
     return cross_entropy(ctx, seg, logits, x, shifted_fp32=ctx.logits_fp32), logits
 

@@ -20,7 +20,7 @@ from memplan.families import families, family
 from memplan.loop import STEPS, TrainingLoop
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import ParallelSetup
-from memplan.specs.training import TrainingSetup
+from memplan.specs.training import LossKind, TrainingSetup
 from memplan.trace import Category, Event, Phase, Repeat, Trace, TraceItem, allocation_bytes
 
 
@@ -93,6 +93,23 @@ def check_applicable(spec: ModelSpec, setup: TrainingSetup) -> None:
     reason = setup.tuning.unsupported(spec, setup) or fam.unsupported(spec, setup.method)
     if reason:
         raise MemplanError(reason)
+    own_loss = fam.loss_refusal(spec)
+    if setup.loss is not LossKind.FULL and own_loss:
+        raise MemplanError(
+            f"loss={setup.loss.value} is modelled for causal LM heads; {spec.name} ({fam.name}) "
+            f"has {own_loss}: use loss=full"
+        )
+
+
+def check_parallel(setup: TrainingSetup, parallel: ParallelSetup) -> None:
+    """Raise MemplanError for setups memplan does not model on this parallel layout."""
+    if setup.optimizer_in_backward and (
+        parallel.num_gpus > 1 or parallel.zero_stage or parallel.fsdp_strategy is not None
+    ):
+        raise MemplanError(
+            "optimizer_in_backward is modelled on one GPU (torchtune's single-device recipe); "
+            "with data parallelism or ZeRO/FSDP sharding it is not"
+        )
 
 
 def check_traceable(spec: ModelSpec, setup: TrainingSetup) -> None:
@@ -102,6 +119,8 @@ def check_traceable(spec: ModelSpec, setup: TrainingSetup) -> None:
     if not fam.traced_only:
         check_applicable(spec, setup)
         return
+    if setup.loss is not LossKind.FULL:
+        raise MemplanError(f"{spec.name} is traced only: loss=full (its own loss)")
     from memplan.specs.training import ALL_LINEAR
 
     reason = fam.unsupported(spec, setup.method)
@@ -139,6 +158,7 @@ def predict(
     """
     parallel = parallel or ParallelSetup()
     check_applicable(spec, setup)
+    check_parallel(setup, parallel)
     requested = setup
     setup = effective_setup(setup, parallel)
     storage_dtype = fsdp_storage_dtype(requested, parallel)
@@ -184,8 +204,22 @@ def predict(
         )
         for accumulate in loop.distinct_micro_batches
     ]
+    # An optimizer stepping inside backward creates its state in the first step's backward.
+    steady = (
+        [_micro_batch(composer, ctx, loop, accumulate=False, first_step=False)]
+        if setup.optimizer_in_backward
+        else micro
+    )
     for step in range(steps):
-        items = _step_items(micro, loop, opt, sharded, state, first=step == 0)
+        items = _step_items(
+            micro if step == 0 else steady,
+            loop,
+            opt,
+            sharded,
+            state,
+            first=step == 0,
+            in_backward=setup.optimizer_in_backward,
+        )
         trace.add(Repeat(tuple(items), 1, f"step {step}", step=step))
     on_device = sharded.optimizer_on_device
     return Prediction(
@@ -201,7 +235,12 @@ def predict(
 
 
 def _micro_batch(
-    composer: StepComposer, ctx: StepContext, loop: TrainingLoop, *, accumulate: bool
+    composer: StepComposer,
+    ctx: StepContext,
+    loop: TrainingLoop,
+    *,
+    accumulate: bool,
+    first_step: bool = True,
 ) -> list[TraceItem]:
     """One micro-batch: token ids and labels, forward, loss, backward (the first creates
     .grad, later ones accumulate into it); every step reuses these events."""
@@ -221,7 +260,7 @@ def _micro_batch(
     items += fwd
     items += composer.loss_items(0, deferred)
     if loop.trains:
-        items += composer.backward_items(0, accumulate=accumulate)
+        items += composer.backward_items(0, accumulate=accumulate, first_step=first_step)
     end_phase = Phase.BACKWARD if loop.trains else Phase.LOSS
     items.append(Event(-ids_bytes, labels_category, end_phase, 0, "labels"))
     items.append(Event(-ids_bytes, ids_category, end_phase, 0, "input_ids"))
@@ -236,9 +275,11 @@ def _step_items(
     state: ModelState,
     *,
     first: bool,
+    in_backward: bool = False,
 ) -> list[TraceItem]:
     """One optimizer step: its micro-batches, the optimizer (state created on the first
-    step, the step's workspace) and zero_grad."""
+    step, the step's workspace) and zero_grad; ``in_backward``: the optimizer stepped each
+    parameter inside backward and freed its gradient there (nothing is left to do)."""
     items = list(micro[0])
     held = sharded.accumulation_bytes(state)
     no_sync = "unsharded gradients (no_sync)"
@@ -248,7 +289,7 @@ def _step_items(
         items.append(Repeat(tuple(micro[1]), loop.micro_batches - 1, "micro-batches"))
     if held:
         items.append(Event(-held, Category.GRADIENTS, Phase.BACKWARD, 0, no_sync))
-    if not loop.trains:
+    if not loop.trains or in_backward:
         return items
     if sharded.optimizer_on_device:
         if first and opt.state_bytes:

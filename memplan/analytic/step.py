@@ -20,6 +20,7 @@ from memplan.analytic.graph import (
     backward_events,
     forward_events,
     recompute_stop,
+    step_in_backward_events,
 )
 from memplan.analytic.model_graph import LayerPlan, ModelGraph, Stack
 from memplan.methods.base import Step
@@ -45,6 +46,7 @@ class StepComposer:
 
     def __init__(self, graph: ModelGraph, *, gather_bytes: int = 0) -> None:
         self.graph = graph
+        self._first_step = True  # of the backward being composed (optimizer in backward)
         self.autograd = graph.autograd
         # ZeRO-3 / FULL_SHARD: each layer's parameters are all-gathered (with the next layer
         # prefetched) before it runs and released after, in forward and again in backward.
@@ -336,7 +338,11 @@ class StepComposer:
         return items
 
     # -- backward --------------------------------------------------------------------------
-    def backward_items(self, step: int, *, accumulate: bool) -> list[TraceItem]:
+    def backward_items(
+        self, step: int, *, accumulate: bool, first_step: bool = True
+    ) -> list[TraceItem]:
+        """``first_step``: an optimizer stepping inside backward creates its state."""
+        self._first_step = first_step
         g = self.graph
         # loss.backward() seeds the loss's gradient with ones_like(loss) (autograd's
         # _make_grads); it and the loss are held until backward returns.
@@ -350,6 +356,7 @@ class StepComposer:
             accumulate=accumulate,
             categories=self._loss_categories(),
             held_output_grads=True,
+            first_step=first_step,
         )
         items += events
         grad = grads.get(id(g.loss_in))
@@ -404,6 +411,7 @@ class StepComposer:
                 items.append(
                     Event(size, Category.GRADIENTS, Phase.BACKWARD, step, f"{g.label}.grad")
                 )
+                items += step_in_backward_events(g, step, first_step=self._first_step)
         return items + _steps(after, Phase.BACKWARD, step)
 
     def _stack_backward(
@@ -426,6 +434,7 @@ class StepComposer:
                 output_grads={id(stack.norm_out): grad} if grad else {},
                 accumulate=accumulate,
                 categories=self._norm_categories(index),
+                first_step=self._first_step,
             )
             items += events
             grad = grads.get(id(stack.norm_in))
@@ -471,6 +480,7 @@ class StepComposer:
                 output_grads={id(stack.embed_out): grad},
                 accumulate=accumulate,
                 categories=self._embed_categories(index),
+                first_step=self._first_step,
             )
             items += events
         elif grad is not None:
@@ -523,6 +533,7 @@ class StepComposer:
             recompute=recompute,
             keep=checkpoint_holds,
             categories=categories,
+            first_step=self._first_step,
         )
         events += bwd
         if plan.checkpointed:

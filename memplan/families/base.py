@@ -71,6 +71,10 @@ class ModelFamily:
     """Modules of a layer (dotted paths from it, negative indices count from the end) whose
     outputs get the attention and the MLP bottleneck adapter, in every layer stack; None: the
     layer's attention and MLP blocks, found by their usual names."""
+    own_loss: ClassVar[str] = ""
+    """What the family's head computes instead of a causal LM's head and shifted cross-entropy
+    (a masked-LM head, logit soft-capping): the losses of ``TrainingSetup.loss`` other than
+    ``full`` are modelled for a plain causal LM head only."""
     traced_only: ClassVar[bool] = False
     """No analytical model: the tracer runs it, ``plan`` refuses it (unregistered families)."""
 
@@ -172,6 +176,10 @@ class ModelFamily:
     def tail_grads(self, spec: ModelSpec, ctx: StepContext) -> list[ParamGrad]:
         """Gradients of parameters used outside the layer graphs, written as backward ends."""
         return []
+
+    def loss_refusal(self, spec: ModelSpec) -> str:
+        """What ``spec``'s head computes instead of a plain causal LM head ('' when plain)."""
+        return self.own_loss
 
     # -- methods ---------------------------------------------------------------------------------
     def unsupported(self, spec: ModelSpec, method: str) -> str | None:

@@ -58,6 +58,7 @@ def _num_labels(config: Config) -> int:
 
 class Bert(ModelFamily):
     name = "bert"
+    own_loss = "a masked-LM head (transform, LayerNorm, decoder with bias) and unshifted labels"
     model_types = ("bert",)
     tiny_model = "tiny-bert"
     layout_type = BertLayout

@@ -17,6 +17,7 @@ from pydantic import Field, PositiveInt
 from memplan.families import _config as cfg
 from memplan.families.base import Config, Layout
 from memplan.families.llama import Llama
+from memplan.specs.training import LossKind
 
 if TYPE_CHECKING:
     from memplan.analytic.context import StepContext
@@ -45,6 +46,7 @@ class Gemma2Layout(Layout):
 
 class Gemma2(Llama):
     name = "gemma2"
+    own_loss = "logit soft-capping (tanh on the whole logits)"
     model_types = ("gemma2",)
     tiny_model = "tiny-gemma2"
     hf_model_class = "Gemma2ForCausalLM"
@@ -143,11 +145,16 @@ class Gemma2(Llama):
 
         return rms_norm(seg, ctx, x, "norm", spec.hidden_size, gemma=True)
 
+    def loss_refusal(self, spec: ModelSpec) -> str:
+        return self.own_loss if self.layout(spec).final_logit_softcapping else ""
+
     def head(
         self, spec: ModelSpec, ctx: StepContext, x: Tensor, seg: Segment
     ) -> tuple[Tensor, Tensor]:
-        from memplan.analytic.head import cross_entropy, lm_head
+        from memplan.analytic.head import causal_lm_loss, cross_entropy, lm_head
 
+        if ctx.loss is not LossKind.FULL:  # refused with soft-capping (loss_refusal)
+            return causal_lm_loss(spec, ctx, x, seg)
         logits = lm_head(spec, ctx, x, seg)
         if self.layout(spec).final_logit_softcapping:  # tanh(logits / cap) * cap
             scaled = seg.op("logits.softcap_div", [logits], logits.numel, logits.dtype)

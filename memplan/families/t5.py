@@ -59,6 +59,7 @@ class T5Layout(Layout):
 
 class T5(ModelFamily):
     name = "t5"
+    own_loss = "an encoder-decoder head (scaled decoder output, unshifted labels)"
     model_types = ("t5", "mt5")
     tiny_model = "tiny-t5"
     layout_type = T5Layout

@@ -81,6 +81,20 @@ class OptimizerImpl(StrEnum):
     FOR_LOOP = "for-loop"  # one parameter at a time: temporaries of the largest parameter
 
 
+class LossKind(StrEnum):
+    """How the LM head and cross-entropy run: what the loss keeps of the logits."""
+
+    FULL = "full"  # transformers ForCausalLMLoss: the whole logits, upcast to fp32
+    CHUNKED = "chunked"  # torchtune LinearCrossEntropyLoss: head + cross-entropy per token chunk
+    FUSED_LINEAR = "fused-linear"  # Liger LigerFusedLinearCrossEntropyFunction (Triton)
+    CUT = "cut"  # Apple cut_cross_entropy.linear_cross_entropy (Triton): no logits kept
+
+
+# torchtune LinearCrossEntropyLoss(num_output_chunks=8)
+# (torchtune/modules/loss/cross_entropy_loss.py).
+DEFAULT_LOSS_CHUNKS: Final = 8
+
+
 class Attention(StrEnum):
     EAGER = "eager"  # matmul + softmax: saves the s x s probabilities
     SDPA = "sdpa"  # torch scaled_dot_product_attention (flash / memory-efficient backends)
@@ -122,7 +136,8 @@ def _fill_stack_defaults(data: dict[str, Any], tuning: TuningMethod) -> dict[str
         quantized = Quantization(quant) is not Quantization.NONE
     except ValueError:
         return data  # the field validator reports the unknown quantization
-    request = Request(tuning, quantized=quantized)
+    accumulates = (data.get("grad_accum_steps") or 1) != 1
+    request = Request(tuning, quantized=quantized, accumulates=accumulates)
     filled = {k: d.value for k, d in entry.defaults(request).items() if data.get(k) is None}
     return {**data, **filled, "defaults_from_stack": tuple(sorted(filled))}
 
@@ -199,6 +214,26 @@ class TrainingSetup(BaseModel):
         default=True,
         description="The loss upcasts logits to fp32 (transformers ForCausalLMLoss); False: "
         "cross-entropy on logits in the compute dtype (litgpt's chunked cross-entropy).",
+    )
+    loss: LossKind = Field(
+        default=LossKind.FULL,
+        description="Loss implementation: full (transformers ForCausalLMLoss: the whole logits, "
+        "upcast to fp32 per logits_fp32), chunked (torchtune's LinearCrossEntropyLoss: the LM "
+        "head and cross-entropy run on loss_chunks chunks of the tokens), fused-linear (Liger's "
+        "fused linear cross-entropy: gradients computed in the forward, chunk by chunk) or cut "
+        "(Apple's cut cross-entropy: no logits kept, only the log-sum-exp per token).",
+    )
+    loss_chunks: PositiveInt | None = Field(
+        default=None,
+        le=MAX_SEQ_LEN,
+        description="Chunks the tokens are split into for loss=chunked (torchtune's "
+        "num_output_chunks: a number of chunks, not of tokens); None: 8, torchtune's default.",
+    )
+    optimizer_in_backward: bool = Field(
+        default=False,
+        description="Step the optimizer inside backward (torchtune's optimizer_in_bwd: one "
+        "optimizer per parameter stepped in its post-accumulate-grad hook, then its gradient "
+        "freed), so gradients never coexist. Needs grad_accum_steps=1.",
     )
     device: Literal["cuda", "cpu"] = Field(
         default="cuda",
@@ -338,7 +373,41 @@ class TrainingSetup(BaseModel):
         self._check_settings_apply()
         if self.grad_ckpt_every > 1 and not self.grad_ckpt:
             raise ValueError("grad_ckpt_every > 1 needs grad_ckpt=True")
+        self._check_loss()
+        self._check_optimizer_in_backward()
         return self
+
+    def _check_loss(self) -> None:
+        if self.loss_chunks is not None and self.loss is not LossKind.CHUNKED:
+            raise ValueError(f"loss_chunks configures loss=chunked, not loss={self.loss.value}")
+        if self.loss in (LossKind.FUSED_LINEAR, LossKind.CUT) and not self.logits_fp32:
+            raise ValueError(
+                f"logits_fp32=False configures loss=full or chunked; loss={self.loss.value} "
+                "accumulates in fp32 inside its kernel"
+            )
+
+    def _check_optimizer_in_backward(self) -> None:
+        if not self.optimizer_in_backward:
+            return
+        if not self.trains_weights:
+            raise ValueError(f"optimizer_in_backward: method={self.method} trains no weights")
+        if self.grad_accum_steps > 1:
+            # torchtune's recipes raise "Gradient accumulation is not supported with optimizer
+            # in bwd" (recipes/full_finetune_single_device.py).
+            raise ValueError(
+                f"optimizer_in_backward steps and frees each gradient inside backward: "
+                f"grad_accum_steps={self.grad_accum_steps} is not supported (torchtune refuses it)"
+            )
+        if self.optimizer is Optimizer.ADAFACTOR:
+            raise ValueError(
+                "optimizer_in_backward is modelled for optimizers with per-element states; "
+                "adafactor's factored states are not"
+            )
+
+    @property
+    def num_loss_chunks(self) -> int:
+        """Chunks of loss=chunked (torchtune's num_output_chunks, 8 unless set)."""
+        return self.loss_chunks or DEFAULT_LOSS_CHUNKS
 
     def _check_settings_apply(self) -> None:
         """A method's setting changed for a method that has no use for it is a mistake

@@ -32,6 +32,7 @@ class Request:
 
     method: TuningMethod
     quantized: bool
+    accumulates: bool = False  # gradient accumulation over several micro-batches
 
     @property
     def adapters(self) -> bool:

@@ -19,6 +19,9 @@ _FUSED = Default("fused", "torchtune configs optimizer torch.optim.AdamW fused=T
 _ADAMW = Default("adamw", "torchtune configs optimizer torch.optim.AdamW fused=True")
 _BF16_ADAPTERS = Default("bf16", "torchtune recipe validate_expected_param_dtype(dtype=bf16)")
 _DQ = Default(True, "torchtune modules/peft/lora.py to_nf4 (scaler_block_size=256)")
+_CHUNKED = Default("chunked", "torchtune configs loss: LinearCrossEntropyLoss (8 chunks)")
+_PAGED8 = Default("paged-adamw-8bit", "torchtune 8B_full_single_device.yaml PagedAdamW8bit")
+_IN_BWD = Default(True, "torchtune 8B_full_single_device.yaml optimizer_in_bwd: True")
 
 
 class Torchtune(TrainingStack):
@@ -27,17 +30,19 @@ class Torchtune(TrainingStack):
     rank = 50
     not_modelled = (
         "torchtune's own model code (not the Hugging Face modeling file memplan follows)",
-        "torchtune's LinearCrossEntropyLoss (8 chunks, masked tokens dropped) is modelled as "
-        "full fp32 logits (an over-estimate)",
     )
 
     def defaults(self, request: Request) -> Mapping[str, Default]:
-        out = {
-            "precision": _BF16,
-            "grad_ckpt": _CKPT,
-            "optimizer": _ADAMW,
-            "optimizer_impl": _FUSED,
-        }
+        out = {"precision": _BF16, "grad_ckpt": _CKPT, "loss": _CHUNKED}
+        if request.method.name == "full":
+            # The full single-device recipe: paged 8-bit AdamW stepped inside backward (it
+            # needs gradient_accumulation_steps 1; with accumulation the LoRA recipes' AdamW).
+            if not request.accumulates:
+                out |= {"optimizer": _PAGED8, "optimizer_in_backward": _IN_BWD}
+            else:
+                out |= {"optimizer": _ADAMW, "optimizer_impl": _FUSED}
+        else:
+            out |= {"optimizer": _ADAMW, "optimizer_impl": _FUSED}
         if request.adapters:
             out["adapter_dtype"] = _BF16_ADAPTERS
         if request.quantized:

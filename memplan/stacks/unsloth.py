@@ -23,6 +23,9 @@ _ALPHA16 = Default(16.0, "unsloth FastLanguageModel.get_peft_model lora_alpha=16
 _NO_DROPOUT = Default(0.0, "unsloth FastLanguageModel.get_peft_model lora_dropout=0")
 _ALL = Default(ALL_LINEAR, "unsloth get_peft_model target_modules q,k,v,o,gate,up,down")
 _DQ = Default(True, "unsloth models/llama.py bnb_4bit_use_double_quant=True")
+# unsloth_zoo fused_losses/cross_entropy_loss.py: the LM head and an fp32 cross-entropy per
+# chunk, the input's gradient computed in forward and kept for backward: Liger's mechanism.
+_FUSED_CE = Default("fused-linear", "unsloth_zoo unsloth_fused_ce_loss (gradient in forward)")
 
 
 class Unsloth(TrainingStack):
@@ -32,14 +35,14 @@ class Unsloth(TrainingStack):
     not_modelled = (
         "Unsloth's 'unsloth' checkpointing keeps each layer's input in host memory: modelled "
         "on the device (an over-estimate of device memory)",
-        "Unsloth's fused cross-entropy (chunked, gradient computed in forward) is modelled as "
-        "full fp32 logits (an over-estimate)",
+        "Unsloth's fused cross-entropy sizes its chunks by free memory (up to 4 GiB of fp32 "
+        "logits); modelled with Liger's chunk size",
         "Unsloth's Triton kernels (RoPE, RMS norm, SwiGLU, LoRA MLP) save other tensors than "
         "the Hugging Face modules memplan follows",
     )
 
     def defaults(self, request: Request) -> Mapping[str, Default]:
-        out = {"precision": _BF16, "grad_ckpt": _CKPT, "optimizer": _ADAMW8}
+        out = {"precision": _BF16, "grad_ckpt": _CKPT, "optimizer": _ADAMW8, "loss": _FUSED_CE}
         if request.adapters:
             out["adapter_dtype"] = _FP32_ADAPTERS
         if request.method.uses_lora:

@@ -50,8 +50,12 @@ class ModuleHooks:
         *,
         lm_head: nn.Module | None,
         layers: Sequence[nn.Module] = (),
+        head_input_ends_logits: bool = True,
     ) -> None:
         self._tracker = tracker
+        # False when a loss outside the model calls the head chunk by chunk and ends the
+        # logits window itself (at the gradient of the whole hidden states).
+        self._head_input_ends_logits = head_input_ends_logits
         self._names = {id(m): name or "model" for name, m in model.named_modules()}
         self._lm_head = lm_head
         self._layers = layers
@@ -100,6 +104,8 @@ class ModuleHooks:
             self._tracker.set_phase(Phase.LOSS)
 
     def _watch_lm_head_input(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self._head_input_ends_logits:
+            return
         hidden = _first_tensor(args)
         if hidden is not None and _needs_grad(hidden):
             hidden.register_hook(self._end_logits_window)  # type: ignore[no-untyped-call]

@@ -54,6 +54,15 @@ def _loop_flags(impl: OptimizerImpl, *, has_fused: bool) -> tuple[bool | None, b
 
 def build_optimizer(model: nn.Module, setup: TrainingSetup, notes: list[str]) -> TorchOptimizer:
     groups = param_groups(model)
+    if setup.optimizer_in_backward:
+        return OptimizerInBackward(groups, setup, notes)
+    return optimizer_of(groups, setup, notes)
+
+
+def optimizer_of(
+    groups: list[dict[str, Any]], setup: TrainingSetup, notes: list[str]
+) -> TorchOptimizer:
+    """The optimizer of ``setup`` over ``groups``."""
     optimizer = torch_optimizer(groups, setup, notes)
     if optimizer is not None:
         return optimizer
@@ -62,6 +71,36 @@ def build_optimizer(model: nn.Module, setup: TrainingSetup, notes: list[str]) ->
     paged = kind in (Optimizer.PAGED_ADAMW, Optimizer.PAGED_ADAMW_8BIT)
     style = "lion" if kind is Optimizer.LION else "adamw"
     return BnbStyleOptimizer(groups, kind=style, optim_bits=bits, paged=paged, lr=LEARNING_RATE)
+
+
+class OptimizerInBackward(TorchOptimizer):
+    """torchtune's OptimizerInBackward (torchtune/modules/optim.py): one optimizer per
+    trainable parameter, stepped in the parameter's post-accumulate-grad hook and then
+    zero_grad (its gradient freed), so no two gradients need to coexist; ``step()`` does
+    nothing."""
+
+    def __init__(self, groups: list[dict[str, Any]], setup: TrainingSetup, notes: list[str]):
+        self.optimizers: dict[int, TorchOptimizer] = {}
+        params = []
+        for group in groups:
+            for param in group["params"]:
+                single = [{**group, "params": [param]}]
+                self.optimizers[id(param)] = optimizer_of(single, setup, notes)
+                param.register_post_accumulate_grad_hook(self._step_and_clear)
+                params.append(param)
+        super().__init__(params, {"lr": LEARNING_RATE})
+
+    def _step_and_clear(self, param: torch.Tensor) -> None:
+        optimizer = self.optimizers[id(param)]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers.values():
+            optimizer.zero_grad(set_to_none=set_to_none)
 
 
 def torch_optimizer(

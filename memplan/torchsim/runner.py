@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from memplan.specs import ModelSpec, TrainingSetup
+from memplan.specs import LossKind, ModelSpec, TrainingSetup
 from memplan.torchsim.fake import fake_tensors
 from memplan.torchsim.hooks import ModuleHooks
 from memplan.torchsim.methods import apply_method
@@ -67,7 +67,13 @@ def traced_run(request: RunRequest) -> TracedRun:
     fake_scope = _fake_mode(fake, built.notes)
     with third_party_warnings_muted(), fake_scope, tracker, _unpacked_sequences():
         session = load_session(model, built, request.setup, fake=fake, tracker=tracker)
-        hooks = ModuleHooks(tracker, model, lm_head=lm_head_of(model), layers=_layers(model))
+        hooks = ModuleHooks(
+            tracker,
+            model,
+            lm_head=lm_head_of(model),
+            layers=_layers(model),
+            head_input_ends_logits=request.setup.loss is LossKind.FULL,
+        )
         with hooks, tracker.saving_hooks():
             for step in range(request.steps):
                 train_step(session, step)

@@ -8,6 +8,7 @@ analytical model and the measured runner follow too.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,11 +16,13 @@ import torch
 from torch import nn
 from torch.optim import Optimizer as TorchOptimizer
 
+from memplan.errors import MemplanError
 from memplan.loop import TrainingLoop
-from memplan.specs import TrainingSetup
+from memplan.specs import LossKind, TrainingSetup
+from memplan.torchsim.losses import chunked_loss
 from memplan.torchsim.materialize import materialize
-from memplan.torchsim.models import COMPUTE_DTYPES, BuiltModel
-from memplan.torchsim.optimizers import build_optimizer, state_placement
+from memplan.torchsim.models import COMPUTE_DTYPES, BuiltModel, lm_head_of
+from memplan.torchsim.optimizers import OptimizerInBackward, build_optimizer, state_placement
 from memplan.torchsim.quant import Linear4bit
 from memplan.torchsim.tracker import MemoryTracker
 from memplan.trace import Category, Phase
@@ -165,10 +168,13 @@ def forward_loss(
     is_hf: bool,
     device: str = "cpu",
     autocast: bool = True,
+    on_hidden: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Trainer.compute_loss: the model's own loss; the output object dies before backward.
 
-    ``autocast=False`` where a wrapper (accelerate) autocasts the forward itself.
+    ``autocast=False`` where a wrapper (accelerate) autocasts the forward itself. With
+    ``loss=chunked`` the model's forward stops before its LM head and torchtune's chunked loss
+    runs on the final hidden states (:mod:`memplan.torchsim.losses`); ``on_hidden`` sees them.
     """
     precision = setup.precision
     amp: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
@@ -177,6 +183,17 @@ def forward_loss(
     grad = contextlib.nullcontext() if trains else torch.no_grad()
     extra = {"use_cache": False} if is_hf else {}
     with grad, amp:
+        if setup.loss is LossKind.CHUNKED:
+            head = lm_head_of(model)
+            if head is None:
+                raise MemplanError("loss=chunked needs a model with an LM head")
+            return chunked_loss(
+                model, head, batch, setup.num_loss_chunks, extra=extra, on_hidden=on_hidden
+            )
+        if setup.loss is not LossKind.FULL:
+            raise MemplanError(
+                f"loss={setup.loss.value} runs Triton kernels: modelled from source, not traced"
+            )
         outputs = model(**batch, **extra)
         loss: torch.Tensor = outputs.loss
         del outputs
@@ -187,10 +204,15 @@ def _micro_step(session: Session, step: int) -> None:
     session.set_phase(Phase.FORWARD, step)
     built = session.built
     batch = synthetic_batch(session.model, session.setup, encoder_decoder=built.is_encoder_decoder)
-    loss = forward_loss(
-        session.model, session.setup, batch, trains=session.trains, is_hf=built.is_hf
-    )
     tracker = session.tracker
+    loss = forward_loss(
+        session.model,
+        session.setup,
+        batch,
+        trains=session.trains,
+        is_hf=built.is_hf,
+        on_hidden=None if tracker is None else _loss_start(tracker),
+    )
     if session.trains:
         session.set_phase(Phase.BACKWARD)
         if tracker is not None:
@@ -202,6 +224,25 @@ def _micro_step(session: Session, step: int) -> None:
                 if param.grad is not None:
                     tracker.mark_gradient(param.grad, f"{name}.grad")
     del loss, batch
+
+
+def _loss_start(tracker: MemoryTracker) -> Callable[[torch.Tensor], None]:
+    """A loss run outside the model starts the LOSS phase at the final hidden states, and
+    backward leaves the logits window when their gradient is complete."""
+
+    def start(hidden: torch.Tensor) -> None:
+        tracker.set_phase(Phase.LOSS)
+        if hidden.requires_grad and torch.is_grad_enabled():
+            hidden.register_hook(_end_logits_window(tracker))  # type: ignore[no-untyped-call]
+
+    return start
+
+
+def _end_logits_window(tracker: MemoryTracker) -> Callable[[torch.Tensor], None]:
+    def end(grad: torch.Tensor) -> None:
+        tracker.logits_window = False
+
+    return end
 
 
 def train_step(session: Session, step: int) -> None:
@@ -221,6 +262,10 @@ def train_step(session: Session, step: int) -> None:
 def mark_optimizer_state(
     tracker: MemoryTracker, optimizer: TorchOptimizer, model: nn.Module
 ) -> None:
+    if isinstance(optimizer, OptimizerInBackward):
+        for inner in optimizer.optimizers.values():
+            mark_optimizer_state(tracker, inner, model)
+        return
     names = {id(p): n for n, p in model.named_parameters()}
     for param, state in optimizer.state.items():
         for key, value in state.items():

@@ -12,6 +12,7 @@ import pytest
 
 from memplan.dtypes import DType
 from memplan.specs import ALL_LINEAR, Optimizer, OptimizerImpl, Precision, TrainingSetup
+from memplan.specs.training import LossKind
 
 # (stack, method, field, value the run gets, where the project sets it)
 DOCUMENTED: list[tuple[str, str, str, Any, str]] = [
@@ -29,6 +30,10 @@ DOCUMENTED: list[tuple[str, str, str, Any, str]] = [
     ("torchtune", "lora", "precision", Precision.BF16, "configs dtype: bf16"),
     ("torchtune", "qlora", "adapter_dtype", DType.BF16, "validate_expected_param_dtype"),
     ("torchtune", "lora", "grad_ckpt", True, "8B_lora_single_device.yaml"),
+    ("torchtune", "lora", "loss", LossKind.CHUNKED, "configs LinearCrossEntropyLoss"),
+    ("torchtune", "full", "optimizer_in_backward", True, "8B_full_single_device.yaml"),
+    ("torchtune", "full", "optimizer", Optimizer.PAGED_ADAMW_8BIT, "PagedAdamW8bit"),
+    ("unsloth", "qlora", "loss", LossKind.FUSED_LINEAR, "unsloth_fused_ce_loss"),
     ("litgpt", "lora", "precision", Precision.BF16_AMP, "utils.py bf16-mixed"),
     ("litgpt", "qlora", "precision", Precision.BF16, "finetune/lora.py bf16-true"),
     ("litgpt", "qlora", "optimizer", Optimizer.PAGED_ADAMW, "finetune/lora.py PagedAdamW"),
@@ -89,3 +94,11 @@ def test_stacks_change_the_answer_by_their_mechanisms() -> None:
     assert tune == pytest.approx(hf / 2, rel=0.01)  # same adapters (r=64, all linear), bf16
     unsloth = predict(spec, TrainingSetup(stack="unsloth", method="qlora"))
     assert unsloth.optimizer.state_bytes < 3 * unsloth.state.num_trainable_params
+
+
+def test_torchtune_full_steps_in_backward_only_without_accumulation() -> None:
+    # 8B_full_single_device.yaml pairs optimizer_in_bwd with gradient_accumulation_steps 1
+    assert TrainingSetup(stack="torchtune", method="full").optimizer_in_backward is True
+    accumulating = TrainingSetup(stack="torchtune", method="full", grad_accum_steps=4)
+    assert accumulating.optimizer_in_backward is False
+    assert accumulating.optimizer is Optimizer.ADAMW

@@ -38,9 +38,9 @@ def test_stack_defaults_fill_only_fields_left_out(name: str, run: str) -> None:
     for field in setup.defaults_from_stack:
         assert getattr(setup, field) == given[field].value, field
     # an explicit value always wins and is not reported as the stack's
-    explicit = TrainingSetup(stack=name, method=run, logits_fp32=False)
-    assert explicit.logits_fp32 is False
-    assert "logits_fp32" not in explicit.defaults_from_stack
+    explicit = TrainingSetup(stack=name, method=run, grad_ckpt=False)
+    assert explicit.grad_ckpt is False
+    assert "grad_ckpt" not in explicit.defaults_from_stack
 
 
 def test_a_setup_round_trips_through_json_with_its_stack() -> None:
