@@ -821,26 +821,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from memplan.simulate import trace_and_compare
+    from memplan.simulate import check_simulated_layout, trace_and_compare
 
-    if (
-        args.gpus != 1
-        or args.zero
-        or args.fsdp
-        or args.fsdp_strategy
-        or args.fsdp_wrap
-        or args.tp != 1
-        or args.offload != "none"
-    ):
-        raise MemplanError(
-            "simulate traces one GPU without sharding; plan covers ZeRO/FSDP/TP layouts"
-        )
+    parallel = parallel_from_args(args)
+    check_simulated_layout(parallel)
     from memplan.progress import status
 
     spec = model_from_args(args, traced_only=True)
     setup = setup_from_args(args, spec)
     with status(f"tracing {spec.name} ({setup.method}) on fake tensors"):
-        comparison = trace_and_compare(spec, setup, mode="fake", gpu=args.gpu)
+        comparison = trace_and_compare(spec, setup, mode="fake", gpu=args.gpu, parallel=parallel)
     return _print_traced(comparison, args)
 
 
