@@ -45,6 +45,7 @@ class ShardPlan:
     keep_unsharded_until_backward: bool  # FSDP SHARD_GRAD_OP keeps gathered params after forward
     reduce_bucket_elements: int  # DeepSpeed flat gradient reduce buffer
     unsharded_accumulation: bool  # FSDP under no_sync(): full gradients of every wrapped unit
+    fsdp2: bool = False  # fully_shard's per-unit all-gather and reduce-scatter buffers
 
 
 def master_weights_on(setup: TrainingSetup, parallel: ParallelSetup) -> bool:
@@ -75,7 +76,11 @@ def shard_plan(spec: ModelSpec, setup: TrainingSetup, parallel: ParallelSetup) -
     # Gradient accumulation under FSDP runs the non-final micro-batches in no_sync()
     # (accelerate's accumulate(), Fabric's no_backward_sync): each rank keeps the unsharded
     # gradients of every wrapped unit's flat parameter, frozen parts included (pytorch#91165).
-    no_sync = fsdp and setup.grad_accum_steps > 1 and setup.trains_weights
+    # FSDP2 accumulates into the sharded gradients: every micro-batch reduce-scatters unless
+    # set_requires_gradient_sync(False) is called, which accelerate does not
+    # (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py post_backward, reduce_grads).
+    fsdp2 = fsdp and parallel.fsdp_version == 2
+    no_sync = fsdp and not fsdp2 and setup.grad_accum_steps > 1 and setup.trains_weights
     return ShardPlan(
         data_parallel_degree=dp,
         weight_divisor=dp if stage == 3 else 1,
@@ -89,6 +94,7 @@ def shard_plan(spec: ModelSpec, setup: TrainingSetup, parallel: ParallelSetup) -
         keep_unsharded_until_backward=fsdp and stage == 2,
         reduce_bucket_elements=bucket,
         unsharded_accumulation=no_sync,
+        fsdp2=fsdp2 and stage == 3,
     )
 
 

@@ -43,8 +43,21 @@ class _LayerForward:
 class StepComposer:
     """Trace items of one micro-batch for a ModelGraph."""
 
-    def __init__(self, graph: ModelGraph, *, gather_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        graph: ModelGraph,
+        *,
+        gather_bytes: int = 0,
+        tail_gather_bytes: int = 0,
+        reduce_buffer_bytes: int = 0,
+    ) -> None:
         self.graph = graph
+        # FSDP2: the final norm + LM head unit, gathered from the end of the forward to its
+        # backward (its flat all-gather output as well, until the loss is computed), and the
+        # reduce-scatter input one unit keeps through the next unit's backward
+        # (:meth:`memplan.analytic.sharding.Sharded.fsdp2_buffers`).
+        self.tail_gather_bytes = allocation_bytes(tail_gather_bytes)
+        self.reduce_buffer_bytes = allocation_bytes(reduce_buffer_bytes)
         self.autograd = graph.autograd
         # ZeRO-3 / FULL_SHARD: each layer's parameters are all-gathered (with the next layer
         # prefetched) before it runs and released after, in forward and again in backward.
@@ -283,7 +296,14 @@ class StepComposer:
             keep=[g.logits, g.loss_out],
             categories=self._loss_categories(),
         )
-        items: list[TraceItem] = list(result.events)
+        items: list[TraceItem] = []
+        tail, label = self.tail_gather_bytes, "gathered final norm and LM head"
+        if tail:
+            items += [Event(tail, _TMP, Phase.LOSS, step, f"{label} (all-gather output)")]
+            items += [Event(tail, _TMP, Phase.LOSS, step, label)]
+        items += result.events
+        if tail:
+            items.append(Event(-tail, _TMP, Phase.LOSS, step, f"{label} (all-gather output)"))
         # The training loop drops the model output before backward: its KV cache (peft's
         # prefix DynamicCache) and the logits; the autocast weight cache is cleared when the
         # forward's autocast context exits.
@@ -346,6 +366,12 @@ class StepComposer:
             held_output_grads=True,
         )
         items += events
+        if self.tail_gather_bytes:
+            label = "gathered final norm and LM head"
+            items.append(Event(-self.tail_gather_bytes, _TMP, Phase.BACKWARD, step, label))
+        reduce = self.reduce_buffer_bytes
+        if reduce:
+            items.append(Event(reduce, _TMP, Phase.BACKWARD, step, "reduce-scatter input"))
         grad = grads.get(id(g.loss_in))
         cross_grad: GradBytes | None = None
         held: list[list[int]] = []
@@ -367,6 +393,8 @@ class StepComposer:
                 index, stack, grad, step, accumulate, held
             )
             items += stack_items
+        if reduce:
+            items.append(Event(-reduce, _TMP, Phase.BACKWARD, step, "reduce-scatter input"))
         items += self._tail_items(step, accumulate, held)
         # The graph is freed: leaves made for a stack go, with their .grad.
         for stack in g.stacks:
