@@ -195,6 +195,14 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
         "Hugging Face Trainer uses for a peft model) or whole blocks mixing frozen and "
         "trainable parameters (litgpt/Lightning; their gradients cover the frozen part)",
     )
+    q.add_argument(
+        "--fsdp-version",
+        type=int,
+        choices=[1, 2],
+        default=None,
+        help="FSDP1 (FlatParameters; plan's default, as accelerate's) or FSDP2 (fully_shard: "
+        "per-parameter shards; simulate's, which traces FSDP2)",
+    )
 
 
 def setup_from_args(args: argparse.Namespace, spec: Any) -> Any:
@@ -270,6 +278,8 @@ def parallel_from_args(args: argparse.Namespace) -> Any:
     fsdp = args.fsdp or args.fsdp_strategy is not None
     if args.fsdp_wrap and not fsdp:
         raise MemplanError("--fsdp-wrap describes FSDP's units: it needs --fsdp")
+    if args.fsdp_version is not None and not fsdp:
+        raise MemplanError("--fsdp-version needs --fsdp")
     zero = args.zero if args.zero is not None else (None if fsdp else 0)
     group = None
     if args.fsdp_strategy is not None:
@@ -299,6 +309,7 @@ def parallel_from_args(args: argparse.Namespace) -> Any:
         tensor_parallel_degree=args.tp,
         fsdp_mixed_units=args.fsdp_wrap == "blocks",
         shard_group_size=group,
+        fsdp_version=args.fsdp_version or 1,
     )
 
 
@@ -824,6 +835,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from memplan.simulate import check_simulated_layout, trace_and_compare
 
     parallel = parallel_from_args(args)
+    if parallel.fsdp_strategy is not None and args.fsdp_version is None:
+        parallel = parallel.model_copy(update={"fsdp_version": 2})  # the tracer runs FSDP2
     check_simulated_layout(parallel)
     from memplan.progress import status
 

@@ -25,7 +25,11 @@ DEEPSPEED_REDUCE_BUCKET_ELEMENTS: Final = 500_000_000
 # that will be used again within 1e9 elements of fetches stay on the GPU, so up to 1e9
 # parameters remain gathered around the turn from forward to backward.
 DEEPSPEED_MAX_LIVE_PARAMETERS: Final = 1000**3  # 1e9 parameters
-# FSDP FULL_SHARD gathers one wrapped layer at a time, plus the one prefetched.
+# FSDP FULL_SHARD gathers one wrapped layer at a time, plus the one prefetched. FSDP2 holds the
+# same two layers' worth: in forward a unit's unsharded parameters and its flat all-gather
+# output (kept until the next unit's all-gather, comm_ctx.all_gather_state), in backward the
+# unit's parameters and the next unit's prefetched all-gather output
+# (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py wait_for_unshard, _backward_prefetch).
 FSDP_GATHERED_LAYERS: Final = 2
 
 

@@ -84,6 +84,8 @@ def check_simulated_layout(parallel: ParallelSetup, mode: str = "fake") -> None:
         raise MemplanError(
             "simulate traces FSDP without tensor parallelism or offload (memplan plan covers them)"
         )
+    if parallel.fsdp_version != 2:
+        raise MemplanError("simulate traces FSDP2 (fully_shard): use --fsdp-version 2")
     if parallel.fsdp_mixed_units:
         raise MemplanError(
             "simulate traces FSDP2 (per-parameter sharding): --fsdp-wrap blocks describes FSDP1 "

@@ -177,12 +177,14 @@ def predict(
         if spec.is_encoder_decoder
         else None,
     )
-    tail_bytes, reduce_bytes = sharded.fsdp2_buffers(*_fsdp2_unit_params(spec, state, ctx))
+    tail_params, layer_trainable, tied = _fsdp2_unit_params(spec, state, ctx)
+    tail_bytes, reduce_bytes = sharded.fsdp2_buffers(tail_params, layer_trainable)
     composer = StepComposer(
         graph,
         gather_bytes=sharded.gather_bytes(state),
         tail_gather_bytes=tail_bytes,
         reduce_buffer_bytes=reduce_bytes,
+        tail_gathered_from_start=tied,
     )
     micro = [
         sharded.around_micro_batch(
@@ -206,7 +208,9 @@ def predict(
     )
 
 
-def _compute_context(ctx: StepContext, shard: ShardPlan, storage_dtype: DType | None) -> StepContext:
+def _compute_context(
+    ctx: StepContext, shard: ShardPlan, storage_dtype: DType | None
+) -> StepContext:
     """The step as it computes: under FSDP2 MixedPrecisionPolicy every parameter, adapters
     included, is all-gathered in the compute dtype (``param_dtype``), so peft casts nothing
     to the adapters' fp32 storage dtype (_fsdp_param.py ``all_gather_inputs``)."""
@@ -215,11 +219,17 @@ def _compute_context(ctx: StepContext, shard: ShardPlan, storage_dtype: DType | 
     return dataclasses.replace(ctx, adapter_dtype=ctx.compute_dtype)
 
 
-def _fsdp2_unit_params(spec: ModelSpec, state: ModelState, ctx: StepContext) -> tuple[int, int]:
-    """Parameters of accelerate's FSDP2 tail unit (final norm and LM head), and the trainable
-    parameters of one decoder layer (what its reduce-scatter carries: adapters included)."""
+def _fsdp2_unit_params(
+    spec: ModelSpec, state: ModelState, ctx: StepContext
+) -> tuple[int, int, bool]:
+    """Parameters of accelerate's FSDP2 tail unit (final norm and LM head; with tied
+    embeddings, the final norm and the embedding), the trainable parameters of one decoder
+    layer (what its reduce-scatter carries: adapters included), and whether it is tied."""
     arch = architecture(spec)
-    tail = sum(t.numel for b in arch.blocks if b.name in ("final_norm", "lm_head") for t in b.params)
+    names = {b.name for b in arch.blocks}
+    tied = "lm_head" not in names
+    tail_blocks = ("final_norm", "embeddings") if tied else ("final_norm", "lm_head")
+    tail = sum(t.numel for b in arch.blocks if b.name in tail_blocks for t in b.params)
     outside = sum(
         t.numel * b.repeat
         for b in arch.blocks
@@ -228,7 +238,7 @@ def _fsdp2_unit_params(spec: ModelSpec, state: ModelState, ctx: StepContext) -> 
         if ctx.method.trains(t.kind, bias=is_bias(t))
     )
     per_layer = (state.num_trainable_params - outside) // max(spec.num_decoder_layers, 1)
-    return tail, per_layer
+    return tail, per_layer, tied
 
 
 def _micro_batch(

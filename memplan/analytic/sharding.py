@@ -149,9 +149,7 @@ class Sharded:
         nbytes = numel * dtype_bytes(self.ctx.weight_dtype)
         return allocation_bytes(nbytes // self.parallel.tensor_parallel_degree)
 
-    def fsdp2_buffers(
-        self, tail_params: int, layer_trainable_params: int
-    ) -> tuple[int, int]:
+    def fsdp2_buffers(self, tail_params: int, layer_trainable_params: int) -> tuple[int, int]:
         """FSDP2 (FULL_SHARD) communication buffers beyond one layer's gather: (tail, reduce).
 
         tail: accelerate's last unit (final norm and LM head, ``reshard_after_forward=False``,

@@ -50,6 +50,7 @@ class StepComposer:
         gather_bytes: int = 0,
         tail_gather_bytes: int = 0,
         reduce_buffer_bytes: int = 0,
+        tail_gathered_from_start: bool = False,
     ) -> None:
         self.graph = graph
         # FSDP2: the final norm + LM head unit, gathered from the end of the forward to its
@@ -58,6 +59,10 @@ class StepComposer:
         # (:meth:`memplan.analytic.sharding.Sharded.fsdp2_buffers`).
         self.tail_gather_bytes = allocation_bytes(tail_gather_bytes)
         self.reduce_buffer_bytes = allocation_bytes(reduce_buffer_bytes)
+        # A tied embedding joins that unit, whose pre-forward hook then fires at the embedding:
+        # it stays gathered from the start of the forward to the end of the backward (the
+        # embedding's), its all-gather output freed at the first layer's all-gather.
+        self.tail_from_start = tail_gathered_from_start
         self.autograd = graph.autograd
         # ZeRO-3 / FULL_SHARD: each layer's parameters are all-gathered (with the next layer
         # prefetched) before it runs and released after, in forward and again in backward.
@@ -90,6 +95,9 @@ class StepComposer:
     def forward_items(self, step: int) -> tuple[list[TraceItem], int]:
         """Events of every stack's forward, and the bytes deferred to the end of the forward."""
         items: list[TraceItem] = _steps(self.graph.outside_forward, Phase.FORWARD, step)
+        if self.tail_from_start and self.tail_gather_bytes:
+            label = "gathered embedding and final norm"
+            items.append(Event(self.tail_gather_bytes, _TMP, Phase.FORWARD, step, label))
         deferred = 0
         for index, stack in enumerate(self.graph.stacks):
             stack_items, stack_deferred = self._stack_forward(index, stack, step)
@@ -298,6 +306,8 @@ class StepComposer:
         )
         items: list[TraceItem] = []
         tail, label = self.tail_gather_bytes, "gathered final norm and LM head"
+        if self.tail_from_start:
+            tail = 0
         if tail:
             items += [Event(tail, _TMP, Phase.LOSS, step, f"{label} (all-gather output)")]
             items += [Event(tail, _TMP, Phase.LOSS, step, label)]
@@ -366,7 +376,7 @@ class StepComposer:
             held_output_grads=True,
         )
         items += events
-        if self.tail_gather_bytes:
+        if self.tail_gather_bytes and not self.tail_from_start:
             label = "gathered final norm and LM head"
             items.append(Event(-self.tail_gather_bytes, _TMP, Phase.BACKWARD, step, label))
         reduce = self.reduce_buffer_bytes
@@ -396,6 +406,9 @@ class StepComposer:
         if reduce:
             items.append(Event(-reduce, _TMP, Phase.BACKWARD, step, "reduce-scatter input"))
         items += self._tail_items(step, accumulate, held)
+        if self.tail_from_start and self.tail_gather_bytes:
+            label = "gathered embedding and final norm"
+            items.append(Event(-self.tail_gather_bytes, _TMP, Phase.BACKWARD, step, label))
         # The graph is freed: leaves made for a stack go, with their .grad.
         for stack in g.stacks:
             for t in _stack_held(stack, leaves=True):

@@ -63,9 +63,7 @@ def mixed_precision_policy(setup: TrainingSetup) -> Any:
     return MixedPrecisionPolicy(param_dtype=half, reduce_dtype=half)
 
 
-def shard_model(
-    model: nn.Module, setup: TrainingSetup, parallel: ParallelSetup, mesh: Any
-) -> None:
+def shard_model(model: nn.Module, setup: TrainingSetup, parallel: ParallelSetup, mesh: Any) -> None:
     """Apply ``fully_shard`` to ``model`` (on the meta device) unit by unit, as accelerate."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
