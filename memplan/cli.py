@@ -212,6 +212,14 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
         "Hugging Face Trainer uses for a peft model) or whole blocks mixing frozen and "
         "trainable parameters (litgpt/Lightning; their gradients cover the frozen part)",
     )
+    q.add_argument(
+        "--fsdp-version",
+        type=int,
+        choices=[1, 2],
+        default=None,
+        help="FSDP1 (FlatParameters; plan's default, as accelerate's) or FSDP2 (fully_shard: "
+        "per-parameter shards; simulate's, which traces FSDP2)",
+    )
 
 
 def _loss_flag(text: str) -> tuple[str, int | None]:
@@ -313,6 +321,8 @@ def parallel_from_args(args: argparse.Namespace) -> Any:
     fsdp = args.fsdp or args.fsdp_strategy is not None
     if args.fsdp_wrap and not fsdp:
         raise MemplanError("--fsdp-wrap describes FSDP's units: it needs --fsdp")
+    if args.fsdp_version is not None and not fsdp:
+        raise MemplanError("--fsdp-version needs --fsdp")
     zero = args.zero if args.zero is not None else (None if fsdp else 0)
     group = None
     if args.fsdp_strategy is not None:
@@ -347,6 +357,7 @@ def parallel_from_args(args: argparse.Namespace) -> Any:
             else _stack_parallel_default(args, "fsdp_mixed_units", False)
         ),
         shard_group_size=group,
+        fsdp_version=args.fsdp_version or 1,
     )
 
 
@@ -976,26 +987,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from memplan.simulate import trace_and_compare
+    from memplan.simulate import check_simulated_layout, trace_and_compare
 
-    if (
-        args.gpus != 1
-        or args.zero
-        or args.fsdp
-        or args.fsdp_strategy
-        or args.fsdp_wrap
-        or args.tp != 1
-        or args.offload not in (None, "none")
-    ):
-        raise MemplanError(
-            "simulate traces one GPU without sharding; plan covers ZeRO/FSDP/TP layouts"
-        )
+    parallel = parallel_from_args(args)
+    if parallel.fsdp_strategy is not None and args.fsdp_version is None:
+        parallel = parallel.model_copy(update={"fsdp_version": 2})  # the tracer runs FSDP2
+    check_simulated_layout(parallel)
     from memplan.progress import status
 
     spec = model_from_args(args, traced_only=True)
     setup = setup_from_args(args, spec)
     with status(f"tracing {spec.name} ({setup.method}) on fake tensors"):
-        comparison = trace_and_compare(spec, setup, mode="fake", gpu=args.gpu)
+        comparison = trace_and_compare(spec, setup, mode="fake", gpu=args.gpu, parallel=parallel)
     return _print_traced(comparison, args)
 
 

@@ -25,7 +25,11 @@ DEEPSPEED_REDUCE_BUCKET_ELEMENTS: Final = 500_000_000
 # that will be used again within 1e9 elements of fetches stay on the GPU, so up to 1e9
 # parameters remain gathered around the turn from forward to backward.
 DEEPSPEED_MAX_LIVE_PARAMETERS: Final = 1000**3  # 1e9 parameters
-# FSDP FULL_SHARD gathers one wrapped layer at a time, plus the one prefetched.
+# FSDP FULL_SHARD gathers one wrapped layer at a time, plus the one prefetched. FSDP2 holds the
+# same two layers' worth: in forward a unit's unsharded parameters and its flat all-gather
+# output (kept until the next unit's all-gather, comm_ctx.all_gather_state), in backward the
+# unit's parameters and the next unit's prefetched all-gather output
+# (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py wait_for_unshard, _backward_prefetch).
 FSDP_GATHERED_LAYERS: Final = 2
 
 
@@ -45,6 +49,7 @@ class ShardPlan:
     keep_unsharded_until_backward: bool  # FSDP SHARD_GRAD_OP keeps gathered params after forward
     reduce_bucket_elements: int  # DeepSpeed flat gradient reduce buffer
     unsharded_accumulation: bool  # FSDP under no_sync(): full gradients of every wrapped unit
+    fsdp2: bool = False  # fully_shard's per-unit all-gather and reduce-scatter buffers
 
 
 def master_weights_on(setup: TrainingSetup, parallel: ParallelSetup) -> bool:
@@ -75,7 +80,11 @@ def shard_plan(spec: ModelSpec, setup: TrainingSetup, parallel: ParallelSetup) -
     # Gradient accumulation under FSDP runs the non-final micro-batches in no_sync()
     # (accelerate's accumulate(), Fabric's no_backward_sync): each rank keeps the unsharded
     # gradients of every wrapped unit's flat parameter, frozen parts included (pytorch#91165).
-    no_sync = fsdp and setup.grad_accum_steps > 1 and setup.trains_weights
+    # FSDP2 accumulates into the sharded gradients: every micro-batch reduce-scatters unless
+    # set_requires_gradient_sync(False) is called, which accelerate does not
+    # (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py post_backward, reduce_grads).
+    fsdp2 = fsdp and parallel.fsdp_version == 2
+    no_sync = fsdp and not fsdp2 and setup.grad_accum_steps > 1 and setup.trains_weights
     return ShardPlan(
         data_parallel_degree=dp,
         weight_divisor=dp if stage == 3 else 1,
@@ -89,6 +98,7 @@ def shard_plan(spec: ModelSpec, setup: TrainingSetup, parallel: ParallelSetup) -
         keep_unsharded_until_backward=fsdp and stage == 2,
         reduce_bucket_elements=bucket,
         unsharded_accumulation=no_sync,
+        fsdp2=fsdp2 and stage == 3,
     )
 
 

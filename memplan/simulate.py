@@ -62,14 +62,54 @@ def _torch_modules() -> tuple[object, object]:
     return trace_step, Placement
 
 
+def check_simulated_layout(parallel: ParallelSetup, mode: str = "fake") -> None:
+    """Raise MemplanError for a layout the tracer cannot run: one GPU, or FSDP's FULL_SHARD
+    and SHARD_GRAD_OP on fake tensors, without tensor parallelism or offload."""
+    from memplan.specs.parallel import FSDPStrategy, Offload
+
+    strategy = parallel.fsdp_strategy
+    if parallel.num_gpus == 1 and strategy is None:
+        return
+    if strategy is None:
+        raise MemplanError(
+            "simulate traces FSDP (--fsdp) on a fake process group; DeepSpeed ZeRO layouts "
+            "are planned only (memplan plan)"
+        )
+    if strategy not in (FSDPStrategy.FULL_SHARD, FSDPStrategy.SHARD_GRAD_OP):
+        raise MemplanError(
+            f"simulate traces FSDP full-shard and shard-grad-op, not {strategy.value} "
+            "(memplan plan covers it)"
+        )
+    if parallel.tensor_parallel_degree != 1 or parallel.offload is not Offload.NONE:
+        raise MemplanError(
+            "simulate traces FSDP without tensor parallelism or offload (memplan plan covers them)"
+        )
+    if parallel.fsdp_version != 2:
+        raise MemplanError("simulate traces FSDP2 (fully_shard): use --fsdp-version 2")
+    if parallel.fsdp_mixed_units:
+        raise MemplanError(
+            "simulate traces FSDP2 (per-parameter sharding): --fsdp-wrap blocks describes FSDP1 "
+            "flat parameters"
+        )
+    if mode != "fake":
+        raise MemplanError("a sharded step is traced on fake tensors only (memplan simulate)")
+
+
 def trace_and_compare(
     model: str | ModelSpec,
     setup: TrainingSetup,
     *,
     mode: str = "fake",
     gpu: str | GpuTarget | None = None,
+    parallel: ParallelSetup | None = None,
 ) -> TracedComparison:
-    """Trace ``setup`` on ``model`` (``mode`` "fake" or "cpu") and plan it analytically."""
+    """Trace ``setup`` on ``model`` (``mode`` "fake" or "cpu") and plan it analytically.
+
+    ``parallel``: an FSDP layout (FULL_SHARD or SHARD_GRAD_OP), traced as one rank of a fake
+    process group on fake tensors and compared with the plan's per-rank prediction.
+    """
+    parallel = parallel or ParallelSetup()
+    check_simulated_layout(parallel, mode)
     spec = load_model(model) if isinstance(model, str) else model
     # Fake tensors dispatch to the CPU kernels too (their saved tensors and workspaces), so
     # both modes are compared with the analytical model of a CPU step.
@@ -77,11 +117,11 @@ def trace_and_compare(
         setup = setup.model_copy(update={"device": "cpu"})
     trace_step, placement = _torch_modules()
     target = resolve_gpu(gpu) if isinstance(gpu, str) else gpu
-    result = trace_step(spec, setup, mode=mode)  # type: ignore[operator]
+    sharded = parallel if parallel.fsdp_strategy is not None else None
+    result = trace_step(spec, setup, mode=mode, parallel=sharded)  # type: ignore[operator]
     outside = result.outside_allocator_bytes
     paged = int(outside.get(placement.PAGED, 0))  # type: ignore[attr-defined]
     host = int(outside.get(placement.HOST, 0))  # type: ignore[attr-defined]
-    parallel = ParallelSetup()
     analytical: PlanResult | None = None
     assumptions = list(result.notes)
     if family(spec.family).traced_only:

@@ -156,7 +156,9 @@ class StepContext:
         if not trainable:
             return ParamGrad(label, 0)
         itemsize = dtype_bytes(dtype or self.weight_dtype)
-        shard_itemsize = dtype_bytes(dtype or self.grad_shard_dtype or self.weight_dtype)
+        # Under FSDP MixedPrecision the gradient shard takes the sharded parameter's dtype
+        # (grad_shard_dtype) whatever dtype the parameter computes in.
+        shard_itemsize = dtype_bytes(self.grad_shard_dtype or dtype or self.weight_dtype)
         share = -(-numel // self.grad_divisor)
         full = numel * itemsize if self.grad_divisor > 1 else 0
         step = None

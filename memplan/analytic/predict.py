@@ -12,7 +12,7 @@ from memplan.analytic.sharding import Sharded, effective_setup, fsdp_storage_dty
 from memplan.analytic.step import StepComposer
 from memplan.analytic.symbolic import BATCH, SEQ_LEN, Count
 from memplan.analytic.weights import ModelState, model_state
-from memplan.architecture import architecture
+from memplan.architecture import architecture, is_bias
 from memplan.distributed import ShardPlan, shard_plan
 from memplan.dtypes import DType
 from memplan.errors import MemplanError
@@ -188,7 +188,7 @@ def predict(
 
     graph = build_model_graph(
         spec,
-        ctx,
+        _compute_context(ctx, shard, storage_dtype),
         grad_ckpt=setup.grad_ckpt,
         ckpt_every=setup.grad_ckpt_every,
         autograd=loop.trains,
@@ -197,7 +197,15 @@ def predict(
         if spec.is_encoder_decoder
         else None,
     )
-    composer = StepComposer(graph, gather_bytes=sharded.gather_bytes(state))
+    tail_params, layer_trainable, tied = _fsdp2_unit_params(spec, state, ctx)
+    tail_bytes, reduce_bytes = sharded.fsdp2_buffers(tail_params, layer_trainable)
+    composer = StepComposer(
+        graph,
+        gather_bytes=sharded.gather_bytes(state),
+        tail_gather_bytes=tail_bytes,
+        reduce_buffer_bytes=reduce_bytes,
+        tail_gathered_from_start=tied,
+    )
     micro = [
         sharded.around_micro_batch(
             _micro_batch(composer, ctx, loop, accumulate=accumulate), trains=loop.trains
@@ -232,6 +240,39 @@ def predict(
         sharded.master_bytes(groups) if on_device else 0,
         requested_amp=requested.precision.is_amp and setup is not requested,
     )
+
+
+def _compute_context(
+    ctx: StepContext, shard: ShardPlan, storage_dtype: DType | None
+) -> StepContext:
+    """The step as it computes: under FSDP2 MixedPrecisionPolicy every parameter, adapters
+    included, is all-gathered in the compute dtype (``param_dtype``), so peft casts nothing
+    to the adapters' fp32 storage dtype (_fsdp_param.py ``all_gather_inputs``)."""
+    if not (shard.fsdp2 and storage_dtype is not None):
+        return ctx
+    return dataclasses.replace(ctx, adapter_dtype=ctx.compute_dtype)
+
+
+def _fsdp2_unit_params(
+    spec: ModelSpec, state: ModelState, ctx: StepContext
+) -> tuple[int, int, bool]:
+    """Parameters of accelerate's FSDP2 tail unit (final norm and LM head; with tied
+    embeddings, the final norm and the embedding), the trainable parameters of one decoder
+    layer (what its reduce-scatter carries: adapters included), and whether it is tied."""
+    arch = architecture(spec)
+    names = {b.name for b in arch.blocks}
+    tied = "lm_head" not in names
+    tail_blocks = ("final_norm", "embeddings") if tied else ("final_norm", "lm_head")
+    tail = sum(t.numel for b in arch.blocks if b.name in tail_blocks for t in b.params)
+    outside = sum(
+        t.numel * b.repeat
+        for b in arch.blocks
+        if b.name != "decoder_layer"
+        for t in b.params
+        if ctx.method.trains(t.kind, bias=is_bias(t))
+    )
+    per_layer = (state.num_trainable_params - outside) // max(spec.num_decoder_layers, 1)
+    return tail, per_layer, tied
 
 
 def _micro_batch(

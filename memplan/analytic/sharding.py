@@ -157,6 +157,23 @@ class Sharded:
         nbytes = numel * dtype_bytes(self.ctx.weight_dtype)
         return allocation_bytes(nbytes // self.parallel.tensor_parallel_degree)
 
+    def fsdp2_buffers(self, tail_params: int, layer_trainable_params: int) -> tuple[int, int]:
+        """FSDP2 (FULL_SHARD) communication buffers beyond one layer's gather: (tail, reduce).
+
+        tail: accelerate's last unit (final norm and LM head, ``reshard_after_forward=False``,
+        accelerate/utils/fsdp_utils.py fsdp2_prepare_model) all-gathered at the end of the
+        forward; its unsharded parameters live until its backward and its flat all-gather
+        output until the next all-gather (``comm_ctx.all_gather_state``,
+        _fsdp_param_group.py wait_for_unshard), both in the compute dtype.
+        reduce: the reduce-scatter input of a layer's gradients (world size x padded shard, in
+        the 16-bit reduce dtype), kept until the next unit's post-backward
+        (``reduce_scatter_states``, ``reduce_scatter_max_input_buffers`` = 1).
+        """
+        if not self.shard.fsdp2:
+            return 0, 0
+        itemsize = dtype_bytes(self.ctx.compute_dtype)
+        return tail_params * itemsize, layer_trainable_params * itemsize
+
     @property
     def optimizer_on_device(self) -> bool:
         """False under ZeRO-Offload: the optimizer steps on the host."""

@@ -44,9 +44,27 @@ class _LayerForward:
 class StepComposer:
     """Trace items of one micro-batch for a ModelGraph."""
 
-    def __init__(self, graph: ModelGraph, *, gather_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        graph: ModelGraph,
+        *,
+        gather_bytes: int = 0,
+        tail_gather_bytes: int = 0,
+        reduce_buffer_bytes: int = 0,
+        tail_gathered_from_start: bool = False,
+    ) -> None:
         self.graph = graph
         self._first_step = True  # of the backward being composed (optimizer in backward)
+        # FSDP2: the final norm + LM head unit, gathered from the end of the forward to its
+        # backward (its flat all-gather output as well, until the loss is computed), and the
+        # reduce-scatter input one unit keeps through the next unit's backward
+        # (:meth:`memplan.analytic.sharding.Sharded.fsdp2_buffers`).
+        self.tail_gather_bytes = allocation_bytes(tail_gather_bytes)
+        self.reduce_buffer_bytes = allocation_bytes(reduce_buffer_bytes)
+        # A tied embedding joins that unit, whose pre-forward hook then fires at the embedding:
+        # it stays gathered from the start of the forward to the end of the backward (the
+        # embedding's), its all-gather output freed at the first layer's all-gather.
+        self.tail_from_start = tail_gathered_from_start
         self.autograd = graph.autograd
         # ZeRO-3 / FULL_SHARD: each layer's parameters are all-gathered (with the next layer
         # prefetched) before it runs and released after, in forward and again in backward.
@@ -79,6 +97,9 @@ class StepComposer:
     def forward_items(self, step: int) -> tuple[list[TraceItem], int]:
         """Events of every stack's forward, and the bytes deferred to the end of the forward."""
         items: list[TraceItem] = _steps(self.graph.outside_forward, Phase.FORWARD, step)
+        if self.tail_from_start and self.tail_gather_bytes:
+            label = "gathered embedding and final norm"
+            items.append(Event(self.tail_gather_bytes, _TMP, Phase.FORWARD, step, label))
         deferred = 0
         for index, stack in enumerate(self.graph.stacks):
             stack_items, stack_deferred = self._stack_forward(index, stack, step)
@@ -288,7 +309,16 @@ class StepComposer:
             keep=[g.logits, g.loss_out],
             categories=self._loss_categories(),
         )
-        items: list[TraceItem] = list(result.events)
+        items: list[TraceItem] = []
+        tail, label = self.tail_gather_bytes, "gathered final norm and LM head"
+        if self.tail_from_start:
+            tail = 0
+        if tail:
+            items += [Event(tail, _TMP, Phase.LOSS, step, f"{label} (all-gather output)")]
+            items += [Event(tail, _TMP, Phase.LOSS, step, label)]
+        items += result.events
+        if tail:
+            items.append(Event(-tail, _TMP, Phase.LOSS, step, f"{label} (all-gather output)"))
         items += _steps(g.forward_end, Phase.LOSS, step)
         for stack in g.stacks:
             items += self._release_locals(stack, step, outer=True)
@@ -359,6 +389,12 @@ class StepComposer:
             first_step=first_step,
         )
         items += events
+        if self.tail_gather_bytes and not self.tail_from_start:
+            label = "gathered final norm and LM head"
+            items.append(Event(-self.tail_gather_bytes, _TMP, Phase.BACKWARD, step, label))
+        reduce = self.reduce_buffer_bytes
+        if reduce:
+            items.append(Event(reduce, _TMP, Phase.BACKWARD, step, "reduce-scatter input"))
         grad = grads.get(id(g.loss_in))
         cross_grad: GradBytes | None = None
         held: list[list[int]] = []
@@ -380,7 +416,12 @@ class StepComposer:
                 index, stack, grad, step, accumulate, held
             )
             items += stack_items
+        if reduce:
+            items.append(Event(-reduce, _TMP, Phase.BACKWARD, step, "reduce-scatter input"))
         items += self._tail_items(step, accumulate, held)
+        if self.tail_from_start and self.tail_gather_bytes:
+            label = "gathered embedding and final norm"
+            items.append(Event(-self.tail_gather_bytes, _TMP, Phase.BACKWARD, step, label))
         # The graph is freed: leaves made for a stack go, with their .grad.
         for stack in g.stacks:
             for t in _stack_held(stack, leaves=True):

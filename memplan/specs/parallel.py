@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
@@ -72,6 +72,13 @@ class ParallelSetup(BaseModel):
         "Face Trainer replaces the wrap policy of a peft model by peft's fsdp_auto_wrap_policy, "
         "transformers distributed/fsdp.py update_fsdp_plugin_peft): the trainable modules are "
         "units of their own, frozen units get no gradient.",
+    )
+    fsdp_version: Literal[1, 2] = Field(
+        default=1,
+        description="FSDP1 (FullyShardedDataParallel: FlatParameters, no_sync accumulation) or "
+        "FSDP2 (fully_shard: each parameter a DTensor sharded on dim 0, all-gathered and "
+        "reduce-scattered per unit; gradient accumulation keeps sharded gradients). 1: "
+        "accelerate's default (FullyShardedDataParallelPlugin.fsdp_version, FSDP_VERSION=1).",
     )
     shard_group_size: PositiveInt | None = Field(
         default=None,

@@ -40,6 +40,9 @@ class StorageRecord:
     is_optimizer_state: bool = False
     in_logits_window: bool = False
     is_saved: bool = False
+    # FSDP's unsharded copy of a unit's parameters (all-gather output), a temporary even
+    # while autograd saves it: it is freed when the unit reshards, whatever autograd holds.
+    is_gathered: bool = False
     placement: Placement = Placement.DEVICE
     name: str = ""  # parameter / state name when known
     external: bool = False  # existed before it was first seen: no allocation, no free
@@ -49,6 +52,8 @@ class StorageRecord:
     def category(self) -> Category:
         if self.weight_category is not None:
             return self.weight_category
+        if self.is_gathered:
+            return Category.TEMPORARIES
         if self.is_gradient:
             return Category.GRADIENTS
         if self.is_optimizer_state:

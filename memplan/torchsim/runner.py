@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from memplan.specs import LossKind, ModelSpec, TrainingSetup
+from memplan.specs import LossKind, ModelSpec, ParallelSetup, TrainingSetup
 from memplan.torchsim.fake import fake_tensors
 from memplan.torchsim.hooks import ModuleHooks
 from memplan.torchsim.methods import apply_method
@@ -43,6 +43,11 @@ class RunRequest:
     hf_config: dict[str, Any] | None = None
     seed: int = 0
     num_layers: int | None = None  # a shorter copy of the model (layer folding)
+    parallel: ParallelSetup | None = None  # FSDP: rank 0 of a fake process group
+
+    @property
+    def sharded(self) -> bool:
+        return self.parallel is not None and self.parallel.fsdp_strategy is not None
 
     def with_layers(self, num_layers: int) -> RunRequest:
         return replace(self, num_layers=num_layers)
@@ -61,12 +66,34 @@ class TracedRun:
 def traced_run(request: RunRequest) -> TracedRun:
     """Run ``request`` with every storage tracked, from model loading to the last zero_grad."""
     torch.manual_seed(request.seed)
+    if not request.sharded:
+        return _traced_run(request, None)
+    from memplan.torchsim.fsdp import fake_process_group
+
+    assert request.parallel is not None
+    with fake_process_group(request.parallel.shard_degree) as mesh:
+        return _traced_run(request, mesh)
+
+
+def _traced_run(request: RunRequest, mesh: Any) -> TracedRun:
     model, built = prepare_model(request)
+    if mesh is not None:
+        from memplan.torchsim.fsdp import shard_model
+
+        assert request.parallel is not None
+        shard_model(model, request.setup, request.parallel, mesh)
+        built.notes.append(
+            f"rank 0 of {request.parallel.shard_degree} (FSDP2 fully_shard on a fake process "
+            "group; every rank holds the same padded shapes)"
+        )
     tracker = MemoryTracker()
     fake = request.mode == "fake"
     fake_scope = _fake_mode(fake, built.notes)
-    with third_party_warnings_muted(), fake_scope, tracker, _unpacked_sequences():
-        session = load_session(model, built, request.setup, fake=fake, tracker=tracker)
+    resizes = _resizes(tracker) if mesh is not None else contextlib.nullcontext()
+    with third_party_warnings_muted(), fake_scope, tracker, _unpacked_sequences(), resizes:
+        session = load_session(
+            model, built, request.setup, fake=fake, tracker=tracker, sharded=mesh is not None
+        )
         hooks = ModuleHooks(
             tracker,
             model,
@@ -79,6 +106,12 @@ def traced_run(request: RunRequest) -> TracedRun:
                 train_step(session, step)
     tracker.close()
     return TracedRun(tracker, session, _layer_prefix(model), built.notes)
+
+
+def _resizes(tracker: MemoryTracker) -> contextlib.AbstractContextManager[None]:
+    from memplan.torchsim.fsdp import reporting_resizes
+
+    return reporting_resizes(tracker)
 
 
 def prepare_model(request: RunRequest) -> tuple[nn.Module, BuiltModel]:

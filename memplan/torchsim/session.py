@@ -57,10 +57,21 @@ def load_session(
     *,
     fake: bool,
     tracker: MemoryTracker | None,
+    sharded: bool = False,
 ) -> Session:
+    """``sharded``: ``model`` is FSDP2-sharded on the meta device; each rank's shards are
+    allocated (:func:`memplan.torchsim.fsdp.materialize_sharded`)."""
     session = Session(model, built, setup, fake, tracker)
     session.set_phase(Phase.LOAD, 0)
-    if tracker is None:
+    if sharded:
+        from memplan.torchsim.fsdp import materialize_sharded
+
+        if tracker is not None:
+            tracker.push_module("")
+        materialize_sharded(model)
+        if tracker is not None:
+            tracker.pop_module()
+    elif tracker is None:
         materialize(model, fill=not fake)
     else:
         tracker.push_module("")

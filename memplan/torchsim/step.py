@@ -21,7 +21,7 @@ from typing import Any, Final
 from torch import nn
 
 from memplan.families import family
-from memplan.specs import ModelSpec, TrainingSetup
+from memplan.specs import ModelSpec, ParallelSetup, TrainingSetup
 from memplan.torchsim.fold import FoldError, fold_events, keyed_events
 from memplan.torchsim.models import Backend
 from memplan.torchsim.quant import Linear4bit
@@ -66,15 +66,18 @@ def trace_step(
     hf_config: dict[str, Any] | None = None,
     seed: int = 0,
     fold: bool = True,
+    parallel: ParallelSetup | None = None,
 ) -> TraceResult:
     """Trace ``steps`` optimizer steps of ``setup`` on ``spec``, every storage accounted for.
 
     ``backend``: "hf" (transformers from the config), "reference" (the plain-torch Llama), or
     "auto" (transformers when installed). ``hf_config`` overrides the catalog's config.json.
     ``fold``: trace deep fake models through :mod:`memplan.torchsim.fold`.
+    ``parallel``: an FSDP layout, traced as rank 0 of a fake process group
+    (:mod:`memplan.torchsim.fsdp`).
     """
     start = time.perf_counter()
-    request = RunRequest(spec, setup, mode, steps, backend, hf_config, seed)
+    request = RunRequest(spec, setup, mode, steps, backend, hf_config, seed, parallel=parallel)
     fold_failure = ""
     if fold and mode == "fake" and spec.num_layers > MAX_FOLD_LAYERS + 1:
         try:

@@ -11,6 +11,12 @@ A storage first seen as the output of a view or in-place op existed before track
 (a tensor built outside, e.g. a constant held by a library): it is *external*, and neither its
 allocation nor its free is counted. Frees that happen together are listed in allocation order.
 
+A tensor subclass that wraps others (DTensor: FSDP2's sharded parameters, their gradients
+and optimizer states) has no storage of its own: the tracker follows it to the plain tensors it
+holds (``__tensor_flatten__``), as PyTorch's MemTracker does. A storage resized in place
+(FSDP2 frees and re-allocates its unsharded parameters with ``UntypedStorage.resize_``, which
+no aten op reports) is reported by the caller through :meth:`MemoryTracker.resized`.
+
 Categories are decided per storage after the fact (see :class:`StorageRecord`): the runner marks
 weights, gradients and optimizer state; the pack hook of ``saved_tensors_hooks`` marks tensors
 saved for backward; the phase at allocation marks logits. :meth:`MemoryTracker.trace` then
@@ -27,7 +33,7 @@ from functools import partial
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 from memplan.torchsim.records import Placement, RawEvent, StorageRecord
@@ -50,6 +56,18 @@ def _storage(tensor: torch.Tensor) -> torch.UntypedStorage | None:
         return None
 
 
+def plain_tensors(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``tensor``, or the plain tensors a wrapper subclass (DTensor) holds, recursively."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            inner = getattr(tensor, name)
+            if isinstance(inner, torch.Tensor):
+                yield from plain_tensors(inner)
+    else:
+        yield tensor
+
+
 class MemoryTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Dispatch mode that keeps one :class:`StorageRecord` per storage and a list of events."""
 
@@ -63,6 +81,7 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.events: list[RawEvent] = []
         self._modules: list[str] = []
         self._live: dict[int, tuple[StorageRecord, weakref.ref[Any]]] = {}
+        self._held: dict[int, int] = {}  # record index -> bytes it holds now
         self._closed = False
 
     # -- what runs now ---------------------------------------------------------------------
@@ -108,14 +127,29 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
         allocates = _allocates(func)
         for position, value in enumerate(outputs):
             if isinstance(value, torch.Tensor):
-                self._observe(value, op, partial(_source_record, self, args, position), allocates)
+                source = partial(_source_record, self, args, position)
+                for plain in plain_tensors(value):
+                    self._observe(plain, op, source, allocates)
         return out
 
     def observe(self, tensor: torch.Tensor) -> StorageRecord | None:
-        """The record of ``tensor``'s storage; an unseen one is external (made before)."""
-        return self._observe(tensor, "external", lambda: None, allocates=False)
+        """The record of ``tensor``'s storage (of the first plain tensor a subclass holds);
+        an unseen one is external (made before)."""
+        records = [
+            self._observe(plain, "external", lambda: None, allocates=False)
+            for plain in plain_tensors(tensor)
+        ]
+        return next((r for r in records if r is not None), None)
+
+    def resized(self, tensor: torch.Tensor, op: str = "resize_") -> StorageRecord | None:
+        """Record the new size of ``tensor``'s storage after an in-place ``resize_``; an
+        unseen storage is new (allocated by the resize)."""
+        if self._closed:
+            return None
+        return self._observe(tensor, op, lambda: None, allocates=True)
 
     def record_of(self, tensor: torch.Tensor) -> StorageRecord | None:
+        tensor = next(plain_tensors(tensor), tensor)
         storage = _storage(tensor)
         entry = None if storage is None else self._live.get(id(storage))
         return None if entry is None else entry[0]
@@ -135,8 +169,9 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
         entry = self._live.get(key)
         if entry is not None:
             record = entry[0]
-            if record.nbytes != nbytes and not record.external:  # resize_ in place
-                self._emit(record, record.nbytes, nbytes)
+            held = self._held.get(record.index, 0)
+            if held != nbytes and not record.external:  # resize_ in place
+                self._emit(record, held, nbytes)
             return record
         record = self._new_record(tensor, nbytes, op, self.context)
         record.external = not allocates
@@ -170,12 +205,14 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
     def _freed(self, key: int, index: int, _ref: object) -> None:
         self._live.pop(key, None)
         record = self.records[index]
-        if not self._closed and not record.external:
-            self._emit(record, record.nbytes, 0)
+        held = self._held.get(index, 0)
+        if not self._closed and not record.external and held:
+            self._emit(record, held, 0)
 
     def _emit(self, record: StorageRecord, old_nbytes: int, new_nbytes: int) -> None:
         if new_nbytes:
             record.nbytes = new_nbytes
+        self._held[record.index] = new_nbytes
         self.events.append(
             RawEvent(record.index, old_nbytes, new_nbytes, self.phase, self.step, self.context)
         )
@@ -202,6 +239,11 @@ class MemoryTracker(TorchDispatchMode):  # type: ignore[no-untyped-call]
         record = self.observe(tensor)
         if record is not None and record.weight_category is None:
             record.is_optimizer_state, record.name, record.placement = True, name, placement
+
+    def mark_gathered(self, tensor: torch.Tensor) -> None:
+        record = self.observe(tensor)
+        if record is not None:
+            record.is_gathered = True
 
     def mark_saved(self, tensor: torch.Tensor) -> None:
         record = self.observe(tensor)
