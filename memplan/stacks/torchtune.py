@@ -19,6 +19,20 @@ _FUSED = Default("fused", "torchtune configs optimizer torch.optim.AdamW fused=T
 _ADAMW = Default("adamw", "torchtune configs optimizer torch.optim.AdamW fused=True")
 _BF16_ADAPTERS = Default("bf16", "torchtune recipe validate_expected_param_dtype(dtype=bf16)")
 _DQ = Default(True, "torchtune modules/peft/lora.py to_nf4 (scaler_block_size=256)")
+# recipes/configs/llama3_1/8B_lora_single_device.yaml and 8B_qlora_single_device.yaml:
+# lora_rank 8, lora_alpha 16, no dropout; attention q, v, output (QLoRA: q, k, v, output) and
+# the MLP (apply_lora_to_mlp: True), not the output projection.
+_R8 = Default(8, "torchtune 8B_lora/qlora_single_device.yaml lora_rank: 8")
+_ALPHA16 = Default(16.0, "torchtune 8B_lora/qlora_single_device.yaml lora_alpha: 16")
+_NO_DROPOUT = Default(0.0, "torchtune 8B_lora/qlora_single_device.yaml lora_dropout: 0.0")
+_LORA_TARGETS = Default(
+    ("q", "v", "o", "gate", "up", "down"),
+    "torchtune 8B_lora_single_device.yaml q_proj, v_proj, output_proj + MLP",
+)
+_QLORA_TARGETS = Default(
+    ("q", "k", "v", "o", "gate", "up", "down"),
+    "torchtune 8B_qlora_single_device.yaml q_proj, k_proj, v_proj, output_proj + MLP",
+)
 _CHUNKED = Default("chunked", "torchtune configs loss: LinearCrossEntropyLoss (8 chunks)")
 _PAGED8 = Default("paged-adamw-8bit", "torchtune 8B_full_single_device.yaml PagedAdamW8bit")
 _IN_BWD = Default(True, "torchtune 8B_full_single_device.yaml optimizer_in_bwd: True")
@@ -45,6 +59,14 @@ class Torchtune(TrainingStack):
             out |= {"optimizer": _ADAMW, "optimizer_impl": _FUSED}
         if request.adapters:
             out["adapter_dtype"] = _BF16_ADAPTERS
+        if request.method.uses_lora:
+            targets = _QLORA_TARGETS if request.quantized else _LORA_TARGETS
+            out |= {
+                "lora_r": _R8,
+                "lora_alpha": _ALPHA16,
+                "lora_dropout": _NO_DROPOUT,
+                "lora_targets": targets,
+            }
         if request.quantized:
             out["double_quant"] = _DQ
         return out

@@ -30,6 +30,9 @@ DOCUMENTED: list[tuple[str, str, str, Any, str]] = [
     ("torchtune", "lora", "precision", Precision.BF16, "configs dtype: bf16"),
     ("torchtune", "qlora", "adapter_dtype", DType.BF16, "validate_expected_param_dtype"),
     ("torchtune", "lora", "grad_ckpt", True, "8B_lora_single_device.yaml"),
+    ("torchtune", "lora", "lora_targets", ("q", "v", "o", "gate", "up", "down"), "8B_lora"),
+    ("torchtune", "qlora", "lora_targets", ("q", "k", "v", "o", "gate", "up", "down"), "qlora"),
+    ("torchtune", "qlora", "lora_r", 8, "8B_qlora_single_device.yaml lora_rank"),
     ("torchtune", "lora", "loss", LossKind.CHUNKED, "configs LinearCrossEntropyLoss"),
     ("torchtune", "full", "optimizer_in_backward", True, "8B_full_single_device.yaml"),
     ("torchtune", "full", "optimizer", Optimizer.PAGED_ADAMW_8BIT, "PagedAdamW8bit"),
@@ -77,7 +80,7 @@ def test_method_defaults_fill_what_the_stack_leaves() -> None:
 
 
 def test_stacks_change_the_answer_by_their_mechanisms() -> None:
-    """The same QLoRA run under three stacks: torchtune's bf16 adapters hold less than the
+    """The same QLoRA adapters under two stacks: torchtune's bf16 adapters hold half the
     Hugging Face fp32 ones; unsloth's r=16 on every linear layer trains more than peft's
     q/v default would, but its 8-bit AdamW keeps 2 bytes of state per trainable parameter."""
     from memplan.analytic.predict import predict
@@ -85,8 +88,11 @@ def test_stacks_change_the_answer_by_their_mechanisms() -> None:
     from memplan.trace import Category
 
     spec = load_model("llama-3.1-8b")
+    same_adapters = {"lora_r": 64, "lora_targets": ALL_LINEAR}
     states = {
-        name: predict(spec, TrainingSetup(stack=name, method="qlora")).state.bytes_by_category()
+        name: predict(
+            spec, TrainingSetup(stack=name, method="qlora", **same_adapters)
+        ).state.bytes_by_category()
         for name in ("hf-trainer", "torchtune")
     }
     hf = states["hf-trainer"][Category.TRAINABLE_WEIGHTS]
