@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from memplan.specs import ModelSpec, TrainingSetup
+from memplan.torchsim.cuda_kernels import cuda_kernels
 from memplan.torchsim.fake import fake_tensors
 from memplan.torchsim.hooks import ModuleHooks
 from memplan.torchsim.methods import apply_method
@@ -29,6 +30,7 @@ from memplan.torchsim.session import Session, load_session, train_step
 from memplan.torchsim.tracker import MemoryTracker
 
 Mode = Literal["fake", "cpu"]
+Kernels = Literal["cpu", "cuda"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class RunRequest:
     hf_config: dict[str, Any] | None = None
     seed: int = 0
     num_layers: int | None = None  # a shorter copy of the model (layer folding)
+    kernels: Kernels = "cpu"  # "cuda": CUDA's kernels on fake tensors (torchsim.cuda_kernels)
 
     def with_layers(self, num_layers: int) -> RunRequest:
         return replace(self, num_layers=num_layers)
@@ -65,7 +68,11 @@ def traced_run(request: RunRequest) -> TracedRun:
     tracker = MemoryTracker()
     fake = request.mode == "fake"
     fake_scope = _fake_mode(fake, built.notes)
-    with third_party_warnings_muted(), fake_scope, tracker, _unpacked_sequences():
+    if request.kernels == "cuda" and not fake:
+        raise ValueError("CUDA kernels are traced on fake tensors only (mode='fake')")
+    # Entered after the tracker, so the tracker records what CUDA's kernels allocate.
+    kernels = cuda_kernels() if request.kernels == "cuda" else contextlib.nullcontext()
+    with third_party_warnings_muted(), fake_scope, tracker, kernels, _unpacked_sequences():
         session = load_session(model, built, request.setup, fake=fake, tracker=tracker)
         hooks = ModuleHooks(tracker, model, lm_head=lm_head_of(model), layers=_layers(model))
         with hooks, tracker.saving_hooks():

@@ -26,7 +26,7 @@ from memplan.torchsim.fold import FoldError, fold_events, keyed_events
 from memplan.torchsim.models import Backend
 from memplan.torchsim.quant import Linear4bit
 from memplan.torchsim.records import Placement, StorageRecord
-from memplan.torchsim.runner import Mode, RunRequest, TracedRun, traced_run
+from memplan.torchsim.runner import Kernels, Mode, RunRequest, TracedRun, traced_run
 from memplan.torchsim.tracker import MemoryTracker
 from memplan.trace import ALLOCATION_GRANULARITY_BYTES, Phase, Trace
 
@@ -66,15 +66,18 @@ def trace_step(
     hf_config: dict[str, Any] | None = None,
     seed: int = 0,
     fold: bool = True,
+    kernels: Kernels = "cpu",
 ) -> TraceResult:
     """Trace ``steps`` optimizer steps of ``setup`` on ``spec``, every storage accounted for.
 
     ``backend``: "hf" (transformers from the config), "reference" (the plain-torch Llama), or
     "auto" (transformers when installed). ``hf_config`` overrides the catalog's config.json.
     ``fold``: trace deep fake models through :mod:`memplan.torchsim.fold`.
+    ``kernels``: "cuda" replaces the CPU kernels by CUDA's where their memory differs
+    (:mod:`memplan.torchsim.cuda_kernels`; fake tensors only).
     """
     start = time.perf_counter()
-    request = RunRequest(spec, setup, mode, steps, backend, hf_config, seed)
+    request = RunRequest(spec, setup, mode, steps, backend, hf_config, seed, kernels=kernels)
     fold_failure = ""
     if fold and mode == "fake" and spec.num_layers > MAX_FOLD_LAYERS + 1:
         try:
