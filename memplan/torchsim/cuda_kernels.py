@@ -347,7 +347,14 @@ def _sdpa(
             )[0]
         else:
             out = F.scaled_dot_product_attention(
-                query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa=enable_gqa
+                query,
+                key,
+                value,
+                attn_mask,
+                dropout_p,
+                is_causal,
+                scale=scale,
+                enable_gqa=enable_gqa,
             )
     result: torch.Tensor = out
     return result
