@@ -3,9 +3,11 @@
 Both run the same training step as :func:`memplan.plan.plan` predicts, through
 :mod:`memplan.torchsim` (extras ``torch`` and ``hf``): on fake tensors (``simulate``: any size,
 nothing allocated) or on real CPU tensors (``measure --device cpu``: small models, every
-allocation tracked). Both run PyTorch's CPU kernels, so they are set beside the analytical
-plan of the same setup with ``device="cpu"``. The result is the plan's output format with
-``source`` set to ``simulated`` or ``measured-cpu``.
+allocation tracked). ``simulate`` of a CUDA setup (the default device) runs CUDA's kernels
+where their memory differs from the CPU's (:mod:`memplan.torchsim.cuda_kernels`) and is set
+beside the analytical plan for CUDA; a CPU setup, and ``measure --device cpu``, run PyTorch's
+CPU kernels beside the analytical plan with ``device="cpu"``. The result is the plan's output
+format with ``source`` set to ``simulated`` or ``measured-cpu``.
 """
 
 from __future__ import annotations
@@ -111,14 +113,17 @@ def trace_and_compare(
     parallel = parallel or ParallelSetup()
     check_simulated_layout(parallel, mode)
     spec = load_model(model) if isinstance(model, str) else model
-    # Fake tensors dispatch to the CPU kernels too (their saved tensors and workspaces), so
-    # both modes are compared with the analytical model of a CPU step.
-    if setup.device != "cpu":
+    # Real CPU tensors run the CPU kernels: that step is compared with the analytical model of
+    # a CPU step. Fake tensors run CUDA's kernels for a CUDA setup.
+    if mode == "cpu" and setup.device != "cpu":
         setup = setup.model_copy(update={"device": "cpu"})
+    kernels = "cuda" if mode == "fake" and setup.device == "cuda" else "cpu"
     trace_step, placement = _torch_modules()
     target = resolve_gpu(gpu) if isinstance(gpu, str) else gpu
     sharded = parallel if parallel.fsdp_strategy is not None else None
-    result = trace_step(spec, setup, mode=mode, parallel=sharded)  # type: ignore[operator]
+    result = trace_step(  # type: ignore[operator]
+        spec, setup, mode=mode, parallel=sharded, kernels=kernels
+    )
     outside = result.outside_allocator_bytes
     paged = int(outside.get(placement.PAGED, 0))  # type: ignore[attr-defined]
     host = int(outside.get(placement.HOST, 0))  # type: ignore[attr-defined]

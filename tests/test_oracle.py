@@ -306,3 +306,60 @@ def test_trainable_tensors_are_the_ones_the_torch_model_trains(family: str, meth
     assert state.num_trainable_params == sum(
         p.numel() for p in model.parameters() if p.requires_grad
     )
+
+
+# -- CUDA semantics -------------------------------------------------------------------------
+# The analytical model of a CUDA step against the fake trace with CUDA's kernels
+# (memplan.torchsim.cuda_kernels): every family x full / LoRA / QLoRA, each method on one
+# (checkpointing, attention) pair so that every family meets checkpointing on and off and both
+# attentions, on one shape (the whole CPU grid twice would double the suite's time).
+CUDA_METHODS = {"full": (False, "sdpa"), "lora": (True, "eager"), "qlora": (True, "sdpa")}
+CUDA_SHAPE = (2, 64)
+
+
+def _cuda_grid() -> list[Any]:
+    cases = []
+    for family, (method, (ckpt, attention)) in itertools.product(TINY, CUDA_METHODS.items()):
+        if _refusal(family, method, ckpt):
+            continue
+        label = f"{TINY[family]}-{method}-{'ckpt' if ckpt else 'nockpt'}-{attention}-cuda"
+        cases.append(pytest.param(family, method, ckpt, attention, id=label))
+    return cases
+
+
+@cache
+def _cuda_peaks(
+    family: str, method: str, ckpt: bool, attention: str
+) -> tuple[tuple[Peak, dict[Category, int]], tuple[Peak, dict[Category, int]]]:
+    spec = load_model(TINY[family])
+    batch, seq = CUDA_SHAPE
+    setup = _setup(method, ckpt, batch, seq, attention).model_copy(update={"device": "cuda"})
+    simulated = trace_step(spec, setup, mode="fake", kernels="cuda").trace
+    analytical = predict(spec, setup).trace
+    return (
+        (simulated.peak(), simulated.category_peaks()),
+        (analytical.peak(), analytical.category_peaks()),
+    )
+
+
+@pytest.mark.parametrize(("family", "method", "ckpt", "attention"), _cuda_grid())
+def test_analytical_equals_simulated_with_cuda_kernels_within_one_percent(
+    family: str, method: str, ckpt: bool, attention: str
+) -> None:
+    (simulated, simulated_most), (analytical, analytical_most) = _cuda_peaks(
+        family, method, ckpt, attention
+    )
+    assert analytical.peak_bytes == pytest.approx(simulated.peak_bytes, rel=TOLERANCE), (
+        f"predicted {analytical.peak_bytes:,} B in {analytical.phase.value}, simulated "
+        f"{simulated.peak_bytes:,} B in {simulated.phase.value}"
+    )
+    allowed = TOLERANCE * simulated.peak_bytes
+    for category in ALLOCATED_CATEGORIES:
+        at_peak = abs(analytical.breakdown_bytes[category] - simulated.breakdown_bytes[category])
+        most = abs(analytical_most[category] - simulated_most[category])
+        assert at_peak <= allowed or most <= allowed, (
+            f"{category.value}: predicted {analytical.breakdown_bytes[category]:,} B at the "
+            f"peak and at most {analytical_most[category]:,} B; simulated "
+            f"{simulated.breakdown_bytes[category]:,} B and {simulated_most[category]:,} B "
+            f"(peak {simulated.peak_bytes:,} B)"
+        )

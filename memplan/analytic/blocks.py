@@ -15,6 +15,7 @@ from memplan.analytic.context import StepContext
 from memplan.analytic.graph import ParamGrad, Segment, Tensor
 from memplan.dtypes import DType, Quantization, dtype_bytes
 from memplan.specs.training import Attention, LinearRole
+from memplan.trace import allocation_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,7 +360,12 @@ def attention_core(
     # CPU SDPA has no fused kernel with dropout and falls back to the math (eager-like) path.
     # ... and none for values narrower than the queries and keys (check_head_dim_size_cpp).
     narrow_v = context_numel is not None
-    math_fallback = kv_broadcast or (ctx.device == "cpu" and (dropout_p > 0 or narrow_v))
+    backend = _cuda_sdpa_backend(ctx, q, num_heads, num_kv_heads, float_mask, narrow_v, kv_len)
+    math_fallback = (
+        kv_broadcast
+        or (ctx.device == "cpu" and (dropout_p > 0 or narrow_v))
+        or (sdpa and backend == "math")
+    )
     if math_fallback and sdpa:
         return _math_sdpa(
             seg,
@@ -397,10 +403,22 @@ def attention_core(
     # Flash / memory-efficient SDPA (and flash-attn 2) save q, k, v, the output and the fp32
     # log-sum-exp per (batch, head, query), and the mask they were given; the output is
     # already (b, s, heads, d) in memory.
-    lse = seg.op(f"{label}.logsumexp", [], b * num_heads * s, DType.FP32, requires_grad=False)
-    # CUDA flash backward accumulates dQ in fp32 (dq_accum) before casting to q's dtype.
-    workspace = q.numel * 4 if ctx.device == "cuda" else 0
-    inputs = [q, k, v, lse] + ([float_mask] if float_mask else [])
+    lse_len = s
+    if backend == "efficient":  # logsumexp padded to whole 32-query blocks (kAlignLSE)
+        lse_len = -(-s // 32) * 32
+    lse = seg.op(f"{label}.logsumexp", [], b * num_heads * lse_len, DType.FP32, requires_grad=False)
+    saved_rng: list[Tensor] = []
+    if backend == "flash":
+        # mha_fwd returns its RNG state (uint64 [2]) and an unused uint64 [] on the device as
+        # philox seed and offset, saved for backward (flash_api.cpp).
+        saved_rng = [
+            seg.op(f"{label}.rng_state", [], 2, DType.INT64, requires_grad=False),
+            seg.op(f"{label}.rng_unused", [], 1, DType.INT64, requires_grad=False),
+        ]
+    workspace = _fused_sdpa_backward_workspace_bytes(
+        ctx, backend, q, num_heads, num_kv_heads, kv_len
+    )
+    inputs = [q, k, v, lse, *saved_rng] + ([float_mask] if float_mask else [])
     out = seg.op(
         f"{label}.sdpa",
         inputs,
@@ -416,6 +434,61 @@ def attention_core(
         # d) already).
         out = seg.op(f"{label}.transpose", [out], out.numel, q.dtype, passthrough_grad=True)
     return out
+
+
+def _cuda_sdpa_backend(
+    ctx: StepContext,
+    q: Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    float_mask: Tensor | None,
+    narrow_v: bool,
+    kv_len: int,
+) -> str:
+    """The SDPA backend on CUDA (sdp_utils.cpp select_sdp_backend on sm80+, default priority;
+    memplan.torchsim.cuda_kernels.sdpa_backend): flash for 16-bit inputs without a mask with
+    equal head sizes up to 256, else memory-efficient for head sizes in whole 8 (16-bit) or 4
+    (fp32) elements and equal heads, else math. flash-attn 2 is the flash kernel. '' on CPU."""
+    if ctx.device != "cuda":
+        return ""
+    if ctx.attention is Attention.FLASH:
+        return "flash"
+    head_dim = q.numel // (ctx.batch * ctx.seq_len * num_heads)
+    half = q.dtype in (DType.BF16, DType.FP16)
+    if half and float_mask is None and not narrow_v and head_dim <= 256:
+        return "flash"
+    alignment = 8 if half else 4
+    if head_dim % alignment == 0 and num_kv_heads == num_heads:
+        return "efficient"
+    return "math"
+
+
+def _fused_sdpa_backward_workspace_bytes(
+    ctx: StepContext, backend: str, q: Tensor, num_heads: int, num_kv_heads: int, kv_len: int
+) -> int:
+    """Scratch a fused SDPA backward allocates beside the gradients, on CUDA.
+
+    flash (flash_api.cpp mha_bwd): softmax_d fp32 [b, heads, round128(s)] and the dQ
+    accumulator fp32 [b, round128(s), heads, round32(d)] (round64 above d = 128); with fewer
+    key/value heads, dK and dV over every query head in q's dtype, summed afterwards.
+    memory-efficient (kernel_backward.h kNeedsAccumGradQ): an fp32 dQ accumulator of q's size
+    (its tile padding and key splits depend on the GPU and are not modelled).
+    """
+    b, s = ctx.batch, ctx.seq_len
+    head_dim = q.numel // (b * s * num_heads)
+    if backend == "efficient":
+        return allocation_bytes(q.numel * 4)
+    if backend != "flash":
+        return 0
+    s_rounded = -(-s // 128) * 128
+    head_8 = -(-head_dim // 8) * 8
+    head_rounded = -(-head_8 // (32 if head_8 <= 128 else 64)) * (32 if head_8 <= 128 else 64)
+    total = allocation_bytes(b * num_heads * s_rounded * 4)
+    total += allocation_bytes(b * s_rounded * num_heads * head_rounded * 4)
+    if num_kv_heads != num_heads:
+        expanded = b * kv_len * num_heads * head_dim * dtype_bytes(q.dtype)
+        total += 2 * allocation_bytes(expanded)
+    return total
 
 
 def repeat_kv(seg: Segment, x: Tensor, groups: int, label: str) -> Tensor:
@@ -601,27 +674,31 @@ def dropout(seg: Segment, ctx: StepContext, x: Tensor, p: float, label: str) -> 
     return seg.op(label, [x, mask], x.numel, x.dtype, saves=[mask])
 
 
-def activation(seg: Segment, x: Tensor, name: str, label: str) -> Tensor:
+def activation(seg: Segment, x: Tensor, name: str, label: str, *, fp32_pow: bool = False) -> Tensor:
     """MLP activation as transformers' ACT2FN implements it.
 
     SiLU and F.gelu save their input; ReLU saves its output; NewGELUActivation (gelu_new, GPT-2)
     is Python arithmetic and saves x, x**3's input, tanh's output and the two factors.
+    ``fp32_pow``: CUDA autocast (pow is on its fp32 list, autocast_mode.cpp) casts x to fp32
+    for x**3, and the fp32 cube promotes everything after it to fp32.
     """
     if name in ("gelu_new", "gelu_fast", "gelu_accurate"):
         # 0.5 * x * (1 + tanh(c * (x + 0.044715 * x**3))), left to right: pow saves x, tanh its
         # output, the last mul both factors (0.5 * x and 1 + tanh); products with a scalar
         # and additions save nothing.
         half = seg.op(f"{label}.half", [x], x.numel, x.dtype)
+        px = cast(seg, x, DType.FP32, f"{label}.pow_autocast") if fp32_pow else x
+        wide = px.dtype
         # pow backward: grad * 3 * x.pow(2) keeps two temporaries beside the result.
         cube = seg.op(
-            f"{label}.pow", [x], x.numel, x.dtype, saves=[x], bwd_workspace_bytes=2 * x.nbytes
+            f"{label}.pow", [px], x.numel, wide, saves=[px], bwd_workspace_bytes=2 * px.nbytes
         )
-        cube = seg.op(f"{label}.cube_scale", [cube], x.numel, x.dtype)
-        inner = seg.op(f"{label}.inner", [x, cube], x.numel, x.dtype, passthrough_grad=True)
-        scaled = seg.op(f"{label}.scale", [inner], x.numel, x.dtype)
-        th = seg.op(f"{label}.tanh", [scaled], x.numel, x.dtype, saves_output=True)
-        one_plus = seg.op(f"{label}.one_plus", [th], x.numel, x.dtype, passthrough_grad=True)
-        return seg.op(label, [half, one_plus], x.numel, x.dtype, saves=[half, one_plus])
+        cube = seg.op(f"{label}.cube_scale", [cube], x.numel, wide)
+        inner = seg.op(f"{label}.inner", [x, cube], x.numel, wide, passthrough_grad=True)
+        scaled = seg.op(f"{label}.scale", [inner], x.numel, wide)
+        th = seg.op(f"{label}.tanh", [scaled], x.numel, wide, saves_output=True)
+        one_plus = seg.op(f"{label}.one_plus", [th], x.numel, wide, passthrough_grad=True)
+        return seg.op(label, [half, one_plus], x.numel, wide, saves=[half, one_plus])
     if name == "relu":
         return seg.op(label, [x], x.numel, x.dtype, saves_output=True)
     return seg.op(label, [x], x.numel, x.dtype, saves=[x])

@@ -85,6 +85,11 @@ class StepContext:
     def has_lora(self, role: LinearRole | None) -> bool:
         return role is not None and role in self.lora_roles
 
+    @property
+    def cuda_autocast(self) -> bool:
+        """Autocast with CUDA's op lists (autocast_mode.cpp), not the CPU's."""
+        return self.amp and self.device == "cuda"
+
     @classmethod
     def build(
         cls,

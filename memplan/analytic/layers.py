@@ -310,12 +310,12 @@ def gated_mlp(
             seg, ctx, x, LinearSpec("mlp.gate_up_proj", h, 2 * intermediate, "gate_up", bias=bias)
         )
         g = seg.op("mlp.gate", [gu], gu.numel // 2, gu.dtype, view_of=gu, passthrough_grad=True)
-        a = activation(seg, g, spec.hidden_act, "mlp.act_fn")
+        a = activation(seg, g, spec.hidden_act, "mlp.act_fn", fp32_pow=ctx.cuda_autocast)
         u = seg.op("mlp.up", [gu], gu.numel // 2, gu.dtype, view_of=gu, passthrough_grad=True)
     else:
         gate = LinearSpec(f"{prefix}gate_proj", h, intermediate, "gate", bias=bias)
         g = linear(seg, ctx, x, gate)
-        a = activation(seg, g, spec.hidden_act, f"{prefix}act_fn")
+        a = activation(seg, g, spec.hidden_act, f"{prefix}act_fn", fp32_pow=ctx.cuda_autocast)
         u = linear(seg, ctx, x, LinearSpec(f"{prefix}up_proj", h, intermediate, "up", bias=bias))
     p = seg.op(f"{prefix}mul", [a, u], a.numel, a.dtype, saves=[a, u])
     down = LinearSpec(f"{prefix}down_proj", intermediate, h, "down", bias=bias)
@@ -508,7 +508,7 @@ def _grouped_experts(
     gate_up = LinearSpec("mlp.experts.gate_up_proj", h, 2 * i, "gate_up", bias=False, copies=e)
     gu = grouped_linear(seg, ctx, x, offsets, gate_up)
     g = seg.op("mlp.experts.gate", [gu], gu.numel // 2, gu.dtype, view_of=gu, passthrough_grad=True)
-    a = activation(seg, g, spec.hidden_act, "mlp.experts.act_fn")
+    a = activation(seg, g, spec.hidden_act, "mlp.experts.act_fn", fp32_pow=ctx.cuda_autocast)
     u = seg.op("mlp.experts.up", [gu], gu.numel // 2, gu.dtype, view_of=gu, passthrough_grad=True)
     p = seg.op("mlp.experts.mul", [a, u], a.numel, a.dtype, saves=[a, u])
     down = LinearSpec("mlp.experts.down_proj", i, h, "down", bias=False, copies=e)
@@ -564,7 +564,11 @@ def plain_mlp(
     """fc -> activation -> proj (GPT-2, OPT, GPT-NeoX, Falcon, BLOOM, BERT)."""
     h, i = spec.hidden_size, spec.intermediate_size // ctx.tensor_parallel_degree
     up = linear(seg, ctx, x, LinearSpec(names[0], h, i, "up", bias=spec.mlp_bias))
-    a = act(seg, up) if act else activation(seg, up, spec.hidden_act, "mlp.act")
+    a = (
+        act(seg, up)
+        if act
+        else activation(seg, up, spec.hidden_act, "mlp.act", fp32_pow=ctx.cuda_autocast)
+    )
     return linear(seg, ctx, a, LinearSpec(names[1], i, h, "down", bias=spec.mlp_bias))
 
 

@@ -276,7 +276,9 @@ class Bert(ModelFamily):
         h = spec.hidden_size
         dense = LinearSpec("cls.predictions.transform.dense", h, h, None, bias=True)
         t = linear(seg, ctx, x, dense)
-        t = activation(seg, t, spec.hidden_act, "cls.predictions.transform.act")
+        t = activation(
+            seg, t, spec.hidden_act, "cls.predictions.transform.act", fp32_pow=ctx.cuda_autocast
+        )
         return layer_norm(seg, ctx, t, "cls.predictions.transform.LayerNorm", h)
 
     def head(
@@ -378,7 +380,9 @@ def _bert_layer(spec: ModelSpec, ctx: StepContext, *, input_requires_grad: bool)
     seg.hold(context, o, label="attention.locals")
     i = spec.intermediate_size // tp
     up = LinearSpec("intermediate.dense", h, i, "up", bias=True)
-    inter = activation(seg, linear(seg, ctx, h1, up), spec.hidden_act, "mlp.act")
+    inter = activation(
+        seg, linear(seg, ctx, h1, up), spec.hidden_act, "mlp.act", fp32_pow=ctx.cuda_autocast
+    )
     down = LinearSpec("output.dense", i, h, "down", bias=True)
     d = linear(seg, ctx, inter, down)
     m = dropout(seg, ctx, d, spec.hidden_dropout, "output.dropout")

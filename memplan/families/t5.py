@@ -726,13 +726,13 @@ def _t5_mlp(seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor) -> Tenso
     held: list[Tensor] = []
     if spec.gated_mlp:
         g = linear(seg, ctx, x, LinearSpec("DenseReluDense.wi_0", h, i, "gate", bias=False))
-        a = activation(seg, g, spec.hidden_act, "DenseReluDense.act")
+        a = activation(seg, g, spec.hidden_act, "DenseReluDense.act", fp32_pow=ctx.cuda_autocast)
         u = linear(seg, ctx, x, LinearSpec("DenseReluDense.wi_1", h, i, "up", bias=False))
         mid = seg.op("DenseReluDense.mul", [a, u], a.numel, a.dtype, saves=[a, u])
         held = [a, u]  # hidden_gelu, hidden_linear
     else:
         up = linear(seg, ctx, x, LinearSpec("DenseReluDense.wi", h, i, "up", bias=False))
-        mid = activation(seg, up, spec.hidden_act, "DenseReluDense.act")
+        mid = activation(seg, up, spec.hidden_act, "DenseReluDense.act", fp32_pow=ctx.cuda_autocast)
     mid = dropout(seg, ctx, mid, spec.hidden_dropout, "DenseReluDense.dropout")
     # T5DenseGatedActDense: hidden_states.to(self.wo.weight.dtype); transformers keeps wo in
     # fp32 only when a model is loaded in fp16.

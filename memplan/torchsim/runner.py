@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from memplan.specs import LossKind, ModelSpec, ParallelSetup, TrainingSetup
+from memplan.torchsim.cuda_kernels import cuda_kernels
 from memplan.torchsim.fake import fake_tensors
 from memplan.torchsim.hooks import ModuleHooks
 from memplan.torchsim.methods import apply_method
@@ -29,6 +30,7 @@ from memplan.torchsim.session import Session, load_session, train_step
 from memplan.torchsim.tracker import MemoryTracker
 
 Mode = Literal["fake", "cpu"]
+Kernels = Literal["cpu", "cuda"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class RunRequest:
     seed: int = 0
     num_layers: int | None = None  # a shorter copy of the model (layer folding)
     parallel: ParallelSetup | None = None  # FSDP: rank 0 of a fake process group
+    kernels: Kernels = "cpu"  # "cuda": CUDA's kernels on fake tensors (torchsim.cuda_kernels)
 
     @property
     def sharded(self) -> bool:
@@ -89,8 +92,19 @@ def _traced_run(request: RunRequest, mesh: Any) -> TracedRun:
     tracker = MemoryTracker()
     fake = request.mode == "fake"
     fake_scope = _fake_mode(fake, built.notes)
+    if request.kernels == "cuda" and not fake:
+        raise ValueError("CUDA kernels are traced on fake tensors only (mode='fake')")
+    # Entered after the tracker, so the tracker records what CUDA's kernels allocate.
+    kernels = cuda_kernels() if request.kernels == "cuda" else contextlib.nullcontext()
     resizes = _resizes(tracker) if mesh is not None else contextlib.nullcontext()
-    with third_party_warnings_muted(), fake_scope, tracker, _unpacked_sequences(), resizes:
+    with (
+        third_party_warnings_muted(),
+        fake_scope,
+        tracker,
+        kernels,
+        _unpacked_sequences(),
+        resizes,
+    ):
         session = load_session(
             model, built, request.setup, fake=fake, tracker=tracker, sharded=mesh is not None
         )

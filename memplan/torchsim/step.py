@@ -26,7 +26,7 @@ from memplan.torchsim.fold import FoldError, fold_events, keyed_events
 from memplan.torchsim.models import Backend
 from memplan.torchsim.quant import Linear4bit
 from memplan.torchsim.records import Placement, StorageRecord
-from memplan.torchsim.runner import Mode, RunRequest, TracedRun, traced_run
+from memplan.torchsim.runner import Kernels, Mode, RunRequest, TracedRun, traced_run
 from memplan.torchsim.tracker import MemoryTracker
 from memplan.trace import ALLOCATION_GRANULARITY_BYTES, Phase, Trace
 
@@ -67,6 +67,7 @@ def trace_step(
     seed: int = 0,
     fold: bool = True,
     parallel: ParallelSetup | None = None,
+    kernels: Kernels = "cpu",
 ) -> TraceResult:
     """Trace ``steps`` optimizer steps of ``setup`` on ``spec``, every storage accounted for.
 
@@ -74,10 +75,13 @@ def trace_step(
     "auto" (transformers when installed). ``hf_config`` overrides the catalog's config.json.
     ``fold``: trace deep fake models through :mod:`memplan.torchsim.fold`.
     ``parallel``: an FSDP layout, traced as rank 0 of a fake process group
-    (:mod:`memplan.torchsim.fsdp`).
+    (:mod:`memplan.torchsim.fsdp`). ``kernels``: "cuda" replaces the CPU kernels by CUDA's
+    where their memory differs (:mod:`memplan.torchsim.cuda_kernels`; fake tensors only).
     """
     start = time.perf_counter()
-    request = RunRequest(spec, setup, mode, steps, backend, hf_config, seed, parallel=parallel)
+    request = RunRequest(
+        spec, setup, mode, steps, backend, hf_config, seed, parallel=parallel, kernels=kernels
+    )
     fold_failure = ""
     if fold and mode == "fake" and spec.num_layers > MAX_FOLD_LAYERS + 1:
         try:

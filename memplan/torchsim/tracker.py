@@ -50,6 +50,8 @@ def rounded_bytes(num_bytes: int, granularity_bytes: int) -> int:
 
 
 def _storage(tensor: torch.Tensor) -> torch.UntypedStorage | None:
+    if tensor.device.type == "meta":  # holds no memory (e.g. host-side RNG state of a kernel)
+        return None
     try:
         return tensor.untyped_storage()
     except (NotImplementedError, RuntimeError):  # sparse and other storage-less layouts
