@@ -31,6 +31,7 @@ from memplan.analytic.blocks import (
 from memplan.analytic.context import StepContext
 from memplan.analytic.graph import Segment, Tensor
 from memplan.dtypes import DType, dtype_bytes
+from memplan.families import family
 from memplan.specs.model import ModelSpec
 
 
@@ -135,6 +136,7 @@ def attention_context(
         mask=masked,
         head_major_q=head_major_q,
         context_numel=context_numel,
+        causal=family(spec.family).causal,
     )
     if hold_qkv:
         seg.hold(*locals_, label=f"{label}.qkv_locals")
