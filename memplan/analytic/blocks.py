@@ -48,6 +48,9 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
     rows = x.numel // spec.in_features
     numel_w = spec.in_features * spec.out_features
     quantized = spec.quantizable and ctx.quant is not Quantization.NONE
+    layer_input = x
+    # What the method's wrapper does to the input before the base layer runs (IA3).
+    x = ctx.method.linear_input(seg, ctx, x, spec, quantized=quantized)
     trainable = ctx.trains_linear if spec.trainable is None else spec.trainable
     trainable = trainable and not quantized
     bias_trainable = spec.bias and (trainable or ctx.trains_bias)
@@ -140,7 +143,7 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
             param_grads=grads,
             saves_params=x.requires_grad,  # mm keeps the weight for the input's gradient
         )
-    return ctx.method.linear(seg, ctx, x, out, spec, quantized=quantized)
+    return ctx.method.linear(seg, ctx, layer_input, out, spec, quantized=quantized)
 
 
 def grouped_linear(
@@ -185,7 +188,7 @@ def rms_norm(
     cast back (Olmo2RMSNorm's ``(weight * x).to(input_dtype)``).
     T5LayerNorm computes the same quantities as Llama's.
     """
-    trainable = ctx.trains_norm
+    trainable = ctx.trains_norm_at(label)
     x32, rstd = rms_statistics(seg, x, label, size)
     # mul backward for rstd: (grad * x).sum(-1) materializes grad * x before the reduction.
     normed = seg.op(
@@ -582,7 +585,7 @@ def layer_norm(
     CPU autocast leaves layer_norm alone, and the kernel takes a 16-bit input with fp32 weights.
     """
     rows = x.numel // size
-    trainable = affine and ctx.trains_norm
+    trainable = affine and ctx.trains_norm_at(label)
     upcast = ctx.amp and ctx.device == "cuda"
     x_in = cast(seg, x, DType.FP32, f"{label}.autocast") if upcast else x
     # CUDA keeps mean and rstd in fp32; the CPU kernel returns them in the input's dtype, or
