@@ -272,7 +272,7 @@ def test_full_fine_tuning_default_is_bf16_autocast_with_adamw() -> None:
 def test_a_setting_of_another_method_is_refused() -> None:
     with pytest.raises(ValidationError) as exc:
         TrainingSetup(method="full", lora_r=16)
-    assert "lora_r configures method lora/qlora; method=full does not use it" in str(exc.value)
+    assert "lora_r configures method lora/dora/qlora; method=full does not use it" in str(exc.value)
     assert TrainingSetup(method="full", lora_r=8).lora_r == 8  # the default changes nothing
 
 
