@@ -49,6 +49,9 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
     rows = x.numel // spec.in_features
     numel_w = spec.in_features * spec.out_features
     quantized = spec.quantizable and ctx.quant is not Quantization.NONE
+    layer_input = x
+    # What the method's wrapper does to the input before the base layer runs (IA3).
+    x = ctx.method.linear_input(seg, ctx, x, spec, quantized=quantized)
     trainable = ctx.trains_linear if spec.trainable is None else spec.trainable
     trainable = trainable and not quantized
     bias_trainable = spec.bias and (trainable or ctx.trains_bias)
@@ -141,7 +144,7 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
             param_grads=grads,
             saves_params=x.requires_grad,  # mm keeps the weight for the input's gradient
         )
-    return ctx.method.linear(seg, ctx, x, out, spec, quantized=quantized)
+    return ctx.method.linear(seg, ctx, layer_input, out, spec, quantized=quantized)
 
 
 def grouped_linear(
@@ -186,7 +189,7 @@ def rms_norm(
     cast back (Olmo2RMSNorm's ``(weight * x).to(input_dtype)``).
     T5LayerNorm computes the same quantities as Llama's.
     """
-    trainable = ctx.trains_norm
+    trainable = ctx.trains_norm_at(label)
     x32, rstd = rms_statistics(seg, x, label, size)
     # mul backward for rstd: (grad * x).sum(-1) materializes grad * x before the reduction.
     normed = seg.op(
@@ -331,6 +334,7 @@ def attention_core(
     kv_broadcast: bool = False,
     head_major_q: bool = False,
     context_numel: int | None = None,
+    causal: bool = False,
 ) -> Tensor:
     """Scaled dot-product attention over (batch, heads, seq, head_dim) tensors.
 
@@ -347,7 +351,8 @@ def attention_core(
     kernel. ``head_major_q``: q is laid out (batch, heads, seq, head_dim) in memory (a rotary
     ``cat``), not a transposed view. ``context_numel``: the output's size when the values'
     heads are narrower than the queries' and keys' (MLA); CPU SDPA then has no fused kernel
-    (check_head_dim_size_cpp) and runs the math path.
+    (check_head_dim_size_cpp) and runs the math path. ``causal``: a causal model's SDPA gets
+    ``is_causal=True`` when it is handed no mask (sdpa_attention_forward).
     """
     b, s = ctx.batch, ctx.seq_len
     kv_len = kv_len or s
@@ -381,6 +386,7 @@ def attention_core(
             float_mask=float_mask,
             kv_broadcast=kv_broadcast,
             context_numel=context_numel,
+            is_causal=causal and float_mask is None,
         )
     if not sdpa:
         return _eager_attention(
@@ -511,6 +517,7 @@ def _math_sdpa(
     float_mask: Tensor | None = None,
     kv_broadcast: bool = False,
     context_numel: int | None = None,
+    is_causal: bool = False,
 ) -> Tensor:
     """_scaled_dot_product_attention_math (the CPU path with dropout, or key/value heads to
     broadcast): 16-bit inputs are upcast to fp32 (locals until it returns); q is scaled by
@@ -520,7 +527,9 @@ def _math_sdpa(
     and heads with reshape, which copies an operand strided by a transposed view when the
     batch is more than one sequence (the bmm then saves the copy). An additive mask is added
     to the scores in place; key/value heads broadcast to several query heads are expanded by
-    at::matmul (a copy unless the batch is one sequence).
+    at::matmul (a copy unless the batch is one sequence). With ``is_causal`` it builds its own
+    mask after scaling q: ``ones({L, S}, kBool).tril()`` turned into an additive one in the
+    scaled query's dtype (convert_boolean_attn_mask), a local until it returns.
     """
     out_dtype = q.dtype
     views = [q, k, v]
@@ -530,6 +539,8 @@ def _math_sdpa(
     ]
     q, k, v = upcast
     q = seg.op(f"{label}.q_scaled", [q], q.numel, DType.FP32)
+    if is_causal:
+        float_mask = _causal_mask(seg, ctx.seq_len * kv_len, label)
     k_scaled = k = seg.op(f"{label}.k_scaled", [k], k.numel, DType.FP32)
     upcast.append(q)
     full_kv = q.numel // ctx.seq_len * kv_len
@@ -560,6 +571,14 @@ def _math_sdpa(
     # The output is (batch, heads, seq, head_dim) in memory: sdpa_attention_forward's
     # transpose(1, 2).contiguous() copies it.
     return seg.op(f"{label}.transpose", [out], out.numel, out.dtype, passthrough_grad=True)
+
+
+def _causal_mask(seg: Segment, numel: int, label: str) -> Tensor:
+    """_scaled_dot_product_attention_math's is_causal mask: a boolean (L, S) ``ones().tril()``
+    and the fp32 additive mask ``where`` makes of it (one per call, not per sequence)."""
+    ones = seg.op(f"{label}.causal_ones", [], numel, DType.BOOL, requires_grad=False)
+    lower = seg.op(f"{label}.causal_tril", [ones], numel, DType.BOOL, requires_grad=False)
+    return seg.op(f"{label}.causal_mask", [lower], numel, DType.FP32, requires_grad=False)
 
 
 def _eager_attention(
@@ -639,7 +658,7 @@ def layer_norm(
     CPU autocast leaves layer_norm alone, and the kernel takes a 16-bit input with fp32 weights.
     """
     rows = x.numel // size
-    trainable = affine and ctx.trains_norm
+    trainable = affine and ctx.trains_norm_at(label)
     upcast = ctx.amp and ctx.device == "cuda"
     x_in = cast(seg, x, DType.FP32, f"{label}.autocast") if upcast else x
     # CUDA keeps mean and rstd in fp32; the CPU kernel returns them in the input's dtype, or

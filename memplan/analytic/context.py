@@ -67,6 +67,9 @@ class StepContext:
     trains_bias: bool = False  # bias terms (linear and norm biases)
     trains_norm: bool = False  # norm scales
     trains_embedding: bool = False  # embeddings, the LM head and other tables
+    model_type: str = ""  # the family's Hugging Face model_type (peft's defaults are keyed by it)
+    # Norm modules (names or dotted suffixes) whose trainable copy runs instead (LN tuning).
+    norm_targets: frozenset[str] = frozenset()
 
     @property
     def num_tokens(self) -> Count:
@@ -81,6 +84,14 @@ class StepContext:
     def activation_dtype(self) -> DType:
         """Dtype of the residual stream (fp32 under AMP: embeddings and norms run in fp32)."""
         return self.weight_dtype
+
+    def trains_norm_at(self, label: str) -> bool:
+        """Whether the norm called ``label`` (its module path in the layer) has a trainable
+        scale: the method trains every norm, or this one is a target (matched as peft matches
+        target_modules: the whole name or a dotted suffix)."""
+        return self.trains_norm or any(
+            label == t or label.endswith(f".{t}") for t in self.norm_targets
+        )
 
     def has_lora(self, role: LinearRole | None) -> bool:
         return role is not None and role in self.lora_roles
@@ -144,6 +155,8 @@ class StepContext:
             trains_bias=tuning.trains(ParamKind.BIAS, bias=True),
             trains_norm=tuning.trains(ParamKind.NORM, bias=False),
             trains_embedding=tuning.trains(ParamKind.EMBEDDING, bias=False),
+            model_type=family(spec.family).model_types[0],
+            norm_targets=frozenset(tuning.norm_targets(spec)),
         )
 
     def param_grad(

@@ -31,6 +31,7 @@ from memplan.analytic.blocks import (
 from memplan.analytic.context import StepContext
 from memplan.analytic.graph import Segment, Tensor
 from memplan.dtypes import DType, dtype_bytes
+from memplan.families import family
 from memplan.specs.model import ModelSpec
 
 
@@ -135,6 +136,7 @@ def attention_context(
         mask=masked,
         head_major_q=head_major_q,
         context_numel=context_numel,
+        causal=family(spec.family).causal,
     )
     if hold_qkv:
         seg.hold(*locals_, label=f"{label}.qkv_locals")
@@ -587,6 +589,8 @@ class PreLnStyle:
     # output "projection" (the layer applies dropout: OPT, GPT-NeoX), their "dropout"
     # (GPT-2), or dropout and the "residual" add (BLOOM's dropout_add).
     branch_end: Literal["projection", "dropout", "residual"] = "projection"
+    # The two LayerNorms' module names (before the attention, before the MLP).
+    norms: tuple[str, str] = ("ln_1", "ln_2")
 
 
 def pre_ln_layer(
@@ -603,7 +607,7 @@ def pre_ln_layer(
     heads, kv_heads = spec.num_attention_heads // tp, spec.num_key_value_heads // tp
     x = seg.input(n * h, ctx.activation_dtype, "layer.input", requires_grad=input_requires_grad)
     shared: tuple[Tensor, ...] = ()
-    ln1 = layer_norm(seg, ctx, x, "ln_1", h)
+    ln1 = layer_norm(seg, ctx, x, style.norms[0], h)
     q, k, v = qkv_projections(seg, ctx, spec, ln1, names=style.qkv)
     if spec.position_embedding == "rope":
         cos, sin = rope_tables(spec, ctx, seg, style.rotary_dim)
@@ -632,7 +636,7 @@ def pre_ln_layer(
     o = _branch_end(seg, ctx, spec, o, x, "attn", style.branch_end)
     seg.hold(ln1)  # `hidden_states` names ln_1's output until the attention returns
     if spec.parallel_attention:
-        mlp_in = layer_norm(seg, ctx, x, "ln_2", h)
+        mlp_in = layer_norm(seg, ctx, x, style.norms[1], h)
         m = plain_mlp(seg, ctx, spec, mlp_in, style.mlp, style.mlp_act)
         m = _branch_end(seg, ctx, spec, m, x, "mlp", style.branch_end)
         # GPTNeoXLayer: mlp_output + attn_output + hidden_states, the branches summed first.
@@ -640,7 +644,7 @@ def pre_ln_layer(
         seg.hold(mlp_in, x)
         return LayerGraph(seg, x, out, shared)
     h1 = o if with_residual else residual_add(seg, x, o, "residual_attn")
-    ln2 = layer_norm(seg, ctx, h1, "ln_2", h)
+    ln2 = layer_norm(seg, ctx, h1, style.norms[1], h)
     m = plain_mlp(seg, ctx, spec, ln2, style.mlp, style.mlp_act)
     m = _branch_end(seg, ctx, spec, m, h1, "mlp", style.branch_end)
     seg.hold(ln2)  # ... and ln_2's output until the MLP returns

@@ -85,6 +85,7 @@ class Bloom(PreLnFamily):
         from memplan.analytic.layers import PreLnStyle
 
         return PreLnStyle(
+            norms=("input_layernorm", "post_attention_layernorm"),
             qkv=("self_attention.query_key_value",),
             out="self_attention.dense",
             mlp=("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),

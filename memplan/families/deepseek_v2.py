@@ -359,9 +359,15 @@ class DeepseekV2(Llama):
             head_major_q=True,
             context_numel=n * heads * vd,  # values of v_head_dim
         )
-        return linear(
+        out = linear(
             seg, ctx, context, LinearSpec("self_attn.o_proj", heads * vd, h, "o", bias=bias)
         )
+        # DeepseekV2Attention.forward's locals name these until it returns, after o_proj: `q`
+        # (the projection, viewed), `compressed_kv`, `k_nope` (the normed latent), the rotated
+        # `q_pe` and `k_pe`, and `query_states`, `key_states` and `value_states` (a view of
+        # kv_b_proj's output). Under checkpointing's no-grad forward nothing else keeps them.
+        seg.hold(q, ckv, latent, q_pe, k_pe, query, key, kv, label="self_attn.locals")
+        return out
 
     def _moe(self, seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor) -> Tensor:
         """DeepseekV2Moe: routed experts (grouped_mm) plus the shared-expert MLP."""

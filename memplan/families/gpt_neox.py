@@ -99,6 +99,7 @@ class GptNeox(PreLnFamily):
         from memplan.analytic.layers import PreLnStyle
 
         return PreLnStyle(
+            norms=("input_layernorm", "post_attention_layernorm"),
             qkv=("attention.query_key_value",),
             out="attention.dense",
             mlp=("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),

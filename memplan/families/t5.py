@@ -552,7 +552,7 @@ def _t5_norm(seg: Segment, ctx: StepContext, x: Tensor, label: str, size: int) -
     from memplan.analytic.blocks import cast, promote, rms_statistics
     from memplan.dtypes import DType, dtype_bytes
 
-    trainable = ctx.trains_norm
+    trainable = ctx.trains_norm_at(label)
     _, rstd = rms_statistics(seg, x, label, size)
     normed_dtype = promote(x.dtype, DType.FP32)
     # mul backward for rstd: (grad * x).sum(-1) materializes grad * x before the reduction.

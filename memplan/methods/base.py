@@ -102,7 +102,17 @@ class TuningMethod:
         """Tensors the method adds to the model (this rank's tensor-parallel share)."""
         return []
 
+    def norm_targets(self, spec: ModelSpec) -> tuple[str, ...]:
+        """Norm modules (names or dotted suffixes) whose forward runs a trainable copy."""
+        return ()
+
     # -- the step -------------------------------------------------------------------------------
+    def linear_input(
+        self, seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec, *, quantized: bool
+    ) -> Tensor:
+        """The input the base layer of a linear receives, given the layer's input ``x``."""
+        return x
+
     def linear(
         self,
         seg: Segment,

@@ -119,6 +119,12 @@ LLAMA_3B_TRAINABLE = {
     "dora": 28 * (8 * (3072 + 3072 + 3072 + 1024) + 3072 + 1024),
     # 20 virtual tokens x hidden 3072
     "prompt-tuning": 20 * 3072,
+    # IA3: the outputs of k_proj and v_proj (1024 each), the input of down_proj (8192)
+    "ia3": 28 * (1024 + 1024 + 8192),
+    # copies of input_layernorm and post_attention_layernorm per layer, and the final norm
+    "ln-tuning": (2 * 28 + 1) * 3072,
+    # the prompt embedding and the encoder's three 3072 x 3072 linears with their biases
+    "p-tuning": 20 * 3072 + 3 * (3072 * 3072 + 3072),
 }
 
 
