@@ -224,6 +224,8 @@ _SETUP_FLAGS: Final = {
     "adapter_dtype": "--adapter-dtype",
     "adapter_size": "--adapter-size",
     "prefix_len": "--prefix-len",
+    "loha_r": "--loha-r",
+    "loha_alpha": "--loha-alpha",
     "device": "--device",
 }
 _SWITCHES: Final = {

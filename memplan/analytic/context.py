@@ -51,6 +51,8 @@ class StepContext:
     trains_bias: bool = False  # bias terms (linear and norm biases)
     trains_norm: bool = False  # norm scales
     trains_embedding: bool = False  # embeddings, the LM head and other tables
+    # The whole setup, for a method's own settings (loha_r, vera_r, adapter_len, ...).
+    setup: TrainingSetup | None = None
 
     @property
     def num_tokens(self) -> Count:
@@ -91,7 +93,12 @@ class StepContext:
                 setup.precision.compute_dtype if setup.kbit_prep else setup.precision.weight_dtype
             ),
             method=tuning,
-            lora_roles=lora_roles(spec, setup) if tuning.uses_lora else frozenset(),
+            # Methods that read lora_targets (LoRA, LoHa, LoKr, VeRA) adapt the targeted roles.
+            lora_roles=(
+                lora_roles(spec, setup)
+                if tuning.uses_lora or "lora_targets" in tuning.setting_fields
+                else frozenset()
+            ),
             lora_r=setup.lora_r,
             lora_dropout=setup.lora_dropout,
             attention=family(spec.family).attention(setup.attention),
@@ -108,6 +115,7 @@ class StepContext:
             trains_bias=tuning.trains(ParamKind.BIAS, bias=True),
             trains_norm=tuning.trains(ParamKind.NORM, bias=False),
             trains_embedding=tuning.trains(ParamKind.EMBEDDING, bias=False),
+            setup=setup,
         )
 
     def param_grad(
