@@ -141,6 +141,8 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefix-len", type=int, help="virtual tokens of prefix tuning (default 30)")
     g.add_argument("--loha-r", type=int, help="LoHa rank (default 8, peft LoHaConfig)")
     g.add_argument("--loha-alpha", type=float, help="LoHa alpha (default 8)")
+    g.add_argument("--lokr-r", type=int, help="LoKr rank (default 8, peft LoKrConfig)")
+    g.add_argument("--lokr-alpha", type=float, help="LoKr alpha (default 8)")
     g.add_argument(
         "--device",
         choices=["cuda", "cpu"],
@@ -218,6 +220,8 @@ def setup_from_args(args: argparse.Namespace, spec: Any) -> Any:
         "prefix_len": args.prefix_len,
         "loha_r": args.loha_r,
         "loha_alpha": args.loha_alpha,
+        "lokr_r": args.lokr_r,
+        "lokr_alpha": args.lokr_alpha,
         "device": args.device,
         "library_versions": _assumed_versions(args.assume) if args.assume else None,
     }

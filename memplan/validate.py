@@ -226,6 +226,8 @@ _SETUP_FLAGS: Final = {
     "prefix_len": "--prefix-len",
     "loha_r": "--loha-r",
     "loha_alpha": "--loha-alpha",
+    "lokr_r": "--lokr-r",
+    "lokr_alpha": "--lokr-alpha",
     "device": "--device",
 }
 _SWITCHES: Final = {

@@ -32,8 +32,12 @@ def _loha() -> Any:
     return peft.LoHaConfig()
 
 
+def _lokr() -> Any:
+    return peft.LoKrConfig()
+
+
 # Each method's peft configuration, with peft's defaults (memplan's defaults must be the same).
-CONFIGS: dict[str, Callable[[], Any]] = {"loha": _loha}
+CONFIGS: dict[str, Callable[[], Any]] = {"loha": _loha, "lokr": _lokr}
 MODELS = ("llama-3.2-3b", "tiny-llama", "tiny-qwen2", "tiny-bert", "tiny-falcon", "tiny-t5")
 
 
@@ -64,3 +68,39 @@ def test_loha_on_llama_3_2_3b() -> None:
     # w1_a, w2_a (out x 8) and w1_b, w2_b (8 x in) each.
     per_layer = 2 * 8 * (3072 + 3072) + 2 * 8 * (1024 + 3072)
     assert _memplan_count("llama-3.2-3b", "loha") == 28 * per_layer == 4_587_520
+
+
+def test_lokr_factorization_is_peft_s() -> None:
+    from peft.tuners.lokr.layer import factorization as peft_factorization
+
+    from memplan.methods.lokr import factorization
+
+    for dimension in (*range(1, 600), 1024, 3072, 4096, 8192, 11008, 14336, 128256):
+        assert factorization(dimension) == peft_factorization(dimension, -1)
+
+
+def test_lokr_on_llama_3_2_3b() -> None:
+    # 3072 = 48 x 64, 1024 = 32 x 32; r=8 < 64/2: w2 is decomposed (w2_a b x 8, w2_b 8 x d).
+    q = 48 * 48 + 64 * 8 + 8 * 64  # lokr_w1 (a x c), w2_a, w2_b
+    v = 32 * 48 + 32 * 8 + 8 * 64
+    assert _memplan_count("llama-3.2-3b", "lokr") == 28 * (q + v) == 157_696
+
+
+def test_decomposed_lokr_and_autocast_loha_follow_the_traced_step() -> None:
+    """Paths the oracle's defaults do not reach: LoKr's w2_a @ w2_b (r < max(b, d) / 2) and
+    LoHa under bf16 autocast, against the real CPU step."""
+    from memplan.analytic.predict import predict
+    from memplan.torchsim.step import trace_step
+
+    spec = load_model("tiny-llama")
+    for method, fields in (
+        ("lokr", {"lokr_r": 2}),
+        ("loha", {"precision": "bf16-amp"}),
+        ("lokr", {"lokr_r": 2, "precision": "bf16-amp"}),
+    ):
+        setup = TrainingSetup(method=method, micro_batch_size=2, seq_len=64, device="cpu", **fields)
+        measured = trace_step(spec, setup, mode="cpu").trace.peak()
+        predicted = predict(spec, setup).trace.peak()
+        assert predicted.peak_bytes == pytest.approx(measured.peak_bytes, rel=0.01)
+        for category, nbytes in measured.breakdown_bytes.items():
+            assert abs(predicted.breakdown_bytes[category] - nbytes) <= 0.01 * measured.peak_bytes
