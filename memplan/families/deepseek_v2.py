@@ -359,9 +359,14 @@ class DeepseekV2(Llama):
             head_major_q=True,
             context_numel=n * heads * vd,  # values of v_head_dim
         )
-        return linear(
+        out = linear(
             seg, ctx, context, LinearSpec("self_attn.o_proj", heads * vd, h, "o", bias=bias)
         )
+        # DeepseekV2Attention.forward's locals (q, compressed_kv, the rotated q_pe and k_pe,
+        # query_states, kv, key_states) live until it returns; a checkpoint's recomputation
+        # that stops inside the attention holds them until it stops.
+        seg.hold(q, ckv, q_pe, k_pe, query, kv, key, label="self_attn.locals")
+        return out
 
     def _moe(self, seg: Segment, ctx: StepContext, spec: ModelSpec, x: Tensor) -> Tensor:
         """DeepseekV2Moe: routed experts (grouped_mm) plus the shared-expert MLP."""
