@@ -143,6 +143,7 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loha-alpha", type=float, help="LoHa alpha (default 8)")
     g.add_argument("--lokr-r", type=int, help="LoKr rank (default 8, peft LoKrConfig)")
     g.add_argument("--lokr-alpha", type=float, help="LoKr alpha (default 8)")
+    g.add_argument("--vera-r", type=int, help="VeRA rank of the shared projections (default 256)")
     g.add_argument(
         "--device",
         choices=["cuda", "cpu"],
@@ -222,6 +223,7 @@ def setup_from_args(args: argparse.Namespace, spec: Any) -> Any:
         "loha_alpha": args.loha_alpha,
         "lokr_r": args.lokr_r,
         "lokr_alpha": args.lokr_alpha,
+        "vera_r": args.vera_r,
         "device": args.device,
         "library_versions": _assumed_versions(args.assume) if args.assume else None,
     }

@@ -228,6 +228,7 @@ _SETUP_FLAGS: Final = {
     "loha_alpha": "--loha-alpha",
     "lokr_r": "--lokr-r",
     "lokr_alpha": "--lokr-alpha",
+    "vera_r": "--vera-r",
     "device": "--device",
 }
 _SWITCHES: Final = {

@@ -36,16 +36,20 @@ def _lokr() -> Any:
     return peft.LoKrConfig()
 
 
+def _vera() -> Any:
+    return peft.VeraConfig()
+
+
 # Each method's peft configuration, with peft's defaults (memplan's defaults must be the same).
-CONFIGS: dict[str, Callable[[], Any]] = {"loha": _loha, "lokr": _lokr}
+CONFIGS: dict[str, Callable[[], Any]] = {"loha": _loha, "lokr": _lokr, "vera": _vera}
 MODELS = ("llama-3.2-3b", "tiny-llama", "tiny-qwen2", "tiny-bert", "tiny-falcon", "tiny-t5")
 
 
-def _peft_count(model: str, method: str) -> int:
+def _peft_count(model: str, method: str, config: Any = None) -> int:
     spec = load_model(model)
     with third_party_warnings_muted():
         built = build_meta_model(spec, TrainingSetup(method=method))
-        peft_model = peft.get_peft_model(built.model, CONFIGS[method]())
+        peft_model = peft.get_peft_model(built.model, config or CONFIGS[method]())
     trainable, _ = peft_model.get_nb_trainable_parameters()
     return int(trainable)
 
@@ -70,6 +74,18 @@ def test_loha_on_llama_3_2_3b() -> None:
     assert _memplan_count("llama-3.2-3b", "loha") == 28 * per_layer == 4_587_520
 
 
+def test_vera_on_gpt2_conv1d_equals_peft() -> None:
+    # VeRA adapts transformers' Conv1D too (fan_in_fan_out); LoHa and LoKr refuse it.
+    config = peft.VeraConfig(fan_in_fan_out=True)  # Conv1D stores (in, out)
+    assert _memplan_count("tiny-gpt2", "vera") == _peft_count("tiny-gpt2", "vera", config)
+
+
+def test_vera_on_llama_3_2_3b() -> None:
+    # lambda_b (out) and lambda_d (r=256) on q_proj (3072) and v_proj (1024) in 28 layers;
+    # the shared vera_A (256 x 3072) and vera_B (3072 x 256) are frozen buffers.
+    assert _memplan_count("llama-3.2-3b", "vera") == 28 * (3072 + 256 + 1024 + 256) == 129_024
+
+
 def test_lokr_factorization_is_peft_s() -> None:
     from peft.tuners.lokr.layer import factorization as peft_factorization
 
@@ -87,8 +103,9 @@ def test_lokr_on_llama_3_2_3b() -> None:
 
 
 def test_decomposed_lokr_and_autocast_loha_follow_the_traced_step() -> None:
-    """Paths the oracle's defaults do not reach: LoKr's w2_a @ w2_b (r < max(b, d) / 2) and
-    LoHa under bf16 autocast, against the real CPU step."""
+    """Paths the oracle's defaults do not reach, against the real CPU step: LoKr's
+    w2_a @ w2_b (r < max(b, d) / 2), LoHa and LoKr under bf16 autocast, VeRA on 4-bit weights
+    (peft's bitsandbytes backend clones the base output) and under autocast."""
     from memplan.analytic.predict import predict
     from memplan.torchsim.step import trace_step
 
@@ -97,6 +114,9 @@ def test_decomposed_lokr_and_autocast_loha_follow_the_traced_step() -> None:
         ("lokr", {"lokr_r": 2}),
         ("loha", {"precision": "bf16-amp"}),
         ("lokr", {"lokr_r": 2, "precision": "bf16-amp"}),
+        ("vera", {"quant": "nf4"}),
+        ("vera", {"quant": "nf4", "kbit_prep": True, "precision": "bf16-amp"}),
+        ("vera", {"precision": "bf16-amp", "grad_ckpt": True}),
     ):
         setup = TrainingSetup(method=method, micro_batch_size=2, seq_len=64, device="cpu", **fields)
         measured = trace_step(spec, setup, mode="cpu").trace.peak()

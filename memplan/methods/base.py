@@ -41,7 +41,7 @@ Step = tuple[int, str]
 
 @dataclass(frozen=True, slots=True)
 class AddedParam:
-    """``count`` identical tensors a method adds to the model, all trainable."""
+    """``count`` identical tensors a method adds to the model (trainable unless it says so)."""
 
     label: str
     numel: int  # elements of one tensor on this rank (after tensor parallelism)
@@ -49,6 +49,7 @@ class AddedParam:
     full_numel: int  # elements of one whole tensor (for the trainable-parameter count)
     dtype: DType
     shape: tuple[int, ...] = ()
+    trainable: bool = True  # False: a frozen buffer (VeRA's shared projections)
 
 
 class TuningMethod:
