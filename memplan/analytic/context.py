@@ -51,7 +51,7 @@ class StepContext:
     trains_bias: bool = False  # bias terms (linear and norm biases)
     trains_norm: bool = False  # norm scales
     trains_embedding: bool = False  # embeddings, the LM head and other tables
-    # The whole setup, for a method's own settings (loha_r, vera_r, adapter_len, ...).
+    # The whole setup, for a method's own settings (loha_r, lokr_r, vera_r, ...).
     setup: TrainingSetup | None = None
 
     @property

@@ -233,17 +233,6 @@ class TrainingSetup(BaseModel):
         le=MAX_RANK,
         description="VeRA rank: rows of the shared frozen projections (peft VeraConfig.r).",
     )
-    adapter_len: PositiveInt = Field(
-        default=10,
-        le=MAX_SEQ_LEN,
-        description="Adapter tokens of LLaMA-Adapter (peft AdaptionPromptConfig.adapter_len).",
-    )
-    adapter_layers: PositiveInt = Field(
-        default=30,
-        le=MAX_SEQ_LEN,
-        description="Top layers that get LLaMA-Adapter prompts (peft "
-        "AdaptionPromptConfig.adapter_layers).",
-    )
     defaults_from_method: tuple[str, ...] = Field(
         default=(),
         description="Fields filled from the method's typical setup (reported as assumptions).",
