@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, Final
 
-from memplan.errors import MemplanError
 from memplan.methods.base import AddedParam, TuningMethod
 from memplan.methods.lora import lora_roles, targeted_linears
 
@@ -24,7 +23,7 @@ if TYPE_CHECKING:
     from memplan.analytic.blocks import LinearSpec
     from memplan.analytic.context import StepContext
     from memplan.analytic.graph import ParamGrad, Segment, Tensor
-    from memplan.architecture import Architecture, ParamTensor
+    from memplan.architecture import Architecture
     from memplan.specs.model import ModelSpec
     from memplan.specs.training import TrainingSetup
 
@@ -111,28 +110,35 @@ class DeltaWeightMethod(TuningMethod):
     def added_params(
         self, arch: Architecture, setup: TrainingSetup, ctx: StepContext
     ) -> list[AddedParam]:
-        from memplan.architecture import ParamKind
+        """The factors of each targeted linear. Under tensor parallelism each rank adapts its
+        shard of the linear (column-parallel: out / tp rows; row-parallel: in / tp columns)
+        and rebuilds that shard's delta weight (the shapes ``linear`` sees)."""
+        from memplan.architecture import ROW_PARALLEL_ROLES, ParamKind
 
-        if ctx.tensor_parallel_degree > 1:
-            raise MemplanError(
-                f"method={self.name} under tensor parallelism: peft rebuilds each layer's whole "
-                "delta weight, which memplan does not split across ranks"
-            )
         r, _ = self.rank_alpha(setup)
+        tp = ctx.tensor_parallel_degree
         out: list[AddedParam] = []
         for block, t in arch.tensors():
             if t.kind is not ParamKind.LINEAR or t.copies != 1 or not ctx.has_lora(t.role):
                 continue
-            for part, rows, cols in self._factors_of(t, r):
-                label = f"{block.name}.{t.name.removesuffix('.weight')}.{part}"
-                numel = rows * cols
+            row_parallel = t.role in ROW_PARALLEL_ROLES
+            in_share = -(-t.in_features // tp) if row_parallel else t.in_features
+            out_share = t.out_features if row_parallel else -(-t.out_features // tp)
+            full = self.factors(t.out_features, t.in_features, r)
+            shard = self.factors(out_share, in_share, r)
+            name = t.name.removesuffix(".weight")
+            for (part, rows, cols), (_, full_rows, full_cols) in zip(shard, full, strict=False):
                 out.append(
-                    AddedParam(label, numel, block.repeat, numel, ctx.adapter_dtype, (rows, cols))
+                    AddedParam(
+                        f"{block.name}.{name}.{part}",
+                        rows * cols,
+                        block.repeat,
+                        full_rows * full_cols,
+                        ctx.adapter_dtype,
+                        (rows, cols),
+                    )
                 )
         return out
-
-    def _factors_of(self, t: ParamTensor, r: int) -> list[tuple[str, int, int]]:
-        return self.factors(t.out_features, t.in_features, r)
 
     def linear(
         self,
@@ -197,8 +203,6 @@ class DeltaWeightMethod(TuningMethod):
 
         from memplan.architecture import lora_module_names
 
-        if not built.is_hf:
-            raise MemplanError(f"method={self.name} needs a transformers model (peft)")
         built.model.requires_grad_(False)
         names = lora_module_names(spec)
         targets = sorted({names[r] for r in lora_roles(spec, setup) if r in names})

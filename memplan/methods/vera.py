@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from memplan.dtypes import DType, dtype_bytes
-from memplan.errors import MemplanError
 from memplan.methods.base import AddedParam, TuningMethod
 from memplan.methods.lora import lora_roles, targeted_linears
 
@@ -75,20 +74,24 @@ class VeRA(TuningMethod):
     def added_params(
         self, arch: Architecture, setup: TrainingSetup, ctx: StepContext
     ) -> list[AddedParam]:
-        """lambda_b (out) and lambda_d (r) per adapted linear; vera_A and vera_B once."""
-        if ctx.tensor_parallel_degree > 1:
-            raise MemplanError(
-                "method=vera under tensor parallelism: memplan does not split the shared "
-                "projections across ranks"
-            )
-        r = setup.vera_r
+        """lambda_b (out) and lambda_d (r) per adapted linear; vera_A and vera_B once.
+
+        Under tensor parallelism a column-parallel linear's lambda_b is split with its
+        output rows; lambda_d and the shared projections are replicated."""
+        from memplan.architecture import ROW_PARALLEL_ROLES
+
+        r, tp = setup.vera_r, ctx.tensor_parallel_degree
         targeted = _targeted(arch, ctx)
         out: list[AddedParam] = []
         for block, t in targeted:
             name = f"{block.name}.{t.name.removesuffix('.weight')}"
-            for part, numel in (("vera_lambda_b", t.out_features), ("vera_lambda_d", r)):
+            rows = t.out_features if t.role in ROW_PARALLEL_ROLES else -(-t.out_features // tp)
+            for part, share, numel in (
+                ("vera_lambda_b", rows, t.out_features),
+                ("vera_lambda_d", r, r),
+            ):
                 out.append(
-                    AddedParam(f"{name}.{part}", numel, block.repeat, numel, ctx.adapter_dtype)
+                    AddedParam(f"{name}.{part}", share, block.repeat, numel, ctx.adapter_dtype)
                 )
         # The shared projections (VeraModel._init_vera_A_vera_B), fp32 buffers made once.
         max_in = max((t.in_features for _, t in targeted), default=0)
@@ -195,8 +198,6 @@ class VeRA(TuningMethod):
 
         from memplan.architecture import lora_module_names
 
-        if not built.is_hf:
-            raise MemplanError("method=vera needs a transformers model (peft)")
         built.model.requires_grad_(False)
         names = lora_module_names(spec)
         targets = sorted({names[r] for r in lora_roles(spec, setup) if r in names})
