@@ -150,6 +150,11 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--adapter-size", type=int, help="bottleneck width of adapters (default 64)")
     g.add_argument("--prefix-len", type=int, help="virtual tokens of prefix tuning (default 30)")
+    g.add_argument("--loha-r", type=int, help="LoHa rank (default 8, peft LoHaConfig)")
+    g.add_argument("--loha-alpha", type=float, help="LoHa alpha (default 8)")
+    g.add_argument("--lokr-r", type=int, help="LoKr rank (default 8, peft LoKrConfig)")
+    g.add_argument("--lokr-alpha", type=float, help="LoKr alpha (default 8)")
+    g.add_argument("--vera-r", type=int, help="VeRA rank of the shared projections (default 256)")
     g.add_argument(
         "--prompt-len",
         type=int,
@@ -278,6 +283,11 @@ def setup_from_args(args: argparse.Namespace, spec: Any) -> Any:
         "adapter_size": args.adapter_size,
         "prefix_len": args.prefix_len,
         "prompt_len": args.prompt_len,
+        "loha_r": args.loha_r,
+        "loha_alpha": args.loha_alpha,
+        "lokr_r": args.lokr_r,
+        "lokr_alpha": args.lokr_alpha,
+        "vera_r": args.vera_r,
         "device": args.device,
         "library_versions": _assumed_versions(args.assume) if args.assume else None,
     }

@@ -226,6 +226,11 @@ _SETUP_FLAGS: Final = {
     "adapter_dtype": "--adapter-dtype",
     "adapter_size": "--adapter-size",
     "prefix_len": "--prefix-len",
+    "loha_r": "--loha-r",
+    "loha_alpha": "--loha-alpha",
+    "lokr_r": "--lokr-r",
+    "lokr_alpha": "--lokr-alpha",
+    "vera_r": "--vera-r",
     "device": "--device",
 }
 _SWITCHES: Final = {

@@ -70,6 +70,8 @@ class StepContext:
     model_type: str = ""  # the family's Hugging Face model_type (peft's defaults are keyed by it)
     # Norm modules (names or dotted suffixes) whose trainable copy runs instead (LN tuning).
     norm_targets: frozenset[str] = frozenset()
+    # The whole setup, for a method's own settings (loha_r, lokr_r, vera_r, ...).
+    setup: TrainingSetup | None = None
 
     @property
     def num_tokens(self) -> Count:
@@ -131,7 +133,12 @@ class StepContext:
                 setup.precision.compute_dtype if setup.kbit_prep else setup.precision.weight_dtype
             ),
             method=tuning,
-            lora_roles=lora_roles(spec, setup) if tuning.uses_lora else frozenset(),
+            # Methods that read lora_targets (LoRA, LoHa, LoKr, VeRA) adapt the targeted roles.
+            lora_roles=(
+                lora_roles(spec, setup)
+                if tuning.uses_lora or "lora_targets" in tuning.setting_fields
+                else frozenset()
+            ),
             lora_r=setup.lora_r,
             lora_dropout=setup.lora_dropout,
             attention=family(spec.family).attention(setup.attention),
@@ -157,6 +164,7 @@ class StepContext:
             trains_embedding=tuning.trains(ParamKind.EMBEDDING, bias=False),
             model_type=family(spec.family).model_types[0],
             norm_targets=frozenset(tuning.norm_targets(spec)),
+            setup=setup,
         )
 
     def param_grad(

@@ -126,17 +126,19 @@ def model_state(
             _add_base_tensor(state, block, tensor, setup, ctx, weight_divisor, storage_dtype)
     for added in ctx.method.added_params(arch, setup, ctx):
         share = -(-added.numel // weight_divisor)
+        category = Category.TRAINABLE_WEIGHTS if added.trainable else Category.FROZEN_WEIGHTS
         state.groups.append(
             TensorGroup(
                 added.label,
                 share,
                 added.dtype,
                 added.count,
-                shape=added.shape,
+                category,
+                added.shape,
                 gets_grad=added.in_step,
             )
         )
-        state.num_trainable_params += added.full_numel * added.count
+        state.num_trainable_params += added.full_numel * added.count * added.trainable
     quantized = any(_quantized(t, setup) for block in arch.blocks for t in block.params)
     if quantized and setup.double_quant:
         # Double quantization's 8-bit code book, made once on the device and shared by every

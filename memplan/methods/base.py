@@ -41,7 +41,7 @@ Step = tuple[int, str]
 
 @dataclass(frozen=True, slots=True)
 class AddedParam:
-    """``count`` identical tensors a method adds to the model, all trainable."""
+    """``count`` identical tensors a method adds to the model (trainable unless it says so)."""
 
     label: str
     numel: int  # elements of one tensor on this rank (after tensor parallelism)
@@ -52,6 +52,7 @@ class AddedParam:
     # False: added to a module no op of the step runs (a vision tower under text-only inputs):
     # it trains, but gets no .grad and so no optimizer state.
     in_step: bool = True
+    trainable: bool = True  # False: a frozen buffer (VeRA's shared projections)
 
 
 class TuningMethod:

@@ -249,7 +249,8 @@ class TrainingSetup(BaseModel):
     )
     lora_targets: tuple[LinearRole, ...] | None = Field(
         default=None,
-        description="Linear roles that get adapters; None: peft's default for the family.",
+        description="Linear roles that get adapters (LoRA, LoHa, LoKr, VeRA); None: peft's "
+        "default for the family.",
     )
     adapter_dtype: DType = Field(
         default=DType.FP32,
@@ -260,6 +261,29 @@ class TrainingSetup(BaseModel):
     )
     prefix_len: PositiveInt = Field(
         default=30, le=MAX_SEQ_LEN, description="Virtual tokens of prefix tuning."
+    )
+    loha_r: PositiveInt = Field(
+        default=8, le=MAX_RANK, description="LoHa rank r (peft LoHaConfig.r)."
+    )
+    loha_alpha: float = Field(
+        default=8.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="LoHa scaling numerator alpha (peft LoHaConfig.alpha).",
+    )
+    lokr_r: PositiveInt = Field(
+        default=8, le=MAX_RANK, description="LoKr rank r (peft LoKrConfig.r)."
+    )
+    lokr_alpha: float = Field(
+        default=8.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="LoKr scaling numerator alpha (peft LoKrConfig.alpha).",
+    )
+    vera_r: PositiveInt = Field(
+        default=256,
+        le=MAX_RANK,
+        description="VeRA rank: rows of the shared frozen projections (peft VeraConfig.r).",
     )
     prompt_len: PositiveInt = Field(
         default=20,
