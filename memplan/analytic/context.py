@@ -58,6 +58,8 @@ class StepContext:
     # trl's fused LM head (add_fused_lm_head): per-token log-probabilities instead of logits
     # (objective=dpo; memplan.analytic.preference).
     fused_logprobs: bool = False
+    # torch.autocast caches trainable linears' weight casts (ModelFamily.cached_weight_casts).
+    cached_weight_casts: bool = True
     # The optimizer each parameter is stepped with inside backward (optimizer_in_bwd).
     optimizer_in_backward: tuple[Optimizer, OptimizerImpl] | None = None
     device: str = "cuda"  # "cuda" or "cpu": decides kernel workspaces and fallbacks
@@ -133,6 +135,7 @@ class StepContext:
             loss=setup.loss,
             loss_chunks=setup.num_loss_chunks,
             fused_logprobs=setup.objective is Objective.DPO,
+            cached_weight_casts=family(spec.family).cached_weight_casts,
             optimizer_in_backward=(
                 (setup.optimizer, setup.optimizer_impl) if setup.optimizer_in_backward else None
             ),
