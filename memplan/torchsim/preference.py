@@ -45,7 +45,12 @@ def _unwrapped(model: nn.Module) -> nn.Module:
 
 def add_fused_head(model: nn.Module) -> None:
     """trl's ``add_fused_lm_head`` with DPOTrainer's outputs, on the transformers model."""
-    from trl.trainer.utils import add_fused_lm_head
+    try:
+        from trl.trainer.utils import add_fused_lm_head
+    except ImportError as exc:
+        raise MemplanError(
+            f"objective=dpo is traced through trl's own code ({exc}): pip install 'memplan[trl]'"
+        ) from exc
 
     from memplan.preference import FUSED_HEAD_OUTPUTS
 
