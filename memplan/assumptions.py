@@ -8,7 +8,14 @@ from memplan.families import family
 from memplan.overheads import CUDA_CONTEXT_BYTES, communicator_bytes
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import Offload, ParallelSetup
-from memplan.specs.training import LossKind, Optimizer, OptimizerImpl, Precision, TrainingSetup
+from memplan.specs.training import (
+    LossKind,
+    Objective,
+    Optimizer,
+    OptimizerImpl,
+    Precision,
+    TrainingSetup,
+)
 from memplan.units import format_bytes
 
 _PRECISION = {
@@ -139,11 +146,15 @@ def _method_lines(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
         lines.append("4-bit matmuls keep their input for backward (bitsandbytes before 0.43.2)")
     if not setup.logits_fp32:
         lines.append("cross-entropy on logits in the compute dtype (no fp32 upcast)")
-    return lines + _loss_lines(spec, setup)
+    from memplan.preference import assumptions as objective_lines
+
+    return lines + _loss_lines(spec, setup) + objective_lines(setup)
 
 
 def _loss_lines(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
     """What the loss keeps of the logits (memplan.analytic.losses)."""
+    if setup.loss is LossKind.FULL and setup.objective is Objective.DPO:
+        return []  # trl's fused head (memplan.preference)
     if setup.loss is LossKind.FULL:
         return []
     if setup.loss is LossKind.CHUNKED:

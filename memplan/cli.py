@@ -45,7 +45,16 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training setup (unset flags take the method's typical values)")
     from memplan.dtypes import Quantization
     from memplan.methods import method_names
-    from memplan.specs import Attention, FSDPStrategy, Offload, Optimizer, OptimizerImpl, Precision
+    from memplan.specs import (
+        Attention,
+        FSDPStrategy,
+        Objective,
+        Offload,
+        Optimizer,
+        OptimizerImpl,
+        Precision,
+        RefModel,
+    )
     from memplan.stacks import DEFAULT_STACK, stacks
 
     g.add_argument(
@@ -117,7 +126,27 @@ def _add_setup_flags(p: argparse.ArgumentParser) -> None:
         "chunked[:N] (torchtune's LinearCrossEntropyLoss: N chunks of tokens, default 8), "
         "fused-linear (Liger) or cut (Apple's cut cross-entropy)",
     )
-    g.add_argument("--batch", type=int, help="micro-batch size (default 1)")
+    g.add_argument(
+        "--objective",
+        choices=[o.value for o in Objective],
+        help="training objective: sft (default) or dpo (trl DPOTrainer: --batch pairs, their "
+        "chosen and rejected sequences in one forward, a reference model); orpo, kto and "
+        "reward are refused (not modelled)",
+    )
+    g.add_argument(
+        "--ref-model",
+        choices=[r.value for r in RefModel],
+        help="DPO's reference: copy (a second, frozen model; trl's default for full "
+        "fine-tuning) or adapters-disabled (the policy without its adapters; trl's default "
+        "for peft methods)",
+    )
+    g.add_argument(
+        "--precomputed-ref",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="DPO with precompute_ref_log_probs: no reference model during training",
+    )
+    g.add_argument("--batch", type=int, help="micro-batch size (default 1; dpo: pairs)")
     g.add_argument("--seq", type=int, help="sequence length in tokens (default 512)")
     g.add_argument("--target-seq", type=int, help="decoder length of encoder-decoder models")
     g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
@@ -266,6 +295,9 @@ def setup_from_args(args: argparse.Namespace, spec: Any) -> Any:
         "loss": args.loss[0] if args.loss else None,
         "loss_chunks": args.loss[1] if args.loss else None,
         "master_weights": args.master_weights,
+        "objective": args.objective,
+        "ref_model": args.ref_model,
+        "precomputed_ref": args.precomputed_ref,
         "micro_batch_size": args.batch,
         "seq_len": args.seq,
         "target_seq_len": args.target_seq,

@@ -41,7 +41,7 @@ from memplan.methods.lora import lora_roles
 from memplan.plan import GpuTarget, PlanResult, resolve_gpu
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import Offload, ParallelSetup, Sharding
-from memplan.specs.training import Method, Optimizer, TrainingSetup
+from memplan.specs.training import Method, Objective, Optimizer, TrainingSetup
 from memplan.step_time import CPU_ADAM_PARAMS_PER_S, TimeEstimate, time_estimate
 from memplan.support import layout_needs, machine_fits, missing, setup_needs
 from memplan.throughput import (
@@ -552,7 +552,8 @@ def _layout(parallel: ParallelSetup, **fields: Any) -> ParallelSetup:
 
 
 def _layout_edits(parallel: ParallelSetup, setup: TrainingSetup) -> list[_Edit]:
-    if setup.optimizer_in_backward:  # modelled on one GPU only (predict.check_parallel)
+    # Modelled without sharding only (predict.check_parallel): optimizer in backward, DPO.
+    if setup.optimizer_in_backward or setup.objective is Objective.DPO:
         return []
     edits = []
     fsdp = parallel.sharding is Sharding.FSDP

@@ -203,6 +203,18 @@ def test_bad_flags(run_cli: Run, flag: str, value: str) -> None:
         (["--optimizer-in-backward", "--gpus", "2"], "one GPU"),
         (["--optimizer-in-backward", "--gpus", "4", "--zero", "3"], "one GPU"),
         (["--loss", "chunked", "--fsdp", "--gpus", "2", "--optimizer-in-backward"], "one GPU"),
+        # DPO's reference settings, objectives trl runs with other trainers.
+        (["--method", "lora", "--precomputed-ref"], "objective=sft has none"),
+        (["--method", "lora", "--ref-model", "copy"], "objective=sft has none"),
+        (["--objective", "orpo"], "objective=orpo is not modelled"),
+        (["--objective", "kto"], "objective=kto is not modelled"),
+        (["--objective", "reward"], "objective=reward is not modelled"),
+        (["--objective", "dpo", "--method", "full", "--ref-model", "adapters-disabled"], "peft"),
+        (["--objective", "dpo", "--precomputed-ref", "--ref-model", "copy"], "does not apply"),
+        (["--objective", "dpo", "--method", "qlora", "--ref-model", "copy"], "quantized"),
+        (["--objective", "dpo", "--method", "prefix"], "modelled for methods"),
+        (["--objective", "dpo", "--loss", "chunked"], "fused LM head"),
+        (["--objective", "dpo", "--gpus", "2", "--zero", "3"], "ZeRO, FSDP"),
     ],
 )
 def test_settings_that_do_not_apply_are_refused(run_cli: Run, argv: list[str], needle: str) -> None:
@@ -214,6 +226,12 @@ def test_settings_that_do_not_apply_are_refused(run_cli: Run, argv: list[str], n
 def test_losses_of_causal_lm_heads_only(run_cli: Run, model: str, loss: str) -> None:
     """A masked-LM head, an encoder-decoder head, soft-capped logits: only --loss full."""
     assert "use loss=full" in _one_line_error(run_cli("plan", model, "--loss", loss))
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-t5", "tiny-gemma2"])
+def test_dpo_needs_a_causal_lm_head(run_cli: Run, model: str) -> None:
+    """trl's fused log-prob head: not for a masked-LM, encoder-decoder or soft-capped head."""
+    assert "causal LM heads" in _one_line_error(run_cli("plan", model, "--objective", "dpo"))
 
 
 def test_recommend_token_counts(run_cli: Run) -> None:

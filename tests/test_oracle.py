@@ -163,12 +163,23 @@ def test_analytical_equals_measured_within_one_percent(
 
 # Each feature the tracer runs for real, with the methods it is held to on every family: the
 # grid grows by families x methods, one shape (torchtune's chunked loss on 126 counted tokens:
-# 8 chunks of 16 and 15 rows; optimizer-in-backward through register_post_accumulate_grad_hook).
+# 8 chunks of 16 and 15 rows; optimizer-in-backward through register_post_accumulate_grad_hook;
+# DPO through trl's fused LM head on 2 pairs, 4 sequences).
 FEATURES: dict[str, dict[str, Any]] = {
     "chunked-loss": {"loss": "chunked"},
     "optimizer-in-backward": {"optimizer_in_backward": True},
+    # trl's DPO: full fine-tuning against a reference copy, LoRA against its adapters disabled.
+    "dpo": {"objective": "dpo"},
+    "dpo-precomputed-ref": {"objective": "dpo", "precomputed_ref": True},
+    "dpo-ckpt": {"objective": "dpo", "grad_ckpt": True},
 }
-FEATURE_METHODS = {"chunked-loss": ("full", "lora"), "optimizer-in-backward": ("full", "lora")}
+FEATURE_METHODS = {
+    "chunked-loss": ("full", "lora"),
+    "optimizer-in-backward": ("full", "lora"),
+    "dpo": ("full", "lora"),
+    "dpo-precomputed-ref": ("lora",),
+    "dpo-ckpt": ("lora",),
+}
 FEATURE_SHAPE = (2, 64)
 
 

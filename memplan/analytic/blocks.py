@@ -113,7 +113,7 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
                 requires_grad=bias_trainable,
                 param_grads=grads[1:],
             )
-            if bias_trainable:
+            if bias_trainable and ctx.cached_weight_casts:
                 seg.autocast_cached.append(bc)
         # The cast's backward turns the compute-dtype weight gradient into the fp32 .grad.
         wc = seg.op(
@@ -124,7 +124,7 @@ def linear(seg: Segment, ctx: StepContext, x: Tensor, spec: LinearSpec) -> Tenso
             requires_grad=trainable,
             param_grads=grads[:1],
         )
-        if trainable:
+        if trainable and ctx.cached_weight_casts:
             seg.autocast_cached.append(wc)
         operands = [xin, wc] + ([bc] if bc is not None else [])
         out = seg.op(

@@ -16,6 +16,7 @@ from memplan.specs.training import (
     Attention,
     LinearRole,
     LossKind,
+    Objective,
     Optimizer,
     OptimizerImpl,
     TrainingSetup,
@@ -54,6 +55,11 @@ class StepContext:
     logits_fp32: bool = True  # ForCausalLMLoss upcasts logits
     loss: LossKind = LossKind.FULL  # how the LM head and cross-entropy run
     loss_chunks: int = 1  # chunks of loss=chunked
+    # trl's fused LM head (add_fused_lm_head): per-token log-probabilities instead of logits
+    # (objective=dpo; memplan.analytic.preference).
+    fused_logprobs: bool = False
+    # torch.autocast caches trainable linears' weight casts (ModelFamily.cached_weight_casts).
+    cached_weight_casts: bool = True
     # The optimizer each parameter is stepped with inside backward (optimizer_in_bwd).
     optimizer_in_backward: tuple[Optimizer, OptimizerImpl] | None = None
     device: str = "cuda"  # "cuda" or "cpu": decides kernel workspaces and fallbacks
@@ -120,7 +126,7 @@ class StepContext:
         seq_len = (seq_len or setup.seq_len) + virtual
         prefix_len = tuning.kv_prefix_len(setup)
         return cls(
-            batch=setup.micro_batch_size,
+            batch=setup.sequences_per_forward,
             vocab_size=spec.vocab_size,
             seq_len=seq_len,
             weight_dtype=setup.precision.weight_dtype,
@@ -145,12 +151,14 @@ class StepContext:
             adapter_size=setup.adapter_size,
             prefix_len=prefix_len,
             virtual_tokens=virtual,
-            batched=setup.micro_batch_size > 1,
+            batched=setup.sequences_per_forward > 1,
             sdpa_mask=_sdpa_mask(spec, setup, seq_len + prefix_len, prefix_len),
             quant_matmul_saves_input=setup.quant_matmul_saves_input,
             logits_fp32=setup.logits_fp32,
             loss=setup.loss,
             loss_chunks=setup.num_loss_chunks,
+            fused_logprobs=setup.objective is Objective.DPO,
+            cached_weight_casts=family(spec.family).cached_weight_casts,
             optimizer_in_backward=(
                 (setup.optimizer, setup.optimizer_impl) if setup.optimizer_in_backward else None
             ),

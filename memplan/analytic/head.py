@@ -158,7 +158,12 @@ def causal_lm_loss(
     spec: ModelSpec, ctx: StepContext, x: Tensor, seg: Segment
 ) -> tuple[Tensor, Tensor]:
     """LM head and ForCausalLMLoss (logits upcast to fp32 unless the setup says otherwise),
-    or a loss that never holds the whole logits (:mod:`memplan.analytic.losses`)."""
+    or a loss that never holds the whole logits (:mod:`memplan.analytic.losses`), or trl's
+    fused log-prob head (:mod:`memplan.analytic.preference`)."""
+    if ctx.fused_logprobs:
+        from memplan.analytic.preference import fused_logprob_head
+
+        return fused_logprob_head(spec, ctx, x, seg)
     if ctx.loss is not LossKind.FULL:
         from memplan.analytic.losses import BUILDERS
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from memplan.analytic.context import StepContext
 from memplan.analytic.model_graph import build_model_graph
 from memplan.analytic.optimizer import OptimizerBytes, optimizer_bytes
+from memplan.analytic.preference import Reference
 from memplan.analytic.sharding import Sharded, effective_setup, fsdp_storage_dtype
 from memplan.analytic.step import StepComposer
 from memplan.analytic.symbolic import BATCH, SEQ_LEN, Count
@@ -18,9 +19,10 @@ from memplan.dtypes import DType
 from memplan.errors import MemplanError
 from memplan.families import families, family
 from memplan.loop import STEPS, TrainingLoop
+from memplan.preference import dpo_refusal
 from memplan.specs.model import ModelSpec
 from memplan.specs.parallel import ParallelSetup
-from memplan.specs.training import LossKind, TrainingSetup
+from memplan.specs.training import LossKind, Objective, TrainingSetup
 from memplan.trace import Category, Event, Phase, Repeat, Trace, TraceItem, allocation_bytes
 
 
@@ -54,9 +56,11 @@ def _mirror_frees(
     return out
 
 
-def _symbolic(ctx: StepContext, seq_len: Count) -> StepContext:
-    """``ctx`` with a symbolic micro-batch and the given (symbolic or fixed) length."""
-    return dataclasses.replace(ctx, batch=BATCH, seq_len=seq_len + ctx.virtual_tokens)
+def _symbolic(ctx: StepContext, seq_len: Count, *, sequences: int = 1) -> StepContext:
+    """``ctx`` with a symbolic micro-batch and the given (symbolic or fixed) length;
+    ``sequences``: sequences per micro-batch element (DPO's chosen and rejected: 2)."""
+    batch = BATCH * sequences if sequences > 1 else BATCH
+    return dataclasses.replace(ctx, batch=batch, seq_len=seq_len + ctx.virtual_tokens)
 
 
 def _decoder_context(
@@ -94,6 +98,8 @@ def check_applicable(spec: ModelSpec, setup: TrainingSetup) -> None:
     if reason:
         raise MemplanError(reason)
     own_loss = fam.loss_refusal(spec)
+    if setup.objective is Objective.DPO and (refusal := dpo_refusal(spec, own_loss)):
+        raise MemplanError(refusal)
     if setup.loss is not LossKind.FULL and own_loss:
         raise MemplanError(
             f"loss={setup.loss.value} is modelled for causal LM heads; {spec.name} ({fam.name}) "
@@ -109,6 +115,15 @@ def check_parallel(setup: TrainingSetup, parallel: ParallelSetup) -> None:
         raise MemplanError(
             "optimizer_in_backward is modelled on one GPU (torchtune's single-device recipe); "
             "with data parallelism or ZeRO/FSDP sharding it is not"
+        )
+    if setup.objective is Objective.DPO and (
+        parallel.zero_stage
+        or parallel.fsdp_strategy is not None
+        or parallel.tensor_parallel_degree > 1
+    ):
+        raise MemplanError(
+            "objective=dpo is modelled on one GPU or data parallel replicas; with ZeRO, FSDP or "
+            "tensor parallelism (trl shards the reference model too) it is not"
         )
 
 
@@ -171,7 +186,9 @@ def predict(
         grad_shard_dtype=storage_dtype,
     )
     if symbolic:
-        ctx = _symbolic(ctx, SEQ_LEN)
+        ctx = _symbolic(
+            ctx, SEQ_LEN, sequences=setup.sequences_per_forward // setup.micro_batch_size
+        )
     sharded = Sharded(shard, parallel, ctx)
     loop = TrainingLoop.of(setup)
     state = model_state(
@@ -184,7 +201,8 @@ def predict(
     groups = sharded.optimizer_groups(state)
     opt = optimizer_bytes(groups, setup.optimizer, setup.optimizer_impl, device=setup.device)
     load, cpu_bytes = sharded.load_items(state, groups, opt, trains=loop.trains)
-    trace = Trace("analytical", list(load))
+    reference = Reference.of(spec, setup, ctx, symbolic=symbolic)
+    trace = Trace("analytical", [*load, *reference.load_items()])
 
     graph = build_model_graph(
         spec,
@@ -208,7 +226,8 @@ def predict(
     )
     micro = [
         sharded.around_micro_batch(
-            _micro_batch(composer, ctx, loop, accumulate=accumulate), trains=loop.trains
+            _micro_batch(composer, ctx, loop, accumulate=accumulate, reference=reference),
+            trains=loop.trains,
         )
         for accumulate in loop.distinct_micro_batches
     ]
@@ -282,9 +301,13 @@ def _micro_batch(
     *,
     accumulate: bool,
     first_step: bool = True,
+    reference: Reference | None = None,
 ) -> list[TraceItem]:
     """One micro-batch: token ids and labels, forward, loss, backward (the first creates
-    .grad, later ones accumulate into it); every step reuses these events."""
+    .grad, later ones accumulate into it); every step reuses these events. ``reference``:
+    DPO's labels and reference forward (:class:`memplan.analytic.preference.Reference`)."""
+    if reference is not None and reference.dpo:
+        return reference.micro_batch(composer, loop, accumulate=accumulate)
     # int64 input_ids (saved by a trainable embedding for its backward) and labels.
     ids_bytes = allocation_bytes(ctx.input_tokens * 8)
     ids_category = (

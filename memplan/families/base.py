@@ -71,6 +71,10 @@ class ModelFamily:
     """Modules of a layer (dotted paths from it, negative indices count from the end) whose
     outputs get the attention and the MLP bottleneck adapter, in every layer stack; None: the
     layer's attention and MLP blocks, found by their usual names."""
+    cached_weight_casts: ClassVar[bool] = True
+    """torch.autocast caches the 16-bit cast of a linear's fp32 weight (F.linear reads the
+    parameter itself); False where the model multiplies by a view (``weight.T``), which
+    autocast never caches (aten/src/ATen/autocast_mode.cpp: ``!arg.is_view()``)."""
     own_loss: ClassVar[str] = ""
     """What the family's head computes instead of a causal LM's head and shifted cross-entropy
     (a masked-LM head, logit soft-capping): the losses of ``TrainingSetup.loss`` other than

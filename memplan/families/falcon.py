@@ -43,6 +43,8 @@ class FalconLayout(Layout):
 
 class Falcon(PreLnFamily):
     name = "falcon"
+    # FalconLinear.forward: ``input @ self.weight.T`` (modeling_falcon.py).
+    cached_weight_casts = False
     model_types = ("falcon",)
     tiny_model = "tiny-falcon"
     hf_model_class = "FalconForCausalLM"

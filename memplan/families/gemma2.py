@@ -153,7 +153,8 @@ class Gemma2(Llama):
     ) -> tuple[Tensor, Tensor]:
         from memplan.analytic.head import causal_lm_loss, cross_entropy, lm_head
 
-        if ctx.loss is not LossKind.FULL:  # refused with soft-capping (loss_refusal)
+        # Refused with soft-capping (loss_refusal), as is DPO's fused head.
+        if ctx.loss is not LossKind.FULL or ctx.fused_logprobs:
             return causal_lm_loss(spec, ctx, x, seg)
         logits = lm_head(spec, ctx, x, seg)
         if self.layout(spec).final_logit_softcapping:  # tanh(logits / cap) * cap

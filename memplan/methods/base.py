@@ -68,6 +68,8 @@ class TuningMethod:
     trains_weights: ClassVar[bool] = True
     """False for forward-only runs (no backward, no optimizer)."""
     uses_lora: ClassVar[bool] = False
+    peft: ClassVar[bool] = False
+    """Applied through peft: a PeftModel whose adapters can be disabled (trl's DPO reference)."""
     """Adds LoRA adapters to linear layers (the LoRA settings apply)."""
     adds_matmul_params: ClassVar[bool] = False
     """Its trainable tensors sit in every token's matmul path (adapters: they cost forward

@@ -96,6 +96,7 @@ def targeted_linears(spec: ModelSpec, setup: TrainingSetup) -> list[str]:
 
 class LoRA(TuningMethod):
     name = "lora"
+    peft = True
     summary = "low-rank adapters on frozen 16/32-bit weights (peft LoraConfig)"
     rank = 10
     uses_lora = True

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 class PromptTuning(TuningMethod):
     name = "prompt-tuning"
+    peft = True
     summary = "trainable virtual tokens before every sequence (Lester et al. 2021, peft)"
     rank = 45
     setting_fields = ("prompt_len",)

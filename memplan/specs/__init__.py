@@ -8,9 +8,11 @@ from memplan.specs.training import (
     LinearRole,
     LossKind,
     Method,
+    Objective,
     Optimizer,
     OptimizerImpl,
     Precision,
+    RefModel,
     TrainingSetup,
 )
 
@@ -23,11 +25,13 @@ __all__ = [
     "LossKind",
     "Method",
     "ModelSpec",
+    "Objective",
     "Offload",
     "Optimizer",
     "OptimizerImpl",
     "ParallelSetup",
     "Precision",
+    "RefModel",
     "Sharding",
     "TrainingSetup",
 ]

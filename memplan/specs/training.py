@@ -95,6 +95,31 @@ class LossKind(StrEnum):
 DEFAULT_LOSS_CHUNKS: Final = 8
 
 
+class Objective(StrEnum):
+    """What the step optimizes: the trainer that runs it (TRL for the preference objectives)."""
+
+    SFT = "sft"  # next-token cross-entropy (transformers Trainer, trl.SFTTrainer)
+    DPO = "dpo"  # trl.DPOTrainer: chosen and rejected sequences against a reference model
+    ORPO = "orpo"  # trl.experimental.orpo.ORPOTrainer (not modelled)
+    KTO = "kto"  # trl.experimental.kto.KTOTrainer (not modelled)
+    REWARD = "reward"  # trl.RewardTrainer: a sequence-classification head (not modelled)
+
+
+# Objectives whose trainer memplan models; the others are refused in one line.
+MODELLED_OBJECTIVES: Final = (Objective.SFT, Objective.DPO)
+
+
+class RefModel(StrEnum):
+    """Where DPO's reference log-probabilities come from during training."""
+
+    # A second model from the same weights (trl DPOTrainer without peft: create_model_from_path
+    # in the policy's dtype), run under torch.no_grad().
+    COPY = "copy"
+    # The policy itself with its adapters disabled (trl.trainer.utils.use_adapter ->
+    # PeftModel.disable_adapter()), under torch.no_grad(): no weights of its own.
+    ADAPTERS_DISABLED = "adapters-disabled"
+
+
 class Attention(StrEnum):
     EAGER = "eager"  # matmul + softmax: saves the s x s probabilities
     SDPA = "sdpa"  # torch scaled_dot_product_attention (flash / memory-efficient backends)
@@ -234,6 +259,26 @@ class TrainingSetup(BaseModel):
         description="Step the optimizer inside backward (torchtune's optimizer_in_bwd: one "
         "optimizer per parameter stepped in its post-accumulate-grad hook, then its gradient "
         "freed), so gradients never coexist. Needs grad_accum_steps=1.",
+    )
+    objective: Objective = Field(
+        default=Objective.SFT,
+        description="Training objective: sft (next-token cross-entropy) or dpo (trl's "
+        "DPOTrainer: chosen and rejected sequences of micro_batch_size pairs concatenated "
+        "into one forward of 2 x micro_batch_size sequences, per-token log-probabilities from "
+        "trl's fused LM head, a reference forward under no_grad); orpo, kto and reward are "
+        "refused (not modelled).",
+    )
+    ref_model: RefModel | None = Field(
+        default=None,
+        description="DPO's reference: copy (a frozen second model) or adapters-disabled (the "
+        "policy with its peft adapters disabled); None: trl's default (adapters-disabled for "
+        "peft methods, copy otherwise). Unused with precomputed_ref.",
+    )
+    precomputed_ref: bool = Field(
+        default=False,
+        description="DPO with precompute_ref_log_probs=True: the reference log-probabilities "
+        "are computed before training and read from the batch (no reference model in memory, "
+        "no reference forward during the step).",
     )
     device: Literal["cuda", "cpu"] = Field(
         default="cuda",
@@ -399,7 +444,31 @@ class TrainingSetup(BaseModel):
             raise ValueError("grad_ckpt_every > 1 needs grad_ckpt=True")
         self._check_loss()
         self._check_optimizer_in_backward()
+        self._check_objective()
         return self
+
+    def _check_objective(self) -> None:
+        from memplan.preference import check_objective
+
+        check_objective(self)
+
+    @property
+    def sequences_per_forward(self) -> int:
+        """Sequences one forward runs: DPO concatenates each pair's chosen and rejected
+        sequences into one batch (trl DPOTrainer: ``DataCollatorForPreference`` stacks
+        ``chosen_input_ids + rejected_input_ids``)."""
+        return self.micro_batch_size * (2 if self.objective is Objective.DPO else 1)
+
+    @property
+    def reference(self) -> RefModel | None:
+        """The reference DPO runs during the step (None: none: sft, or precomputed)."""
+        if self.objective is not Objective.DPO or self.precomputed_ref:
+            return None
+        if self.ref_model is not None:
+            return self.ref_model
+        # trl DPOTrainer: ``if is_peft_model(self.model) ... self.ref_model = None`` (the
+        # adapters are disabled instead), else a second model from the same checkpoint.
+        return RefModel.ADAPTERS_DISABLED if self.tuning.peft else RefModel.COPY
 
     def _check_loss(self) -> None:
         if self.loss_chunks is not None and self.loss is not LossKind.CHUNKED:

@@ -54,6 +54,7 @@ class BuiltModel:
     is_encoder_decoder: bool
     notes: list[str] = field(default_factory=list)
     causal_lm: bool = True  # a decoder trained on next-token prediction (peft task CAUSAL_LM)
+    reference: nn.Module | None = None  # DPO's reference copy (a second model, on meta)
 
 
 def has_transformers() -> bool:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from memplan.specs import LossKind, ModelSpec, ParallelSetup, TrainingSetup
+from memplan.specs import LossKind, ModelSpec, ParallelSetup, RefModel, TrainingSetup
 from memplan.torchsim.cuda_kernels import cuda_kernels
 from memplan.torchsim.fake import fake_tensors
 from memplan.torchsim.hooks import ModuleHooks
@@ -141,7 +141,19 @@ def prepare_model(request: RunRequest) -> tuple[nn.Module, BuiltModel]:
             hf_config=request.hf_config,
             num_layers=request.num_layers,
         )
-        return apply_method(built, request.spec, request.setup), built
+        model = apply_method(built, request.spec, request.setup)
+        if request.setup.reference is RefModel.COPY:
+            # trl: a second model from the same checkpoint, in the policy's dtype.
+            copy = request.setup.model_copy(update={"method": "full"})
+            ref_built = build_meta_model(
+                request.spec,
+                copy,
+                backend=request.backend,
+                hf_config=request.hf_config,
+                num_layers=request.num_layers,
+            )
+            built.reference = apply_method(ref_built, request.spec, copy)
+        return model, built
 
 
 def run_steps(

@@ -18,7 +18,7 @@ from torch.optim import Optimizer as TorchOptimizer
 
 from memplan.errors import MemplanError
 from memplan.loop import TrainingLoop
-from memplan.specs import LossKind, TrainingSetup
+from memplan.specs import LossKind, Objective, TrainingSetup
 from memplan.torchsim.losses import chunked_loss
 from memplan.torchsim.materialize import materialize
 from memplan.torchsim.models import COMPUTE_DTYPES, BuiltModel, lm_head_of
@@ -79,6 +79,8 @@ def load_session(
         tracker.pop_module()
     model.train()
     session.trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if setup.objective is Objective.DPO:
+        _load_reference(session, tracker)
     if tracker is not None:
         mark_weights(tracker, model)
         for name, param in session.trainable:
@@ -88,6 +90,31 @@ def load_session(
     if session.trains:
         session.optimizer = build_optimizer(model, setup, built.notes)
     return session
+
+
+def _load_reference(session: Session, tracker: MemoryTracker | None) -> None:
+    """DPO: trl's fused LM head on the policy (and on a reference copy, materialized after
+    it: its weights are frozen weights, though trl leaves them requiring grad)."""
+    from memplan.torchsim.preference import add_fused_head
+
+    if not session.built.is_hf:
+        raise MemplanError("objective=dpo is traced through transformers models only")
+    add_fused_head(session.model)
+    reference = session.built.reference
+    if reference is None:
+        return
+    if tracker is None:
+        materialize(reference, fill=not session.fake)
+    else:
+        tracker.push_module("reference")
+        materialize(reference, fill=not session.fake)
+        tracker.pop_module()
+        for name, param in reference.named_parameters():
+            tracker.mark_weight(param, Category.FROZEN_WEIGHTS, f"reference.{name}")
+        for name, buffer in reference.named_buffers():
+            tracker.mark_weight(buffer, Category.FROZEN_WEIGHTS, f"reference.{name}")
+    reference.train()
+    add_fused_head(reference)
 
 
 def _gradient_marker(tracker: MemoryTracker, name: str) -> Any:
@@ -211,7 +238,38 @@ def forward_loss(
     return loss
 
 
+def _dpo_micro_step(session: Session, step: int) -> None:
+    """trl DPOTrainer's training step on one micro-batch of pairs (:mod:`.preference`)."""
+    from memplan.torchsim.preference import dpo_loss, dpo_step, preference_batch
+
+    session.set_phase(Phase.FORWARD, step)
+    tracker = session.tracker
+    batch = preference_batch(session.setup, _vocab(session.model))
+    with dpo_step(session.fake):
+        loss = dpo_loss(
+            session.model,
+            session.built.reference,
+            session.setup,
+            batch,
+            set_phase=session.set_phase,
+            on_hidden=(lambda hidden: None) if tracker is None else _loss_start(tracker),
+        )
+        session.set_phase(Phase.BACKWARD)
+        if tracker is not None:
+            tracker.logits_window = True
+        loss.backward()  # type: ignore[no-untyped-call]
+        if tracker is not None:
+            tracker.logits_window, tracker.backward_context = False, ""
+            for name, param in session.trainable:
+                if param.grad is not None:
+                    tracker.mark_gradient(param.grad, f"{name}.grad")
+    del loss, batch
+
+
 def _micro_step(session: Session, step: int) -> None:
+    if session.setup.objective is Objective.DPO:
+        _dpo_micro_step(session, step)
+        return
     session.set_phase(Phase.FORWARD, step)
     built = session.built
     batch = synthetic_batch(session.model, session.setup, encoder_decoder=built.is_encoder_decoder)
