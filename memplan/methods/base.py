@@ -76,6 +76,9 @@ class TuningMethod:
     and weight-gradient FLOPs; memplan.throughput)."""
     allows_quantized_base: ClassVar[bool] = True
     """The frozen linear weights may be quantized (False when the method trains them)."""
+    needs_transformers: ClassVar[bool] = False
+    """The tracer applies it through peft on a transformers model only (not on the plain-torch
+    reference decoder)."""
     setting_fields: ClassVar[tuple[str, ...]] = ()
     """TrainingSetup fields that configure this method (others' settings are refused)."""
 

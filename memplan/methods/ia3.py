@@ -54,6 +54,7 @@ def _feedforward(module: str, feedforward: tuple[str, ...]) -> bool:
 
 class IA3(TuningMethod):
     name = "ia3"
+    needs_transformers = True
     summary = "a trainable scale per feature of a few linears (Liu et al. 2022, peft IA3Config)"
     rank = 40
     adds_matmul_params = False

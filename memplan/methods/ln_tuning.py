@@ -63,6 +63,7 @@ def matches(module: str, targets: tuple[str, ...]) -> bool:
 
 class LNTuning(TuningMethod):
     name = "ln-tuning"
+    needs_transformers = True
     summary = "trainable copies of the norms (Zhao et al. 2023, peft LNTuningConfig)"
     rank = 48
 

@@ -40,6 +40,7 @@ def _cache_numel(spec: ModelSpec, ctx: StepContext) -> int:
 
 class Prefix(TuningMethod):
     name = "prefix"
+    needs_transformers = True
     peft = True
     summary = "trainable key/value prefixes in every layer (Li & Liang 2021, peft)"
     rank = 40

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 class PromptTuning(TuningMethod):
     name = "prompt-tuning"
+    needs_transformers = True
     peft = True
     summary = "trainable virtual tokens before every sequence (Lester et al. 2021, peft)"
     rank = 45

@@ -49,7 +49,7 @@ def add_fused_head(model: nn.Module) -> None:
         from trl.trainer.utils import add_fused_lm_head
     except ImportError as exc:
         raise MemplanError(
-            f"objective=dpo is traced through trl's own code ({exc}): pip install 'memplan[trl]'"
+            f"objective=dpo is traced through trl's own code ({exc}): pip install 'memplan[hf]'"
         ) from exc
 
     from memplan.preference import FUSED_HEAD_OUTPUTS

@@ -22,6 +22,7 @@ from memplan.analytic.predict import check_applicable  # noqa: E402
 from memplan.catalog import load_model  # noqa: E402
 from memplan.errors import MemplanError  # noqa: E402
 from memplan.families import families  # noqa: E402
+from memplan.methods import method as tuning  # noqa: E402
 from memplan.methods import method_names  # noqa: E402
 from memplan.specs import TrainingSetup  # noqa: E402
 from memplan.torchsim import TraceResult, trace_step  # noqa: E402
@@ -81,8 +82,8 @@ def test_llama_grid(
 ) -> None:
     spec = load_model("tiny-llama")
     setup = _setup(method, ckpt, batch, seq, attention)
-    if backend == "reference" and method == "prefix":
-        with pytest.raises(MemplanError, match="needs a transformers model"):
+    if backend == "reference" and tuning(method).needs_transformers:
+        with pytest.raises(MemplanError, match="needs a transformers"):
             trace_step(spec, setup, mode="fake", backend=backend, steps=1)  # type: ignore[arg-type]
         return
     fake = trace_step(spec, setup, mode="fake", backend=backend, steps=1)  # type: ignore[arg-type]
