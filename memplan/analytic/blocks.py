@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from memplan.analytic.context import StepContext
 from memplan.analytic.graph import ParamGrad, Segment, Tensor
+from memplan.analytic.symbolic import ceil_to, value_at
 from memplan.dtypes import DType, Quantization, dtype_bytes
 from memplan.specs.training import Attention, LinearRole
 from memplan.trace import allocation_bytes
@@ -365,7 +366,11 @@ def attention_core(
     # CPU SDPA has no fused kernel with dropout and falls back to the math (eager-like) path.
     # ... and none for values narrower than the queries and keys (check_head_dim_size_cpp).
     narrow_v = context_numel is not None
-    backend = _cuda_sdpa_backend(ctx, q, num_heads, num_kv_heads, float_mask, narrow_v, kv_len)
+    backend = (
+        _cuda_sdpa_backend(ctx, q, num_heads, num_kv_heads, float_mask, narrow_v, kv_len)
+        if sdpa
+        else ""
+    )
     math_fallback = (
         kv_broadcast
         or (ctx.device == "cpu" and (dropout_p > 0 or narrow_v))
@@ -411,7 +416,7 @@ def attention_core(
     # already (b, s, heads, d) in memory.
     lse_len = s
     if backend == "efficient":  # logsumexp padded to whole 32-query blocks (kAlignLSE)
-        lse_len = -(-s // 32) * 32
+        lse_len = ceil_to(s, 32)
     lse = seg.op(f"{label}.logsumexp", [], b * num_heads * lse_len, DType.FP32, requires_grad=False)
     saved_rng: list[Tensor] = []
     if backend == "flash":
@@ -459,7 +464,7 @@ def _cuda_sdpa_backend(
         return ""
     if ctx.attention is Attention.FLASH:
         return "flash"
-    head_dim = q.numel // (ctx.batch * ctx.seq_len * num_heads)
+    head_dim = _head_dim(ctx, q, num_heads)
     half = q.dtype in (DType.BF16, DType.FP16)
     if half and float_mask is None and not narrow_v and head_dim <= 256:
         return "flash"
@@ -467,6 +472,13 @@ def _cuda_sdpa_backend(
     if head_dim % alignment == 0 and num_kv_heads == num_heads:
         return "efficient"
     return "math"
+
+
+def _head_dim(ctx: StepContext, q: Tensor, num_heads: int) -> int:
+    """Elements per head of the queries: the same for every shape, so one point of a symbolic
+    size gives it."""
+    tokens = value_at(q.numel, 1, 1) // num_heads
+    return tokens // value_at(ctx.batch * ctx.seq_len, 1, 1)
 
 
 def _fused_sdpa_backward_workspace_bytes(
@@ -481,12 +493,12 @@ def _fused_sdpa_backward_workspace_bytes(
     (its tile padding and key splits depend on the GPU and are not modelled).
     """
     b, s = ctx.batch, ctx.seq_len
-    head_dim = q.numel // (b * s * num_heads)
+    head_dim = _head_dim(ctx, q, num_heads)
     if backend == "efficient":
         return allocation_bytes(q.numel * 4)
     if backend != "flash":
         return 0
-    s_rounded = -(-s // 128) * 128
+    s_rounded = ceil_to(s, 128)
     head_8 = -(-head_dim // 8) * 8
     head_rounded = -(-head_8 // (32 if head_8 <= 128 else 64)) * (32 if head_8 <= 128 else 64)
     total = allocation_bytes(b * num_heads * s_rounded * 4)

@@ -27,10 +27,12 @@ Monomial = tuple[int, int]  # exponents of (batch, seq_len)
 
 
 class Rounded(NamedTuple):
-    """A polynomial (non-negative coefficients) rounded up to a multiple of ``granularity``."""
+    """A polynomial (non-negative coefficients) rounded up to a multiple of ``granularity``,
+    times the monomial ``factor`` (a kernel's length padded to whole blocks, times the batch)."""
 
     granularity: int
     poly: tuple[tuple[Monomial, int], ...]  # (monomial, coefficient), sorted
+    factor: Monomial = (0, 0)
 
 
 Term = Monomial | Rounded
@@ -97,7 +99,7 @@ class Size:
         if not isinstance(other, Size):
             return NotImplemented
         if not (self.is_polynomial and other.is_polynomial):
-            raise NotSymbolicError("product of rounded sizes")
+            return self._times_rounded(other)
         out: dict[Term, int] = {}
         for (bi, si), c in self._monomials():
             for (bj, sj), d in other._monomials():
@@ -128,10 +130,36 @@ class Size:
             return _normalize(out)
         raise NotSymbolicError("division by a size")
 
+    def _times_rounded(self, other: Size) -> Size | int:
+        """A product with rounded terms: exact when one side is a single monomial (its factor
+        moves into each rounded term); a product of two rounded sizes is not a polynomial."""
+        for mono, rest in ((self, other), (other, self)):
+            if mono.is_polynomial and len(mono.terms) == 1:
+                ((m, coef),) = mono.terms.items()
+                assert not isinstance(m, Rounded)
+                out: dict[Term, int] = {}
+                for term, c in rest.terms.items():
+                    if isinstance(term, Rounded):
+                        f = (term.factor[0] + m[0], term.factor[1] + m[1])
+                        key: Term = term._replace(factor=f)
+                    else:
+                        key = (term[0] + m[0], term[1] + m[1])
+                    out[key] = out.get(key, 0) + c * coef
+                return _normalize(out)
+        raise NotSymbolicError("product of rounded sizes")
+
     def round_up(self, granularity: int) -> Size:
-        """``-(-self // granularity) * granularity``, kept as a term of its own."""
-        if not self.is_polynomial or not self.is_positive:
+        """``-(-self // granularity) * granularity``, kept as a term of its own; a size whose
+        every term is already a whole multiple of ``granularity`` is its own rounding."""
+        if not self.is_positive:
             raise NotSymbolicError("rounding a size that may be negative")
+        if all(
+            (c * t.granularity if isinstance(t, Rounded) else c) % granularity == 0
+            for t, c in self.terms.items()
+        ):
+            return self
+        if not self.is_polynomial:
+            raise NotSymbolicError("rounding a rounded size")
         return Size({Rounded(granularity, tuple(sorted(self._monomials()))): 1})
 
     def _monomials(self) -> list[tuple[Monomial, int]]:
@@ -202,9 +230,30 @@ def term_values(term: Term, batch: Numbers, seq_len: Numbers) -> Numbers:
         value = batch * 0
         for monomial, coef in term.poly:
             value = value + coef * term_values(monomial, batch, seq_len)
-        return -(-value // term.granularity) * term.granularity
+        rounded = -(-value // term.granularity) * term.granularity
+        return rounded * term_values(term.factor, batch, seq_len)
     b, s = term
     return batch**b * seq_len**s
+
+
+def value_at(count: Count, batch: int, seq_len: int) -> int:
+    """``count`` at one (batch, seq_len): for a quantity every shape gives the same value (a
+    head size recovered from a tensor's elements), one point is the answer."""
+    if type(count) is int:
+        return count
+    import numpy as np
+
+    b, s = np.array([batch]), np.array([seq_len])
+    terms = count.terms  # type: ignore[attr-defined]
+    return int(sum(c * term_values(t, b, s)[0] for t, c in terms.items()))
+
+
+def ceil_to(count: Count, multiple: int) -> Count:
+    """``count`` rounded up to a whole number of ``multiple`` (a kernel's block padding), exact
+    for numbers and for symbolic sizes alike."""
+    if type(count) is int:
+        return -(-count // multiple) * multiple
+    return cast(Count, count.round_up(multiple))  # type: ignore[attr-defined]
 
 
 Count = int

@@ -136,6 +136,7 @@ class DeltaWeightMethod(TuningMethod):
                         full_rows * full_cols,
                         ctx.adapter_dtype,
                         (rows, cols),
+                        in_step=t.in_step,  # on a module the step never runs: no .grad
                     )
                 )
         return out

@@ -91,7 +91,14 @@ class VeRA(TuningMethod):
                 ("vera_lambda_d", r, r),
             ):
                 out.append(
-                    AddedParam(f"{name}.{part}", share, block.repeat, numel, ctx.adapter_dtype)
+                    AddedParam(
+                        f"{name}.{part}",
+                        share,
+                        block.repeat,
+                        numel,
+                        ctx.adapter_dtype,
+                        in_step=t.in_step,  # on a module the step never runs: no .grad
+                    )
                 )
         # The shared projections (VeraModel._init_vera_A_vera_B), fp32 buffers made once.
         max_in = max((t.in_features for _, t in targeted), default=0)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from memplan.analytic import sweep as sweep_module
 from memplan.analytic.predict import check_applicable, predict
 from memplan.analytic.sweep import shape_regime, sweep_peaks, trace_peaks
+from memplan.analytic.symbolic import NotSymbolicError
 from memplan.catalog import catalog_names, load_model
 from memplan.errors import MemplanError
 from memplan.specs import ParallelSetup, TrainingSetup
@@ -52,7 +53,13 @@ def test_symbolic_trace_gives_every_peak_of_the_numeric_one(
         regimes.setdefault(shape_regime(spec, _with_shape(setup, b, s)), []).append(i)
     for members in regimes.values():
         first = _with_shape(setup, *shapes[members[0]])
-        trace = predict(spec, first, parallel, symbolic=True).trace
+        try:
+            trace = predict(spec, first, parallel, symbolic=True).trace
+        except NotSymbolicError:
+            # a kernel's padding the polynomials cannot hold exactly (memory-efficient SDPA's
+            # log-sum-exp with a head count not a multiple of 4): the sweep plans such a
+            # regime shape by shape (sweep.sweep_peaks falls back to predict)
+            continue
         batch, seq_len = zip(*(shapes[i] for i in members), strict=True)
         assert trace_peaks(trace, batch, seq_len) == [expected[i] for i in members]
 
