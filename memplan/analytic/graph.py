@@ -338,17 +338,41 @@ def forward_events(
     return ForwardResult(ledger.events, list(saved.values()), list(deferred.values()))
 
 
+def _tied_bytes(g: ParamGrad) -> int:
+    """Bytes of one contribution to a tied gradient: the whole table's when gradients are
+    sharded, since autograd's InputBuffer sums the contributions before AccumulateGrad (and
+    the reduce-scatter behind it) runs."""
+    return g.unsharded_bytes or g.grad_bytes
+
+
 def _tied_sum(ledger: _Ledger, g: ParamGrad, *, accumulate: bool, first_step: bool) -> None:
     """The embedding's gradient, summed with the buffered LM-head one into .grad.
 
     AccumulateGrad runs after the embedding's node has released its incoming gradient.
+    Under sharded gradients the sum is the unsharded parameter's gradient: FSDP2's
+    post-backward copies it into the reduce-scatter input and writes this rank's shard
+    (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py foreach_reduce), then frees it
+    (_fsdp_param_group.py post_backward: ``fsdp_param.unsharded_param.grad = None``).
     """
-    if accumulate:  # the sum is added into the existing .grad in place
-        ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad (tied sum)")
+    part = _tied_bytes(g)
+    sharded = g.unsharded_bytes > 0
+    if sharded:
+        ledger.alloc(part, Category.TEMPORARIES, f"{g.label} grad (tied sum)")
+        ledger.free(part, Category.TEMPORARIES, f"{g.label} grad")
+        ledger.free(part, g.buffered_in, f"{g.label} grad (tied, buffered)")
+        ledger.transient(part, Category.TEMPORARIES, f"{g.label} reduce-scatter input")
+        if accumulate:
+            ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad shard")
+        else:
+            ledger.alloc(g.grad_bytes, Category.GRADIENTS, f"{g.label}.grad")
+        ledger.free(part, Category.TEMPORARIES, f"{g.label} grad (tied sum)")
     else:
-        ledger.alloc(g.grad_bytes, Category.GRADIENTS, f"{g.label}.grad")
-    ledger.free(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
-    ledger.free(g.grad_bytes, g.buffered_in, f"{g.label} grad (tied, buffered)")
+        if accumulate:  # the sum is added into the existing .grad in place
+            ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad (tied sum)")
+        else:
+            ledger.alloc(g.grad_bytes, Category.GRADIENTS, f"{g.label}.grad")
+        ledger.free(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
+        ledger.free(g.grad_bytes, g.buffered_in, f"{g.label} grad (tied, buffered)")
     if not accumulate:
         step_in_backward(ledger, g, first_step=first_step)
 
@@ -502,12 +526,14 @@ def backward_events(
                     stolen.add(id(g.precomputed.storage))
                     step_in_backward(ledger, g, first_step=first_step)
                 continue
-            if g.unsharded_bytes > g.grad_bytes:  # full gradient, reduce-scattered into a shard
+            tied = g.tie in ("first", "last")  # reduce-scattered once summed (_tied_sum)
+            if g.unsharded_bytes > g.grad_bytes and not tied:
+                # full gradient, reduce-scattered into a shard
                 ledger.transient(
                     g.unsharded_bytes, Category.TEMPORARIES, f"{g.label} unsharded grad"
                 )
             if g.tie == "first":
-                ledger.alloc(g.grad_bytes, category, f"{g.label} grad (tied, buffered)")
+                ledger.alloc(_tied_bytes(g), category, f"{g.label} grad (tied, buffered)")
             elif g.tie == "middle":
                 # InputBuffer adds this contribution to the buffered one out of place: the
                 # sum (a temporary) replaces the buffered gradient.
@@ -531,7 +557,7 @@ def backward_events(
                 if last and not (accumulate or g.accumulates):
                     step_in_backward(ledger, g, first_step=first_step)
             elif g.tie == "last":  # the node's contribution; summed once the node is done
-                ledger.alloc(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
+                ledger.alloc(_tied_bytes(g), Category.TEMPORARIES, f"{g.label} grad")
             elif accumulate or g.accumulates:  # AccumulateGrad adds into the existing .grad
                 ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
             else:  # the first gradient is stolen into .grad without a copy

@@ -16,6 +16,7 @@ Per-layer all-gather buffers are a size handed to the step composer (``gather_by
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from memplan.analytic.context import StepContext
 from memplan.analytic.optimizer import OptimizerBytes
@@ -57,6 +58,23 @@ def fsdp_storage_dtype(requested: TrainingSetup, parallel: ParallelSetup) -> DTy
     if parallel.sharding is Sharding.FSDP and requested.precision in _HALF:
         return requested.precision.weight_dtype
     return None
+
+
+class FSDP2Units(NamedTuple):
+    """Parameter counts of the units accelerate's FSDP2 path makes (one rank, unsharded)."""
+
+    tail_params: int  # final norm and LM head (with a tied embedding: final norm, embedding)
+    layer_params: int  # one decoder layer
+    layer_trainable_params: int  # one decoder layer's trainable parameters
+    tied: bool  # the embedding is the LM head: it joins the tail unit
+
+
+class FSDP2Buffers(NamedTuple):
+    """Bytes of FSDP2's communication buffers, in the compute dtype."""
+
+    tail_bytes: int  # the tail unit's unsharded parameters
+    reduce_bytes: int  # one layer's reduce-scatter input
+    layer_gather_bytes: int  # one layer's flat all-gather output
 
 
 @dataclass(frozen=True)
@@ -157,8 +175,8 @@ class Sharded:
         nbytes = numel * dtype_bytes(self.ctx.weight_dtype)
         return allocation_bytes(nbytes // self.parallel.tensor_parallel_degree)
 
-    def fsdp2_buffers(self, tail_params: int, layer_trainable_params: int) -> tuple[int, int]:
-        """FSDP2 (FULL_SHARD) communication buffers beyond one layer's gather: (tail, reduce).
+    def fsdp2_buffers(self, units: FSDP2Units) -> FSDP2Buffers:
+        """FSDP2 (FULL_SHARD) communication buffers beyond one layer's gather.
 
         tail: accelerate's last unit (final norm and LM head, ``reshard_after_forward=False``,
         accelerate/utils/fsdp_utils.py fsdp2_prepare_model) all-gathered at the end of the
@@ -168,11 +186,16 @@ class Sharded:
         reduce: the reduce-scatter input of a layer's gradients (world size x padded shard, in
         the 16-bit reduce dtype), kept until the next unit's post-backward
         (``reduce_scatter_states``, ``reduce_scatter_max_input_buffers`` = 1).
+        layer gather: one decoder layer's flat all-gather output (world size x padded shard).
         """
         if not self.shard.fsdp2:
-            return 0, 0
+            return FSDP2Buffers(0, 0, 0)
         itemsize = dtype_bytes(self.ctx.compute_dtype)
-        return tail_params * itemsize, layer_trainable_params * itemsize
+        return FSDP2Buffers(
+            units.tail_params * itemsize,
+            units.layer_trainable_params * itemsize,
+            units.layer_params * itemsize,
+        )
 
     @property
     def optimizer_on_device(self) -> bool:

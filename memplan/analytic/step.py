@@ -52,6 +52,7 @@ class StepComposer:
         tail_gather_bytes: int = 0,
         reduce_buffer_bytes: int = 0,
         tail_gathered_from_start: bool = False,
+        last_gather_bytes: int = 0,
     ) -> None:
         self.graph = graph
         self._first_step = True  # of the backward being composed (optimizer in backward)
@@ -65,6 +66,10 @@ class StepComposer:
         # it stays gathered from the start of the forward to the end of the backward (the
         # embedding's), its all-gather output freed at the first layer's all-gather.
         self.tail_from_start = tail_gathered_from_start
+        # No all-gather follows the last layer's then: its flat all-gather output lives until
+        # the root's post-forward, after the loss (_fsdp_state.py _post_forward frees
+        # ``comm_ctx.all_gather_state``), and the first reduce-scatter is the last layer's.
+        self.last_gather_bytes = allocation_bytes(last_gather_bytes) if self.tail_from_start else 0
         self.autograd = graph.autograd
         # ZeRO-3 / FULL_SHARD: each layer's parameters are all-gathered (with the next layer
         # prefetched) before it runs and released after, in forward and again in backward.
@@ -316,9 +321,14 @@ class StepComposer:
         if tail:
             items += [Event(tail, _TMP, Phase.LOSS, step, f"{label} (all-gather output)")]
             items += [Event(tail, _TMP, Phase.LOSS, step, label)]
+        last_label = "last layer's all-gather output"
+        if self.last_gather_bytes:
+            items.append(Event(self.last_gather_bytes, _TMP, Phase.LOSS, step, last_label))
         items += result.events
         if tail:
             items.append(Event(-tail, _TMP, Phase.LOSS, step, f"{label} (all-gather output)"))
+        if self.last_gather_bytes:
+            items.append(Event(-self.last_gather_bytes, _TMP, Phase.LOSS, step, last_label))
         items += _steps(g.forward_end, Phase.LOSS, step)
         for stack in g.stacks:
             items += self._release_locals(stack, step, outer=True)
@@ -393,7 +403,7 @@ class StepComposer:
             label = "gathered final norm and LM head"
             items.append(Event(-self.tail_gather_bytes, _TMP, Phase.BACKWARD, step, label))
         reduce = self.reduce_buffer_bytes
-        if reduce:
+        if reduce and not self.tail_from_start:
             items.append(Event(reduce, _TMP, Phase.BACKWARD, step, "reduce-scatter input"))
         grad = grads.get(id(g.loss_in))
         cross_grad: GradBytes | None = None
@@ -488,6 +498,9 @@ class StepComposer:
         cache: dict[tuple[object, ...], tuple[list[Event], list[list[int]]]] = {}
         keys = []
         release = self._stack_held_release(stack)
+        # FSDP2 with the tail unit gathered from the start: the first reduce-scatter input is
+        # the last layer's, made in its post-backward.
+        reduce_after = len(stack.layers) - 1 if self._reduce_after_last_layer(index) else None
         for i in reversed(range(len(stack.layers))):
             plan = stack.layers[i]
             key = (
@@ -498,6 +511,7 @@ class StepComposer:
                 cross is not None,
                 grad,
                 i == release,
+                i == reduce_after,
             )
             if key not in cache:
                 events, grad, layer_cross, layer_held = self._layer_backward(
@@ -505,6 +519,9 @@ class StepComposer:
                 )
                 if i == release:
                     events = events + _stack_held_events(stack, Phase.BACKWARD, step, _ACT)
+                if i == reduce_after:
+                    size, label = self.reduce_buffer_bytes, "reduce-scatter input"
+                    events = [*events, Event(size, _TMP, Phase.BACKWARD, step, label)]
                 cache[key] = events, layer_held
                 cross = cross or layer_cross
             keys.append(key)
@@ -531,6 +548,13 @@ class StepComposer:
             for t in _grad_leaves(stack)
         ]
         return items, None, cross
+
+    def _reduce_after_last_layer(self, index: int) -> bool:
+        return (
+            bool(self.reduce_buffer_bytes)
+            and self.tail_from_start
+            and index == len(self.graph.stacks) - 1
+        )
 
     def _layer_backward(
         self,
@@ -608,6 +632,9 @@ class StepComposer:
                         "encoder output grad accumulated",
                     )
                 )
+        # FSDP2 all-gathers the layer again in its pre-backward and prefetches the next one
+        # (_fsdp_state.py _pre_backward, _fsdp_param_group.py _backward_prefetch).
+        events = self._gathered(events, Phase.BACKWARD, step)
         return events, grads.get(id(lg.input)), new_cross, held
 
 
