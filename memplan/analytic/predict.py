@@ -210,7 +210,9 @@ def predict(
         tail_gather_bytes=buffers.tail_bytes,
         reduce_buffer_bytes=buffers.reduce_bytes,
         tail_gathered_from_start=units.tied,
-        last_gather_bytes=buffers.layer_gather_bytes,
+        layer_gather_bytes=buffers.layer_gather_bytes,
+        held_gathered=shard.keep_unsharded_until_backward,
+        embed_gather_bytes=buffers.embed_held_bytes,
     )
     micro = [
         sharded.around_micro_batch(
@@ -269,6 +271,9 @@ def fsdp2_units(spec: ModelSpec, state: ModelState, ctx: StepContext) -> FSDP2Un
     tail_blocks = ("final_norm", "embeddings") if tied else ("final_norm", "lm_head")
     tail = sum(t.numel for b in arch.blocks if b.name in tail_blocks for t in b.params)
     layer = sum(t.numel for b in arch.blocks if b.name == "decoder_layer" for t in b.params)
+    embed = (
+        0 if tied else sum(t.numel for b in arch.blocks if b.name == "embeddings" for t in b.params)
+    )
     outside = sum(
         t.numel * b.repeat
         for b in arch.blocks
@@ -277,7 +282,7 @@ def fsdp2_units(spec: ModelSpec, state: ModelState, ctx: StepContext) -> FSDP2Un
         if ctx.method.trains(t.kind, bias=is_bias(t))
     )
     per_layer = (state.num_trainable_params - outside) // max(spec.num_decoder_layers, 1)
-    return FSDP2Units(tail, layer, per_layer, tied)
+    return FSDP2Units(tail, layer, per_layer, embed, tied)
 
 
 def _micro_batch(

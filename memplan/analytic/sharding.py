@@ -66,6 +66,7 @@ class FSDP2Units(NamedTuple):
     tail_params: int  # final norm and LM head (with a tied embedding: final norm, embedding)
     layer_params: int  # one decoder layer
     layer_trainable_params: int  # one decoder layer's trainable parameters
+    embed_params: int  # the input embedding's own unit (0 when tied into the tail)
     tied: bool  # the embedding is the LM head: it joins the tail unit
 
 
@@ -75,6 +76,7 @@ class FSDP2Buffers(NamedTuple):
     tail_bytes: int  # the tail unit's unsharded parameters
     reduce_bytes: int  # one layer's reduce-scatter input
     layer_gather_bytes: int  # one layer's flat all-gather output
+    embed_held_bytes: int  # SHARD_GRAD_OP: the embedding unit, gathered forward to backward
 
 
 @dataclass(frozen=True)
@@ -176,7 +178,7 @@ class Sharded:
         return allocation_bytes(nbytes // self.parallel.tensor_parallel_degree)
 
     def fsdp2_buffers(self, units: FSDP2Units) -> FSDP2Buffers:
-        """FSDP2 (FULL_SHARD) communication buffers beyond one layer's gather.
+        """FSDP2 communication buffers beyond one layer's gather.
 
         tail: accelerate's last unit (final norm and LM head, ``reshard_after_forward=False``,
         accelerate/utils/fsdp_utils.py fsdp2_prepare_model) all-gathered at the end of the
@@ -189,12 +191,14 @@ class Sharded:
         layer gather: one decoder layer's flat all-gather output (world size x padded shard).
         """
         if not self.shard.fsdp2:
-            return FSDP2Buffers(0, 0, 0)
+            return FSDP2Buffers(0, 0, 0, 0)
         itemsize = dtype_bytes(self.ctx.compute_dtype)
+        held = self.shard.keep_unsharded_until_backward
         return FSDP2Buffers(
             units.tail_params * itemsize,
             units.layer_trainable_params * itemsize,
             units.layer_params * itemsize,
+            units.embed_params * itemsize if held else 0,
         )
 
     @property

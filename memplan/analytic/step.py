@@ -52,7 +52,9 @@ class StepComposer:
         tail_gather_bytes: int = 0,
         reduce_buffer_bytes: int = 0,
         tail_gathered_from_start: bool = False,
-        last_gather_bytes: int = 0,
+        layer_gather_bytes: int = 0,
+        held_gathered: bool = False,
+        embed_gather_bytes: int = 0,
     ) -> None:
         self.graph = graph
         self._first_step = True  # of the backward being composed (optimizer in backward)
@@ -69,7 +71,14 @@ class StepComposer:
         # No all-gather follows the last layer's then: its flat all-gather output lives until
         # the root's post-forward, after the loss (_fsdp_state.py _post_forward frees
         # ``comm_ctx.all_gather_state``), and the first reduce-scatter is the last layer's.
-        self.last_gather_bytes = allocation_bytes(last_gather_bytes) if self.tail_from_start else 0
+        layer = allocation_bytes(layer_gather_bytes)
+        self.last_gather_bytes = layer if self.tail_from_start else 0
+        # FSDP2 SHARD_GRAD_OP (reshard_after_forward=False): each layer's unsharded parameters
+        # stay from its forward to its post-backward, its flat all-gather output only until
+        # the next layer's all-gather; the embedding's unit likewise, from the start of the
+        # forward to the end of the backward.
+        self.held_layer_bytes = layer if held_gathered else 0
+        self.embed_gather_bytes = allocation_bytes(embed_gather_bytes)
         self.autograd = graph.autograd
         # ZeRO-3 / FULL_SHARD: each layer's parameters are all-gathered (with the next layer
         # prefetched) before it runs and released after, in forward and again in backward.
@@ -102,6 +111,9 @@ class StepComposer:
     def forward_items(self, step: int) -> tuple[list[TraceItem], int]:
         """Events of every stack's forward, and the bytes deferred to the end of the forward."""
         items: list[TraceItem] = _steps(self.graph.outside_forward, Phase.FORWARD, step)
+        if self.embed_gather_bytes:
+            label = "gathered embedding"
+            items.append(Event(self.embed_gather_bytes, _TMP, Phase.FORWARD, step, label))
         if self.tail_from_start and self.tail_gather_bytes:
             label = "gathered embedding and final norm"
             items.append(Event(self.tail_gather_bytes, _TMP, Phase.FORWARD, step, label))
@@ -254,6 +266,8 @@ class StepComposer:
         return [t for t in seg.cache_held if not (self.autograd and _saves(seg, t))]
 
     def _gathered(self, events: list[Event], phase: Phase, step: int) -> list[Event]:
+        if self.held_layer_bytes:
+            return self._held_gathered(events, phase, step)
         if not self.gather_bytes:
             return events
         size = allocation_bytes(self.gather_bytes)
@@ -261,6 +275,19 @@ class StepComposer:
             Event(size, _TMP, phase, step, "gathered parameters"),
             *events,
             Event(-size, _TMP, phase, step, "gathered parameters"),
+        ]
+
+    def _held_gathered(self, events: list[Event], phase: Phase, step: int) -> list[Event]:
+        """FSDP2 SHARD_GRAD_OP: all-gathered for the forward, resharded after the backward."""
+        size, output = self.held_layer_bytes, "all-gather output"
+        unsharded = "unsharded parameters"
+        if phase is Phase.BACKWARD:
+            return [*events, Event(-size, _TMP, phase, step, f"{unsharded} (resharded)")]
+        return [
+            Event(size, _TMP, phase, step, output),
+            Event(size, _TMP, phase, step, unsharded),
+            *events,
+            Event(-size, _TMP, phase, step, output),
         ]
 
     def _shared(self, stack: Stack) -> list[tuple[str, int, str]]:
@@ -426,6 +453,9 @@ class StepComposer:
                 index, stack, grad, step, accumulate, held
             )
             items += stack_items
+        if self.embed_gather_bytes:
+            label = "gathered embedding"
+            items.append(Event(-self.embed_gather_bytes, _TMP, Phase.BACKWARD, step, label))
         if reduce:
             items.append(Event(-reduce, _TMP, Phase.BACKWARD, step, "reduce-scatter input"))
         items += self._tail_items(step, accumulate, held)

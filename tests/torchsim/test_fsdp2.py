@@ -23,8 +23,8 @@ from memplan.trace import ALLOCATED_CATEGORIES, Category, Peak
 TOLERANCE = 0.02
 
 
-def _layout(ranks: int) -> ParallelSetup:
-    return ParallelSetup(num_gpus=ranks, sharding="fsdp", zero_stage=3, fsdp_version=2)
+def _layout(ranks: int, stage: int = 3) -> ParallelSetup:
+    return ParallelSetup(num_gpus=ranks, sharding="fsdp", zero_stage=stage, fsdp_version=2)
 
 
 def _setup(method: str) -> TrainingSetup:
@@ -35,9 +35,9 @@ def _setup(method: str) -> TrainingSetup:
 
 @cache
 def _peaks(
-    model: str, method: str, ranks: int
+    model: str, method: str, ranks: int, stage: int = 3
 ) -> tuple[tuple[Peak, dict[Category, int]], tuple[Peak, dict[Category, int]]]:
-    spec, setup, parallel = load_model(model), _setup(method), _layout(ranks)
+    spec, setup, parallel = load_model(model), _setup(method), _layout(ranks, stage)
     traced = trace_step(spec, setup, parallel=parallel).trace
     analytical = predict(spec, setup, parallel).trace
     return (
@@ -50,7 +50,23 @@ def _peaks(
 @pytest.mark.parametrize("method", ["full", "lora"])
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gpt2"])
 def test_fsdp2_rank_traced_equals_analytical(model: str, method: str, ranks: int) -> None:
-    (traced, traced_most), (analytical, analytical_most) = _peaks(model, method, ranks)
+    _assert_agree(*_peaks(model, method, ranks))
+
+
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2"])
+def test_fsdp2_shard_grad_op_traced_equals_analytical(model: str, method: str, ranks: int) -> None:
+    """SHARD_GRAD_OP (reshard_after_forward=False): sharded when idle, each unit gathered from
+    its forward to its backward."""
+    _assert_agree(*_peaks(model, method, ranks, 2))
+
+
+def _assert_agree(
+    traced_peaks: tuple[Peak, dict[Category, int]],
+    analytical_peaks: tuple[Peak, dict[Category, int]],
+) -> None:
+    (traced, traced_most), (analytical, analytical_most) = traced_peaks, analytical_peaks
     assert analytical.peak_bytes == pytest.approx(traced.peak_bytes, rel=TOLERANCE), (
         f"predicted {analytical.peak_bytes:,} B in {analytical.phase.value}, traced "
         f"{traced.peak_bytes:,} B in {traced.phase.value}"
@@ -80,3 +96,15 @@ def test_process_group_is_released() -> None:
 
     _peaks("tiny-llama", "lora", 2)
     assert not dist.is_initialized()
+
+
+def test_shard_grad_op_rank_holds_a_shard_and_gathers_every_layer() -> None:
+    """FSDP2 SHARD_GRAD_OP keeps the same fp32 shards between steps as FULL_SHARD and, at the
+    loss, every layer's and the embedding's 16-bit unsharded parameters on top: tiny-llama's
+    2 layers of 184,832 parameters and its 1,024 x 128 embedding, 2 bytes each."""
+    (sgo, _), _ = _peaks("tiny-llama", "full", 8, 2)
+    (full_shard, _), _ = _peaks("tiny-llama", "full", 8)
+    weights, temporaries = Category.TRAINABLE_WEIGHTS, Category.TEMPORARIES
+    assert sgo.breakdown_bytes[weights] == full_shard.breakdown_bytes[weights]
+    held = sgo.breakdown_bytes[temporaries] - full_shard.breakdown_bytes[temporaries]
+    assert held == (2 * 184_832 + 1_024 * 128) * 2
