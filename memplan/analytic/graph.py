@@ -65,6 +65,10 @@ class ParamGrad:
     # (torchtune's optimizer_in_bwd): the state it creates on the first step, the step's
     # temporaries.
     in_backward_step: tuple[int, int] | None = None
+    # FSDP2: the gradient accumulates unsharded in the unsharded parameter's .grad through
+    # the unit's backward; its post-backward reduce-scatters it into this rank's shard
+    # (_fsdp_param_group.py post_backward, _fsdp_collectives.py foreach_reduce).
+    reduced_per_unit: bool = False
 
 
 @dataclass(eq=False)
@@ -488,6 +492,7 @@ def backward_events(
             storages[id(t.storage)] = t.storage
 
     produced = {id(op.output) for op in segment.ops}
+    reduced: list[ParamGrad] = []  # FSDP2 gradients reduce-scattered when the segment ends
     num_parts = _split_parts(segment)
     split_grads: dict[int, list[int]] = {}  # tensor id -> gradient buffers of its parts
     for index in reversed(range(len(segment.ops))):
@@ -525,6 +530,10 @@ def backward_events(
                 if not (accumulate or g.accumulates):
                     stolen.add(id(g.precomputed.storage))
                     step_in_backward(ledger, g, first_step=first_step)
+                continue
+            if g.reduced_per_unit and not g.tie:
+                ledger.alloc(g.unsharded_bytes, Category.TEMPORARIES, f"{g.label} unsharded grad")
+                reduced.append(g)
                 continue
             tied = g.tie in ("first", "last")  # reduce-scattered once summed (_tied_sum)
             if g.unsharded_bytes > g.grad_bytes and not tied:
@@ -593,6 +602,12 @@ def backward_events(
                 release(buffer)
             else:
                 grad_of[id(t)] = buffer
+    for g in reduced:  # the unit's post-backward: this rank's shard of each gradient
+        if accumulate or g.accumulates:  # added into the existing sharded .grad
+            ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad shard")
+        else:
+            ledger.alloc(g.grad_bytes, Category.GRADIENTS, f"{g.label}.grad")
+        ledger.free(g.unsharded_bytes, Category.TEMPORARIES, f"{g.label} unsharded grad")
     remaining: dict[int, GradBytes] = {}
     for tensor_id, buffer in grad_of.items():
         if tensor_id not in produced and buffer in buffers:

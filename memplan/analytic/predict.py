@@ -204,15 +204,19 @@ def predict(
     )
     units = fsdp2_units(spec, state, ctx)
     buffers = sharded.fsdp2_buffers(units)
+    held = shard.keep_unsharded_until_backward
     composer = StepComposer(
         graph,
         gather_bytes=sharded.gather_bytes(state),
+        prefetch_bytes=sharded.prefetch_bytes(state),
         tail_gather_bytes=buffers.tail_bytes,
         reduce_buffer_bytes=buffers.reduce_bytes,
+        tail_reduce_bytes=buffers.tail_reduce_bytes,
         tail_gathered_from_start=units.tied,
         layer_gather_bytes=buffers.layer_gather_bytes,
-        held_gathered=shard.keep_unsharded_until_backward,
-        embed_gather_bytes=buffers.embed_held_bytes,
+        held_gathered=held,
+        embed_gather_bytes=buffers.embed_bytes if held else 0,
+        last_prefetch_bytes=0 if held else buffers.embed_bytes,
     )
     micro = [
         sharded.around_micro_batch(
@@ -255,8 +259,12 @@ def _compute_context(
 ) -> StepContext:
     """The step as it computes: under FSDP2 MixedPrecisionPolicy every parameter, adapters
     included, is all-gathered in the compute dtype (``param_dtype``), so peft casts nothing
-    to the adapters' fp32 storage dtype (_fsdp_param.py ``all_gather_inputs``)."""
-    if not (shard.fsdp2 and storage_dtype is not None):
+    to the adapters' fp32 storage dtype (_fsdp_param.py ``all_gather_inputs``); each unit's
+    gradients are reduce-scattered by its post-backward."""
+    if not shard.fsdp2:
+        return ctx
+    ctx = dataclasses.replace(ctx, grads_reduced_per_unit=True)
+    if storage_dtype is None:
         return ctx
     return dataclasses.replace(ctx, adapter_dtype=ctx.compute_dtype)
 
@@ -282,7 +290,14 @@ def fsdp2_units(spec: ModelSpec, state: ModelState, ctx: StepContext) -> FSDP2Un
         if ctx.method.trains(t.kind, bias=is_bias(t))
     )
     per_layer = (state.num_trainable_params - outside) // max(spec.num_decoder_layers, 1)
-    return FSDP2Units(tail, layer, per_layer, embed, tied)
+    tail_trainable = sum(
+        t.numel
+        for b in arch.blocks
+        if b.name in tail_blocks
+        for t in b.params
+        if ctx.method.trains(t.kind, bias=is_bias(t))
+    )
+    return FSDP2Units(tail, layer, per_layer, embed, tied, tail_trainable)
 
 
 def _micro_batch(

@@ -68,6 +68,7 @@ class FSDP2Units(NamedTuple):
     layer_trainable_params: int  # one decoder layer's trainable parameters
     embed_params: int  # the input embedding's own unit (0 when tied into the tail)
     tied: bool  # the embedding is the LM head: it joins the tail unit
+    tail_trainable_params: int = 0  # what the tail unit's reduce-scatter carries
 
 
 class FSDP2Buffers(NamedTuple):
@@ -76,7 +77,8 @@ class FSDP2Buffers(NamedTuple):
     tail_bytes: int  # the tail unit's unsharded parameters
     reduce_bytes: int  # one layer's reduce-scatter input
     layer_gather_bytes: int  # one layer's flat all-gather output
-    embed_held_bytes: int  # SHARD_GRAD_OP: the embedding unit, gathered forward to backward
+    embed_bytes: int  # the input embedding's unit (untied)
+    tail_reduce_bytes: int = 0  # the tail unit's reduce-scatter input
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,12 @@ class Sharded:
         gather = self.shard.gather_layers * state.layer_params * dtype_bytes(self.ctx.compute_dtype)
         return gather // self.parallel.tensor_parallel_degree
 
+    def prefetch_bytes(self, state: ModelState) -> int:
+        """The prefetched next layer's share of :meth:`gather_bytes`."""
+        if self.shard.gather_layers < 2:
+            return 0
+        return self.gather_bytes(state) // self.shard.gather_layers
+
     def around_micro_batch(self, items: list[TraceItem], *, trains: bool) -> list[TraceItem]:
         """DeepSpeed ZeRO-3 keeps up to max_live_parameters gathered around the turn from
         forward to backward."""
@@ -187,18 +195,23 @@ class Sharded:
         _fsdp_param_group.py wait_for_unshard), both in the compute dtype.
         reduce: the reduce-scatter input of a layer's gradients (world size x padded shard, in
         the 16-bit reduce dtype), kept until the next unit's post-backward
-        (``reduce_scatter_states``, ``reduce_scatter_max_input_buffers`` = 1).
+        (``reduce_scatter_states``, ``reduce_scatter_max_input_buffers`` = 1); the tail
+        unit's (its trainable parameters) is the first, kept through the last layer's
+        backward.
         layer gather: one decoder layer's flat all-gather output (world size x padded shard).
+        embed: the untied input embedding's unit, all-gathered for the forward and prefetched
+        by the first layer's backward (``_backward_prefetch`` follows the forward order back
+        to it, trainable or not).
         """
         if not self.shard.fsdp2:
-            return FSDP2Buffers(0, 0, 0, 0)
+            return FSDP2Buffers(0, 0, 0, 0, 0)
         itemsize = dtype_bytes(self.ctx.compute_dtype)
-        held = self.shard.keep_unsharded_until_backward
         return FSDP2Buffers(
             units.tail_params * itemsize,
             units.layer_trainable_params * itemsize,
             units.layer_params * itemsize,
-            units.embed_params * itemsize if held else 0,
+            units.embed_params * itemsize,
+            units.tail_trainable_params * itemsize,
         )
 
     @property

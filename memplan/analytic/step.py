@@ -49,12 +49,15 @@ class StepComposer:
         graph: ModelGraph,
         *,
         gather_bytes: int = 0,
+        prefetch_bytes: int = 0,
         tail_gather_bytes: int = 0,
         reduce_buffer_bytes: int = 0,
+        tail_reduce_bytes: int = 0,
         tail_gathered_from_start: bool = False,
         layer_gather_bytes: int = 0,
         held_gathered: bool = False,
         embed_gather_bytes: int = 0,
+        last_prefetch_bytes: int = 0,
     ) -> None:
         self.graph = graph
         self._first_step = True  # of the backward being composed (optimizer in backward)
@@ -64,6 +67,7 @@ class StepComposer:
         # (:meth:`memplan.analytic.sharding.Sharded.fsdp2_buffers`).
         self.tail_gather_bytes = allocation_bytes(tail_gather_bytes)
         self.reduce_buffer_bytes = allocation_bytes(reduce_buffer_bytes)
+        self.tail_reduce_bytes = allocation_bytes(tail_reduce_bytes)
         # A tied embedding joins that unit, whose pre-forward hook then fires at the embedding:
         # it stays gathered from the start of the forward to the end of the backward (the
         # embedding's), its all-gather output freed at the first layer's all-gather.
@@ -83,6 +87,11 @@ class StepComposer:
         # ZeRO-3 / FULL_SHARD: each layer's parameters are all-gathered (with the next layer
         # prefetched) before it runs and released after, in forward and again in backward.
         self.gather_bytes = gather_bytes
+        # The part of it that is the next layer, prefetched: the last layer to run backward
+        # prefetches the unit before it in forward order instead, if any (FSDP2's embedding
+        # unit; _fsdp_param_group.py _backward_prefetch).
+        self.prefetch_bytes = prefetch_bytes
+        self.last_prefetch_bytes = last_prefetch_bytes
         # Category of each tensor handed from one segment to the next: an activation when the
         # receiving segment saves it or holds it for recomputation, else a temporary.
         self.loss_boundary = _ACT if self.autograd and _saves(graph.loss, graph.loss_in) else _TMP
@@ -265,12 +274,17 @@ class StepComposer:
         until the layer's backward instead)."""
         return [t for t in seg.cache_held if not (self.autograd and _saves(seg, t))]
 
-    def _gathered(self, events: list[Event], phase: Phase, step: int) -> list[Event]:
+    def _gathered(
+        self, events: list[Event], phase: Phase, step: int, *, prefetch: bool = True
+    ) -> list[Event]:
         if self.held_layer_bytes:
             return self._held_gathered(events, phase, step)
         if not self.gather_bytes:
             return events
-        size = allocation_bytes(self.gather_bytes)
+        size = self.gather_bytes
+        if not prefetch:
+            size += self.last_prefetch_bytes - self.prefetch_bytes
+        size = allocation_bytes(size)
         return [
             Event(size, _TMP, phase, step, "gathered parameters"),
             *events,
@@ -430,8 +444,9 @@ class StepComposer:
             label = "gathered final norm and LM head"
             items.append(Event(-self.tail_gather_bytes, _TMP, Phase.BACKWARD, step, label))
         reduce = self.reduce_buffer_bytes
-        if reduce and not self.tail_from_start:
-            items.append(Event(reduce, _TMP, Phase.BACKWARD, step, "reduce-scatter input"))
+        if self._untied_tail_reduce:
+            label = "reduce-scatter input (final norm and LM head)"
+            items.append(Event(self.tail_reduce_bytes, _TMP, Phase.BACKWARD, step, label))
         grad = grads.get(id(g.loss_in))
         cross_grad: GradBytes | None = None
         held: list[list[int]] = []
@@ -528,8 +543,8 @@ class StepComposer:
         cache: dict[tuple[object, ...], tuple[list[Event], list[list[int]]]] = {}
         keys = []
         release = self._stack_held_release(stack)
-        # FSDP2 with the tail unit gathered from the start: the first reduce-scatter input is
-        # the last layer's, made in its post-backward.
+        # FSDP2: the last layer's post-backward makes its reduce-scatter input and frees the
+        # tail unit's (none with the embedding in the tail: it is reduced at the very end).
         reduce_after = len(stack.layers) - 1 if self._reduce_after_last_layer(index) else None
         for i in reversed(range(len(stack.layers))):
             plan = stack.layers[i]
@@ -542,16 +557,20 @@ class StepComposer:
                 grad,
                 i == release,
                 i == reduce_after,
+                i == 0 and index == 0,  # the last layer to run backward
             )
             if key not in cache:
                 events, grad, layer_cross, layer_held = self._layer_backward(
-                    plan, key[2], key[3], grad, step, accumulate, cross
+                    plan, key[2], key[3], grad, step, accumulate, cross, last=bool(key[-1])
                 )
                 if i == release:
                     events = events + _stack_held_events(stack, Phase.BACKWARD, step, _ACT)
                 if i == reduce_after:
                     size, label = self.reduce_buffer_bytes, "reduce-scatter input"
                     events = [*events, Event(size, _TMP, Phase.BACKWARD, step, label)]
+                    if self._untied_tail_reduce:
+                        tail, label = self.tail_reduce_bytes, f"{label} (final norm and LM head)"
+                        events.append(Event(-tail, _TMP, Phase.BACKWARD, step, label))
                 cache[key] = events, layer_held
                 cross = cross or layer_cross
             keys.append(key)
@@ -580,11 +599,11 @@ class StepComposer:
         return items, None, cross
 
     def _reduce_after_last_layer(self, index: int) -> bool:
-        return (
-            bool(self.reduce_buffer_bytes)
-            and self.tail_from_start
-            and index == len(self.graph.stacks) - 1
-        )
+        return bool(self.reduce_buffer_bytes) and index == len(self.graph.stacks) - 1
+
+    @property
+    def _untied_tail_reduce(self) -> bool:
+        return bool(self.tail_reduce_bytes) and not self.tail_from_start
 
     def _layer_backward(
         self,
@@ -595,6 +614,8 @@ class StepComposer:
         step: int,
         accumulate: bool,
         cross: GradBytes | None,
+        *,
+        last: bool = False,
     ) -> tuple[list[Event], GradBytes | None, GradBytes | None, list[list[int]]]:
         """Events of one layer's backward, the gradients of its input and of the encoder
         output it reads, and the bytes of gradients it leaves the method's own inputs."""
@@ -664,7 +685,7 @@ class StepComposer:
                 )
         # FSDP2 all-gathers the layer again in its pre-backward and prefetches the next one
         # (_fsdp_state.py _pre_backward, _fsdp_param_group.py _backward_prefetch).
-        events = self._gathered(events, Phase.BACKWARD, step)
+        events = self._gathered(events, Phase.BACKWARD, step, prefetch=not last)
         return events, grads.get(id(lg.input)), new_cross, held
 
 

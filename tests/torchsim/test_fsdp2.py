@@ -27,17 +27,23 @@ def _layout(ranks: int, stage: int = 3) -> ParallelSetup:
     return ParallelSetup(num_gpus=ranks, sharding="fsdp", zero_stage=stage, fsdp_version=2)
 
 
-def _setup(method: str) -> TrainingSetup:
+def _setup(method: str, grad_ckpt: bool = False) -> TrainingSetup:
     return TrainingSetup(
-        method=method, precision="bf16-amp", micro_batch_size=2, seq_len=64, device="cpu"
+        method=method,
+        precision="bf16-amp",
+        micro_batch_size=2,
+        seq_len=64,
+        device="cpu",
+        grad_ckpt=grad_ckpt,
     )
 
 
 @cache
 def _peaks(
-    model: str, method: str, ranks: int, stage: int = 3
+    model: str, method: str, ranks: int, stage: int = 3, grad_ckpt: bool = False
 ) -> tuple[tuple[Peak, dict[Category, int]], tuple[Peak, dict[Category, int]]]:
-    spec, setup, parallel = load_model(model), _setup(method), _layout(ranks, stage)
+    spec, setup = load_model(model), _setup(method, grad_ckpt)
+    parallel = _layout(ranks, stage)
     traced = trace_step(spec, setup, parallel=parallel).trace
     analytical = predict(spec, setup, parallel).trace
     return (
@@ -60,6 +66,18 @@ def test_fsdp2_shard_grad_op_traced_equals_analytical(model: str, method: str, r
     """SHARD_GRAD_OP (reshard_after_forward=False): sharded when idle, each unit gathered from
     its forward to its backward."""
     _assert_agree(*_peaks(model, method, ranks, 2))
+
+
+@pytest.mark.parametrize("stage", [3, 2])
+@pytest.mark.parametrize("ranks", [2, 4, 8])
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-qwen2"])
+def test_fsdp2_checkpointed_traced_equals_analytical(
+    model: str, method: str, ranks: int, stage: int
+) -> None:
+    """Activation checkpointing: the backward's peak, where each layer is gathered again for
+    its recomputation and its unsharded gradients wait for its post-backward."""
+    _assert_agree(*_peaks(model, method, ranks, stage, grad_ckpt=True))
 
 
 def _assert_agree(
