@@ -126,3 +126,17 @@ def test_shard_grad_op_rank_holds_a_shard_and_gathers_every_layer() -> None:
     assert sgo.breakdown_bytes[weights] == full_shard.breakdown_bytes[weights]
     held = sgo.breakdown_bytes[temporaries] - full_shard.breakdown_bytes[temporaries]
     assert held == (2 * 184_832 + 1_024 * 128) * 2
+
+
+def test_quantized_layers_are_refused_not_traced() -> None:
+    """The tracer's 4-bit layers keep uint8 packed weights, not the bf16 quant_storage peft's
+    FSDP-QLoRA shards: a sharded QLoRA trace is refused with the reason, and no process
+    group is left behind."""
+    import torch.distributed as dist
+
+    from memplan.errors import MemplanError
+
+    setup = TrainingSetup(method="qlora", micro_batch_size=2, seq_len=64, device="cpu")
+    with pytest.raises(MemplanError, match="quant_storage"):
+        trace_step(load_model("tiny-llama"), setup, parallel=_layout(2))
+    assert not dist.is_initialized()
