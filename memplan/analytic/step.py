@@ -77,6 +77,12 @@ class StepComposer:
         # ``comm_ctx.all_gather_state``), and the first reduce-scatter is the last layer's.
         layer = allocation_bytes(layer_gather_bytes)
         self.last_gather_bytes = layer if self.tail_from_start else 0
+        # Otherwise it lives until the tail unit's all-gather has been copied out
+        # (_fsdp_param_group.py wait_for_unshard frees the previous ``all_gather_state``).
+        self.handoff_gather_bytes = 0 if self.tail_from_start else layer
+        # Each layer's forward all-gather likewise: the previous unit's all-gather output is
+        # freed once this one's is copied out (``prev_all_gather_state`` in wait_for_unshard).
+        self.layer_gather_bytes = layer
         # FSDP2 SHARD_GRAD_OP (reshard_after_forward=False): each layer's unsharded parameters
         # stay from its forward to its post-backward, its flat all-gather output only until
         # the next layer's all-gather; the embedding's unit likewise, from the start of the
@@ -287,9 +293,17 @@ class StepComposer:
         size = allocation_bytes(size)
         return [
             Event(size, _TMP, phase, step, "gathered parameters"),
+            *self._handoff(phase, step),
             *events,
             Event(-size, _TMP, phase, step, "gathered parameters"),
         ]
+
+    def _handoff(self, phase: Phase, step: int) -> list[Event]:
+        """FSDP2's forward: the previous all-gather output, alive through this copy-out."""
+        if phase is not Phase.FORWARD or not self.layer_gather_bytes:
+            return []
+        size, label = self.layer_gather_bytes, "previous all-gather output"
+        return [Event(size, _TMP, phase, step, label), Event(-size, _TMP, phase, step, label)]
 
     def _held_gathered(self, events: list[Event], phase: Phase, step: int) -> list[Event]:
         """FSDP2 SHARD_GRAD_OP: all-gathered for the forward, resharded after the backward."""
@@ -300,6 +314,7 @@ class StepComposer:
         return [
             Event(size, _TMP, phase, step, output),
             Event(size, _TMP, phase, step, unsharded),
+            *self._handoff(phase, step),
             *events,
             Event(-size, _TMP, phase, step, output),
         ]
@@ -359,10 +374,13 @@ class StepComposer:
         tail, label = self.tail_gather_bytes, "gathered final norm and LM head"
         if self.tail_from_start:
             tail = 0
+        last_label = "last layer's all-gather output"
         if tail:
+            handoff = self.handoff_gather_bytes
+            items += [Event(handoff, _TMP, Phase.LOSS, step, last_label)]
             items += [Event(tail, _TMP, Phase.LOSS, step, f"{label} (all-gather output)")]
             items += [Event(tail, _TMP, Phase.LOSS, step, label)]
-        last_label = "last layer's all-gather output"
+            items += [Event(-handoff, _TMP, Phase.LOSS, step, last_label)]
         if self.last_gather_bytes:
             items.append(Event(self.last_gather_bytes, _TMP, Phase.LOSS, step, last_label))
         items += result.events

@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from memplan.dtypes import Quantization
 from memplan.errors import MemplanError
 from memplan.specs import ParallelSetup, TrainingSetup
 from memplan.specs.parallel import FSDPStrategy
-from memplan.specs.training import Quantization
 from memplan.torchsim.models import COMPUTE_DTYPES, decoder_layer_stacks
 from memplan.torchsim.tracker import MemoryTracker
 

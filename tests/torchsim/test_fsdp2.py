@@ -140,3 +140,18 @@ def test_quantized_layers_are_refused_not_traced() -> None:
     with pytest.raises(MemplanError, match="quant_storage"):
         trace_step(load_model("tiny-llama"), setup, parallel=_layout(2))
     assert not dist.is_initialized()
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_7b_shape_at_8_ranks_traced_equals_analytical(method: str) -> None:
+    """llama-2-7b's shapes on fake tensors, rank 0 of 8, every layer traced (no folding)."""
+    spec = load_model("llama-2-7b")
+    setup = TrainingSetup(
+        method=method, precision="bf16-amp", micro_batch_size=1, seq_len=512, device="cpu"
+    )
+    result = trace_step(spec, setup, parallel=_layout(8))
+    assert result.layers_traced == spec.num_layers
+    traced, analytical = result.trace, predict(spec, setup, _layout(8)).trace
+    _assert_agree(
+        (traced.peak(), traced.category_peaks()), (analytical.peak(), analytical.category_peaks())
+    )
