@@ -266,4 +266,9 @@ def _parallel_lines(parallel: ParallelSetup, prediction: Prediction) -> list[str
         lines.append(
             f"parameters of {shard.gather_layers} layers gathered at a time (current + prefetch)"
         )
+    if shard.keep_unsharded_until_backward:
+        lines.append(
+            "FSDP2 SHARD_GRAD_OP (reshard_after_forward=False): parameters sharded between "
+            "steps, each unit gathered from its forward until its backward"
+        )
     return lines

@@ -46,7 +46,8 @@ class ShardPlan:
     offload_params: bool
     gather_layers: int  # FSDP: unsharded layer copies alive at once
     resident_gathered_params: int  # DeepSpeed ZeRO-3: gathered parameters kept on the GPU
-    keep_unsharded_until_backward: bool  # FSDP SHARD_GRAD_OP keeps gathered params after forward
+    # FSDP2 SHARD_GRAD_OP: each unit stays gathered from its forward to its backward
+    keep_unsharded_until_backward: bool
     reduce_bucket_elements: int  # DeepSpeed flat gradient reduce buffer
     unsharded_accumulation: bool  # FSDP under no_sync(): full gradients of every wrapped unit
     fsdp2: bool = False  # fully_shard's per-unit all-gather and reduce-scatter buffers
@@ -85,9 +86,15 @@ def shard_plan(spec: ModelSpec, setup: TrainingSetup, parallel: ParallelSetup) -
     # (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py post_backward, reduce_grads).
     fsdp2 = fsdp and parallel.fsdp_version == 2
     no_sync = fsdp and not fsdp2 and setup.grad_accum_steps > 1 and setup.trains_weights
+    # FSDP2 has no SHARD_GRAD_OP of its own: accelerate maps it to fully_shard with
+    # reshard_after_forward=False (fsdp2_prepare_model). Parameters stay sharded DTensors
+    # between steps; a unit all-gathered for its forward is resharded only by its
+    # post-backward (_fsdp_param_group.py post_forward/post_backward), so the gathered units
+    # pile up through the forward and are freed one by one in backward.
+    held = fsdp2 and stage == 2
     return ShardPlan(
         data_parallel_degree=dp,
-        weight_divisor=dp if stage == 3 else 1,
+        weight_divisor=dp if stage == 3 or held else 1,
         grad_divisor=dp if stage >= 2 else 1,
         optimizer_divisor=dp if stage >= 1 else 1,
         master_weights=master_weights_on(setup, parallel),
@@ -95,10 +102,10 @@ def shard_plan(spec: ModelSpec, setup: TrainingSetup, parallel: ParallelSetup) -
         offload_params=offload_params,
         gather_layers=gather,
         resident_gathered_params=resident,
-        keep_unsharded_until_backward=fsdp and stage == 2,
+        keep_unsharded_until_backward=held,
         reduce_bucket_elements=bucket,
         unsharded_accumulation=no_sync,
-        fsdp2=fsdp2 and stage == 3,
+        fsdp2=fsdp2,
     )
 
 

@@ -34,7 +34,7 @@ CASES: list[Params] = [
         "llama-3.2-1b",
         TrainingSetup(method="full", precision="bf16", seq_len=512),
         ParallelSetup(num_gpus=4, zero_stage=3),
-        "12GB",
+        "16GB",
     ),
 ]
 

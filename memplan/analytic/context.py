@@ -68,6 +68,8 @@ class StepContext:
     # FSDP MixedPrecision: the gradient shard is cast to the FlatParameter's dtype (fp32)
     # after the 16-bit reduce-scatter (FSDP _cast_grad_to_param_dtype); None: weight dtype.
     grad_shard_dtype: DType | None = None
+    # FSDP2: a unit's unsharded gradients stay until its post-backward reduce-scatters them.
+    grads_reduced_per_unit: bool = False
     # What the method trains of the base model, by kind of tensor.
     trains_linear: bool = False  # linear weights
     trains_bias: bool = False  # bias terms (linear and norm biases)
@@ -199,7 +201,15 @@ class StepContext:
         if self.optimizer_in_backward is not None:
             step = _in_backward_step(label, numel, dtype or self.weight_dtype, self)
         return ParamGrad(
-            label, share * shard_itemsize, accumulates, full, tie, buffered_in, None, step
+            label,
+            share * shard_itemsize,
+            accumulates,
+            full,
+            tie,
+            buffered_in,
+            None,
+            step,
+            reduced_per_unit=self.grads_reduced_per_unit and bool(full),
         )
 
 

@@ -65,6 +65,10 @@ class ParamGrad:
     # (torchtune's optimizer_in_bwd): the state it creates on the first step, the step's
     # temporaries.
     in_backward_step: tuple[int, int] | None = None
+    # FSDP2: the gradient accumulates unsharded in the unsharded parameter's .grad through
+    # the unit's backward; its post-backward reduce-scatters it into this rank's shard
+    # (_fsdp_param_group.py post_backward, _fsdp_collectives.py foreach_reduce).
+    reduced_per_unit: bool = False
 
 
 @dataclass(eq=False)
@@ -338,17 +342,41 @@ def forward_events(
     return ForwardResult(ledger.events, list(saved.values()), list(deferred.values()))
 
 
+def _tied_bytes(g: ParamGrad) -> int:
+    """Bytes of one contribution to a tied gradient: the whole table's when gradients are
+    sharded, since autograd's InputBuffer sums the contributions before AccumulateGrad (and
+    the reduce-scatter behind it) runs."""
+    return g.unsharded_bytes or g.grad_bytes
+
+
 def _tied_sum(ledger: _Ledger, g: ParamGrad, *, accumulate: bool, first_step: bool) -> None:
     """The embedding's gradient, summed with the buffered LM-head one into .grad.
 
     AccumulateGrad runs after the embedding's node has released its incoming gradient.
+    Under sharded gradients the sum is the unsharded parameter's gradient: FSDP2's
+    post-backward copies it into the reduce-scatter input and writes this rank's shard
+    (torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py foreach_reduce), then frees it
+    (_fsdp_param_group.py post_backward: ``fsdp_param.unsharded_param.grad = None``).
     """
-    if accumulate:  # the sum is added into the existing .grad in place
-        ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad (tied sum)")
+    part = _tied_bytes(g)
+    sharded = g.unsharded_bytes > 0
+    if sharded:
+        ledger.alloc(part, Category.TEMPORARIES, f"{g.label} grad (tied sum)")
+        ledger.free(part, Category.TEMPORARIES, f"{g.label} grad")
+        ledger.free(part, g.buffered_in, f"{g.label} grad (tied, buffered)")
+        ledger.transient(part, Category.TEMPORARIES, f"{g.label} reduce-scatter input")
+        if accumulate:
+            ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad shard")
+        else:
+            ledger.alloc(g.grad_bytes, Category.GRADIENTS, f"{g.label}.grad")
+        ledger.free(part, Category.TEMPORARIES, f"{g.label} grad (tied sum)")
     else:
-        ledger.alloc(g.grad_bytes, Category.GRADIENTS, f"{g.label}.grad")
-    ledger.free(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
-    ledger.free(g.grad_bytes, g.buffered_in, f"{g.label} grad (tied, buffered)")
+        if accumulate:  # the sum is added into the existing .grad in place
+            ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad (tied sum)")
+        else:
+            ledger.alloc(g.grad_bytes, Category.GRADIENTS, f"{g.label}.grad")
+        ledger.free(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
+        ledger.free(g.grad_bytes, g.buffered_in, f"{g.label} grad (tied, buffered)")
     if not accumulate:
         step_in_backward(ledger, g, first_step=first_step)
 
@@ -464,6 +492,7 @@ def backward_events(
             storages[id(t.storage)] = t.storage
 
     produced = {id(op.output) for op in segment.ops}
+    reduced: list[ParamGrad] = []  # FSDP2 gradients reduce-scattered when the segment ends
     num_parts = _split_parts(segment)
     split_grads: dict[int, list[int]] = {}  # tensor id -> gradient buffers of its parts
     for index in reversed(range(len(segment.ops))):
@@ -502,12 +531,18 @@ def backward_events(
                     stolen.add(id(g.precomputed.storage))
                     step_in_backward(ledger, g, first_step=first_step)
                 continue
-            if g.unsharded_bytes > g.grad_bytes:  # full gradient, reduce-scattered into a shard
+            if g.reduced_per_unit and not g.tie:
+                ledger.alloc(g.unsharded_bytes, Category.TEMPORARIES, f"{g.label} unsharded grad")
+                reduced.append(g)
+                continue
+            tied = g.tie in ("first", "last")  # reduce-scattered once summed (_tied_sum)
+            if g.unsharded_bytes > g.grad_bytes and not tied:
+                # full gradient, reduce-scattered into a shard
                 ledger.transient(
                     g.unsharded_bytes, Category.TEMPORARIES, f"{g.label} unsharded grad"
                 )
             if g.tie == "first":
-                ledger.alloc(g.grad_bytes, category, f"{g.label} grad (tied, buffered)")
+                ledger.alloc(_tied_bytes(g), category, f"{g.label} grad (tied, buffered)")
             elif g.tie == "middle":
                 # InputBuffer adds this contribution to the buffered one out of place: the
                 # sum (a temporary) replaces the buffered gradient.
@@ -531,7 +566,7 @@ def backward_events(
                 if last and not (accumulate or g.accumulates):
                     step_in_backward(ledger, g, first_step=first_step)
             elif g.tie == "last":  # the node's contribution; summed once the node is done
-                ledger.alloc(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
+                ledger.alloc(_tied_bytes(g), Category.TEMPORARIES, f"{g.label} grad")
             elif accumulate or g.accumulates:  # AccumulateGrad adds into the existing .grad
                 ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad")
             else:  # the first gradient is stolen into .grad without a copy
@@ -567,6 +602,12 @@ def backward_events(
                 release(buffer)
             else:
                 grad_of[id(t)] = buffer
+    for g in reduced:  # the unit's post-backward: this rank's shard of each gradient
+        if accumulate or g.accumulates:  # added into the existing sharded .grad
+            ledger.transient(g.grad_bytes, Category.TEMPORARIES, f"{g.label} grad shard")
+        else:
+            ledger.alloc(g.grad_bytes, Category.GRADIENTS, f"{g.label}.grad")
+        ledger.free(g.unsharded_bytes, Category.TEMPORARIES, f"{g.label} unsharded grad")
     remaining: dict[int, GradBytes] = {}
     for tensor_id, buffer in grad_of.items():
         if tensor_id not in produced and buffer in buffers:

@@ -9,7 +9,12 @@ from memplan.analytic.context import StepContext
 from memplan.analytic.model_graph import build_model_graph
 from memplan.analytic.optimizer import OptimizerBytes, optimizer_bytes
 from memplan.analytic.preference import Reference
-from memplan.analytic.sharding import Sharded, effective_setup, fsdp_storage_dtype
+from memplan.analytic.sharding import (
+    FSDP2Units,
+    Sharded,
+    effective_setup,
+    fsdp_storage_dtype,
+)
 from memplan.analytic.step import StepComposer
 from memplan.analytic.symbolic import BATCH, SEQ_LEN, Count
 from memplan.analytic.weights import ModelState, model_state
@@ -215,14 +220,21 @@ def predict(
         if spec.is_encoder_decoder
         else None,
     )
-    tail_params, layer_trainable, tied = _fsdp2_unit_params(spec, state, ctx)
-    tail_bytes, reduce_bytes = sharded.fsdp2_buffers(tail_params, layer_trainable)
+    units = fsdp2_units(spec, state, ctx)
+    buffers = sharded.fsdp2_buffers(units)
+    held = shard.keep_unsharded_until_backward
     composer = StepComposer(
         graph,
         gather_bytes=sharded.gather_bytes(state),
-        tail_gather_bytes=tail_bytes,
-        reduce_buffer_bytes=reduce_bytes,
-        tail_gathered_from_start=tied,
+        prefetch_bytes=sharded.prefetch_bytes(state),
+        tail_gather_bytes=buffers.tail_bytes,
+        reduce_buffer_bytes=buffers.reduce_bytes,
+        tail_reduce_bytes=buffers.tail_reduce_bytes,
+        tail_gathered_from_start=units.tied,
+        layer_gather_bytes=buffers.layer_gather_bytes,
+        held_gathered=held,
+        embed_gather_bytes=buffers.embed_bytes if held else 0,
+        last_prefetch_bytes=0 if held else buffers.embed_bytes,
     )
     micro = [
         sharded.around_micro_batch(
@@ -266,23 +278,29 @@ def _compute_context(
 ) -> StepContext:
     """The step as it computes: under FSDP2 MixedPrecisionPolicy every parameter, adapters
     included, is all-gathered in the compute dtype (``param_dtype``), so peft casts nothing
-    to the adapters' fp32 storage dtype (_fsdp_param.py ``all_gather_inputs``)."""
-    if not (shard.fsdp2 and storage_dtype is not None):
+    to the adapters' fp32 storage dtype (_fsdp_param.py ``all_gather_inputs``); each unit's
+    gradients are reduce-scattered by its post-backward."""
+    if not shard.fsdp2:
+        return ctx
+    ctx = dataclasses.replace(ctx, grads_reduced_per_unit=True)
+    if storage_dtype is None:
         return ctx
     return dataclasses.replace(ctx, adapter_dtype=ctx.compute_dtype)
 
 
-def _fsdp2_unit_params(
-    spec: ModelSpec, state: ModelState, ctx: StepContext
-) -> tuple[int, int, bool]:
-    """Parameters of accelerate's FSDP2 tail unit (final norm and LM head; with tied
-    embeddings, the final norm and the embedding), the trainable parameters of one decoder
-    layer (what its reduce-scatter carries: adapters included), and whether it is tied."""
+def fsdp2_units(spec: ModelSpec, state: ModelState, ctx: StepContext) -> FSDP2Units:
+    """Parameters of accelerate's FSDP2 units: the tail (final norm and LM head; with tied
+    embeddings, the final norm and the embedding), one decoder layer, and the trainable
+    parameters of one decoder layer (what its reduce-scatter carries: adapters included)."""
     arch = architecture(spec)
     names = {b.name for b in arch.blocks}
     tied = "lm_head" not in names
     tail_blocks = ("final_norm", "embeddings") if tied else ("final_norm", "lm_head")
     tail = sum(t.numel for b in arch.blocks if b.name in tail_blocks for t in b.params)
+    layer = sum(t.numel for b in arch.blocks if b.name == "decoder_layer" for t in b.params)
+    embed = (
+        0 if tied else sum(t.numel for b in arch.blocks if b.name == "embeddings" for t in b.params)
+    )
     outside = sum(
         t.numel * b.repeat
         for b in arch.blocks
@@ -291,7 +309,14 @@ def _fsdp2_unit_params(
         if ctx.method.trains(t.kind, bias=is_bias(t))
     )
     per_layer = (state.num_trainable_params - outside) // max(spec.num_decoder_layers, 1)
-    return tail, per_layer, tied
+    tail_trainable = sum(
+        t.numel
+        for b in arch.blocks
+        if b.name in tail_blocks
+        for t in b.params
+        if ctx.method.trains(t.kind, bias=is_bias(t))
+    )
+    return FSDP2Units(tail, layer, per_layer, embed, tied, tail_trainable)
 
 
 def _micro_batch(

@@ -16,6 +16,7 @@ Per-layer all-gather buffers are a size handed to the step composer (``gather_by
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from memplan.analytic.context import StepContext
 from memplan.analytic.optimizer import OptimizerBytes
@@ -57,6 +58,27 @@ def fsdp_storage_dtype(requested: TrainingSetup, parallel: ParallelSetup) -> DTy
     if parallel.sharding is Sharding.FSDP and requested.precision in _HALF:
         return requested.precision.weight_dtype
     return None
+
+
+class FSDP2Units(NamedTuple):
+    """Parameter counts of the units accelerate's FSDP2 path makes (one rank, unsharded)."""
+
+    tail_params: int  # final norm and LM head (with a tied embedding: final norm, embedding)
+    layer_params: int  # one decoder layer
+    layer_trainable_params: int  # one decoder layer's trainable parameters
+    embed_params: int  # the input embedding's own unit (0 when tied into the tail)
+    tied: bool  # the embedding is the LM head: it joins the tail unit
+    tail_trainable_params: int = 0  # what the tail unit's reduce-scatter carries
+
+
+class FSDP2Buffers(NamedTuple):
+    """Bytes of FSDP2's communication buffers, in the compute dtype."""
+
+    tail_bytes: int  # the tail unit's unsharded parameters
+    reduce_bytes: int  # one layer's reduce-scatter input
+    layer_gather_bytes: int  # one layer's flat all-gather output
+    embed_bytes: int  # the input embedding's unit (untied)
+    tail_reduce_bytes: int = 0  # the tail unit's reduce-scatter input
 
 
 @dataclass(frozen=True)
@@ -127,6 +149,12 @@ class Sharded:
         gather = self.shard.gather_layers * state.layer_params * dtype_bytes(self.ctx.compute_dtype)
         return gather // self.parallel.tensor_parallel_degree
 
+    def prefetch_bytes(self, state: ModelState) -> int:
+        """The prefetched next layer's share of :meth:`gather_bytes`."""
+        if self.shard.gather_layers < 2:
+            return 0
+        return self.gather_bytes(state) // self.shard.gather_layers
+
     def around_micro_batch(self, items: list[TraceItem], *, trains: bool) -> list[TraceItem]:
         """DeepSpeed ZeRO-3 keeps up to max_live_parameters gathered around the turn from
         forward to backward."""
@@ -157,8 +185,8 @@ class Sharded:
         nbytes = numel * dtype_bytes(self.ctx.weight_dtype)
         return allocation_bytes(nbytes // self.parallel.tensor_parallel_degree)
 
-    def fsdp2_buffers(self, tail_params: int, layer_trainable_params: int) -> tuple[int, int]:
-        """FSDP2 (FULL_SHARD) communication buffers beyond one layer's gather: (tail, reduce).
+    def fsdp2_buffers(self, units: FSDP2Units) -> FSDP2Buffers:
+        """FSDP2 communication buffers beyond one layer's gather.
 
         tail: accelerate's last unit (final norm and LM head, ``reshard_after_forward=False``,
         accelerate/utils/fsdp_utils.py fsdp2_prepare_model) all-gathered at the end of the
@@ -167,12 +195,24 @@ class Sharded:
         _fsdp_param_group.py wait_for_unshard), both in the compute dtype.
         reduce: the reduce-scatter input of a layer's gradients (world size x padded shard, in
         the 16-bit reduce dtype), kept until the next unit's post-backward
-        (``reduce_scatter_states``, ``reduce_scatter_max_input_buffers`` = 1).
+        (``reduce_scatter_states``, ``reduce_scatter_max_input_buffers`` = 1); the tail
+        unit's (its trainable parameters) is the first, kept through the last layer's
+        backward.
+        layer gather: one decoder layer's flat all-gather output (world size x padded shard).
+        embed: the untied input embedding's unit, all-gathered for the forward and prefetched
+        by the first layer's backward (``_backward_prefetch`` follows the forward order back
+        to it, trainable or not).
         """
         if not self.shard.fsdp2:
-            return 0, 0
+            return FSDP2Buffers(0, 0, 0, 0, 0)
         itemsize = dtype_bytes(self.ctx.compute_dtype)
-        return tail_params * itemsize, layer_trainable_params * itemsize
+        return FSDP2Buffers(
+            units.tail_params * itemsize,
+            units.layer_trainable_params * itemsize,
+            units.layer_params * itemsize,
+            units.embed_params * itemsize,
+            units.tail_trainable_params * itemsize,
+        )
 
     @property
     def optimizer_on_device(self) -> bool:

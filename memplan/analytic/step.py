@@ -49,9 +49,15 @@ class StepComposer:
         graph: ModelGraph,
         *,
         gather_bytes: int = 0,
+        prefetch_bytes: int = 0,
         tail_gather_bytes: int = 0,
         reduce_buffer_bytes: int = 0,
+        tail_reduce_bytes: int = 0,
         tail_gathered_from_start: bool = False,
+        layer_gather_bytes: int = 0,
+        held_gathered: bool = False,
+        embed_gather_bytes: int = 0,
+        last_prefetch_bytes: int = 0,
     ) -> None:
         self.graph = graph
         self._first_step = True  # of the backward being composed (optimizer in backward)
@@ -61,14 +67,37 @@ class StepComposer:
         # (:meth:`memplan.analytic.sharding.Sharded.fsdp2_buffers`).
         self.tail_gather_bytes = allocation_bytes(tail_gather_bytes)
         self.reduce_buffer_bytes = allocation_bytes(reduce_buffer_bytes)
+        self.tail_reduce_bytes = allocation_bytes(tail_reduce_bytes)
         # A tied embedding joins that unit, whose pre-forward hook then fires at the embedding:
         # it stays gathered from the start of the forward to the end of the backward (the
         # embedding's), its all-gather output freed at the first layer's all-gather.
         self.tail_from_start = tail_gathered_from_start
+        # No all-gather follows the last layer's then: its flat all-gather output lives until
+        # the root's post-forward, after the loss (_fsdp_state.py _post_forward frees
+        # ``comm_ctx.all_gather_state``), and the first reduce-scatter is the last layer's.
+        layer = allocation_bytes(layer_gather_bytes)
+        self.last_gather_bytes = layer if self.tail_from_start else 0
+        # Otherwise it lives until the tail unit's all-gather has been copied out
+        # (_fsdp_param_group.py wait_for_unshard frees the previous ``all_gather_state``).
+        self.handoff_gather_bytes = 0 if self.tail_from_start else layer
+        # Each layer's forward all-gather likewise: the previous unit's all-gather output is
+        # freed once this one's is copied out (``prev_all_gather_state`` in wait_for_unshard).
+        self.layer_gather_bytes = layer
+        # FSDP2 SHARD_GRAD_OP (reshard_after_forward=False): each layer's unsharded parameters
+        # stay from its forward to its post-backward, its flat all-gather output only until
+        # the next layer's all-gather; the embedding's unit likewise, from the start of the
+        # forward to the end of the backward.
+        self.held_layer_bytes = layer if held_gathered else 0
+        self.embed_gather_bytes = allocation_bytes(embed_gather_bytes)
         self.autograd = graph.autograd
         # ZeRO-3 / FULL_SHARD: each layer's parameters are all-gathered (with the next layer
         # prefetched) before it runs and released after, in forward and again in backward.
         self.gather_bytes = gather_bytes
+        # The part of it that is the next layer, prefetched: the last layer to run backward
+        # prefetches the unit before it in forward order instead, if any (FSDP2's embedding
+        # unit; _fsdp_param_group.py _backward_prefetch).
+        self.prefetch_bytes = prefetch_bytes
+        self.last_prefetch_bytes = last_prefetch_bytes
         # Category of each tensor handed from one segment to the next: an activation when the
         # receiving segment saves it or holds it for recomputation, else a temporary.
         self.loss_boundary = _ACT if self.autograd and _saves(graph.loss, graph.loss_in) else _TMP
@@ -97,6 +126,9 @@ class StepComposer:
     def forward_items(self, step: int) -> tuple[list[TraceItem], int]:
         """Events of every stack's forward, and the bytes deferred to the end of the forward."""
         items: list[TraceItem] = _steps(self.graph.outside_forward, Phase.FORWARD, step)
+        if self.embed_gather_bytes:
+            label = "gathered embedding"
+            items.append(Event(self.embed_gather_bytes, _TMP, Phase.FORWARD, step, label))
         if self.tail_from_start and self.tail_gather_bytes:
             label = "gathered embedding and final norm"
             items.append(Event(self.tail_gather_bytes, _TMP, Phase.FORWARD, step, label))
@@ -248,14 +280,43 @@ class StepComposer:
         until the layer's backward instead)."""
         return [t for t in seg.cache_held if not (self.autograd and _saves(seg, t))]
 
-    def _gathered(self, events: list[Event], phase: Phase, step: int) -> list[Event]:
+    def _gathered(
+        self, events: list[Event], phase: Phase, step: int, *, prefetch: bool = True
+    ) -> list[Event]:
+        if self.held_layer_bytes:
+            return self._held_gathered(events, phase, step)
         if not self.gather_bytes:
             return events
-        size = allocation_bytes(self.gather_bytes)
+        size = self.gather_bytes
+        if not prefetch:
+            size += self.last_prefetch_bytes - self.prefetch_bytes
+        size = allocation_bytes(size)
         return [
             Event(size, _TMP, phase, step, "gathered parameters"),
+            *self._handoff(phase, step),
             *events,
             Event(-size, _TMP, phase, step, "gathered parameters"),
+        ]
+
+    def _handoff(self, phase: Phase, step: int) -> list[Event]:
+        """FSDP2's forward: the previous all-gather output, alive through this copy-out."""
+        if phase is not Phase.FORWARD or not self.layer_gather_bytes:
+            return []
+        size, label = self.layer_gather_bytes, "previous all-gather output"
+        return [Event(size, _TMP, phase, step, label), Event(-size, _TMP, phase, step, label)]
+
+    def _held_gathered(self, events: list[Event], phase: Phase, step: int) -> list[Event]:
+        """FSDP2 SHARD_GRAD_OP: all-gathered for the forward, resharded after the backward."""
+        size, output = self.held_layer_bytes, "all-gather output"
+        unsharded = "unsharded parameters"
+        if phase is Phase.BACKWARD:
+            return [*events, Event(-size, _TMP, phase, step, f"{unsharded} (resharded)")]
+        return [
+            Event(size, _TMP, phase, step, output),
+            Event(size, _TMP, phase, step, unsharded),
+            *self._handoff(phase, step),
+            *events,
+            Event(-size, _TMP, phase, step, output),
         ]
 
     def _shared(self, stack: Stack) -> list[tuple[str, int, str]]:
@@ -313,12 +374,20 @@ class StepComposer:
         tail, label = self.tail_gather_bytes, "gathered final norm and LM head"
         if self.tail_from_start:
             tail = 0
+        last_label = "last layer's all-gather output"
         if tail:
+            handoff = self.handoff_gather_bytes
+            items += [Event(handoff, _TMP, Phase.LOSS, step, last_label)]
             items += [Event(tail, _TMP, Phase.LOSS, step, f"{label} (all-gather output)")]
             items += [Event(tail, _TMP, Phase.LOSS, step, label)]
+            items += [Event(-handoff, _TMP, Phase.LOSS, step, last_label)]
+        if self.last_gather_bytes:
+            items.append(Event(self.last_gather_bytes, _TMP, Phase.LOSS, step, last_label))
         items += result.events
         if tail:
             items.append(Event(-tail, _TMP, Phase.LOSS, step, f"{label} (all-gather output)"))
+        if self.last_gather_bytes:
+            items.append(Event(-self.last_gather_bytes, _TMP, Phase.LOSS, step, last_label))
         items += _steps(g.forward_end, Phase.LOSS, step)
         for stack in g.stacks:
             items += self._release_locals(stack, step, outer=True)
@@ -393,8 +462,9 @@ class StepComposer:
             label = "gathered final norm and LM head"
             items.append(Event(-self.tail_gather_bytes, _TMP, Phase.BACKWARD, step, label))
         reduce = self.reduce_buffer_bytes
-        if reduce:
-            items.append(Event(reduce, _TMP, Phase.BACKWARD, step, "reduce-scatter input"))
+        if self._untied_tail_reduce:
+            label = "reduce-scatter input (final norm and LM head)"
+            items.append(Event(self.tail_reduce_bytes, _TMP, Phase.BACKWARD, step, label))
         grad = grads.get(id(g.loss_in))
         cross_grad: GradBytes | None = None
         held: list[list[int]] = []
@@ -416,6 +486,9 @@ class StepComposer:
                 index, stack, grad, step, accumulate, held
             )
             items += stack_items
+        if self.embed_gather_bytes:
+            label = "gathered embedding"
+            items.append(Event(-self.embed_gather_bytes, _TMP, Phase.BACKWARD, step, label))
         if reduce:
             items.append(Event(-reduce, _TMP, Phase.BACKWARD, step, "reduce-scatter input"))
         items += self._tail_items(step, accumulate, held)
@@ -488,6 +561,9 @@ class StepComposer:
         cache: dict[tuple[object, ...], tuple[list[Event], list[list[int]]]] = {}
         keys = []
         release = self._stack_held_release(stack)
+        # FSDP2: the last layer's post-backward makes its reduce-scatter input and frees the
+        # tail unit's (none with the embedding in the tail: it is reduced at the very end).
+        reduce_after = len(stack.layers) - 1 if self._reduce_after_last_layer(index) else None
         for i in reversed(range(len(stack.layers))):
             plan = stack.layers[i]
             key = (
@@ -498,13 +574,21 @@ class StepComposer:
                 cross is not None,
                 grad,
                 i == release,
+                i == reduce_after,
+                i == 0 and index == 0,  # the last layer to run backward
             )
             if key not in cache:
                 events, grad, layer_cross, layer_held = self._layer_backward(
-                    plan, key[2], key[3], grad, step, accumulate, cross
+                    plan, key[2], key[3], grad, step, accumulate, cross, last=bool(key[-1])
                 )
                 if i == release:
                     events = events + _stack_held_events(stack, Phase.BACKWARD, step, _ACT)
+                if i == reduce_after:
+                    size, label = self.reduce_buffer_bytes, "reduce-scatter input"
+                    events = [*events, Event(size, _TMP, Phase.BACKWARD, step, label)]
+                    if self._untied_tail_reduce:
+                        tail, label = self.tail_reduce_bytes, f"{label} (final norm and LM head)"
+                        events.append(Event(-tail, _TMP, Phase.BACKWARD, step, label))
                 cache[key] = events, layer_held
                 cross = cross or layer_cross
             keys.append(key)
@@ -532,6 +616,13 @@ class StepComposer:
         ]
         return items, None, cross
 
+    def _reduce_after_last_layer(self, index: int) -> bool:
+        return bool(self.reduce_buffer_bytes) and index == len(self.graph.stacks) - 1
+
+    @property
+    def _untied_tail_reduce(self) -> bool:
+        return bool(self.tail_reduce_bytes) and not self.tail_from_start
+
     def _layer_backward(
         self,
         plan: LayerPlan,
@@ -541,6 +632,8 @@ class StepComposer:
         step: int,
         accumulate: bool,
         cross: GradBytes | None,
+        *,
+        last: bool = False,
     ) -> tuple[list[Event], GradBytes | None, GradBytes | None, list[list[int]]]:
         """Events of one layer's backward, the gradients of its input and of the encoder
         output it reads, and the bytes of gradients it leaves the method's own inputs."""
@@ -608,6 +701,9 @@ class StepComposer:
                         "encoder output grad accumulated",
                     )
                 )
+        # FSDP2 all-gathers the layer again in its pre-backward and prefetches the next one
+        # (_fsdp_state.py _pre_backward, _fsdp_param_group.py _backward_prefetch).
+        events = self._gathered(events, Phase.BACKWARD, step, prefetch=not last)
         return events, grads.get(id(lg.input)), new_cross, held
 
 

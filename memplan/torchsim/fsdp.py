@@ -32,10 +32,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from memplan.dtypes import Quantization
+from memplan.errors import MemplanError
 from memplan.specs import ParallelSetup, TrainingSetup
 from memplan.specs.parallel import FSDPStrategy
 from memplan.torchsim.models import COMPUTE_DTYPES, decoder_layer_stacks
 from memplan.torchsim.tracker import MemoryTracker
+
+
+def check_shardable(setup: TrainingSetup) -> None:
+    """Raise MemplanError for a setup whose model ``fully_shard`` cannot shard here.
+
+    peft's FSDP-QLoRA stores each 4-bit weight in a float ``bnb_4bit_quant_storage`` (bf16)
+    so that FSDP flattens and all-gathers it like any parameter; the tracer's 4-bit layers
+    (:mod:`memplan.torchsim.quant`) keep bitsandbytes' uint8 packing, and its bitsandbytes
+    optimizers are custom ops with no DTensor sharding rule.
+    """
+    if setup.quant is not Quantization.NONE:
+        raise MemplanError(
+            f"simulate traces FSDP2 without quantization, not quant={setup.quant.value}: the "
+            "tracer's 4-bit layers keep uint8 packed weights, not a bf16 quant_storage "
+            "fully_shard can shard (memplan plan covers it)"
+        )
 
 
 @contextlib.contextmanager

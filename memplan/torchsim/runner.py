@@ -71,9 +71,10 @@ def traced_run(request: RunRequest) -> TracedRun:
     torch.manual_seed(request.seed)
     if not request.sharded:
         return _traced_run(request, None)
-    from memplan.torchsim.fsdp import fake_process_group
+    from memplan.torchsim.fsdp import check_shardable, fake_process_group
 
     assert request.parallel is not None
+    check_shardable(request.setup)
     with fake_process_group(request.parallel.shard_degree) as mesh:
         return _traced_run(request, mesh)
 
